@@ -1,0 +1,127 @@
+"""Command line: ``pgscope train | selftest | demo | presets``.
+
+Every :class:`pgscope.errors.PgscopeError` becomes one ``error: ...`` line on stderr and a
+non-zero exit status; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pgscope.config import PRESETS, Config, make_config, parse_overrides
+from pgscope.errors import DivergenceError, PgscopeError
+
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pgscope.train import train
+
+    if args.resume:
+        out = train(Config(), args.resume, resume=True, progress=not args.quiet)
+    else:
+        if args.out is None:
+            raise PgscopeError("--out DIR is required (or --resume DIR to continue a run).")
+        overrides = parse_overrides(args.set or [])
+        for key, value in (("seed", args.seed), ("total_steps", args.steps)):
+            if value is not None:
+                overrides[key] = value
+        cfg = make_config(args.algo, args.env, overrides)
+        out = train(cfg, args.out, progress=not args.quiet)
+    print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
+          f"checkpoints: {out / 'checkpoints'})")
+    return 0
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from pgscope.selftest import run_selftest
+
+    results = run_selftest(algos=args.algo or ("ppo", "trpo"), verbose=True)
+    failed = [r for r in results if not r.passed]
+    print(f"selftest: {len(results) - len(failed)}/{len(results)} passed")
+    return 1 if failed else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pgscope.train import train
+
+    out = Path(args.out)
+    cfg = make_config("ppo", "Hopper-v5", {"total_steps": args.steps, "seed": 0})
+    print(f"pgscope demo: PPO on Hopper-v5 for {args.steps} env steps -> {out}")
+    if (out / "config.json").exists():
+        train(cfg, out, resume=True)
+    else:
+        train(cfg, out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(f"\n{'iter':>5} {'steps':>8} {'return':>9} {'KL':>8} {'max ratio':>9} {'clip%':>6} "
+          f"{'EV':>6}")
+    for r in records[:: max(1, len(records) // 12)] + records[-1:]:
+        ret = "-" if r["return_mean"] is None else f"{r['return_mean']:.1f}"
+        ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
+        print(f"{r['iteration']:>5} {r['env_steps']:>8} {ret:>9} {r['kl_mean']:>8.4f} "
+              f"{r['ratio_max']:>9.2f} {100 * r['clip_fraction']:>5.1f}% {ev:>6}")
+    print(f"\nresults: {out.resolve()}\n  config.json, metrics.jsonl (one line per iteration), "
+          "checkpoints/")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    base = Config()
+    for name, values in PRESETS.items():
+        changed = {k: v for k, v in values.items() if getattr(base, k) != v}
+        print(f"{name:12s} {changed}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgscope", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an agent into a run directory")
+    t.add_argument("--algo", default="ppo", help=f"preset: {', '.join(PRESETS)}")
+    t.add_argument("--env", default="Hopper-v5", help="any gymnasium id, or module:EnvName-v0")
+    t.add_argument("--steps", type=int, help="total env steps")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", type=Path, help="new run directory")
+    t.add_argument("--resume", type=Path, metavar="DIR", help="continue a killed run")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("selftest", help="run the probe-environment selftest")
+    s.add_argument("--algo", action="append", choices=["ppo", "trpo"])
+    s.set_defaults(func=_selftest)
+
+    d = sub.add_parser("demo", help="short PPO run on Hopper-v5 with a summary")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=100_000)
+    d.set_defaults(func=_demo)
+
+    pr = sub.add_parser("presets", help="list presets and what they switch")
+    pr.set_defaults(func=_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DivergenceError as exc:
+        print(f"error: training diverged: {exc} The last good checkpoint is kept; see "
+              "status.json in the run directory.", file=sys.stderr)
+        return EXIT_DIVERGED
+    except PgscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; resume with 'pgscope train --resume DIR'.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

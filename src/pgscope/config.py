@@ -1,0 +1,319 @@
+"""Configuration: one flat, typed dataclass; presets are nothing but sets of its values.
+
+Resolution order (later wins): dataclass defaults -> preset -> per-env defaults (learning
+rates, TRPO KL limit; SPEC.md section 1) -> the user's overrides. :func:`make_config` does
+all of it and validates the result, so every error names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgscope.errors import ConfigError
+
+
+def _choice(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class Config:
+    """Every hyperparameter and code-level optimization switch of a run.
+
+    Build one with :func:`make_config` (preset + env + overrides) rather than directly,
+    so that per-env defaults and validation are applied.
+    """
+
+    # --- the run -----------------------------------------------------------------------
+    preset: str = "ppo"
+    env_id: str = "Hopper-v5"
+    seed: int = 0
+    total_steps: int = 1_000_000
+    num_envs: int = 1
+    steps_per_iter: int = 2048  # env steps per iteration, summed over the envs
+    # --- algorithm ---------------------------------------------------------------------
+    algo: str = field(default="ppo", metadata=_choice("ppo", "trpo"))
+    ppo_loss: str = field(default="clip", metadata=_choice("clip", "kl"))
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    epochs: int = 10  # PPO policy epochs, and the value-net epochs of every algorithm
+    minibatches: int = 32
+    policy_lr: float = 3e-4
+    value_lr: float = 2.5e-4
+    adam_eps: float = 1e-5
+    clip_eps: float = 0.2  # PPO ratio clip; ppo-noclip sets 1e32
+    target_kl: float = 0.01  # ppo-kl penalty target and KL early-stopping target
+    kl_beta_init: float = 1.0  # ppo-kl initial penalty coefficient
+    # TRPO
+    max_kl: float = 0.13
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    fisher_fraction: float = 0.1
+    backtrack_iters: int = 10
+    backtrack_coef: float = 0.5
+    # --- networks ----------------------------------------------------------------------
+    hidden: tuple[int, ...] = (64, 64)
+    init_log_std: float = 0.0
+    # --- the nine code-level optimizations (SPEC.md section 1) -------------------------
+    value_clip: bool = True  # 1. value-function clipping
+    value_clip_range: float = 0.2
+    reward_scale: bool = True  # 2. divide rewards by running std of discounted return
+    ortho_init: bool = True  # 3. orthogonal init with layer scaling (else Xavier)
+    lr_anneal: bool = True  # 4. linear Adam learning-rate annealing to 0
+    reward_clip: bool = True  # 5. clip (scaled) rewards to [-bound, bound]
+    reward_clip_bound: float = 10.0
+    obs_norm: bool = True  # 6. running mean/std observation normalization
+    obs_clip: bool = True  # 7. clip (normalized) observations to [-bound, bound]
+    obs_clip_bound: float = 10.0
+    activation: str = field(default="tanh", metadata=_choice("tanh", "relu"))  # 8.
+    grad_clip: bool = True  # 9. global gradient-norm clipping (each network separately)
+    max_grad_norm: float = 0.5
+    # --- further switches --------------------------------------------------------------
+    adv_norm: bool = True  # per-minibatch advantage normalization
+    ent_coef: float = 0.0  # entropy bonus; 0 switches it off
+    kl_stop: bool = False  # stop the epochs once mean KL > 1.5 * target_kl
+    action_clip: bool = True  # clip actions to the bounds before env.step
+    # --- bookkeeping -------------------------------------------------------------------
+    checkpoint_every: int = 10  # keep checkpoints/iter_XXXXXX.pt every K iterations
+    torch_threads: int = 1
+    heldout_kl: bool = True  # also report KL on the previous iteration's states
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Rebuild a config saved with :meth:`to_dict` (unknown keys are an error)."""
+        _check_keys(data.keys())
+        values = dict(data)
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        cfg = cls(**values)
+        validate(cfg)
+        return cfg
+
+    @property
+    def num_iterations(self) -> int:
+        return -(-self.total_steps // self.steps_per_iter)
+
+    @property
+    def steps_per_env(self) -> int:
+        return self.steps_per_iter // self.num_envs
+
+
+_OPTIMIZATIONS_OFF = dict(
+    value_clip=False,
+    reward_scale=False,
+    ortho_init=False,
+    lr_anneal=False,
+    reward_clip=False,
+    obs_norm=False,
+    obs_clip=False,
+    grad_clip=False,
+)
+
+#: Each preset is only a set of switch values (SPEC.md section 1).
+PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": dict(algo="ppo", ppo_loss="clip"),
+    "ppo-m": dict(algo="ppo", ppo_loss="clip", **_OPTIMIZATIONS_OFF),
+    "ppo-noclip": dict(algo="ppo", ppo_loss="clip", clip_eps=1e32),
+    "ppo-kl": dict(algo="ppo", ppo_loss="kl", target_kl=0.01),
+    "trpo": dict(algo="trpo", **_OPTIMIZATIONS_OFF),
+    "trpo+": dict(
+        algo="trpo", **{**_OPTIMIZATIONS_OFF, "reward_scale": True, "reward_clip": True,
+                        "obs_norm": True, "obs_clip": True, "ortho_init": True,
+                        "grad_clip": True, "value_clip": False}
+    ),
+}
+
+#: Per-env learning rates (policy, value) and TRPO KL limits ("Closer Look" Table 1).
+ENV_DEFAULTS: dict[str, dict[str, float]] = {
+    "Hopper": dict(policy_lr=3e-4, value_lr=2.5e-4, max_kl=0.13),
+    "Walker2d": dict(policy_lr=4e-4, value_lr=3e-4, max_kl=0.04),
+    "Humanoid": dict(policy_lr=1.5e-4, value_lr=1e-4, max_kl=0.07),
+}
+
+
+def env_family(env_id: str) -> str | None:
+    """'Hopper-v5' -> 'Hopper'; None when the env has no per-env defaults."""
+    base = env_id.split(":")[-1].split("/")[-1]
+    name = re.sub(r"-v\d+$", "", base)
+    return name if name in ENV_DEFAULTS else None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_keys(keys: Any) -> None:
+    for key in keys:
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(_FIELDS))}."
+            )
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse the string of a ``--set key=value`` into the key's declared type."""
+    _check_keys([key])
+    ftype = _FIELDS[key].type
+    text = text.strip()
+    try:
+        if ftype == "bool":
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if ftype == "int":
+            number = float(text) if any(c in text for c in ".eE") else int(text)
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        if ftype == "float":
+            return float(text)
+        if ftype.startswith("tuple"):
+            return tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+        return text
+    except ValueError:
+        raise ConfigError(
+            f"config key '{key}' expects a value of type {ftype}, got '{text}'."
+        ) from None
+
+
+def _check_type(key: str, value: Any) -> Any:
+    ftype = _FIELDS[key].type
+    expected = {"bool": bool, "int": int, "float": (int, float), "str": str}.get(ftype)
+    if expected is None:  # tuple[int, ...]
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, expected) and not (ftype != "bool" and isinstance(value, bool))
+        if ftype == "float" and ok:
+            value = float(value)
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}' expects {ftype}, got {value!r} ({type(value).__name__})."
+        )
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Check types, ranges and choices; raise :class:`ConfigError` naming the key."""
+    for name, f in _FIELDS.items():
+        setattr(cfg, name, _check_type(name, getattr(cfg, name)))
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            raise ConfigError(
+                f"config key '{name}' must be one of {', '.join(choices)}; "
+                f"got '{getattr(cfg, name)}'."
+            )
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    if cfg.preset not in PRESETS:
+        close = difflib.get_close_matches(cfg.preset, list(PRESETS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{cfg.preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+    for key in ("total_steps", "num_envs", "steps_per_iter", "epochs", "minibatches",
+                "checkpoint_every", "torch_threads", "cg_iters", "backtrack_iters"):
+        need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}.")
+    need(cfg.seed >= 0, f"config key 'seed' must be >= 0, got {cfg.seed}.")
+    need(cfg.steps_per_iter % cfg.num_envs == 0,
+         f"steps_per_iter ({cfg.steps_per_iter}) must be a multiple of num_envs ({cfg.num_envs}).")
+    need(cfg.minibatches <= cfg.steps_per_iter,
+         f"minibatches ({cfg.minibatches}) cannot exceed steps_per_iter ({cfg.steps_per_iter}).")
+    for key in ("gamma", "gae_lambda", "fisher_fraction"):
+        v = getattr(cfg, key)
+        need(0.0 < v <= 1.0 if key != "gae_lambda" else 0.0 <= v <= 1.0,
+             f"config key '{key}' must lie in (0, 1], got {v}.")
+    for key in ("policy_lr", "value_lr", "adam_eps", "clip_eps", "target_kl", "max_kl",
+                "value_clip_range", "reward_clip_bound", "obs_clip_bound", "max_grad_norm",
+                "kl_beta_init", "backtrack_coef"):
+        v = getattr(cfg, key)
+        need(v > 0 and math.isfinite(v),
+             f"config key '{key}' must be a positive finite number, got {v}.")
+    need(cfg.backtrack_coef < 1, f"backtrack_coef must be < 1, got {cfg.backtrack_coef}.")
+    need(cfg.ent_coef >= 0, f"config key 'ent_coef' must be >= 0, got {cfg.ent_coef}.")
+    need(cfg.cg_damping >= 0, f"config key 'cg_damping' must be >= 0, got {cfg.cg_damping}.")
+    need(len(cfg.hidden) >= 1 and all(h >= 1 for h in cfg.hidden),
+         f"config key 'hidden' needs at least one positive layer width, got {cfg.hidden}.")
+    need(bool(cfg.env_id), "an env id is required.")
+
+
+def make_config(
+    preset: str = "ppo",
+    env_id: str = "Hopper-v5",
+    overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Config:
+    """Resolve a preset for an env, apply overrides (typed values or strings), validate.
+
+    >>> cfg = make_config("ppo", "Walker2d-v5", {"seed": "3"})
+    >>> cfg.policy_lr, cfg.seed
+    (0.0004, 3)
+    """
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, list(PRESETS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+    user = dict(overrides or {})
+    user.update(kwargs)
+    _check_keys(user)
+    values: dict[str, Any] = dict(PRESETS[preset])
+    family = env_family(env_id)
+    if family:
+        values.update(ENV_DEFAULTS[family])
+    for key, value in user.items():
+        values[key] = parse_value(key, value) if isinstance(value, str) and \
+            _FIELDS[key].type != "str" else value
+    values.update(preset=preset, env_id=env_id)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["lr=1e-3", "hidden=32,32"]`` into a typed dict, with clear errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        out[key] = parse_value(key, text)
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """A stable identity of the run's configuration (used to refuse foreign checkpoints)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "Config",
+    "PRESETS",
+    "ENV_DEFAULTS",
+    "make_config",
+    "parse_overrides",
+    "parse_value",
+    "validate",
+    "config_hash",
+    "env_family",
+]

@@ -1,0 +1,163 @@
+"""Separate policy and value MLPs (SPEC.md section 1).
+
+Continuous actions: diagonal Gaussian with a state-independent log-std parameter.
+Discrete actions: categorical over logits. Both policies share one small interface:
+``dist(obs)``, ``log_prob(dist, actions)``, ``entropy(dist)``, ``kl(old, new)`` and
+``numpy_sampler()`` (the fast sampler rollouts use).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Normal, kl_divergence
+
+from pgscope.optimizations import activation, init_network
+
+
+def mlp(sizes: list[int], act: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(activation(act)())
+    return nn.Sequential(*layers)
+
+
+def numpy_forward(net: nn.Sequential) -> Callable[[np.ndarray], np.ndarray]:
+    """A float32 NumPy copy of ``net``'s forward pass, frozen at the current weights.
+
+    Rollouts call the policy once per env step on a batch of one (or a few) observations,
+    where torch's per-op dispatch costs several times the arithmetic (SPEC.md section 6).
+    The weights do not change during a rollout, so the rollout samples through this copy;
+    log-probabilities for the update are recomputed by the torch policy in one batch.
+    """
+    ops: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            ops.append(("linear", m.weight.detach().numpy().T.copy(),
+                        m.bias.detach().numpy().copy()))
+        elif isinstance(m, nn.Tanh):
+            ops.append(("tanh", None, None))
+        elif isinstance(m, nn.ReLU):
+            ops.append(("relu", None, None))
+        else:  # pragma: no cover - mlp() builds only these
+            raise TypeError(f"numpy_forward cannot run {type(m).__name__}")
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32, copy=False)
+        for kind, w, b in ops:
+            if kind == "linear":
+                x = x @ w + b
+            elif kind == "tanh":
+                x = np.tanh(x)
+            else:
+                x = np.maximum(x, 0)
+        return x
+
+    return forward
+
+
+class GaussianPolicy(nn.Module):
+    """Diagonal Gaussian policy: ``N(mean_net(obs), exp(log_std)^2)``."""
+
+    discrete = False
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], act: str,
+                 ortho_init: bool, init_log_std: float = 0.0) -> None:
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden, act_dim], act)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
+        init_network(self.net, ortho_init, output_gain=0.01)
+
+    def dist(self, obs: torch.Tensor) -> Normal:
+        mean = self.net(obs)
+        return Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
+
+    @staticmethod
+    def log_prob(dist: Normal, actions: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(actions).sum(-1)
+
+    @staticmethod
+    def entropy(dist: Normal) -> torch.Tensor:
+        return dist.entropy().sum(-1)
+
+    @staticmethod
+    def kl(old: Normal, new: Normal) -> torch.Tensor:
+        """Analytic KL(old || new) per state."""
+        return kl_divergence(old, new).sum(-1)
+
+    def numpy_sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+        """A fast sampler frozen at the current parameters (see :func:`numpy_forward`)."""
+        forward = numpy_forward(self.net)
+        std = self.log_std.detach().exp().numpy().copy()
+
+        def sample(obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            mean = forward(obs)
+            return mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+
+        return sample
+
+    def max_entropy(self) -> float:
+        return math.inf
+
+
+class CategoricalPolicy(nn.Module):
+    """Categorical policy over ``logits_net(obs)``."""
+
+    discrete = True
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: tuple[int, ...], act: str,
+                 ortho_init: bool) -> None:
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden, n_actions], act)
+        self.n_actions = n_actions
+        init_network(self.net, ortho_init, output_gain=0.01)
+
+    def dist(self, obs: torch.Tensor) -> Categorical:
+        return Categorical(logits=self.net(obs), validate_args=False)
+
+    @staticmethod
+    def log_prob(dist: Categorical, actions: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(actions.long())
+
+    @staticmethod
+    def entropy(dist: Categorical) -> torch.Tensor:
+        return dist.entropy()
+
+    @staticmethod
+    def kl(old: Categorical, new: Categorical) -> torch.Tensor:
+        return kl_divergence(old, new)
+
+    def numpy_sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+        """A fast sampler frozen at the current parameters (see :func:`numpy_forward`)."""
+        forward = numpy_forward(self.net)
+
+        def sample(obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            logits = forward(obs).astype(np.float64)
+            gumbel = -np.log(-np.log(rng.random(logits.shape)))
+            return np.argmax(logits + gumbel, axis=-1)  # Gumbel-max: exact categorical
+
+        return sample
+
+    def max_entropy(self) -> float:
+        return math.log(self.n_actions)
+
+
+Policy = GaussianPolicy | CategoricalPolicy
+
+
+class ValueNet(nn.Module):
+    """State-value MLP ``V(s)``; output layer gain 1.0 under orthogonal init."""
+
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...], act: str, ortho_init: bool) -> None:
+        super().__init__()
+        self.net = mlp([obs_dim, *hidden, 1], act)
+        init_network(self.net, ortho_init, output_gain=1.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)

@@ -1,0 +1,225 @@
+"""The code-level optimizations, one named piece each (SPEC.md section 1).
+
+Each function or class here implements exactly one switch of :class:`pgscope.config.Config`
+and is tested on its own in ``tests/test_optimizations.py``. The rollout and the algorithm
+updates call these pieces; none of the switches is re-implemented anywhere else.
+
+| switch          | piece                          |
+|-----------------|--------------------------------|
+| value_clip      | :func:`value_loss`             |
+| reward_scale    | :class:`RewardScaler`          |
+| ortho_init      | :func:`init_network`           |
+| lr_anneal       | :func:`annealed_lr`            |
+| reward_clip     | :func:`clip_rewards`           |
+| obs_norm        | :class:`ObsNormalizer`         |
+| obs_clip        | :func:`clip_observations`      |
+| activation      | :func:`activation`             |
+| grad_clip       | :func:`clip_gradients`         |
+| adv_norm        | :func:`normalize_advantages`   |
+| ent_coef        | :func:`entropy_bonus`          |
+| kl_stop         | :func:`kl_early_stop`          |
+| action_clip     | :func:`clip_actions`           |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RunningMeanStd:
+    """Running mean and variance over batches (Chan et al.'s parallel update).
+
+    Gives the same numbers as ``gymnasium.wrappers.utils.RunningMeanStd`` (tested), with
+    less per-call overhead for the batch-of-one updates of a rollout step, where it is
+    called twice per env step.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4) -> None:
+        self.mean = np.zeros(shape, dtype=np.float64)
+        self.var = np.ones(shape, dtype=np.float64)
+        self.count = epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        n = x.shape[0]
+        if n == 1:
+            batch_mean, batch_var = x[0], 0.0
+        else:
+            batch_mean, batch_var = x.mean(axis=0), x.var(axis=0)
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * (n / total)
+        m2 = self.var * self.count + batch_var * n + delta * delta * (self.count * n / total)
+        self.var = m2 / total
+        self.count = total
+
+
+# 1. value-function clipping ------------------------------------------------------------
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    targets: torch.Tensor,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """Squared error of the value net; with ``clip_range`` the PPO-style clipped variant:
+    ``max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``."""
+    unclipped = (values - targets).pow(2)
+    if clip_range is None:
+        return unclipped.mean()
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return torch.max(unclipped, (clipped_values - targets).pow(2)).mean()
+
+
+# 2. reward scaling ---------------------------------------------------------------------
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return (no mean shift).
+
+    The discounted return is tracked per env and reset when an episode ends (terminated
+    or truncated), as in the "Implementation Matters" code.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8) -> None:
+        self.gamma = gamma
+        self.epsilon = epsilon
+        self.rms = RunningMeanStd(shape=())
+        self.ret = np.zeros(num_envs, dtype=np.float64)
+
+    def __call__(self, rewards: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.ret = self.ret * self.gamma + rewards
+        self.rms.update(self.ret)
+        scaled = rewards / np.sqrt(self.rms.var + self.epsilon)
+        self.ret[done] = 0.0
+        return scaled
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": torch.as_tensor(self.rms.mean),
+            "var": torch.as_tensor(self.rms.var),
+            "count": torch.as_tensor(self.rms.count, dtype=torch.float64),
+            "ret": torch.as_tensor(self.ret),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rms.mean = state["mean"].numpy().astype(np.float64)
+        self.rms.var = state["var"].numpy().astype(np.float64)
+        self.rms.count = float(state["count"])
+        ret = state["ret"].numpy().astype(np.float64)
+        if ret.shape == self.ret.shape:
+            self.ret = ret
+
+
+# 3. orthogonal init with layer scaling --------------------------------------------------
+def init_network(net: nn.Module, orthogonal: bool, output_gain: float) -> None:
+    """Orthogonal init (gain sqrt(2) on hidden layers, ``output_gain`` on the last layer,
+    zero biases) when ``orthogonal``; otherwise Xavier-uniform with zero biases."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    for i, layer in enumerate(linears):
+        if orthogonal:
+            gain = output_gain if i == len(linears) - 1 else math.sqrt(2)
+            nn.init.orthogonal_(layer.weight, gain=gain)
+        else:
+            nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+# 4. Adam learning-rate annealing --------------------------------------------------------
+def annealed_lr(base_lr: float, iteration: int, num_iterations: int, anneal: bool) -> float:
+    """Linear decay to 0 over training: iteration 0 uses ``base_lr``, the last
+    ``base_lr / num_iterations``."""
+    if not anneal:
+        return base_lr
+    return base_lr * (1.0 - iteration / num_iterations)
+
+
+# 5. reward clipping ----------------------------------------------------------------------
+def clip_rewards(rewards: np.ndarray, bound: float | None) -> np.ndarray:
+    """Clip (already scaled) rewards to ``[-bound, bound]``; ``None`` leaves them."""
+    return rewards if bound is None else np.clip(rewards, -bound, bound)
+
+
+# 6. observation normalization -----------------------------------------------------------
+class ObsNormalizer:
+    """Running mean/std observation normalization (stats updated during rollouts only)."""
+
+    def __init__(self, shape: tuple[int, ...], epsilon: float = 1e-8) -> None:
+        self.rms = RunningMeanStd(shape=shape)
+        self.epsilon = epsilon
+
+    def update(self, obs: np.ndarray) -> None:
+        self.rms.update(obs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        return (obs - self.rms.mean) / np.sqrt(self.rms.var + self.epsilon)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": torch.as_tensor(self.rms.mean),
+            "var": torch.as_tensor(self.rms.var),
+            "count": torch.as_tensor(self.rms.count, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rms.mean = state["mean"].numpy().astype(np.float64)
+        self.rms.var = state["var"].numpy().astype(np.float64)
+        self.rms.count = float(state["count"])
+
+
+# 7. observation clipping -----------------------------------------------------------------
+def clip_observations(obs: np.ndarray, bound: float | None) -> np.ndarray:
+    """Clip (already normalized) observations to ``[-bound, bound]``."""
+    return obs if bound is None else np.clip(obs, -bound, bound)
+
+
+# 8. activation ---------------------------------------------------------------------------
+def activation(name: str) -> type[nn.Module]:
+    """``"tanh"`` (the default of every preset) or ``"relu"``."""
+    return {"tanh": nn.Tanh, "relu": nn.ReLU}[name]
+
+
+# 9. global gradient-norm clipping ---------------------------------------------------------
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the global gradient norm of ``params`` to ``max_norm`` (if given); return the
+    norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+# further switches --------------------------------------------------------------------------
+def normalize_advantages(adv: torch.Tensor, enabled: bool, eps: float = 1e-8) -> torch.Tensor:
+    """Per-minibatch advantage normalization to zero mean and unit std."""
+    if not enabled or adv.numel() < 2:
+        return adv
+    return (adv - adv.mean()) / (adv.std() + eps)
+
+
+def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
+    """The term subtracted from the policy loss to reward entropy (0 when ``coef`` is 0)."""
+    return coef * entropy.mean()
+
+
+def kl_early_stop(mean_kl: float, target_kl: float, enabled: bool) -> bool:
+    """True when the update epochs should stop: mean KL(old||new) above 1.5 x target."""
+    return enabled and mean_kl > 1.5 * target_kl
+
+
+def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray, enabled: bool
+                 ) -> np.ndarray:
+    """Clip sampled actions to the action bounds before they reach the env. The unclipped
+    sample is what the rollout stores and the update scores."""
+    return np.clip(actions, low, high) if enabled else actions
+
+
+def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:
+    """ppo-kl's adaptive penalty: double beta when KL > 1.5 target, halve it when
+    KL < target / 1.5 (Schulman et al. 2017, section 4)."""
+    if mean_kl > 1.5 * target_kl:
+        return beta * 2.0
+    if mean_kl < target_kl / 1.5:
+        return beta / 2.0
+    return beta

@@ -1,0 +1,190 @@
+"""Rollouts and returns: the layer between the envs and the algorithm updates.
+
+The per-step loop does only what must happen per step (normalize the observation, sample
+an action, step the envs, scale the reward); log-probabilities and values are computed
+afterwards in one batched forward pass each, since the networks do not change during a
+rollout.
+
+GAE follows the correctness rule of SPEC.md section 1: at time-limit truncation the
+advantage bootstraps from ``V(s_final)``; at termination it does not; across a rollout
+boundary it bootstraps from the value of the next observation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from pgscope.config import Config
+from pgscope.networks import Policy, ValueNet
+from pgscope.optimizations import (
+    ObsNormalizer,
+    RewardScaler,
+    clip_actions,
+    clip_observations,
+    clip_rewards,
+)
+
+
+def gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    next_values: np.ndarray,
+    terminated: np.ndarray,
+    done: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> np.ndarray:
+    """Generalized advantage estimates for arrays of shape ``(T, num_envs)``.
+
+    ``next_values[t]`` is ``V`` of the state reached after step ``t``: the next stored
+    observation within an episode, the final observation of a truncated episode, or the
+    observation after the rollout's last step. ``terminated[t]`` switches the bootstrap
+    off; ``done[t]`` (terminated or truncated) stops the GAE trace.
+    """
+    advantages = np.zeros_like(rewards, dtype=np.float64)
+    running = np.zeros(rewards.shape[1], dtype=np.float64)
+    for t in reversed(range(rewards.shape[0])):
+        bootstrap = gamma * next_values[t] * (1.0 - terminated[t])
+        delta = rewards[t] + bootstrap - values[t]
+        running = delta + gamma * lam * (1.0 - done[t]) * running
+        advantages[t] = running
+    return advantages
+
+
+@dataclass
+class Batch:
+    """One iteration's training data, flattened over time and envs (torch tensors)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logp: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+
+@dataclass
+class EpisodeStats:
+    """Raw (unscaled) returns and lengths of the episodes finished in one rollout."""
+
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+
+class Preprocessor:
+    """Observation normalization/clipping and reward scaling/clipping, as switched on."""
+
+    def __init__(self, cfg: Config, obs_shape: tuple[int, ...]) -> None:
+        self.obs_norm = ObsNormalizer(obs_shape) if cfg.obs_norm else None
+        self.obs_clip = cfg.obs_clip_bound if cfg.obs_clip else None
+        self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_scale else None
+        self.reward_clip = cfg.reward_clip_bound if cfg.reward_clip else None
+
+    def obs(self, raw: np.ndarray, update: bool) -> np.ndarray:
+        out = raw.astype(np.float64)
+        if self.obs_norm is not None:
+            if update:
+                self.obs_norm.update(out)
+            out = self.obs_norm(out)
+        return clip_observations(out, self.obs_clip).astype(np.float32)
+
+    def reward(self, raw: np.ndarray, done: np.ndarray) -> np.ndarray:
+        out = raw.astype(np.float64)
+        if self.reward_scaler is not None:
+            out = self.reward_scaler(out, done)
+        return clip_rewards(out, self.reward_clip)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        state = {}
+        if self.obs_norm is not None:
+            state["obs_norm"] = self.obs_norm.state_dict()
+        if self.reward_scaler is not None:
+            state["reward_scaler"] = self.reward_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.obs_norm is not None:
+            self.obs_norm.load_state_dict(state["obs_norm"])
+        if self.reward_scaler is not None:
+            self.reward_scaler.load_state_dict(state["reward_scaler"])
+
+
+class RolloutCollector:
+    """Steps a vector env with the current policy, keeping episodes running across
+    iterations (a rollout may cut an episode anywhere)."""
+
+    def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, pre: Preprocessor,
+                 seed: int) -> None:
+        self.cfg = cfg
+        self.envs = envs
+        self.pre = pre
+        self.rng = np.random.default_rng(seed)
+        space = envs.single_action_space
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        self.low = None if self.discrete else space.low
+        self.high = None if self.discrete else space.high
+        self.act_shape = () if self.discrete else space.shape
+        self.raw_obs, _ = envs.reset(seed=seed)
+        self.ep_return = np.zeros(cfg.num_envs)
+        self.ep_length = np.zeros(cfg.num_envs, dtype=np.int64)
+
+    @torch.no_grad()
+    def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, EpisodeStats]:
+        cfg, T, N = self.cfg, self.cfg.steps_per_env, self.cfg.num_envs
+        obs_dim = self.envs.single_observation_space.shape
+        obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
+        next_obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
+        actions = np.zeros((T, N, *self.act_shape), dtype=np.int64 if self.discrete else np.float32)
+        rewards = np.zeros((T, N))
+        terminated = np.zeros((T, N))
+        done = np.zeros((T, N))
+        stats = EpisodeStats()
+        sample = policy.numpy_sampler()
+
+        for t in range(T):
+            obs[t] = self.pre.obs(self.raw_obs, update=True)
+            action = sample(obs[t], self.rng)
+            actions[t] = action
+            env_action = action if self.discrete else clip_actions(
+                action, self.low, self.high, cfg.action_clip)
+            self.raw_obs, r, term, trunc, info = self.envs.step(env_action)
+            ended = term | trunc
+            rewards[t] = self.pre.reward(np.asarray(r), ended)
+            terminated[t], done[t] = term, ended
+            self.ep_return += r
+            self.ep_length += 1
+            for i in np.flatnonzero(ended):
+                stats.returns.append(float(self.ep_return[i]))
+                stats.lengths.append(int(self.ep_length[i]))
+                self.ep_return[i], self.ep_length[i] = 0.0, 0
+                if trunc[i]:  # bootstrap from the true final state, not the reset one
+                    next_obs[t, i] = self.pre.obs(info["final_obs"][i][None], update=False)[0]
+            if t > 0:
+                still = ~done[t - 1].astype(bool)
+                next_obs[t - 1, still] = obs[t, still]
+        next_obs[T - 1, ~done[T - 1].astype(bool)] = self.pre.obs(
+            self.raw_obs, update=False)[~done[T - 1].astype(bool)]
+
+        flat = lambda a: torch.from_numpy(a.reshape(T * N, *a.shape[2:]))  # noqa: E731
+        obs_t, actions_t = flat(obs), flat(actions)
+        values = value_net(obs_t).numpy().reshape(T, N).astype(np.float64)
+        next_values = value_net(flat(next_obs)).numpy().reshape(T, N).astype(np.float64)
+        advantages = gae(rewards, values, next_values, terminated, done,
+                         cfg.gamma, cfg.gae_lambda)
+        dist = policy.dist(obs_t)
+        batch = Batch(
+            obs=obs_t,
+            actions=actions_t,
+            logp=policy.log_prob(dist, actions_t),
+            values=torch.from_numpy(values.reshape(-1)).float(),
+            advantages=torch.from_numpy(advantages.reshape(-1)).float(),
+            returns=torch.from_numpy((advantages + values).reshape(-1)).float(),
+        )
+        return batch, stats
