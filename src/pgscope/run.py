@@ -15,6 +15,7 @@ no iteration is ever duplicated or missing.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -183,12 +184,9 @@ def save_checkpoint(path: Path, agent: Agent, *, iteration: int, env_steps: int,
         "preprocessor": agent.preprocessor.state_dict(),
         **extra,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pgscope.optimizations import annealed_lr
 from pgscope.rollout import RolloutCollector
 from pgscope.run import (
     RunDir,
+    atomic_write_bytes,
     check_compatible,
     load_checkpoint,
     restore_agent,
@@ -119,7 +120,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                         optimizer=optimizer, extra=extra, spaces=spaces)
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
             kept = run.checkpoint_dir / f"iter_{iteration:06d}.pt"
-            kept.write_bytes(run.last_checkpoint.read_bytes())
+            atomic_write_bytes(kept, run.last_checkpoint.read_bytes())
 
     if start == 0:
         checkpoint(0)
