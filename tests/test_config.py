@@ -205,3 +205,11 @@ def test_from_dict_rejects_unknown_and_invalid():
         Config.from_dict({**data, "polcy_lr": 1.0})
     with pytest.raises(ConfigError, match="'gamma' must lie in"):
         Config.from_dict({**data, "gamma": 2.0})
+
+
+
+@pytest.mark.parametrize("key, value", [("env_id", "Walker2d-v5"), ("preset", "trpo")])
+def test_env_id_or_preset_override_is_rejected(key, value):
+    # Silently dropping these would train Hopper with Hopper's lrs under --set env_id=...
+    with pytest.raises(ConfigError, match=f"'{key}' is chosen by the preset/env arguments"):
+        make_config("ppo", "Hopper-v5", {key: value})

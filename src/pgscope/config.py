@@ -274,6 +274,10 @@ def make_config(
     user = dict(overrides or {})
     user.update(kwargs)
     _check_keys(user)
+    for key in ("preset", "env_id"):
+        if key in user:
+            raise ConfigError(f"'{key}' is chosen by the preset/env arguments (--algo/--env), "
+                              "not by an override.")
     values: dict[str, Any] = dict(PRESETS[preset])
     family = env_family(env_id)
     if family:

@@ -185,6 +185,8 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> fl
     """Clip the global gradient norm of ``params`` to ``max_norm`` (if given); return the
     norm before clipping."""
     params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
     if max_norm is None:
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
