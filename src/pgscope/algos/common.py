@@ -28,40 +28,32 @@ def reference_clip_range(cfg: Config) -> float:
 
 class PhaseStats:
     """Accumulates ratio and loss statistics over a whole update phase (every minibatch of
-    every epoch), never just the last minibatch."""
+    every epoch), never just the last minibatch. Values are kept as tensors and reduced
+    once at the end, so recording costs no per-minibatch synchronisation."""
 
     def __init__(self, clip_range: float) -> None:
         self.clip_range = clip_range
-        self.ratio_max = -float("inf")
-        self.ratio_min = float("inf")
-        self.outside = 0
-        self.count = 0
-        self.sums: dict[str, float] = {}
-        self.n: dict[str, int] = {}
-        self.first_ratio_dev: float | None = None
+        self.ratio_list: list[torch.Tensor] = []
+        self.values: dict[str, list[torch.Tensor | float]] = {}
 
     def ratios(self, ratio: torch.Tensor) -> None:
-        ratio = ratio.detach()
-        if self.first_ratio_dev is None:  # must be ~0: the first minibatch is on-policy
-            self.first_ratio_dev = float((ratio - 1).abs().max())
-        self.ratio_max = max(self.ratio_max, float(ratio.max()))
-        self.ratio_min = min(self.ratio_min, float(ratio.min()))
-        self.outside += int(((ratio - 1).abs() > self.clip_range).sum())
-        self.count += ratio.numel()
+        self.ratio_list.append(ratio.detach())
 
-    def mean(self, **values: float) -> None:
+    def mean(self, **values: torch.Tensor | float) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.n[k] = self.n.get(k, 0) + 1
+            self.values.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
 
     def result(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.n[k] for k in self.sums}
-        out.update(
-            ratio_max=self.ratio_max,
-            ratio_min=self.ratio_min,
-            clip_fraction=self.outside / max(self.count, 1),
-            ratio_first_minibatch_dev=self.first_ratio_dev or 0.0,
-        )
+        out = {k: float(torch.as_tensor(v).mean()) for k, v in self.values.items()}
+        if self.ratio_list:
+            ratios = torch.cat(self.ratio_list)
+            out.update(
+                ratio_max=float(ratios.max()),
+                ratio_min=float(ratios.min()),
+                clip_fraction=float(((ratios - 1).abs() > self.clip_range).double().mean()),
+                # must be ~0: the first minibatch is evaluated at the data-collecting policy
+                ratio_first_minibatch_dev=float((self.ratio_list[0] - 1).abs().max()),
+            )
         return out
 
 

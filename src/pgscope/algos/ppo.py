@@ -62,19 +62,19 @@ def ppo_update(
                 with torch.no_grad():
                     old_dist = old_policy.dist(obs)
                 policy_loss = -(ratio * adv).mean() + beta * policy.kl(old_dist, dist).mean()
-            entropy = policy.entropy(dist)
+            bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
             values = value_net(obs)
             v_loss = value_loss(values, batch.values[idx], batch.returns[idx], value_clip)
 
             optimizer.zero_grad(set_to_none=True)
-            (policy_loss - entropy_bonus(entropy, cfg.ent_coef) + v_loss).backward()
+            (policy_loss - bonus + v_loss).backward()
             grad_norm = clip_gradients(policy.parameters(), grad_limit)
             value_grad_norm = clip_gradients(value_net.parameters(), grad_limit)
             optimizer.step()
 
             stats.ratios(ratio)
-            stats.mean(policy_loss=policy_loss.item(), value_loss=v_loss.item(),
-                       grad_norm=grad_norm, value_grad_norm=value_grad_norm)
+            stats.mean(policy_loss=policy_loss, value_loss=v_loss, grad_norm=grad_norm,
+                       value_grad_norm=value_grad_norm)
         epochs_run += 1
         if cfg.kl_stop:
             with torch.no_grad():

@@ -57,8 +57,8 @@ def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer
             grad_norm = clip_gradients(value_net.parameters(),
                                        cfg.max_grad_norm if cfg.grad_clip else None)
             optimizer.step()
-            stats.mean(value_loss=v_loss.item(), value_grad_norm=grad_norm)
-    return {k: v for k, v in stats.result().items() if k in ("value_loss", "value_grad_norm")}
+            stats.mean(value_loss=v_loss, value_grad_norm=grad_norm)
+    return stats.result()
 
 
 def trpo_update(
