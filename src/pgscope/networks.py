@@ -74,6 +74,10 @@ class GaussianPolicy(nn.Module):
         self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
         init_network(self.net, ortho_init, output_gain=0.01)
 
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) per state (lets ``torch.func.functional_call`` take per-sample grads)."""
+        return self.log_prob(self.dist(obs), actions)
+
     def dist(self, obs: torch.Tensor) -> Normal:
         mean = self.net(obs)
         return Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
@@ -117,6 +121,10 @@ class CategoricalPolicy(nn.Module):
         self.net = mlp([obs_dim, *hidden, n_actions], act)
         self.n_actions = n_actions
         init_network(self.net, ortho_init, output_gain=0.01)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) per state (lets ``torch.func.functional_call`` take per-sample grads)."""
+        return self.log_prob(self.dist(obs), actions)
 
     def dist(self, obs: torch.Tensor) -> Categorical:
         return Categorical(logits=self.net(obs), validate_args=False)

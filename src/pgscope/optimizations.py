@@ -88,9 +88,11 @@ class RewardScaler:
         self.rms = RunningMeanStd(shape=())
         self.ret = np.zeros(num_envs, dtype=np.float64)
 
-    def __call__(self, rewards: np.ndarray, done: np.ndarray) -> np.ndarray:
+    def __call__(self, rewards: np.ndarray, done: np.ndarray, update: bool = True
+                 ) -> np.ndarray:
         self.ret = self.ret * self.gamma + rewards
-        self.rms.update(self.ret)
+        if update:
+            self.rms.update(self.ret)
         scaled = rewards / np.sqrt(self.rms.var + self.epsilon)
         self.ret[done] = 0.0
         return scaled

@@ -12,7 +12,7 @@ boundary it bootstraps from the value of the next observation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gymnasium as gym
 import numpy as np
@@ -79,9 +79,15 @@ class EpisodeStats:
 
 
 class Preprocessor:
-    """Observation normalization/clipping and reward scaling/clipping, as switched on."""
+    """Observation normalization/clipping and reward scaling/clipping, as switched on.
+
+    A ``frozen`` preprocessor applies its statistics without updating them (probes use one,
+    so that measuring an agent never changes it)."""
 
     def __init__(self, cfg: Config, obs_shape: tuple[int, ...]) -> None:
+        self.cfg = cfg
+        self.obs_shape = obs_shape
+        self.frozen = False
         self.obs_norm = ObsNormalizer(obs_shape) if cfg.obs_norm else None
         self.obs_clip = cfg.obs_clip_bound if cfg.obs_clip else None
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_scale else None
@@ -90,7 +96,7 @@ class Preprocessor:
     def obs(self, raw: np.ndarray, update: bool) -> np.ndarray:
         out = raw.astype(np.float64)
         if self.obs_norm is not None:
-            if update:
+            if update and not self.frozen:
                 self.obs_norm.update(out)
             out = self.obs_norm(out)
         return clip_observations(out, self.obs_clip).astype(np.float32)
@@ -98,8 +104,18 @@ class Preprocessor:
     def reward(self, raw: np.ndarray, done: np.ndarray) -> np.ndarray:
         out = raw.astype(np.float64)
         if self.reward_scaler is not None:
-            out = self.reward_scaler(out, done)
+            out = self.reward_scaler(out, done, update=not self.frozen)
         return clip_rewards(out, self.reward_clip)
+
+    def frozen_copy(self, num_envs: int) -> Preprocessor:
+        """A frozen preprocessor with these statistics, for ``num_envs`` parallel envs."""
+        copy = Preprocessor(replace(self.cfg, num_envs=num_envs), self.obs_shape)
+        state = self.state_dict()
+        if "reward_scaler" in state:
+            state["reward_scaler"] = dict(state["reward_scaler"], ret=torch.zeros(num_envs))
+        copy.load_state_dict(state)
+        copy.frozen = True
+        return copy
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         state = {}

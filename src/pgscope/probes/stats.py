@@ -1,0 +1,49 @@
+"""Small statistics helpers for the probes: cosine matrices and bootstrap intervals over
+repeated estimates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Pairwise cosine similarities of the rows of ``vectors`` (K x P)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.maximum(norms, 1e-30)
+    return unit @ unit.T
+
+
+def mean_pairwise(matrix: np.ndarray, idx: np.ndarray | None = None) -> float:
+    """Mean of ``matrix[i, j]`` over pairs a < b of ``idx`` with distinct original indices
+    (so a bootstrap resample never pairs an estimate with itself)."""
+    idx = np.arange(matrix.shape[0]) if idx is None else idx
+    a, b = np.triu_indices(len(idx), k=1)
+    keep = idx[a] != idx[b]
+    if not keep.any():
+        return float("nan")
+    return float(matrix[idx[a][keep], idx[b][keep]].mean())
+
+
+def covariance_trace(vectors: np.ndarray) -> float:
+    """Trace of the empirical (unbiased) covariance of the rows of ``vectors``."""
+    centered = vectors - vectors.mean(axis=0, keepdims=True)
+    return float((centered**2).sum() / max(len(vectors) - 1, 1))
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], k: int, *, n_boot: int = 2000,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over resamples (with
+    replacement) of ``k`` repeated estimates; reproducible for a given ``seed``."""
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, k, size=k)) for _ in range(n_boot)])
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def summarize(point: float, ci: tuple[float, float]) -> dict[str, float]:
+    return {"mean": point, "ci_low": ci[0], "ci_high": ci[1]}
