@@ -59,7 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     print(f"\n{'iter':>5} {'steps':>8} {'return':>9} {'KL':>8} {'max ratio':>9} {'clip%':>6} "
           f"{'EV':>6}")
-    for r in records[:: max(1, len(records) // 12)] + records[-1:]:
+    shown = records[:: max(1, len(records) // 12)]
+    for r in shown + ([records[-1]] if shown[-1] is not records[-1] else []):
         ret = "-" if r["return_mean"] is None else f"{r['return_mean']:.1f}"
         ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
         print(f"{r['iteration']:>5} {r['env_steps']:>8} {ret:>9} {r['kl_mean']:>8.4f} "

@@ -12,7 +12,7 @@ boundary it bootstraps from the value of the next observation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import gymnasium as gym
 import numpy as np
@@ -57,7 +57,11 @@ def gae(
 
 @dataclass
 class Batch:
-    """One iteration's training data, flattened over time and envs (torch tensors)."""
+    """One iteration's training data, flattened time-major over (steps, envs).
+
+    ``rewards`` (after scaling/clipping, the units the value net learns), ``terminated``
+    and ``done`` keep the episode structure for the probes; the updates do not use them.
+    """
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -65,9 +69,21 @@ class Batch:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    rewards: torch.Tensor
+    terminated: torch.Tensor
+    done: torch.Tensor
 
     def __len__(self) -> int:
         return self.obs.shape[0]
+
+    def select(self, idx: torch.Tensor) -> Batch:
+        """The pairs at ``idx`` (every field indexed alike)."""
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @staticmethod
+    def concat(parts: list[Batch]) -> Batch:
+        return Batch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                        for f in fields(Batch)})
 
 
 @dataclass
@@ -202,5 +218,8 @@ class RolloutCollector:
             values=torch.from_numpy(values.reshape(-1)).float(),
             advantages=torch.from_numpy(advantages.reshape(-1)).float(),
             returns=torch.from_numpy((advantages + values).reshape(-1)).float(),
+            rewards=torch.from_numpy(rewards.reshape(-1)),
+            terminated=torch.from_numpy(terminated.reshape(-1)).bool(),
+            done=torch.from_numpy(done.reshape(-1)).bool(),
         )
         return batch, stats

@@ -14,6 +14,7 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from pgscope.envs import probes as probes
+from pgscope.envs import tabular as tabular  # registers pgscope/Tabular-v0 on import
 from pgscope.errors import EnvError
 
 probes.register_all()

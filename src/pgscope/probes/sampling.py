@@ -25,8 +25,9 @@ MAX_ENVS = 64
 
 
 def batch_chunks(agent: Agent, n_pairs: int, seed: int, max_envs: int = MAX_ENVS,
-                 horizon: int | None = None) -> Iterator[Batch]:
-    """Yield batches that together hold exactly ``n_pairs`` fresh pairs.
+                 horizon: int | None = None, exact: bool = True) -> Iterator[Batch]:
+    """Yield batches that together hold exactly ``n_pairs`` fresh pairs (with ``exact``
+    False: whole chunks, time-major, at least ``n_pairs`` pairs in all).
 
     Each chunk runs up to ``max_envs`` envs for ``horizon`` steps (default: the agent's
     training horizon, ``steps_per_env``); a sample smaller than one horizon is a single
@@ -47,7 +48,8 @@ def batch_chunks(agent: Agent, n_pairs: int, seed: int, max_envs: int = MAX_ENVS
             batch, _ = collector.collect(agent.policy, agent.value_net)
             take = min(remaining, len(batch))
             remaining -= take
-            yield batch if take == len(batch) else _head(batch, take, horizon, n_envs)
+            whole = take == len(batch) or not exact
+            yield batch if whole else _head(batch, take, horizon, n_envs)
     finally:
         envs.close()
 
@@ -56,12 +58,9 @@ def _head(batch: Batch, n: int, horizon: int, n_envs: int) -> Batch:
     """The first ``n`` pairs in env-major order (whole segments first), so a partial chunk
     keeps complete segments plus one segment's prefix."""
     order = torch.arange(horizon * n_envs).reshape(horizon, n_envs).T.reshape(-1)[:n]
-    return Batch(**{k: getattr(batch, k)[order] for k in
-                    ("obs", "actions", "logp", "values", "advantages", "returns")})
+    return batch.select(order)
 
 
 def sample_batch(agent: Agent, n_pairs: int, seed: int, **kwargs) -> Batch:
     """All ``n_pairs`` fresh pairs in one batch (use :func:`batch_chunks` to stream)."""
-    parts = list(batch_chunks(agent, n_pairs, seed, **kwargs))
-    return Batch(**{k: torch.cat([getattr(p, k) for p in parts]) for k in
-                    ("obs", "actions", "logp", "values", "advantages", "returns")})
+    return Batch.concat(list(batch_chunks(agent, n_pairs, seed, **kwargs)))
