@@ -70,6 +70,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from pgscope.probes import run_probes
+
+    run_probes(args.kind, args.run_dir, args.out, checkpoint=args.checkpoint, seed=args.seed,
+               progress=not args.quiet, sizes=tuple(args.sizes), k=args.k,
+               true_pairs=args.true_pairs, value_pairs=args.pairs,
+               compare=tuple(args.compare or ()))
+    print(f"probe results: {Path(args.out).resolve()}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     base = Config()
     for name, values in PRESETS.items():
@@ -102,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=100_000)
     d.set_defaults(func=_demo)
+
+    pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
+    pb.add_argument("kind", choices=["gradients", "values", "trust-region", "all"])
+    pb.add_argument("run_dir", type=Path)
+    pb.add_argument("--checkpoint", type=int, metavar="ITER",
+                    help="a kept checkpoint's iteration (default: the latest)")
+    pb.add_argument("--out", type=Path, required=True)
+    pb.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10_000, 100_000],
+                    help="sample sizes (state-action pairs) of the gradient grid")
+    pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
+    pb.add_argument("--true-pairs", type=int, default=1_000_000)
+    pb.add_argument("--pairs", type=int, default=100_000, help="pairs for the value probe")
+    pb.add_argument("--compare", type=Path, nargs="*", help="more runs for trust-region plots")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--quiet", action="store_true")
+    pb.set_defaults(func=_probe)
 
     pr = sub.add_parser("presets", help="list presets and what they switch")
     pr.set_defaults(func=_presets)

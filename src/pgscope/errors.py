@@ -30,3 +30,7 @@ class DivergenceError(PgscopeError):
         super().__init__(message)
         self.iteration = iteration
         self.where = where
+
+
+class ProbeError(PgscopeError):
+    """Bad probe settings (sample budget, grid) for a probe."""

@@ -8,6 +8,7 @@ uses is a named function from :mod:`pgscope.optimizations`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -40,9 +41,11 @@ def ppo_update(
     generator: torch.Generator,
     state: dict[str, float],
     heldout_obs: torch.Tensor | None = None,
+    epoch_callback: Callable[[int, Policy], None] | None = None,
 ) -> dict[str, float]:
     """One PPO update phase on ``batch``; returns the phase's metrics. ``state`` carries
-    the ppo-kl penalty coefficient ``kl_beta`` across iterations."""
+    the ppo-kl penalty coefficient ``kl_beta`` across iterations. ``epoch_callback(epoch,
+    old_policy)`` runs after each epoch (the trust-region probe watches the update)."""
     old_policy = copy.deepcopy(policy)
     stats = PhaseStats(reference_clip_range(cfg))
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
@@ -76,6 +79,8 @@ def ppo_update(
             stats.mean(policy_loss=policy_loss, value_loss=v_loss, grad_norm=grad_norm,
                        value_grad_norm=value_grad_norm)
         epochs_run += 1
+        if epoch_callback is not None:
+            epoch_callback(epochs_run, old_policy)
         if cfg.kl_stop:
             with torch.no_grad():
                 kl = policy.kl(old_policy.dist(batch.obs), policy.dist(batch.obs)).mean()

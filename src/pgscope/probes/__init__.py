@@ -1,0 +1,71 @@
+"""The "Closer Look at Deep Policy Gradients" probes (SPEC.md section 3).
+
+Every probe takes a saved agent, draws fresh samples from its current policy with its
+statistics frozen, and never changes it. ``run_probes`` computes what was asked and only
+then writes ``DIR/<kind>.json`` and ``DIR/<kind>.png``, so a failure leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pgscope.errors import ProbeError
+
+KINDS = ("gradients", "values", "trust-region")
+
+
+def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
+               checkpoint: int | None = None, seed: int = 0, progress: bool = True,
+               sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
+               true_pairs: int = 1_000_000, value_pairs: int = 100_000,
+               compare: tuple[str | Path, ...] = ()) -> dict[str, Any]:
+    """Run probe ``kind`` ('gradients', 'values', 'trust-region' or 'all') on a run's
+    checkpoint and write its JSON and PNG into ``out``. Returns the results by kind."""
+    from pgscope.probes import plots
+    from pgscope.probes.gradients import gradient_probe
+    from pgscope.probes.trust_region import from_metrics, replay_update
+    from pgscope.probes.values import value_probe
+    from pgscope.run import load_agent
+
+    kinds = KINDS if kind == "all" else (kind,)
+    if any(x not in KINDS for x in kinds):
+        raise ProbeError(f"unknown probe '{kind}'; choose one of {', '.join(KINDS)}, all.")
+    if min(sizes) < 2 or k < 2:
+        raise ProbeError("sample sizes and k must be at least 2.")
+    if "gradients" in kinds and true_pairs < 10 * max(sizes):
+        raise ProbeError(f"--true-pairs {true_pairs} is too small for the grid: the 'true' "
+                         f"gradient needs at least 10x the largest size ({max(sizes)}).")
+    agent = load_agent(run_dir, checkpoint)
+    results: dict[str, Any] = {}
+    pngs: dict[str, Any] = {}
+    if "gradients" in kinds:
+        results["gradients"] = gradient_probe(agent, sizes, k, true_pairs, seed, progress)
+        pngs["gradients"] = lambda p: plots.plot_gradients(results["gradients"], p)
+    if "values" in kinds:
+        results["values"] = value_probe(agent, value_pairs, seed, progress=progress)
+        pngs["values"] = lambda p: plots.plot_values(results["values"], p)
+    if "trust-region" in kinds:
+        runs = [from_metrics(run_dir)] + [from_metrics(c) for c in compare]
+        replay = replay_update(run_dir, checkpoint, seed)
+        results["trust-region"] = {"runs": runs, "replay": replay}
+        pngs["trust-region"] = lambda p: plots.plot_trust_region(runs, replay, p)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        result["checkpoint"] = {"run": str(run_dir), "iteration": checkpoint}
+        _atomic_text(out / f"{name}.json", json.dumps(result, indent=2, default=float))
+        tmp = out / f".{name}.tmp.png"
+        pngs[name](tmp)
+        os.replace(tmp, out / f"{name}.png")
+    return results
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)

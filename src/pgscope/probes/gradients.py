@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
+from pgscope.errors import ProbeError
 from pgscope.probes.sampling import batch_chunks
 from pgscope.probes.stats import (
     bootstrap_ci,
@@ -165,9 +166,9 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_
     """
     sizes = sorted(int(n) for n in sizes)
     if k < 2:
-        raise ValueError("k must be at least 2 to compare estimates.")
+        raise ProbeError("k must be at least 2 to compare estimates.")
     if true_pairs < 10 * max(sizes):
-        raise ValueError(f"true_pairs ({true_pairs}) should be at least 10x the largest sample "
+        raise ProbeError(f"true_pairs ({true_pairs}) should be at least 10x the largest sample "
                          f"size ({max(sizes)}) for a meaningful 'true' gradient.")
     total = true_pairs + k * sum(sizes)
     bar = tqdm(total=total, unit="pair", desc="gradient probe", disable=not progress)

@@ -1,0 +1,91 @@
+"""PNG plots of probe results (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _band(ax, x, rows, key, label, color):
+    mean = [r[key]["mean"] for r in rows]
+    lo = [r[key]["ci_low"] for r in rows]
+    hi = [r[key]["ci_high"] for r in rows]
+    ax.plot(x, mean, "o-", color=color, label=label)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+
+
+def plot_gradients(result: dict, path: Path) -> None:
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for col, net in enumerate(("policy", "value")):
+        rows = result[net]
+        x = [r["n"] for r in rows]
+        ax = axes[0, col]
+        _band(ax, x, rows, "pairwise_cosine", "mean pairwise cosine", "C0")
+        _band(ax, x, rows, "cosine_to_true", "cosine to true gradient", "C1")
+        ax.axvline(2048, color="grey", ls=":", lw=1)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{net} gradient ({result['settings']['env_id']})")
+        ax.legend(loc="lower right", fontsize=8)
+        ax = axes[1, col]
+        _band(ax, x, rows, "covariance_trace", "trace of covariance of K estimates", "C2")
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xlabel("state-action pairs per estimate (dotted: 2,048)")
+        ax.legend(fontsize=8)
+    axes[0, 0].set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_values(result: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = ["vs GAE targets", "vs true returns"]
+    for i, key in enumerate(("vs_gae_targets", "vs_true_returns")):
+        r = result[key]["relative_error"]
+        ax.bar(i, r["mean"], yerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]],
+               color=f"C{i}", capsize=6)
+    ax.set_xticks([0, 1], labels)
+    ax.set_ylabel("mean relative error |V - y| / |y|")
+    ax.set_title(f"value prediction ({result['settings']['env_id']}, "
+                 f"{result['states_with_true_return']} states with true returns)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None:
+    ncols = 3 if replay else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
+    for i, run in enumerate(runs):
+        s = run["series"]
+        label = f"{run['preset']} s{run['seed']}"
+        axes[0].plot(s["env_steps"], s["ratio_max"], color=f"C{i}", label=label, lw=1)
+        axes[1].plot(s["env_steps"], s["kl_mean"], color=f"C{i}", label=label, lw=1)
+    clip = runs[0]["clip_range"] if runs else 0.2
+    axes[0].axhline(1 + clip, color="k", ls="--", lw=1, label=f"1 + {clip:g}")
+    axes[0].set_yscale("log")
+    axes[0].set_title("max ratio per update")
+    axes[1].set_title("mean KL(old || new) after update")
+    for ax in axes[:2]:
+        ax.set_xlabel("env steps")
+        ax.legend(fontsize=8)
+    if replay:
+        ep = [e["epoch"] for e in replay["per_epoch"]]
+        ax = axes[2]
+        ax.plot(ep, [e["ratio_max"] for e in replay["per_epoch"]], "o-", label="max ratio")
+        ax.plot(ep, [1 + replay["clip_range"]] * len(ep), "k--", lw=1)
+        ax2 = ax.twinx()
+        ax2.plot(ep, [e["kl_mean"] for e in replay["per_epoch"]], "s-", color="C3",
+                 label="mean KL")
+        ax.set_xlabel(f"epoch (replay of iteration {replay['checkpoint_iteration'] + 1})")
+        ax.set_title("within one update")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
