@@ -157,7 +157,9 @@ class RolloutCollector:
         self.cfg = cfg
         self.envs = envs
         self.pre = pre
-        self.rng = np.random.default_rng(seed)
+        # the sampling stream must not equal the envs' own (gymnasium seeds env i's
+        # np_random exactly like default_rng(seed + i))
+        self.rng = np.random.default_rng([seed, 0x5A3D])
         space = envs.single_action_space
         self.discrete = isinstance(space, gym.spaces.Discrete)
         self.low = None if self.discrete else space.low

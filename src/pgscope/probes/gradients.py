@@ -136,16 +136,19 @@ def estimate(agent: Agent, n_pairs: int, seed: int, per_sample: bool = False,
     return acc
 
 
+def _cos_to(target: np.ndarray, estimates: np.ndarray, seed: int) -> dict[str, float]:
+    cos = cosine_matrix(np.vstack([target[None], estimates]))[0, 1:]
+    return summarize(float(cos.mean()),
+                     bootstrap_ci(lambda i: float(cos[i].mean()), len(cos), seed=seed))
+
+
 def _stats(estimates: np.ndarray, true: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
     k = len(estimates)
     cos = cosine_matrix(estimates)
-    to_true = cosine_matrix(np.vstack([true[None], estimates]))[0, 1:]
     return {
         "pairwise_cosine": summarize(mean_pairwise(cos),
                                      bootstrap_ci(lambda i: mean_pairwise(cos, i), k, seed=seed)),
-        "cosine_to_true": summarize(float(to_true.mean()),
-                                    bootstrap_ci(lambda i: float(to_true[i].mean()), k,
-                                                 seed=seed)),
+        "cosine_to_true": _cos_to(true, estimates, seed),
         "covariance_trace": summarize(covariance_trace(estimates),
                                       bootstrap_ci(lambda i: covariance_trace(estimates[i]), k,
                                                    seed=seed)),
@@ -157,12 +160,15 @@ def _stats(estimates: np.ndarray, true: np.ndarray, seed: int) -> dict[str, dict
 
 def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_000),
                    k: int = 10, true_pairs: int = 1_000_000, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, reference: dict[str, np.ndarray] | None = None
+                   ) -> dict:
     """Probes 1-2: gradient variance and convergence at each sample size (see module doc).
 
     Returns a JSON-ready dict with the settings, and per size and network (policy, value):
     mean pairwise cosine, mean cosine to the true gradient, covariance trace and mean
     norm of the K estimates, each with a bootstrap 95% CI over the K estimates.
+    ``reference`` (e.g. the exact expected gradient of a tabular MDP, by network name)
+    adds ``cosine_to_reference`` per size and for the true gradient.
     """
     sizes = sorted(int(n) for n in sizes)
     if k < 2:
@@ -186,6 +192,9 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_
                  "per_pair_policy_variance": true_acc.per_sample_variance()},
         "policy": [], "value": [],
     }
+    for net, ref in (reference or {}).items():
+        result["true"][f"{net}_cosine_to_reference"] = float(
+            cosine_matrix(np.vstack([ref, true[net]]))[0, 1])
     for i, n in enumerate(sizes):
         ests = {"policy": [], "value": []}
         for j in range(k):
@@ -195,6 +204,8 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_
             bar.update(n)
         for net in ("policy", "value"):
             row = _stats(np.stack(ests[net]), true[net], seed)
+            if reference is not None and net in reference:
+                row["cosine_to_reference"] = _cos_to(reference[net], np.stack(ests[net]), seed)
             result[net].append({"n": n, **row})
     bar.close()
     return result

@@ -8,12 +8,20 @@ agent's V(s) with
 * the true discounted return-to-go ``G_t`` of the same rollouts, in the value net's own
   units (rewards after the agent's reward scaling/clipping).
 
-A return-to-go is only *true* if nothing cuts it: an episode that terminates gives it
-exactly; a time-limit truncation or the end of a rollout segment cuts it. A state whose
-return is cut fewer than ``H`` steps after it, where ``gamma^H <= horizon_tol`` (the
-effective horizon; H = 459 for gamma = 0.99 and tol = 0.01), is **excluded**, and the
-probe reports how many were. Past H steps the missing tail weighs at most ``gamma^H`` of
-the future, so the remaining states count as true returns.
+A return-to-go is only *true* if nothing cuts it. Two things can: the end of a rollout
+segment and a time-limit truncation. Whether a state's return is counted must not depend
+on what happens after it (keeping only states whose episode happened to terminate in time
+would bias the "true" returns towards short, usually bad, futures), so the rule uses only
+the present: with ``H`` the effective horizon (``gamma^H <= horizon_tol``; H = 459 for
+gamma = 0.99 and tol = 0.01), a state counts if its segment goes on for at least ``H`` more
+steps and, for an env with a time limit ``L``, if ``L - elapsed >= H``. Past ``H`` steps the
+missing tail weighs at most ``gamma^H`` of the future. States that fail the rule are
+**excluded** from the true-return comparison, and the probe reports how many.
+
+To have that lookahead, each segment runs ``steps_per_env + H`` steps from a reset and the
+first ``steps_per_env`` states are kept (their GAE targets differ from a training
+rollout's only by the bootstrap weight ``(gamma lambda)^H``). Starting from resets weights
+early-episode states more than training's continuing rollouts do.
 
 Errors are real relative errors, mean ``|V - G| / |G|`` over states with ``|G|`` above a
 floor (``min_abs_return``), plus the scale-free ratio ``mean|V - G| / mean|G|`` and the
@@ -29,7 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
-from pgscope.probes.sampling import batch_chunks
+from pgscope.envs import make_env
+from pgscope.probes.sampling import sample_batch
 from pgscope.probes.stats import summarize
 
 
@@ -38,28 +47,23 @@ def effective_horizon(gamma: float, tol: float) -> int:
     return 1 if gamma <= tol else math.ceil(math.log(tol) / math.log(gamma))
 
 
-def returns_to_go(rewards: np.ndarray, terminated: np.ndarray, done: np.ndarray,
-                  gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Discounted return-to-go for arrays of shape (T, num_envs), and for each state the
-    number of rewards it includes before a cut (``inf`` when its episode terminated
-    inside the segment, so the return is exact)."""
-    T, N = rewards.shape
-    G = np.zeros((T, N))
-    known = np.zeros((T, N))
-    running = np.zeros(N)
-    steps = np.zeros(N)
-    for t in reversed(range(T)):
-        if t == T - 1:  # the segment ends: the future after it is cut unless terminated
-            steps = np.where(terminated[t], np.inf, 0.0)
-            running = np.zeros(N)
-        else:
-            ended = done[t]
-            running = np.where(ended, 0.0, running)
-            steps = np.where(terminated[t], np.inf, np.where(ended, 0.0, steps))
-        running = rewards[t] + gamma * running
-        steps = steps + 1
-        G[t], known[t] = running, steps
-    return G, known
+def returns_to_go(rewards: np.ndarray, done: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return-to-go for arrays of shape (T, num_envs), summed up to the end of
+    the episode or of the segment, whichever comes first."""
+    G = np.zeros(rewards.shape)
+    running = np.zeros(rewards.shape[1])
+    for t in reversed(range(rewards.shape[0])):
+        running = rewards[t] + gamma * running * (1.0 - done[t])
+        G[t] = running
+    return G
+
+
+def elapsed_steps(done: np.ndarray) -> np.ndarray:
+    """Steps since the episode began, for segments that start at a reset."""
+    elapsed = np.zeros(done.shape)
+    for t in range(1, done.shape[0]):
+        elapsed[t] = np.where(done[t - 1], 0.0, elapsed[t - 1] + 1)
+    return elapsed
 
 
 def _errors(v: np.ndarray, target: np.ndarray, floor: float) -> dict[str, float]:
@@ -78,22 +82,30 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
     """Probe 3 (see module doc). Returns a JSON-ready dict."""
     cfg = agent.config
     H = effective_horizon(cfg.gamma, horizon_tol)
+    keep = min(cfg.steps_per_env, n_pairs)
+    env = make_env(cfg.env_id)
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    env.close()
+    n_envs = min(64, math.ceil(n_pairs / keep))
     v_all, tgt_all, g_all, ok_all, seg_all = [], [], [], [], []
     bar = tqdm(total=n_pairs, unit="pair", desc="value probe", disable=not progress)
-    seg_base = 0
-    for batch in batch_chunks(agent, n_pairs, seed=(seed + 7) * 10**8, exact=False):
-        n_envs = batch.obs.shape[0] // min(cfg.steps_per_env, n_pairs)
-        shape = (len(batch) // n_envs, n_envs)
-        G, known = returns_to_go(batch.rewards.numpy().reshape(shape),
-                                 batch.terminated.numpy().reshape(shape),
-                                 batch.done.numpy().reshape(shape), cfg.gamma)
-        v_all.append(batch.values.numpy())  # V(s) of the frozen agent (pre-update values)
-        tgt_all.append(batch.returns.numpy())
-        g_all.append(G.reshape(-1))
-        ok_all.append(known.reshape(-1) >= H)
-        seg_all.append(np.tile(np.arange(n_envs), shape[0]) + seg_base)
-        seg_base += n_envs
-        bar.update(len(batch))
+    chunk = 0
+    while chunk * n_envs * keep < n_pairs:
+        shape = (keep + H, n_envs)
+        batch = sample_batch(agent, shape[0] * n_envs, seed=(seed + 7) * 10**8 + chunk * 1000,
+                             horizon=shape[0], max_envs=n_envs)
+        done = batch.done.numpy().reshape(shape)
+        G = returns_to_go(batch.rewards.numpy().reshape(shape), done, cfg.gamma)
+        ok = np.ones(shape, dtype=bool)
+        if limit is not None:
+            ok &= (limit - elapsed_steps(done)) >= H
+        v_all.append(batch.values.numpy().reshape(shape)[:keep].reshape(-1))
+        tgt_all.append(batch.returns.numpy().reshape(shape)[:keep].reshape(-1))
+        g_all.append(G[:keep].reshape(-1))
+        ok_all.append(ok[:keep].reshape(-1))
+        seg_all.append(np.tile(np.arange(n_envs), keep) + chunk * n_envs)
+        chunk += 1
+        bar.update(keep * n_envs)
     bar.close()
     v, tgt, G = (np.concatenate(x).astype(np.float64) for x in (v_all, tgt_all, g_all))
     ok, seg = np.concatenate(ok_all), np.concatenate(seg_all)
@@ -122,7 +134,8 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
         "settings": {"n_pairs": int(len(v)), "seed": seed, "gamma": cfg.gamma,
                      "gae_lambda": cfg.gae_lambda, "effective_horizon": H,
                      "horizon_tol": horizon_tol, "min_abs_return": min_abs_return,
-                     "segment_length": int(min(cfg.steps_per_env, n_pairs)),
+                     "states_kept_per_segment": keep, "segment_length": keep + H,
+                     "time_limit": limit,
                      "reward_units": "scaled" if cfg.reward_scale else "raw",
                      "env_id": cfg.env_id},
         "states": int(len(v)),

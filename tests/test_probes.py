@@ -1,0 +1,119 @@
+"""The probes against exact answers on the tabular MDP (pgscope/Tabular-v0), and their
+command-line interface."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pgscope import load_agent, make_config, train
+from pgscope.cli import EXIT_ERROR, main
+from pgscope.envs.tabular import (
+    ENV_ID,
+    default_mdp,
+    exact_expected_gradient,
+    exact_values,
+    expected_gae_advantage,
+    policy_matrix,
+    stationary_distribution,
+    value_vector,
+)
+from pgscope.probes.gradients import gradient_probe
+from pgscope.probes.sampling import sample_batch
+from pgscope.probes.values import effective_horizon, returns_to_go
+
+# Raw rewards and unnormalized advantages keep the exact answers exact.
+EXACT = dict(steps_per_iter=256, num_envs=1, minibatches=4, epochs=2, total_steps=512,
+             reward_scale=False, reward_clip=False, obs_norm=False, obs_clip=False,
+             adv_norm=False, gamma=0.9, gae_lambda=0.95, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def tabular_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tab") / "run"
+    return train(make_config("ppo", ENV_ID, EXACT), out, progress=False)
+
+
+def _exact_gradients(agent):
+    mdp, cfg = default_mdp(), agent.config
+    v_hat = value_vector(agent.value_net, mdp)
+    policy_grad = exact_expected_gradient(agent.policy, mdp, cfg.gamma, cfg.gae_lambda, v_hat)
+    pi = policy_matrix(agent.policy, mdp)
+    mu = stationary_distribution(mdp, pi)
+    mean_adv = (pi * expected_gae_advantage(mdp, pi, v_hat, cfg.gamma, cfg.gae_lambda)).sum(1)
+    # value loss (V - (V_old + A))^2 at V = V_old has gradient -2 A grad V
+    v = agent.value_net(torch.as_tensor(mdp.observations(), dtype=torch.float32))
+    weights = torch.as_tensor(-2 * mu * mean_adv, dtype=torch.float32)
+    value_grad = torch.autograd.grad((weights * v).sum(), list(agent.value_net.parameters()))
+    return {"policy": policy_grad.double().numpy(),
+            "value": torch.cat([g.reshape(-1) for g in value_grad]).double().numpy()}
+
+
+def test_gradient_probe_converges_to_exact_expected_gradient(tabular_run):
+    agent = load_agent(tabular_run)
+    exact = _exact_gradients(agent)
+    result = gradient_probe(agent, sizes=(64, 1024, 16384), k=6, true_pairs=200_000,
+                            progress=False, reference=exact)
+    assert result["true"]["policy_cosine_to_reference"] > 0.99
+    assert result["true"]["value_cosine_to_reference"] > 0.99
+    for net in ("policy", "value"):
+        to_exact = [row["cosine_to_reference"]["mean"] for row in result[net]]
+        pairwise = [row["pairwise_cosine"]["mean"] for row in result[net]]
+        traces = [row["covariance_trace"]["mean"] for row in result[net]]
+        assert to_exact[-1] > 0.95 and to_exact[-1] > to_exact[0], (net, to_exact)
+        assert pairwise[-1] > pairwise[0], (net, pairwise)
+        assert traces[0] > 10 * traces[-1], (net, traces)  # variance ~ 1/N: 256x more pairs
+        for row in result[net]:
+            for stat in ("pairwise_cosine", "cosine_to_true", "covariance_trace"):
+                ci = row[stat]
+                assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
+
+
+def test_true_returns_of_the_value_probe_match_exact_values(tabular_run):
+    agent = load_agent(tabular_run)
+    cfg, mdp = agent.config, default_mdp()
+    H = effective_horizon(cfg.gamma, 0.01)
+    keep = 256
+    batch = sample_batch(agent, 64 * (keep + H), seed=5, horizon=keep + H, max_envs=64)
+    shape = (keep + H, 64)
+    G = returns_to_go(batch.rewards.numpy().reshape(shape), batch.done.numpy().reshape(shape),
+                      cfg.gamma)[:keep].reshape(-1)
+    states = batch.obs.numpy().reshape(*shape, -1)[:keep].reshape(-1, mdp.n_states).argmax(1)
+    exact = exact_values(mdp, policy_matrix(agent.policy, mdp), cfg.gamma)
+    for s in range(mdp.n_states):
+        g = G[states == s]
+        assert len(g) > 200
+        se = g.std() / np.sqrt(len(g)) * 3  # within-episode correlation: be generous
+        assert abs(g.mean() - exact[s]) < 4 * se + 0.02 * abs(exact[s]), (s, g.mean(), exact[s])
+
+
+def test_probe_command_writes_json_and_png_and_refuses_bad_settings(tabular_run, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "probes"
+    code = main(["probe", "all", str(tabular_run), "--out", str(out), "--sizes", "64", "256",
+                 "--k", "3", "--true-pairs", "4096", "--pairs", "2048", "--quiet"])
+    assert code == 0
+    for kind in ("gradients", "values", "trust-region"):
+        data = json.loads((out / f"{kind}.json").read_text())
+        assert data["checkpoint"]["run"] == str(tabular_run)
+        assert (out / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    grads = json.loads((out / "gradients.json").read_text())
+    assert [r["n"] for r in grads["policy"]] == [64, 256]
+    tr = json.loads((out / "trust-region.json").read_text())
+    assert len(tr["replay"]["per_epoch"]) == EXACT["epochs"]
+    assert tr["replay"]["per_epoch"][-1]["kl_mean"] >= 0
+    values = json.loads((out / "values.json").read_text())
+    assert values["states_with_true_return"] > 0
+
+    bad = tmp_path / "bad"
+    assert main(["probe", "gradients", str(tabular_run), "--out", str(bad), "--sizes", "1000",
+                 "--true-pairs", "2000", "--quiet"]) == EXIT_ERROR
+    assert "too small for the grid" in capsys.readouterr().err
+    assert not bad.exists()
+    assert main(["probe", "values", str(tmp_path / "missing"), "--out", str(bad)]) == EXIT_ERROR
+    assert "neither a checkpoint file nor a run directory" in capsys.readouterr().err
+    assert main(["probe", "values", str(tabular_run), "--checkpoint", "7", "--out",
+                 str(bad)]) == EXIT_ERROR
+    assert "no checkpoint of iteration 7" in capsys.readouterr().err
+    assert not bad.exists()
