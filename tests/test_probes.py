@@ -19,6 +19,7 @@ from pgscope.envs.tabular import (
     stationary_distribution,
     value_vector,
 )
+from pgscope.probes.baselines import fit_true_value, monte_carlo_dataset
 from pgscope.probes.gradients import gradient_probe
 from pgscope.probes.sampling import sample_batch
 from pgscope.probes.values import effective_horizon, returns_to_go
@@ -92,9 +93,10 @@ def test_probe_command_writes_json_and_png_and_refuses_bad_settings(tabular_run,
                                                                     capsys):
     out = tmp_path / "probes"
     code = main(["probe", "all", str(tabular_run), "--out", str(out), "--sizes", "64", "256",
-                 "--k", "3", "--true-pairs", "4096", "--pairs", "2048", "--quiet"])
+                 "--k", "3", "--true-pairs", "4096", "--pairs", "2048", "--fit-pairs", "4096",
+                 "--quiet"])
     assert code == 0
-    for kind in ("gradients", "values", "trust-region"):
+    for kind in ("gradients", "values", "baselines", "trust-region"):
         data = json.loads((out / f"{kind}.json").read_text())
         assert data["checkpoint"]["run"] == str(tabular_run)
         assert (out / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
@@ -117,3 +119,25 @@ def test_probe_command_writes_json_and_png_and_refuses_bad_settings(tabular_run,
                  str(bad)]) == EXIT_ERROR
     assert "no checkpoint of iteration 7" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_true_value_baseline_fit_approaches_exact_values(tabular_run):
+    agent = load_agent(tabular_run)
+    mdp = default_mdp()
+    obs, returns = monte_carlo_dataset(agent, 60_000, seed=1)
+    net, fit = fit_true_value(agent, obs, returns, seed=1)
+    exact = exact_values(mdp, policy_matrix(agent.policy, mdp), agent.config.gamma)
+    fitted = value_vector(net, mdp)
+    assert np.abs(fitted - exact).max() < 0.08, (fitted, exact)
+    assert np.abs(fitted - exact).mean() < 0.04, (fitted, exact)
+    # the agent's own critic (two short iterations) is much further from the truth
+    assert np.abs(value_vector(agent.value_net, mdp) - exact).max() > 0.1
+    assert fit["states"] == len(obs)
+
+
+def test_recomputed_advantages_with_the_agent_value_net_equal_the_batch(tabular_run):
+    agent = load_agent(tabular_run)
+    batch = sample_batch(agent, 4 * 256, seed=3, max_envs=4)
+    redo = batch.recompute_advantages(agent.value_net, agent.config.gamma,
+                                      agent.config.gae_lambda)
+    torch.testing.assert_close(redo, batch.advantages, rtol=1e-5, atol=1e-6)

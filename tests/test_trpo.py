@@ -66,7 +66,7 @@ def _setup(preset: str, seed: int = 0, n: int = 256, adv: str = "random", **over
     batch = Batch(obs=obs, actions=actions, logp=logp, values=values,
                   advantages=advantages, returns=returns, rewards=torch.zeros(n),
                   terminated=torch.zeros(n, dtype=torch.bool),
-                  done=torch.zeros(n, dtype=torch.bool))
+                  done=torch.zeros(n, dtype=torch.bool), next_obs=obs)
     optimizer = make_optimizer(cfg, policy, value_net)
     return cfg, policy, value_net, optimizer, batch, torch.Generator().manual_seed(seed + 1)
 

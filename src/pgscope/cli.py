@@ -76,7 +76,7 @@ def _probe(args: argparse.Namespace) -> int:
     run_probes(args.kind, args.run_dir, args.out, checkpoint=args.checkpoint, seed=args.seed,
                progress=not args.quiet, sizes=tuple(args.sizes), k=args.k,
                true_pairs=args.true_pairs, value_pairs=args.pairs,
-               compare=tuple(args.compare or ()))
+               compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs)
     print(f"probe results: {Path(args.out).resolve()}")
     return 0
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
-    pb.add_argument("kind", choices=["gradients", "values", "trust-region", "all"])
+    pb.add_argument("kind", choices=["gradients", "values", "baselines", "trust-region", "all"])
     pb.add_argument("run_dir", type=Path)
     pb.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
     pb.add_argument("--true-pairs", type=int, default=1_000_000)
     pb.add_argument("--pairs", type=int, default=100_000, help="pairs for the value probe")
+    pb.add_argument("--fit-pairs", type=int, default=500_000,
+                    help="pairs of Monte Carlo returns for the 'true' value baseline")
     pb.add_argument("--compare", type=Path, nargs="*", help="more runs for trust-region plots")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--quiet", action="store_true")

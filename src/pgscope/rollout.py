@@ -72,18 +72,43 @@ class Batch:
     rewards: torch.Tensor
     terminated: torch.Tensor
     done: torch.Tensor
+    next_obs: torch.Tensor  # the state after each step (final obs at truncation)
+    num_envs: int = 1  # columns of the time-major layout; 0 once pairs are reordered
 
     def __len__(self) -> int:
         return self.obs.shape[0]
 
     def select(self, idx: torch.Tensor) -> Batch:
-        """The pairs at ``idx`` (every field indexed alike)."""
-        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        """The pairs at ``idx`` (every tensor indexed alike; the layout is lost)."""
+        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                        if f.name != "num_envs"}, num_envs=0)
 
     @staticmethod
     def concat(parts: list[Batch]) -> Batch:
         return Batch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                        for f in fields(Batch)})
+                        for f in fields(Batch) if f.name != "num_envs"}, num_envs=0)
+
+    def head_index(self, n: int) -> torch.Tensor:
+        """Indices of the first ``n`` pairs in env-major order (whole env segments first),
+        so a partial batch keeps complete segments plus one segment's prefix."""
+        if self.num_envs < 1:
+            raise ValueError("head_index needs the time-major layout of a collected batch")
+        steps = len(self) // self.num_envs
+        return torch.arange(len(self)).reshape(steps, self.num_envs).T.reshape(-1)[:n]
+
+    def recompute_advantages(self, value_fn, gamma: float, lam: float) -> torch.Tensor:
+        """GAE advantages of this (time-major) batch with another value function
+        ``value_fn(obs) -> values`` in place of the agent's value net."""
+        if self.num_envs < 1:
+            raise ValueError("advantages need the time-major layout of a collected batch")
+        shape = (len(self) // self.num_envs, self.num_envs)
+        with torch.no_grad():
+            v = value_fn(self.obs).double().numpy().reshape(shape)
+            nv = value_fn(self.next_obs).double().numpy().reshape(shape)
+        adv = gae(self.rewards.numpy().reshape(shape), v, nv,
+                  self.terminated.numpy().reshape(shape).astype(float),
+                  self.done.numpy().reshape(shape).astype(float), gamma, lam)
+        return torch.from_numpy(adv.reshape(-1)).float()
 
 
 @dataclass
@@ -209,7 +234,8 @@ class RolloutCollector:
         flat = lambda a: torch.from_numpy(a.reshape(T * N, *a.shape[2:]))  # noqa: E731
         obs_t, actions_t = flat(obs), flat(actions)
         values = value_net(obs_t).numpy().reshape(T, N).astype(np.float64)
-        next_values = value_net(flat(next_obs)).numpy().reshape(T, N).astype(np.float64)
+        next_obs_t = flat(next_obs)
+        next_values = value_net(next_obs_t).numpy().reshape(T, N).astype(np.float64)
         advantages = gae(rewards, values, next_values, terminated, done,
                          cfg.gamma, cfg.gae_lambda)
         dist = policy.dist(obs_t)
@@ -223,5 +249,7 @@ class RolloutCollector:
             rewards=torch.from_numpy(rewards.reshape(-1)),
             terminated=torch.from_numpy(terminated.reshape(-1)).bool(),
             done=torch.from_numpy(done.reshape(-1)).bool(),
+            next_obs=next_obs_t,
+            num_envs=N,
         )
         return batch, stats

@@ -15,17 +15,19 @@ from typing import Any
 
 from pgscope.errors import ProbeError
 
-KINDS = ("gradients", "values", "trust-region")
+KINDS = ("gradients", "values", "baselines", "trust-region")
 
 
 def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
                checkpoint: int | None = None, seed: int = 0, progress: bool = True,
                sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
                true_pairs: int = 1_000_000, value_pairs: int = 100_000,
-               compare: tuple[str | Path, ...] = ()) -> dict[str, Any]:
-    """Run probe ``kind`` ('gradients', 'values', 'trust-region' or 'all') on a run's
+               compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000
+               ) -> dict[str, Any]:
+    """Run probe ``kind`` (one of :data:`KINDS`, or 'all') on a run's
     checkpoint and write its JSON and PNG into ``out``. Returns the results by kind."""
     from pgscope.probes import plots
+    from pgscope.probes.baselines import baseline_probe
     from pgscope.probes.gradients import gradient_probe
     from pgscope.probes.trust_region import from_metrics, replay_update
     from pgscope.probes.values import value_probe
@@ -48,6 +50,9 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     if "values" in kinds:
         results["values"] = value_probe(agent, value_pairs, seed, progress=progress)
         pngs["values"] = lambda p: plots.plot_values(results["values"], p)
+    if "baselines" in kinds:
+        results["baselines"] = baseline_probe(agent, sizes, k, fit_pairs, seed, progress)
+        pngs["baselines"] = lambda p: plots.plot_baselines(results["baselines"], p)
     if "trust-region" in kinds:
         runs = [from_metrics(run_dir)] + [from_metrics(c) for c in compare]
         replay = replay_update(run_dir, checkpoint, seed)

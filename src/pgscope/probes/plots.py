@@ -89,3 +89,23 @@ def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_baselines(result: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = result["rows"]
+    x = [r["n"] for r in rows]
+    for i, b in enumerate(("agent", "true", "zero")):
+        sub = [r[b] for r in rows]
+        _band(axes[0], x, sub, "covariance_trace", f"{b} value baseline", f"C{i}")
+        _band(axes[1], x, sub, "pairwise_cosine", f"{b} value baseline", f"C{i}")
+    axes[0].set_yscale("log")
+    axes[0].set_title("policy-gradient variance (trace of covariance)")
+    axes[1].set_title("mean pairwise cosine")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("state-action pairs per estimate")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,8 +14,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 
-import torch
-
 from pgscope.agent import Agent
 from pgscope.envs import make_vector_env
 from pgscope.rollout import Batch, RolloutCollector
@@ -49,18 +47,12 @@ def batch_chunks(agent: Agent, n_pairs: int, seed: int, max_envs: int = MAX_ENVS
             take = min(remaining, len(batch))
             remaining -= take
             whole = take == len(batch) or not exact
-            yield batch if whole else _head(batch, take, horizon, n_envs)
+            yield batch if whole else batch.select(batch.head_index(take))
     finally:
         envs.close()
 
 
-def _head(batch: Batch, n: int, horizon: int, n_envs: int) -> Batch:
-    """The first ``n`` pairs in env-major order (whole segments first), so a partial chunk
-    keeps complete segments plus one segment's prefix."""
-    order = torch.arange(horizon * n_envs).reshape(horizon, n_envs).T.reshape(-1)[:n]
-    return batch.select(order)
-
-
 def sample_batch(agent: Agent, n_pairs: int, seed: int, **kwargs) -> Batch:
     """All ``n_pairs`` fresh pairs in one batch (use :func:`batch_chunks` to stream)."""
-    return Batch.concat(list(batch_chunks(agent, n_pairs, seed, **kwargs)))
+    parts = list(batch_chunks(agent, n_pairs, seed, **kwargs))
+    return parts[0] if len(parts) == 1 else Batch.concat(parts)  # one part keeps its layout

@@ -1,0 +1,145 @@
+"""Probe 4 of "A Closer Look at Deep Policy Gradients": the value network as a baseline
+(SPEC.md section 3).
+
+Gradient variance (as in probe 1) with GAE advantages computed from three value functions
+on the *same* fresh samples (a paired comparison):
+
+* ``agent``: the agent's own value net (what training uses);
+* ``true``: a fresh network fit to Monte Carlo returns of the current policy on a large
+  sample (``fit_pairs``, default 5e5); returns count as true by the rule of probe 3
+  (:mod:`pgscope.probes.values`), i.e. only where no cut falls inside the effective horizon;
+* ``zero``: no baseline.
+
+Reports, per sample size and baseline: mean pairwise cosine and covariance trace of the K
+estimates with bootstrap CIs, and the fitted value net's error against its held-out MC
+returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pgscope.agent import Agent
+from pgscope.envs import make_env
+from pgscope.errors import ProbeError
+from pgscope.networks import ValueNet
+from pgscope.probes.gradients import GradientAccumulator, _seed
+from pgscope.probes.sampling import batch_chunks, sample_batch
+from pgscope.probes.stats import (
+    bootstrap_ci,
+    cosine_matrix,
+    covariance_trace,
+    mean_pairwise,
+    summarize,
+)
+from pgscope.probes.values import effective_horizon, elapsed_steps, returns_to_go
+
+BASELINES = ("agent", "true", "zero")
+
+
+def monte_carlo_dataset(agent: Agent, n_pairs: int, seed: int, horizon_tol: float = 0.01
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observations, true discounted returns) of fresh rollouts, in the value net's units,
+    keeping only states whose return is not cut within the effective horizon."""
+    cfg = agent.config
+    H = effective_horizon(cfg.gamma, horizon_tol)
+    keep = cfg.steps_per_env
+    env = make_env(cfg.env_id)
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    env.close()
+    n_envs = min(64, math.ceil(n_pairs / keep))
+    xs, ys, collected, chunk = [], [], 0, 0
+    while collected < n_pairs:
+        shape = (keep + H, n_envs)
+        batch = sample_batch(agent, shape[0] * n_envs, seed=(seed + 13) * 10**8 + chunk * 1000,
+                             horizon=shape[0], max_envs=n_envs)
+        done = batch.done.numpy().reshape(shape)
+        G = returns_to_go(batch.rewards.numpy().reshape(shape), done, agent.config.gamma)
+        ok = np.ones(shape, dtype=bool)
+        if limit is not None:
+            ok &= (limit - elapsed_steps(done)) >= H
+        ok[keep:] = False
+        obs = batch.obs.reshape(*shape, -1)
+        xs.append(obs[torch.from_numpy(ok)])
+        ys.append(torch.from_numpy(G[ok]).float())
+        collected += keep * n_envs
+        chunk += 1
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_true_value(agent: Agent, obs: torch.Tensor, returns: torch.Tensor, seed: int,
+                   epochs: int = 30, batch_size: int = 256, lr: float = 1e-3
+                   ) -> tuple[ValueNet, dict[str, float]]:
+    """A fresh value net (the agent's architecture) regressed on MC returns; 10% of the
+    data is held out to report its relative error."""
+    if len(obs) < 20:
+        raise ProbeError(f"only {len(obs)} states have true returns; raise --fit-pairs.")
+    cfg = agent.config
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = ValueNet(obs.shape[1], cfg.hidden, cfg.activation, cfg.ortho_init)
+    perm = torch.randperm(len(obs), generator=gen)
+    n_val = max(1, len(obs) // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train), generator=gen).split(batch_size):
+            i = train[idx]
+            loss = (net(obs[i]) - returns[i]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        err = (net(obs[val]) - returns[val]).abs()
+        floor = returns[val].abs().clamp_min(1e-3)
+    return net, {"heldout_relative_error": float((err / floor).mean()),
+                 "heldout_mean_abs_error_ratio": float(err.mean() / returns[val].abs().mean()),
+                 "states": int(len(obs))}
+
+
+def baseline_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000), k: int = 10,
+                   fit_pairs: int = 500_000, seed: int = 0, progress: bool = True) -> dict:
+    """Probe 4 (see module doc). Returns a JSON-ready dict."""
+    sizes = sorted(int(n) for n in sizes)
+    cfg = agent.config
+    obs, returns = monte_carlo_dataset(agent, fit_pairs, seed)
+    true_net, fit = fit_true_value(agent, obs, returns, seed)
+    value_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "agent": agent.value_net,
+        "true": true_net,
+        "zero": lambda o: torch.zeros(o.shape[0]),
+    }
+    bar = tqdm(total=k * sum(sizes), unit="pair", desc="baseline probe", disable=not progress)
+    result: dict = {"settings": {"sizes": sizes, "k": k, "fit_pairs": fit_pairs, "seed": seed,
+                                 "env_id": cfg.env_id, "adv_norm": cfg.adv_norm},
+                    "true_value_fit": fit, "rows": []}
+    for i, n in enumerate(sizes):
+        ests: dict[str, list[np.ndarray]] = {b: [] for b in BASELINES}
+        for j in range(k):
+            accs = {b: GradientAccumulator(agent) for b in BASELINES}
+            for batch in batch_chunks(agent, n, seed=_seed(seed + 500, i, j), exact=False):
+                idx = batch.head_index(min(n - accs["agent"].n, len(batch)))
+                for b, fn in value_fns.items():
+                    adv = batch.recompute_advantages(fn, cfg.gamma, cfg.gae_lambda)
+                    accs[b].add(batch.select(idx), advantages=adv[idx])
+            for b in BASELINES:
+                ests[b].append(accs[b].policy_gradient())
+            bar.update(n)
+        row: dict = {"n": n}
+        for b in BASELINES:
+            e = np.stack(ests[b])
+            cos = cosine_matrix(e)
+            row[b] = {
+                "pairwise_cosine": summarize(mean_pairwise(cos), bootstrap_ci(
+                    lambda ix, c=cos: mean_pairwise(c, ix), k, seed=seed)),
+                "covariance_trace": summarize(covariance_trace(e), bootstrap_ci(
+                    lambda ix, e=e: covariance_trace(e[ix]), k, seed=seed)),
+            }
+        result["rows"].append(row)
+    bar.close()
+    return result
