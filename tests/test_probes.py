@@ -21,6 +21,7 @@ from pgscope.envs.tabular import (
 )
 from pgscope.probes.baselines import fit_true_value, monte_carlo_dataset
 from pgscope.probes.gradients import gradient_probe
+from pgscope.probes.landscape import episode_returns, landscape_probe, nested_means
 from pgscope.probes.sampling import sample_batch
 from pgscope.probes.values import effective_horizon, returns_to_go
 
@@ -141,3 +142,36 @@ def test_recomputed_advantages_with_the_agent_value_net_equal_the_batch(tabular_
     redo = batch.recompute_advantages(agent.value_net, agent.config.gamma,
                                       agent.config.gae_lambda)
     torch.testing.assert_close(redo, batch.advantages, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_means_use_first_started_episodes():
+    eps = [(0, 10, 1.0), (0, 30, 2.0), (10, 5, 3.0), (15, 50, 4.0)]
+    # cumulative lengths 10, 40, 45, 95: 20 steps need the first two episodes
+    assert nested_means(eps, [5, 20, 45, 1000]) == [1.0, 1.5, 2.0, 2.5]
+
+
+def test_episode_returns_run_every_started_episode_to_its_end(tabular_run):
+    agent = load_agent(tabular_run)
+    eps = episode_returns(agent, 3000, seed=0, n_envs=8)
+    assert sum(e[1] for e in eps) >= 3000
+    assert all(e[1] >= 1 for e in eps)
+    starts = [e[0] for e in eps]
+    assert starts == sorted(starts) and max(starts) < 3000
+    mdp = default_mdp()
+    exact = exact_values(mdp, policy_matrix(agent.policy, mdp), 1.0) @ mdp.rho
+    rets = np.array([e[2] for e in eps])
+    assert abs(rets.mean() - exact) < 4 * rets.std() / np.sqrt(len(rets))
+
+
+def test_landscape_probe_on_tabular(tabular_run):
+    result = landscape_probe(tabular_run, steps=(0, 1, 2), directions=(0, 1), counts=(200, 800),
+                             progress=False)
+    surr = np.array(result["surrogate"])
+    assert surr.shape == (3, 2)
+    assert surr[1, 0] > surr[0, 0]  # the actual step improves the surrogate it optimized
+    assert set(result["true_return"]) == {"200", "800"}
+    assert result["delta_norm"] > 0
+    with pytest.raises(Exception, match="grid"):
+        landscape_probe(tabular_run, steps=(0,), directions=(0,), counts=(100,))
+    with pytest.raises(Exception, match="parameter range"):
+        landscape_probe(tabular_run, steps=(0, 1e6), directions=(0,), counts=(100,))

@@ -76,7 +76,9 @@ def _probe(args: argparse.Namespace) -> int:
     run_probes(args.kind, args.run_dir, args.out, checkpoint=args.checkpoint, seed=args.seed,
                progress=not args.quiet, sizes=tuple(args.sizes), k=args.k,
                true_pairs=args.true_pairs, value_pairs=args.pairs,
-               compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs)
+               compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs,
+               landscape_counts=tuple(args.landscape_counts),
+               landscape_grid=tuple(args.landscape_grid))
     print(f"probe results: {Path(args.out).resolve()}")
     return 0
 
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
-    pb.add_argument("kind", choices=["gradients", "values", "baselines", "trust-region", "all"])
+    pb.add_argument("kind", choices=["gradients", "values", "baselines", "landscape",
+                                     "trust-region", "all"])
     pb.add_argument("run_dir", type=Path)
     pb.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
@@ -127,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--pairs", type=int, default=100_000, help="pairs for the value probe")
     pb.add_argument("--fit-pairs", type=int, default=500_000,
                     help="pairs of Monte Carlo returns for the 'true' value baseline")
+    pb.add_argument("--landscape-counts", type=int, nargs="+", default=[2_000, 20_000, 100_000],
+                    help="env steps of fresh rollouts per landscape grid point")
+    pb.add_argument("--landscape-grid", type=float, nargs="+", default=[0, 0.75, 1.5, 2.25, 3],
+                    help="multiples of the step and of the random direction")
     pb.add_argument("--compare", type=Path, nargs="*", help="more runs for trust-region plots")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--quiet", action="store_true")

@@ -15,20 +15,23 @@ from typing import Any
 
 from pgscope.errors import ProbeError
 
-KINDS = ("gradients", "values", "baselines", "trust-region")
+KINDS = ("gradients", "values", "baselines", "landscape", "trust-region")
 
 
 def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
                checkpoint: int | None = None, seed: int = 0, progress: bool = True,
                sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
                true_pairs: int = 1_000_000, value_pairs: int = 100_000,
-               compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000
+               compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000,
+               landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000),
+               landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0)
                ) -> dict[str, Any]:
     """Run probe ``kind`` (one of :data:`KINDS`, or 'all') on a run's
     checkpoint and write its JSON and PNG into ``out``. Returns the results by kind."""
     from pgscope.probes import plots
     from pgscope.probes.baselines import baseline_probe
     from pgscope.probes.gradients import gradient_probe
+    from pgscope.probes.landscape import landscape_probe
     from pgscope.probes.trust_region import from_metrics, replay_update
     from pgscope.probes.values import value_probe
     from pgscope.run import load_agent
@@ -53,6 +56,10 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     if "baselines" in kinds:
         results["baselines"] = baseline_probe(agent, sizes, k, fit_pairs, seed, progress)
         pngs["baselines"] = lambda p: plots.plot_baselines(results["baselines"], p)
+    if "landscape" in kinds:
+        results["landscape"] = landscape_probe(run_dir, checkpoint, landscape_grid,
+                                               landscape_grid, landscape_counts, seed, progress)
+        pngs["landscape"] = lambda p: plots.plot_landscape(results["landscape"], p)
     if "trust-region" in kinds:
         runs = [from_metrics(run_dir)] + [from_metrics(c) for c in compare]
         replay = replay_update(run_dir, checkpoint, seed)

@@ -109,3 +109,38 @@ def plot_baselines(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_landscape(result: dict, path: Path) -> None:
+    counts = result["settings"]["counts"]
+    a, b = result["settings"]["steps"], result["settings"]["directions"]
+    panels = [("surrogate on the training batch", result["surrogate"])] + [
+        (f"true mean return, {int(c):,} steps", result["true_return"][str(c)]) for c in counts]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
+    def edges(v: list[float]) -> tuple[float, float]:
+        half = (v[-1] - v[0]) / (2 * (len(v) - 1)) if len(v) > 1 else 0.5
+        return v[0] - half, v[-1] + half
+
+    extent = (*edges(list(b)), *edges(list(a)))  # cells centred on the grid values
+    for ax, (title, z) in zip(axes, panels, strict=False):
+        im = ax.imshow(z, origin="lower", aspect="auto", extent=extent, cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("random direction (unit L2 norm)")
+        ax.set_ylabel("multiples of the update step")
+        fig.colorbar(im, ax=ax)
+    ax = axes[-1]
+    col = 0  # b = the first direction multiple (0 by default): the 1-D slice along Delta
+    ax.plot(a, [row[col] for row in result["surrogate"]], "k-o", label="surrogate")
+    ax.set_xlabel("multiples of the update step")
+    ax.set_ylabel("surrogate")
+    ax2 = ax.twinx()
+    for k, c in enumerate(counts):
+        ax2.plot(a, [row[col] for row in result["true_return"][str(c)]], "--s",
+                 color=f"C{k}", label=f"true return ({int(c):,})")
+    ax2.set_ylabel("true mean return")
+    ax.set_title(f"slice along the step (|step| = {result['delta_norm']:.3g})", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

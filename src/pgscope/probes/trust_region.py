@@ -11,6 +11,7 @@ Two views:
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def _measure(policy: Policy, old_policy: Policy, batch: Batch, clip: float) -> d
             "clip_fraction": float(((ratio - 1).abs() > clip).double().mean())}
 
 
-def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int = 0) -> dict:
+def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int = 0,
+                  capture: dict | None = None) -> dict:
     """Replay the update that follows checkpoint ``iteration`` (default: the latest) on a
-    fresh batch of the training size, measuring the trust region after each epoch."""
+    fresh batch of the training size, measuring the trust region after each epoch.
+    ``capture``, if given, receives the updated ``agent``, the ``batch``, the
+    ``old_policy`` and the algorithm ``state_before`` (the landscape probe uses them)."""
     path = resolve_checkpoint(Path(run_dir), iteration)
     agent = load_agent(path)
     ckpt = load_checkpoint(path)
@@ -75,6 +79,9 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
     epochs: list[dict[str, float]] = []
     gen = torch.Generator().manual_seed(seed)
     state = dict(ckpt.get("algo_state", {}))
+    if capture is not None:
+        capture.update(agent=agent, batch=batch, old_policy=copy.deepcopy(agent.policy),
+                       state_before=dict(state))
     if cfg.algo == "ppo":
         def record(epoch: int, old_policy: Policy) -> None:
             epochs.append({"epoch": epoch, **_measure(agent.policy, old_policy, batch, clip)})
@@ -82,8 +89,6 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
         metrics = ppo_update(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state,
                              epoch_callback=record)
     else:
-        import copy
-
         old_policy = copy.deepcopy(agent.policy)
         metrics = trpo_update(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state)
         epochs.append({"epoch": 1, **_measure(agent.policy, old_policy, batch, clip)})

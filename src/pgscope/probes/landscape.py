@@ -1,0 +1,152 @@
+"""Probe 5 of "A Closer Look at Deep Policy Gradients": the optimization landscape
+(SPEC.md section 3).
+
+Take the agent's actual update step ``Delta = theta_new - theta_old`` (replayed from a
+checkpoint on a fresh training batch, exactly as training does it) and a random Gaussian
+direction ``d`` of unit L2 norm over the policy parameters. On the grid
+``theta_old + a Delta + b d`` evaluate
+
+* the algorithm's own surrogate objective on that training batch (PPO's clipped surrogate,
+  with the KL penalty for ppo-kl; TRPO's ``mean(ratio A)``), advantages normalized over the
+  batch when the agent normalizes them, and
+* the true mean episode return of the policy at that point from fresh rollouts, at several
+  sample counts: episodes are started until the count of env steps is reached and every
+  started episode is run to its end (so short episodes are not favoured); the estimate at
+  a smaller count uses the episodes that started first, nested inside the larger sample.
+
+Finding to look for: the surrogate can rise where the true return falls.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from tqdm.auto import tqdm
+
+from pgscope.agent import Agent
+from pgscope.algos.ppo import clipped_surrogate_loss
+from pgscope.envs import make_vector_env
+from pgscope.errors import ProbeError
+from pgscope.optimizations import clip_actions, normalize_advantages
+from pgscope.probes.trust_region import replay_update
+from pgscope.rollout import Batch
+
+
+def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32
+                    ) -> list[tuple[int, int, float]]:
+    """(start step, length, undiscounted return) of every episode started before
+    ``n_steps`` env steps were used, each run to its end. Stochastic policy, frozen
+    observation statistics."""
+    envs = make_vector_env(agent.config.env_id, n_envs)
+    pre = agent.preprocessor.frozen_copy(n_envs)
+    sample = agent.policy.numpy_sampler()
+    rng = np.random.default_rng([seed, 0xE7A1])
+    space = envs.single_action_space
+    discrete = not hasattr(space, "low")
+    try:
+        raw, _ = envs.reset(seed=seed)
+        used = 0  # env steps spent on counted episodes
+        start = np.zeros(n_envs, dtype=np.int64)
+        ret, length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
+        active = np.ones(n_envs, dtype=bool)  # finished envs keep stepping, ignored
+        episodes: list[tuple[int, int, float]] = []
+        while active.any():
+            action = sample(pre.obs(raw, update=False), rng)
+            if not discrete:
+                action = clip_actions(action, space.low, space.high, agent.config.action_clip)
+            raw, r, term, trunc, _ = envs.step(action)
+            used += int(active.sum())
+            ret += r
+            length += 1
+            for i in np.flatnonzero((term | trunc) & active):
+                episodes.append((int(start[i]), int(length[i]), float(ret[i])))
+                ret[i], length[i], start[i] = 0.0, 0, used
+                active[i] = used < n_steps
+        return sorted(episodes)
+    finally:
+        envs.close()
+
+
+def nested_means(episodes: list[tuple[int, int, float]], counts: Sequence[int]
+                 ) -> list[float]:
+    """Mean return of the first-started episodes whose lengths add up to each count."""
+    lengths = np.cumsum([e[1] for e in episodes])
+    rets = np.array([e[2] for e in episodes])
+    out = []
+    for n in counts:
+        m = int(np.searchsorted(lengths, n) + 1)
+        out.append(float(rets[:m].mean()))
+    return out
+
+
+def surrogate(agent: Agent, batch: Batch, state: dict) -> float:
+    cfg = agent.config
+    policy = agent.policy
+    with torch.no_grad():
+        dist = policy.dist(batch.obs)
+        ratio = (policy.log_prob(dist, batch.actions) - batch.logp).exp()
+        adv = normalize_advantages(batch.advantages, cfg.adv_norm)
+        if cfg.algo == "trpo":
+            return float((ratio * adv).mean())
+        if cfg.ppo_loss == "clip":
+            return -float(clipped_surrogate_loss(ratio, adv, cfg.clip_eps))
+        kl = policy.kl(state["old_policy"].dist(batch.obs), dist).mean()
+        return float((ratio * adv).mean() - state.get("kl_beta", cfg.kl_beta_init) * kl)
+
+
+def landscape_probe(run_dir: str | Path, iteration: int | None = None,
+                    steps: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
+                    directions: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
+                    counts: Sequence[int] = (2_000, 20_000, 100_000), seed: int = 0,
+                    progress: bool = True) -> dict:
+    """Probe 5 (see module doc). Returns a JSON-ready dict with the grid, the surrogate and
+    the true-return surfaces (one per sample count), and the norms of Delta and d."""
+    counts = sorted(int(c) for c in counts)
+    if len(steps) < 2 or len(directions) < 1 or min(counts) < 1:
+        raise ProbeError("the landscape grid needs at least two step multiples, one "
+                         "direction multiple and positive sample counts.")
+    if max(abs(x) for x in (*steps, *directions)) > 100:
+        raise ProbeError("grid multiples beyond 100 leave any meaningful parameter range.")
+    captured: dict = {}
+    replay = replay_update(run_dir, iteration, seed, capture=captured)
+    agent: Agent = captured["agent"]
+    batch: Batch = captured["batch"]
+    params = list(agent.policy.parameters())
+    theta_new = parameters_to_vector(params).detach().clone()
+    theta_old = parameters_to_vector(captured["old_policy"].parameters()).detach().clone()
+    delta = theta_new - theta_old
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(delta.shape, generator=gen)
+    d /= d.norm()
+    state = {"old_policy": captured["old_policy"], "kl_beta": captured["state_before"].get(
+        "kl_beta", agent.config.kl_beta_init)}
+
+    shape = (len(steps), len(directions))
+    surr = np.zeros(shape)
+    true = np.zeros((len(counts), *shape))
+    bar = tqdm(total=surr.size, desc="landscape", disable=not progress)
+    probe_agent = copy.copy(agent)
+    for i, a in enumerate(steps):
+        for j, b in enumerate(directions):
+            vector_to_parameters(theta_old + a * delta + b * d, params)
+            surr[i, j] = surrogate(probe_agent, batch, state)
+            eps = episode_returns(probe_agent, max(counts), seed=seed * 7919 + i * 101 + j)
+            true[:, i, j] = nested_means(eps, counts)
+            bar.update(1)
+    bar.close()
+    vector_to_parameters(theta_new, params)
+    return {
+        "settings": {"steps": list(steps), "directions": list(directions), "counts": counts,
+                     "seed": seed, "env_id": agent.config.env_id,
+                     "preset": agent.config.preset,
+                     "checkpoint_iteration": replay["checkpoint_iteration"]},
+        "delta_norm": float(delta.norm()), "direction_norm": 1.0,
+        "surrogate": surr.tolist(),
+        "true_return": {str(c): true[k].tolist() for k, c in enumerate(counts)},
+        "update_phase": replay["phase"],
+    }
