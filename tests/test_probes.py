@@ -175,3 +175,32 @@ def test_landscape_probe_on_tabular(tabular_run):
         landscape_probe(tabular_run, steps=(0,), directions=(0,), counts=(100,))
     with pytest.raises(Exception, match="parameter range"):
         landscape_probe(tabular_run, steps=(0, 1e6), directions=(0,), counts=(100,))
+
+
+def test_probes_scheduled_during_training_do_not_change_training(tmp_path):
+    base = dict(EXACT, total_steps=256 * 4, checkpoint_every=100)
+    plain = train(make_config("ppo", ENV_ID, base), tmp_path / "plain", progress=False)
+    probed = train(make_config("ppo", ENV_ID, dict(
+        base, probe_every=2, probe_sizes=(32, 64), probe_true_pairs=1024,
+        probe_value_pairs=512, probe_kinds="gradients,values")), tmp_path / "probed",
+        progress=False)
+    assert sorted(p.name for p in (probed / "probes").iterdir()) == ["iter_000002",
+                                                                    "iter_000004"]
+    for it in ("iter_000002", "iter_000004"):
+        assert {p.name for p in (probed / "probes" / it).iterdir()} == {
+            "gradients.json", "gradients.png", "values.json", "values.png"}
+
+    def strip(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items()
+                 if k not in ("sps", "time_elapsed", "rollout_s", "update_s")} for x in lines]
+
+    assert strip(plain) == strip(probed)
+
+
+def test_bad_probe_schedule_is_a_config_error():
+    with pytest.raises(Exception, match="probe_kinds"):
+        make_config("ppo", ENV_ID, dict(probe_every=2, probe_kinds="gradients,landscpe"))
+    with pytest.raises(Exception, match="probe_true_pairs"):
+        make_config("ppo", ENV_ID, dict(probe_every=2, probe_sizes=(1000,),
+                                        probe_true_pairs=2000))

@@ -79,6 +79,13 @@ class Config:
     ent_coef: float = 0.0  # entropy bonus; 0 switches it off
     kl_stop: bool = False  # stop the epochs once mean KL > 1.5 * target_kl
     action_clip: bool = True  # clip actions to the bounds before env.step
+    # --- probes scheduled during training (0 = never) -----------------------------------
+    probe_every: int = 0  # run probes every K iterations into DIR/probes/iter_XXXXXX/
+    probe_kinds: str = "gradients,values,trust-region"
+    probe_sizes: tuple[int, ...] = (100, 1000, 10_000)
+    probe_k: int = 5
+    probe_true_pairs: int = 100_000
+    probe_value_pairs: int = 20_000
     # --- bookkeeping -------------------------------------------------------------------
     checkpoint_every: int = 10  # keep checkpoints/iter_XXXXXX.pt every K iterations
     torch_threads: int = 1
@@ -233,6 +240,18 @@ def validate(cfg: Config) -> None:
                 "checkpoint_every", "torch_threads", "cg_iters", "backtrack_iters"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}.")
     need(cfg.seed >= 0, f"config key 'seed' must be >= 0, got {cfg.seed}.")
+    need(cfg.probe_every >= 0, f"config key 'probe_every' must be >= 0, got {cfg.probe_every}.")
+    if cfg.probe_every:
+        from pgscope.probes import parse_kinds
+
+        try:
+            parse_kinds(cfg.probe_kinds)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'probe_kinds': {exc}") from None
+        need(cfg.probe_k >= 2, "config key 'probe_k' must be >= 2.")
+        need(min(cfg.probe_sizes, default=0) >= 2, "config key 'probe_sizes' needs sizes >= 2.")
+        need(cfg.probe_true_pairs >= 10 * max(cfg.probe_sizes),
+             "config key 'probe_true_pairs' must be at least 10x the largest probe size.")
     need(cfg.steps_per_iter % cfg.num_envs == 0,
          f"steps_per_iter ({cfg.steps_per_iter}) must be a multiple of num_envs ({cfg.num_envs}).")
     need(cfg.minibatches <= cfg.steps_per_iter,

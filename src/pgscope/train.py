@@ -122,8 +122,15 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
             kept = run.checkpoint_dir / f"iter_{iteration:06d}.pt"
             atomic_write_bytes(kept, run.last_checkpoint.read_bytes())
 
+    def probe_if_due(iteration: int) -> None:
+        if cfg.probe_every and iteration > 0 and iteration % cfg.probe_every == 0:
+            from pgscope.probes import scheduled_probes
+
+            scheduled_probes(run.path, iteration)
+
     if start == 0:
         checkpoint(0)
+    probe_if_due(start)  # a kill during the last probe: redo it
     run.write_status("running", iteration=start)
     bar = tqdm(total=cfg.num_iterations * cfg.steps_per_iter, initial=env_steps, unit="step",
                disable=not progress, desc=f"{cfg.preset} {cfg.env_id} s{cfg.seed}",
@@ -150,6 +157,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
                           time_elapsed=elapsed)
             run.append_metrics(_json_safe(record))
             checkpoint(it + 1)
+            probe_if_due(it + 1)
             bar.update(len(batch))
             bar.set_postfix(ret=_fmt(record["return_mean"]), sps=f"{record['sps']:.0f}")
     except DivergenceError as exc:

@@ -18,6 +18,16 @@ from pgscope.errors import ProbeError
 KINDS = ("gradients", "values", "baselines", "landscape", "trust-region")
 
 
+def parse_kinds(kind: str) -> tuple[str, ...]:
+    """'all', one kind, or a comma-separated list of kinds."""
+    kinds = KINDS if kind == "all" else tuple(k.strip() for k in kind.split(",") if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown probe '{', '.join(bad) or kind}'; choose from "
+                         f"{', '.join(KINDS)}, all (or a comma-separated list).")
+    return kinds
+
+
 def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
                checkpoint: int | None = None, seed: int = 0, progress: bool = True,
                sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
@@ -36,9 +46,10 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     from pgscope.probes.values import value_probe
     from pgscope.run import load_agent
 
-    kinds = KINDS if kind == "all" else (kind,)
-    if any(x not in KINDS for x in kinds):
-        raise ProbeError(f"unknown probe '{kind}'; choose one of {', '.join(KINDS)}, all.")
+    try:
+        kinds = parse_kinds(kind)
+    except ValueError as exc:
+        raise ProbeError(str(exc)) from None
     if min(sizes) < 2 or k < 2:
         raise ProbeError("sample sizes and k must be at least 2.")
     if "gradients" in kinds and true_pairs < 10 * max(sizes):
@@ -67,7 +78,7 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
         pngs["trust-region"] = lambda p: plots.plot_trust_region(runs, replay, p)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # created only once every result is computed
     for name, result in results.items():
         result["checkpoint"] = {"run": str(run_dir), "iteration": checkpoint}
         _atomic_text(out / f"{name}.json", json.dumps(result, indent=2, default=float))
@@ -81,3 +92,25 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
+
+
+def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> Path:
+    """The probes a config schedules with ``probe_every``, on the run's latest checkpoint,
+    written to ``run_dir/probes/iter_XXXXXX/`` (built in a temporary folder, then renamed,
+    so a folder that exists is complete)."""
+    import shutil
+
+    from pgscope.run import RunDir
+
+    cfg = RunDir.open(run_dir).read_config()
+    final = run_dir / "probes" / f"iter_{iteration:06d}"
+    if final.exists():
+        return final
+    tmp = run_dir / "probes" / f".iter_{iteration:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_probes(cfg.probe_kinds, run_dir, tmp, seed=cfg.seed + iteration, progress=progress,
+               sizes=cfg.probe_sizes, k=cfg.probe_k, true_pairs=cfg.probe_true_pairs,
+               value_pairs=cfg.probe_value_pairs, fit_pairs=cfg.probe_true_pairs,
+               landscape_counts=(2_000,), landscape_grid=(0, 1, 2))
+    os.replace(tmp, final)
+    return final

@@ -81,8 +81,9 @@ def fit_true_value(agent: Agent, obs: torch.Tensor, returns: torch.Tensor, seed:
         raise ProbeError(f"only {len(obs)} states have true returns; raise --fit-pairs.")
     cfg = agent.config
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = ValueNet(obs.shape[1], cfg.hidden, cfg.activation, cfg.ortho_init)
+    with torch.random.fork_rng():  # never touch the caller's (training's) RNG
+        torch.manual_seed(seed)
+        net = ValueNet(obs.shape[1], cfg.hidden, cfg.activation, cfg.ortho_init)
     perm = torch.randperm(len(obs), generator=gen)
     n_val = max(1, len(obs) // 10)
     val, train = perm[:n_val], perm[n_val:]
