@@ -50,8 +50,11 @@ def _demo(args: argparse.Namespace) -> int:
     from pgscope.train import train
 
     out = Path(args.out)
-    cfg = make_config("ppo", "Hopper-v5", {"total_steps": args.steps, "seed": 0})
-    print(f"pgscope demo: PPO on Hopper-v5 for {args.steps} env steps -> {out}")
+    iterations = -(-args.steps // 2048)
+    cfg = make_config("ppo", "Hopper-v5", {"total_steps": args.steps, "seed": 0,
+                                           "probe_every": iterations})
+    print(f"pgscope demo: PPO on Hopper-v5 for {args.steps} env steps, then the gradient, "
+          f"value and trust-region probes on the final agent -> {out}")
     if (out / "config.json").exists():
         train(cfg, out, resume=True)
     else:
@@ -65,8 +68,21 @@ def _demo(args: argparse.Namespace) -> int:
         ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
         print(f"{r['iteration']:>5} {r['env_steps']:>8} {ret:>9} {r['kl_mean']:>8.4f} "
               f"{r['ratio_max']:>9.2f} {100 * r['clip_fraction']:>5.1f}% {ev:>6}")
+    probes = out / "probes" / f"iter_{iterations:06d}"
+    grads = json.loads((probes / "gradients.json").read_text())
+    values = json.loads((probes / "values.json").read_text())
+    print("\nprobes of the final policy (95% bootstrap CIs):")
+    for row in grads["policy"]:
+        pc, ct = row["pairwise_cosine"], row["cosine_to_true"]
+        print(f"  {row['n']:>6} pairs: gradient pairwise cosine {pc['mean']:.2f} "
+              f"[{pc['ci_low']:.2f}, {pc['ci_high']:.2f}], cosine to 'true' gradient "
+              f"{ct['mean']:.2f} [{ct['ci_low']:.2f}, {ct['ci_high']:.2f}]")
+    for key, label in (("vs_gae_targets", "its GAE targets"), ("vs_true_returns", "true returns")):
+        e = values[key]["relative_error"]
+        print(f"  value net relative error vs {label}: {e['mean']:.2f} "
+              f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]")
     print(f"\nresults: {out.resolve()}\n  config.json, metrics.jsonl (one line per iteration), "
-          "checkpoints/")
+          f"checkpoints/, probes/ (JSON + PNG)")
     return 0
 
 

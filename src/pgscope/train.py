@@ -126,7 +126,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
         if cfg.probe_every and iteration > 0 and iteration % cfg.probe_every == 0:
             from pgscope.probes import scheduled_probes
 
-            scheduled_probes(run.path, iteration)
+            scheduled_probes(run.path, iteration, progress=progress)
 
     if start == 0:
         checkpoint(0)
