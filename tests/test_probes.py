@@ -95,9 +95,9 @@ def test_probe_command_writes_json_and_png_and_refuses_bad_settings(tabular_run,
     out = tmp_path / "probes"
     code = main(["probe", "all", str(tabular_run), "--out", str(out), "--sizes", "64", "256",
                  "--k", "3", "--true-pairs", "4096", "--pairs", "2048", "--fit-pairs", "4096",
-                 "--quiet"])
+                 "--landscape-counts", "200", "--landscape-grid", "0", "1", "--quiet"])
     assert code == 0
-    for kind in ("gradients", "values", "baselines", "trust-region"):
+    for kind in ("gradients", "values", "baselines", "landscape", "trust-region"):
         data = json.loads((out / f"{kind}.json").read_text())
         assert data["checkpoint"]["run"] == str(tabular_run)
         assert (out / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
