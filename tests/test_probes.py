@@ -204,3 +204,18 @@ def test_bad_probe_schedule_is_a_config_error():
     with pytest.raises(Exception, match="probe_true_pairs"):
         make_config("ppo", ENV_ID, dict(probe_every=2, probe_sizes=(1000,),
                                         probe_true_pairs=2000))
+
+
+def test_probe_refuses_a_checkpoint_of_another_run(tabular_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tabular_run, run)
+    other = train(make_config("ppo", "CartPole-v1", dict(steps_per_iter=64, total_steps=64,
+                                                         minibatches=2, epochs=1)),
+                  tmp_path / "other", progress=False)
+    shutil.copy(other / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    out = tmp_path / "out"
+    assert main(["probe", "values", str(run), "--out", str(out), "--quiet"]) == EXIT_ERROR
+    assert "belongs to a different run" in capsys.readouterr().err
+    assert not out.exists()

@@ -264,6 +264,14 @@ def load_agent(path: str | Path, iteration: int | None = None) -> Agent:
     ckpt_path = resolve_checkpoint(Path(path), iteration)
     ckpt = load_checkpoint(ckpt_path)
     cfg = Config.from_dict(ckpt["config"])
+    if Path(path).is_dir():  # a run directory: its checkpoints must be its own
+        run_cfg = RunDir.open(Path(path)).read_config()
+        if config_hash(run_cfg) != ckpt["config_hash"]:
+            raise CheckpointError(
+                f"checkpoint '{ckpt_path}' belongs to a different run (env {cfg.env_id}, "
+                f"preset {cfg.preset}) than '{path}' (env {run_cfg.env_id}, preset "
+                f"{run_cfg.preset})."
+            )
     env = make_env(cfg.env_id)
     try:
         spaces = spaces_signature(env.observation_space, env.action_space)
