@@ -218,11 +218,17 @@ def check_compatible(ckpt: dict[str, Any], path: Path, spaces: dict[str, Any],
             f"checkpoint '{path}' was made for spaces {ckpt['spaces']}, not {spaces} "
             f"(env {ckpt['config'].get('env_id')})."
         )
-    if cfg is not None and ckpt["config_hash"] != config_hash(cfg):
+    if cfg is not None and checkpoint_config_hash(ckpt) != config_hash(cfg):
         raise CheckpointError(
             f"checkpoint '{path}' belongs to a different run (config hash "
-            f"{ckpt['config_hash']} != {config_hash(cfg)})."
+            f"{checkpoint_config_hash(ckpt)} != {config_hash(cfg)})."
         )
+
+
+def checkpoint_config_hash(ckpt: dict[str, Any]) -> str:
+    """The hash of a checkpoint's config under the current schema (keys added to
+    :class:`Config` since it was written take their defaults on both sides)."""
+    return config_hash(Config.from_dict(ckpt["config"]))
 
 
 def restore_agent(agent: Agent, ckpt: dict[str, Any], path: Path) -> None:
@@ -266,7 +272,7 @@ def load_agent(path: str | Path, iteration: int | None = None) -> Agent:
     cfg = Config.from_dict(ckpt["config"])
     if Path(path).is_dir():  # a run directory: its checkpoints must be its own
         run_cfg = RunDir.open(Path(path)).read_config()
-        if config_hash(run_cfg) != ckpt["config_hash"]:
+        if config_hash(run_cfg) != checkpoint_config_hash(ckpt):
             raise CheckpointError(
                 f"checkpoint '{ckpt_path}' belongs to a different run (env {cfg.env_id}, "
                 f"preset {cfg.preset}) than '{path}' (env {run_cfg.env_id}, preset "
