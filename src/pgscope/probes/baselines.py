@@ -17,7 +17,6 @@ returns.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -25,11 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
-from pgscope.envs import make_env
 from pgscope.errors import ProbeError
 from pgscope.networks import ValueNet
 from pgscope.probes.gradients import GradientAccumulator, _seed
-from pgscope.probes.sampling import batch_chunks, sample_batch
+from pgscope.probes.sampling import batch_chunks
 from pgscope.probes.stats import (
     bootstrap_ci,
     cosine_matrix,
@@ -37,7 +35,7 @@ from pgscope.probes.stats import (
     mean_pairwise,
     summarize,
 )
-from pgscope.probes.values import effective_horizon, elapsed_steps, returns_to_go
+from pgscope.probes.values import true_return_segments
 
 BASELINES = ("agent", "true", "zero")
 
@@ -45,31 +43,11 @@ BASELINES = ("agent", "true", "zero")
 def monte_carlo_dataset(agent: Agent, n_pairs: int, seed: int, horizon_tol: float = 0.01
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(observations, true discounted returns) of fresh rollouts, in the value net's units,
-    keeping only states whose return is not cut within the effective horizon."""
-    cfg = agent.config
-    H = effective_horizon(cfg.gamma, horizon_tol)
-    keep = cfg.steps_per_env
-    env = make_env(cfg.env_id)
-    limit = env.spec.max_episode_steps if env.spec is not None else None
-    env.close()
-    n_envs = min(64, math.ceil(n_pairs / keep))
-    xs, ys, collected, chunk = [], [], 0, 0
-    while collected < n_pairs:
-        shape = (keep + H, n_envs)
-        batch = sample_batch(agent, shape[0] * n_envs, seed=(seed + 13) * 10**8 + chunk * 1000,
-                             horizon=shape[0], max_envs=n_envs)
-        done = batch.done.numpy().reshape(shape)
-        G = returns_to_go(batch.rewards.numpy().reshape(shape), done, agent.config.gamma)
-        ok = np.ones(shape, dtype=bool)
-        if limit is not None:
-            ok &= (limit - elapsed_steps(done)) >= H
-        ok[keep:] = False
-        obs = batch.obs.reshape(*shape, -1)
-        xs.append(obs[torch.from_numpy(ok)])
-        ys.append(torch.from_numpy(G[ok]).float())
-        collected += keep * n_envs
-        chunk += 1
-    return torch.cat(xs), torch.cat(ys)
+    keeping only states whose return counts as true (probe 3's rule)."""
+    parts = list(true_return_segments(agent, n_pairs, seed + 13, horizon_tol))
+    obs = torch.cat([p.batch.obs[torch.from_numpy(p.true)] for p in parts])
+    returns = torch.cat([torch.from_numpy(p.G[p.true]).float() for p in parts])
+    return obs, returns
 
 
 def fit_true_value(agent: Agent, obs: torch.Tensor, returns: torch.Tensor, seed: int,

@@ -32,14 +32,18 @@ since states within a segment are correlated.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
 from pgscope.envs import make_env
 from pgscope.probes.sampling import sample_batch
 from pgscope.probes.stats import summarize
+from pgscope.rollout import Batch
 
 
 def effective_horizon(gamma: float, tol: float) -> int:
@@ -76,10 +80,23 @@ def _errors(v: np.ndarray, target: np.ndarray, floor: float) -> dict[str, float]
     return {"relative_error": rel, "mean_abs_error_ratio": ratio, "explained_variance": ev}
 
 
-def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
-                horizon_tol: float = 0.01, min_abs_return: float = 1e-3,
-                n_boot: int = 1000, progress: bool = True) -> dict:
-    """Probe 3 (see module doc). Returns a JSON-ready dict."""
+@dataclass
+class Segments:
+    """One chunk of fresh segments: the first ``keep`` steps of each (time-major, flat),
+    their discounted returns-to-go ``G`` and whether each counts as a true return."""
+
+    batch: Batch
+    G: np.ndarray
+    true: np.ndarray
+    n_envs: int
+    keep: int
+    time_limit: int | None
+
+
+def true_return_segments(agent: Agent, n_pairs: int, seed: int, horizon_tol: float = 0.01,
+                         progress_desc: str | None = None) -> Iterator[Segments]:
+    """Fresh segments of ``steps_per_env + H`` steps from resets, keeping the first
+    ``steps_per_env`` states of each, until ``n_pairs`` states are kept (module doc)."""
     cfg = agent.config
     H = effective_horizon(cfg.gamma, horizon_tol)
     keep = min(cfg.steps_per_env, n_pairs)
@@ -87,28 +104,37 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
     limit = env.spec.max_episode_steps if env.spec is not None else None
     env.close()
     n_envs = min(64, math.ceil(n_pairs / keep))
-    v_all, tgt_all, g_all, ok_all, seg_all = [], [], [], [], []
-    bar = tqdm(total=n_pairs, unit="pair", desc="value probe", disable=not progress)
-    chunk = 0
-    while chunk * n_envs * keep < n_pairs:
-        shape = (keep + H, n_envs)
-        batch = sample_batch(agent, shape[0] * n_envs, seed=(seed + 7) * 10**8 + chunk * 1000,
+    shape = (keep + H, n_envs)
+    bar = tqdm(total=n_pairs, unit="pair", desc=progress_desc, disable=progress_desc is None)
+    for chunk in range(math.ceil(n_pairs / (keep * n_envs))):
+        batch = sample_batch(agent, shape[0] * n_envs, seed=seed * 10**8 + chunk * 1000,
                              horizon=shape[0], max_envs=n_envs)
         done = batch.done.numpy().reshape(shape)
         G = returns_to_go(batch.rewards.numpy().reshape(shape), done, cfg.gamma)
         ok = np.ones(shape, dtype=bool)
         if limit is not None:
             ok &= (limit - elapsed_steps(done)) >= H
-        v_all.append(batch.values.numpy().reshape(shape)[:keep].reshape(-1))
-        tgt_all.append(batch.returns.numpy().reshape(shape)[:keep].reshape(-1))
-        g_all.append(G[:keep].reshape(-1))
-        ok_all.append(ok[:keep].reshape(-1))
-        seg_all.append(np.tile(np.arange(n_envs), keep) + chunk * n_envs)
-        chunk += 1
+        kept = batch.select(torch.arange(keep * n_envs))  # time-major: the first rows
+        yield Segments(kept, G[:keep].reshape(-1), ok[:keep].reshape(-1), n_envs, keep, limit)
         bar.update(keep * n_envs)
     bar.close()
-    v, tgt, G = (np.concatenate(x).astype(np.float64) for x in (v_all, tgt_all, g_all))
-    ok, seg = np.concatenate(ok_all), np.concatenate(seg_all)
+
+
+def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
+                horizon_tol: float = 0.01, min_abs_return: float = 1e-3,
+                n_boot: int = 1000, progress: bool = True) -> dict:
+    """Probe 3 (see module doc). Returns a JSON-ready dict."""
+    cfg = agent.config
+    H = effective_horizon(cfg.gamma, horizon_tol)
+    parts = list(true_return_segments(agent, n_pairs, seed + 7, horizon_tol,
+                                      "value probe" if progress else None))
+    v = np.concatenate([p.batch.values.numpy() for p in parts]).astype(np.float64)
+    tgt = np.concatenate([p.batch.returns.numpy() for p in parts]).astype(np.float64)
+    G = np.concatenate([p.G for p in parts])
+    ok = np.concatenate([p.true for p in parts])
+    seg = np.concatenate([np.tile(np.arange(p.n_envs), p.keep) + i * p.n_envs
+                          for i, p in enumerate(parts)])
+    keep, limit = parts[0].keep, parts[0].time_limit
 
     segments = np.unique(seg)
     by_seg = [np.flatnonzero(seg == s) for s in segments]
