@@ -28,13 +28,7 @@ from pgscope.errors import ProbeError
 from pgscope.networks import ValueNet
 from pgscope.probes.gradients import GradientAccumulator, _seed
 from pgscope.probes.sampling import batch_chunks
-from pgscope.probes.stats import (
-    bootstrap_ci,
-    cosine_matrix,
-    covariance_trace,
-    mean_pairwise,
-    summarize,
-)
+from pgscope.probes.stats import pairwise_summary
 from pgscope.probes.values import true_return_segments
 
 BASELINES = ("agent", "true", "zero")
@@ -111,14 +105,7 @@ def baseline_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000), k: 
             bar.update(n)
         row: dict = {"n": n}
         for b in BASELINES:
-            e = np.stack(ests[b])
-            cos = cosine_matrix(e)
-            row[b] = {
-                "pairwise_cosine": summarize(mean_pairwise(cos), bootstrap_ci(
-                    lambda ix, c=cos: mean_pairwise(c, ix), k, seed=seed)),
-                "covariance_trace": summarize(covariance_trace(e), bootstrap_ci(
-                    lambda ix, e=e: covariance_trace(e[ix]), k, seed=seed)),
-            }
+            row[b] = pairwise_summary(np.stack(ests[b]), seed)
         result["rows"].append(row)
     bar.close()
     return result

@@ -30,13 +30,7 @@ from tqdm.auto import tqdm
 from pgscope.agent import Agent
 from pgscope.errors import ProbeError
 from pgscope.probes.sampling import batch_chunks
-from pgscope.probes.stats import (
-    bootstrap_ci,
-    cosine_matrix,
-    covariance_trace,
-    mean_pairwise,
-    summarize,
-)
+from pgscope.probes.stats import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.rollout import Batch
 
 
@@ -144,17 +138,12 @@ def _cos_to(target: np.ndarray, estimates: np.ndarray, seed: int) -> dict[str, f
 
 def _stats(estimates: np.ndarray, true: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
     k = len(estimates)
-    cos = cosine_matrix(estimates)
+    norms = np.linalg.norm(estimates, axis=1)
     return {
-        "pairwise_cosine": summarize(mean_pairwise(cos),
-                                     bootstrap_ci(lambda i: mean_pairwise(cos, i), k, seed=seed)),
+        **pairwise_summary(estimates, seed),
         "cosine_to_true": _cos_to(true, estimates, seed),
-        "covariance_trace": summarize(covariance_trace(estimates),
-                                      bootstrap_ci(lambda i: covariance_trace(estimates[i]), k,
-                                                   seed=seed)),
-        "mean_norm": summarize(float(np.linalg.norm(estimates, axis=1).mean()),
-                               bootstrap_ci(lambda i: float(np.linalg.norm(
-                                   estimates[i], axis=1).mean()), k, seed=seed)),
+        "mean_norm": summarize(float(norms.mean()),
+                               bootstrap_ci(lambda i: float(norms[i].mean()), k, seed=seed)),
     }
 
 

@@ -32,6 +32,28 @@ def covariance_trace(vectors: np.ndarray) -> float:
     return float((centered**2).sum() / max(len(vectors) - 1, 1))
 
 
+def half_sq_distances(vectors: np.ndarray) -> np.ndarray:
+    """``||v_i - v_j||^2 / 2`` for all pairs: its mean over pairs i < j equals
+    :func:`covariance_trace` (a U-statistic), which lets a bootstrap leave out
+    self-pairs as :func:`mean_pairwise` does, instead of shrinking the trace with the
+    duplicates of a resample."""
+    sq = (vectors**2).sum(axis=1)
+    return np.maximum(sq[:, None] + sq[None, :] - 2 * vectors @ vectors.T, 0.0) / 2
+
+
+def pairwise_summary(vectors: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
+    """Mean pairwise cosine and covariance trace of K repeated estimates, each with a
+    bootstrap 95% CI over the estimates (self-pairs of a resample excluded)."""
+    k = len(vectors)
+    cos, dist = cosine_matrix(vectors), half_sq_distances(vectors)
+    return {
+        "pairwise_cosine": summarize(mean_pairwise(cos), bootstrap_ci(
+            lambda i: mean_pairwise(cos, i), k, seed=seed)),
+        "covariance_trace": summarize(mean_pairwise(dist), bootstrap_ci(
+            lambda i: mean_pairwise(dist, i), k, seed=seed)),
+    }
+
+
 def bootstrap_ci(statistic: Callable[[np.ndarray], float], k: int, *, n_boot: int = 2000,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(indices)`` over resamples (with
