@@ -12,6 +12,7 @@ boundary it bootstraps from the value of the next observation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import gymnasium as gym
@@ -96,7 +97,8 @@ class Batch:
         steps = len(self) // self.num_envs
         return torch.arange(len(self)).reshape(steps, self.num_envs).T.reshape(-1)[:n]
 
-    def recompute_advantages(self, value_fn, gamma: float, lam: float) -> torch.Tensor:
+    def recompute_advantages(self, value_fn: Callable[[torch.Tensor], torch.Tensor],
+                             gamma: float, lam: float) -> torch.Tensor:
         """GAE advantages of this (time-major) batch with another value function
         ``value_fn(obs) -> values`` in place of the agent's value net."""
         if self.num_envs < 1:
