@@ -1,0 +1,125 @@
+"""Statistics for comparing configurations across seeds (SPEC.md section 4).
+
+A small functional API over NumPy/SciPy, after rliable (Agarwal et al., 2021). Scores are
+arrays of shape ``(runs, tasks)`` (one column per env; a 1-D array is one task). Every
+interval is reproducible for a given ``seed``.
+
+Status: the functions here are the first part of issue 4 (studies); the study runner and
+the comparison against the ``rliable`` package on identical inputs are still to come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats as sps
+
+Aggregate = Callable[[np.ndarray], float]
+
+
+def _as_2d(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores[:, None] if scores.ndim == 1 else scores
+
+
+def iqm(scores: np.ndarray) -> float:
+    """Interquartile mean over all runs and tasks: the mean of the middle 50%."""
+    return float(sps.trim_mean(_as_2d(scores).reshape(-1), proportiontocut=0.25))
+
+
+def median(scores: np.ndarray) -> float:
+    return float(np.median(_as_2d(scores)))
+
+
+def mean(scores: np.ndarray) -> float:
+    return float(np.mean(_as_2d(scores)))
+
+
+def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: int = 2000,
+                            level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(point, low, high): percentile CI of ``statistic`` where each bootstrap sample
+    resamples runs with replacement *within each task* (rliable's stratified bootstrap)."""
+    x = _as_2d(scores)
+    rng = np.random.default_rng(seed)
+    n_runs, n_tasks = x.shape
+    values = np.empty(reps)
+    cols = np.arange(n_tasks)
+    for r in range(reps):
+        idx = rng.integers(0, n_runs, size=(n_runs, n_tasks))
+        values[r] = statistic(x[idx, cols])
+    alpha = (1 - level) / 2
+    return statistic(x), float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) + 0.5 P(X = Y) for a random run of X against one of Y, averaged over tasks
+    (rliable's definition; equals the Mann-Whitney U statistic / (n m) per task)."""
+    x, y = _as_2d(x), _as_2d(y)
+    per_task = []
+    for t in range(x.shape[1]):
+        a, b = x[:, t][:, None], y[:, t][None, :]
+        per_task.append(float(np.mean((a > b) + 0.5 * (a == b))))
+    return float(np.mean(per_task))
+
+
+def probability_of_improvement_ci(x: np.ndarray, y: np.ndarray, *, reps: int = 2000,
+                                  level: float = 0.95, seed: int = 0
+                                  ) -> tuple[float, float, float]:
+    """Probability of improvement with a stratified bootstrap CI (both groups resampled
+    independently within each task)."""
+    x, y = _as_2d(x), _as_2d(y)
+    rng = np.random.default_rng(seed)
+    cols = np.arange(x.shape[1])
+    values = np.empty(reps)
+    for r in range(reps):
+        ix = rng.integers(0, x.shape[0], size=x.shape)
+        iy = rng.integers(0, y.shape[0], size=y.shape)
+        values[r] = probability_of_improvement(x[ix, cols], y[iy, cols])
+    alpha = (1 - level) / 2
+    return (probability_of_improvement(x, y), float(np.quantile(values, alpha)),
+            float(np.quantile(values, 1 - alpha)))
+
+
+def welch_t_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(t, two-sided p) of Welch's unequal-variance t-test."""
+    res = sps.ttest_ind(np.ravel(x), np.ravel(y), equal_var=False)
+    return float(res.statistic), float(res.pvalue)
+
+
+def mann_whitney(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(U of x, two-sided p) of the Mann-Whitney U test."""
+    res = sps.mannwhitneyu(np.ravel(x), np.ravel(y), alternative="two-sided")
+    return float(res.statistic), float(res.pvalue)
+
+
+def failure_rate(scores: np.ndarray, threshold: float, level: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """(rate, low, high): fraction of runs scoring below ``threshold`` with a Wilson CI."""
+    s = np.ravel(scores)
+    k = int(np.sum(s < threshold))
+    ci = sps.binomtest(k, len(s)).proportion_ci(confidence_level=level, method="wilson")
+    return k / len(s), float(ci.low), float(ci.high)
+
+
+def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Fraction of runs with score > tau, averaged over tasks, for each tau."""
+    x = _as_2d(scores)
+    return np.array([float(np.mean(np.mean(x > tau, axis=0))) for tau in np.ravel(taus)])
+
+
+def seeds_needed(sd: float, difference: float, *, alpha: float = 0.05, power: float = 0.8,
+                 max_seeds: int = 10_000) -> int:
+    """Seeds per group for a two-sided two-sample t-test to detect ``difference`` with the
+    given ``power`` when the per-seed standard deviation is ``sd`` (noncentral t)."""
+    if sd <= 0 or difference == 0:
+        raise ValueError("need sd > 0 and a non-zero difference")
+    d = abs(difference) / sd
+    for n in range(2, max_seeds + 1):
+        df = 2 * n - 2
+        t_crit = sps.t.ppf(1 - alpha / 2, df)
+        nc = d * np.sqrt(n / 2)
+        achieved = sps.nct.sf(t_crit, df, nc) + sps.nct.cdf(-t_crit, df, nc)
+        if achieved >= power:
+            return n
+    return max_seeds
