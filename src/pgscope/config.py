@@ -169,6 +169,13 @@ def _check_keys(keys: Any) -> None:
             )
 
 
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, list(PRESETS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+
+
 def parse_value(key: str, text: str) -> Any:
     """Parse the string of a ``--set key=value`` into the key's declared type."""
     _check_keys([key])
@@ -232,10 +239,7 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    if cfg.preset not in PRESETS:
-        close = difflib.get_close_matches(cfg.preset, list(PRESETS), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown preset '{cfg.preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+    _check_preset(cfg.preset)
     for key in ("total_steps", "num_envs", "steps_per_iter", "epochs", "minibatches",
                 "checkpoint_every", "torch_threads", "cg_iters", "backtrack_iters"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}.")
@@ -286,10 +290,7 @@ def make_config(
     >>> cfg.policy_lr, cfg.seed
     (0.0004, 3)
     """
-    if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, list(PRESETS), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown preset '{preset}'.{hint} Presets: {', '.join(PRESETS)}.")
+    _check_preset(preset)
     user = dict(overrides or {})
     user.update(kwargs)
     _check_keys(user)

@@ -57,6 +57,15 @@ class RunningMeanStd:
         self.var = m2 / total
         self.count = total
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var),
+                "count": torch.as_tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean = state["mean"].numpy().astype(np.float64)
+        self.var = state["var"].numpy().astype(np.float64)
+        self.count = float(state["count"])
+
 
 # 1. value-function clipping ------------------------------------------------------------
 def value_loss(
@@ -98,17 +107,10 @@ class RewardScaler:
         return scaled
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "mean": torch.as_tensor(self.rms.mean),
-            "var": torch.as_tensor(self.rms.var),
-            "count": torch.as_tensor(self.rms.count, dtype=torch.float64),
-            "ret": torch.as_tensor(self.ret),
-        }
+        return {**self.rms.state_dict(), "ret": torch.as_tensor(self.ret)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.rms.mean = state["mean"].numpy().astype(np.float64)
-        self.rms.var = state["var"].numpy().astype(np.float64)
-        self.rms.count = float(state["count"])
+        self.rms.load_state_dict(state)
         ret = state["ret"].numpy().astype(np.float64)
         if ret.shape == self.ret.shape:
             self.ret = ret
@@ -158,16 +160,10 @@ class ObsNormalizer:
         return (obs - self.rms.mean) / np.sqrt(self.rms.var + self.epsilon)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "mean": torch.as_tensor(self.rms.mean),
-            "var": torch.as_tensor(self.rms.var),
-            "count": torch.as_tensor(self.rms.count, dtype=torch.float64),
-        }
+        return self.rms.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.rms.mean = state["mean"].numpy().astype(np.float64)
-        self.rms.var = state["var"].numpy().astype(np.float64)
-        self.rms.count = float(state["count"])
+        self.rms.load_state_dict(state)
 
 
 # 7. observation clipping -----------------------------------------------------------------

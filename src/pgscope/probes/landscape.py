@@ -19,7 +19,6 @@ Finding to look for: the surrogate can rise where the true return falls.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,12 +129,11 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
     surr = np.zeros(shape)
     true = np.zeros((len(counts), *shape))
     bar = tqdm(total=surr.size, desc="landscape", disable=not progress)
-    probe_agent = copy.copy(agent)
     for i, a in enumerate(steps):
         for j, b in enumerate(directions):
             vector_to_parameters(theta_old + a * delta + b * d, params)
-            surr[i, j] = surrogate(probe_agent, batch, state)
-            eps = episode_returns(probe_agent, max(counts), seed=seed * 7919 + i * 101 + j)
+            surr[i, j] = surrogate(agent, batch, state)
+            eps = episode_returns(agent, max(counts), seed=seed * 7919 + i * 101 + j)
             true[:, i, j] = nested_means(eps, counts)
             bar.update(1)
     bar.close()
