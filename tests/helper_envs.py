@@ -28,3 +28,30 @@ class NanAfter(gym.Env):
 
 if "helper_envs/NanAfter-v0" not in gym.registry:
     gym.register("helper_envs/NanAfter-v0", entry_point=NanAfter, max_episode_steps=50)
+
+
+class DieOnce(gym.Wrapper):
+    """CartPole that kills its own process (SIGKILL, like the OOM killer) at its
+    ``die_at``-th step, once: the first time, it creates the marker file named by the
+    environment variable ``PGSCOPE_TEST_DIE_MARKER`` (no variable: never dies)."""
+
+    def __init__(self, die_at: int = 700):
+        super().__init__(gym.make("CartPole-v1"))
+        self.die_at = die_at
+        self.steps = 0
+
+    def step(self, action):
+        import os
+        import signal
+        from pathlib import Path
+
+        self.steps += 1
+        marker = os.environ.get("PGSCOPE_TEST_DIE_MARKER")
+        if marker and self.steps == self.die_at and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.env.step(action)
+
+
+if "helper_envs/DieOnce-v0" not in gym.registry:
+    gym.register("helper_envs/DieOnce-v0", entry_point=DieOnce)

@@ -92,14 +92,15 @@ class _Counter(gym.Env):
         return np.array([self.t], np.float32), 1.0, self.terminate and self.t == 3, False, {}
 
 
-@pytest.mark.parametrize("terminate", [True, False])
-def test_collector_uses_final_obs_at_truncation_and_next_obs_across_boundary(terminate):
+@pytest.mark.parametrize("terminate,k", [(True, 1.0), (False, 1.0), (False, 100.0)])
+def test_collector_uses_final_obs_at_truncation_and_next_obs_across_boundary(terminate, k):
+    """k is the reward multiplier: the learner's rewards are k x 1, the logged return 3."""
     env_id = f"pgscope-test/Counter{'Term' if terminate else 'Trunc'}-v0"
     if env_id not in gym.registry:
         gym.register(env_id, entry_point=lambda: _Counter(terminate),
                      max_episode_steps=None if terminate else 3)
     cfg = make_config("ppo-m", env_id, dict(steps_per_iter=5, num_envs=1, minibatches=1,
-                                             gamma=G, gae_lambda=L))
+                                             gamma=G, gae_lambda=L, reward_multiplier=k))
     envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     torch.manual_seed(0)
@@ -118,11 +119,12 @@ def test_collector_uses_final_obs_at_truncation_and_next_obs_across_boundary(ter
     nv = 10.0 * np.array([1, 2, 3, 1, 2])
     term = np.array([0, 0, 1 if terminate else 0, 0, 0], float)
     done = np.array([0, 0, 1, 0, 0], float)
-    expected = gae(np.ones((5, 1)), v[:, None], nv[:, None], term[:, None], done[:, None], G, L)
+    np.testing.assert_allclose(batch.rewards.numpy(), k)
+    expected = gae(k * np.ones((5, 1)), v[:, None], nv[:, None], term[:, None], done[:, None], G, L)
     np.testing.assert_allclose(batch.advantages.numpy(), expected[:, 0], rtol=1e-6)
     np.testing.assert_allclose(batch.returns.numpy(), expected[:, 0] + v, rtol=1e-6)
     assert stats.returns == [3.0] and stats.lengths == [3]
     if not terminate:  # truncated: the bootstrap V(s_final = 3) = 30 enters the advantage
-        assert batch.advantages[2].item() == pytest.approx(1.0 + G * 30.0 - 20.0)
+        assert batch.advantages[2].item() == pytest.approx(k + G * 30.0 - 20.0)
     else:
-        assert batch.advantages[2].item() == pytest.approx(1.0 - 20.0)
+        assert batch.advantages[2].item() == pytest.approx(k - 20.0)

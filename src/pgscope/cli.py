@@ -1,4 +1,4 @@
-"""Command line: ``pgscope train | selftest | demo | presets``.
+"""Command line: ``pgscope train | selftest | demo | probe | study | presets``.
 
 Every :class:`pgscope.errors.PgscopeError` becomes one ``error: ...`` line on stderr and a
 non-zero exit status; nothing already written is removed.
@@ -99,6 +99,60 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_run(args: argparse.Namespace) -> int:
+    from pgscope.study import builtin_study, load_spec, run_study
+
+    if (args.spec is None) == (args.preset is None):
+        raise PgscopeError("give a study spec (SPEC.toml) or --preset NAME, not both or "
+                           "neither; 'pgscope study presets' lists the built-in studies.")
+    if args.quick and args.preset is None:
+        raise PgscopeError("--quick applies to built-in studies (--preset NAME) only.")
+    spec = builtin_study(args.preset, args.quick) if args.preset else load_spec(args.spec)
+    if args.address and args.backend != "ray":
+        raise PgscopeError("--address needs --backend ray.")
+    if args.workers is not None and args.workers < 1:
+        raise PgscopeError("--workers must be >= 1.")
+    out = args.out or Path("runs") / spec.name
+    runs = spec.runs()
+    print(f"study {spec.name}: {len(spec.configs)} configs x {len(spec.envs)} envs x "
+          f"{len(spec.seeds)} seeds = {len(runs)} runs of {spec.total_steps} steps -> {out}")
+    outcome = run_study(spec, out, backend=args.backend, workers=args.workers,
+                        address=args.address, progress=not args.quiet)
+    print(f"{outcome.runs} runs: {outcome.skipped} already finished, "
+          f"{len(outcome.complete)} completed now, {len(outcome.diverged)} diverged, "
+          f"{len(outcome.failed)} failed")
+    for key, err in outcome.failed.items():
+        print(f"  failed: {key}: {err}", file=sys.stderr)
+    if outcome.failed:
+        print("re-run the same command to retry the failed runs.", file=sys.stderr)
+        return 1
+    print(f"next: pgscope study summary {out}")
+    return 0
+
+
+def _study_summary(args: argparse.Namespace) -> int:
+    from pgscope.study.analysis import format_summary, write_summary
+
+    result = write_summary(args.dir, args.out, plots=not args.no_plots)
+    print(format_summary(result))
+    print(f"\nwritten: {', '.join(p.name for p in result['files'])} in "
+          f"{Path(result['files'][0]).parent}")
+    return 0
+
+
+def _study_presets(args: argparse.Namespace) -> int:
+    from pgscope.study import BUILTIN_STUDIES, builtin_study
+
+    for name in BUILTIN_STUDIES:
+        for quick in (False, True):
+            spec = builtin_study(name, quick)
+            print(f"{name + (' --quick' if quick else ''):32s} {len(spec.configs):2d} configs x "
+                  f"{len(spec.envs)} envs x {len(spec.seeds):2d} seeds x "
+                  f"{spec.total_steps:>9,} steps  ({', '.join(spec.envs)})")
+        print(f"{'':32s} {spec.description}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     base = Config()
     for name, values in PRESETS.items():
@@ -155,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--quiet", action="store_true")
     pb.set_defaults(func=_probe)
 
+    st = sub.add_parser("study", help="run and summarize studies (configs x envs x seeds)")
+    st_sub = st.add_subparsers(dest="study_command", required=True)
+    sr = st_sub.add_parser("run", help="run or resume a study")
+    sr.add_argument("spec", nargs="?", type=Path, help="study TOML file")
+    sr.add_argument("--preset", help="a built-in study instead of a TOML file")
+    sr.add_argument("--quick", action="store_true", help="the built-in study's small size")
+    sr.add_argument("--out", type=Path, help="study directory (default runs/<name>)")
+    sr.add_argument("--backend", choices=["local", "ray"], default="local")
+    sr.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    sr.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
+    sr.add_argument("--quiet", action="store_true")
+    sr.set_defaults(func=_study_run)
+    ss = st_sub.add_parser("summary", help="tables (CSV, JSON) and plots (PNG) of a study")
+    ss.add_argument("dir", type=Path)
+    ss.add_argument("--out", type=Path, help="where to write (default DIR/summary)")
+    ss.add_argument("--no-plots", action="store_true")
+    ss.set_defaults(func=_study_summary)
+    sp = st_sub.add_parser("presets", help="list the built-in studies")
+    sp.set_defaults(func=_study_presets)
+
     pr = sub.add_parser("presets", help="list presets and what they switch")
     pr.set_defaults(func=_presets)
     return p
@@ -172,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted; resume with 'pgscope train --resume DIR'.", file=sys.stderr)
+        again = "re-run the same 'pgscope study run' command" if args.command == "study" \
+            else "'pgscope train --resume DIR'"
+        print(f"interrupted; resume with {again}.", file=sys.stderr)
         return 130
 
 

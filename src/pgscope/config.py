@@ -79,6 +79,8 @@ class Config:
     ent_coef: float = 0.0  # entropy bonus; 0 switches it off
     kl_stop: bool = False  # stop the epochs once mean KL > 1.5 * target_kl
     action_clip: bool = True  # clip actions to the bounds before env.step
+    reward_multiplier: float = 1.0  # the learner sees k x reward (Henderson et al.'s
+    # reward-scale experiment); logged returns stay in the env's own units
     # --- probes scheduled during training (0 = never) -----------------------------------
     probe_every: int = 0  # run probes every K iterations into DIR/probes/iter_XXXXXX/
     probe_kinds: str = "gradients,values,trust-region"
@@ -266,7 +268,7 @@ def validate(cfg: Config) -> None:
              f"config key '{key}' must lie in (0, 1], got {v}.")
     for key in ("policy_lr", "value_lr", "adam_eps", "clip_eps", "target_kl", "max_kl",
                 "value_clip_range", "reward_clip_bound", "obs_clip_bound", "max_grad_norm",
-                "kl_beta_init", "backtrack_coef"):
+                "kl_beta_init", "backtrack_coef", "reward_multiplier"):
         v = getattr(cfg, key)
         need(v > 0 and math.isfinite(v),
              f"config key '{key}' must be a positive finite number, got {v}.")

@@ -19,6 +19,7 @@ updates call these pieces; none of the switches is re-implemented anywhere else.
 | ent_coef        | :func:`entropy_bonus`          |
 | kl_stop         | :func:`kl_early_stop`          |
 | action_clip     | :func:`clip_actions`           |
+| reward_multiplier | :func:`multiply_rewards`     |
 """
 
 from __future__ import annotations
@@ -191,6 +192,12 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> fl
 
 
 # further switches --------------------------------------------------------------------------
+def multiply_rewards(rewards: np.ndarray, multiplier: float) -> np.ndarray:
+    """Henderson et al.'s reward-scale experiment: the learner sees ``multiplier x reward``
+    (before reward scaling and clipping); the logged episode returns are not multiplied."""
+    return rewards if multiplier == 1.0 else rewards * multiplier
+
+
 def normalize_advantages(adv: torch.Tensor, enabled: bool, eps: float = 1e-8) -> torch.Tensor:
     """Per-minibatch advantage normalization to zero mean and unit std."""
     if not enabled or adv.numel() < 2:

@@ -27,6 +27,7 @@ from pgscope.optimizations import (
     clip_actions,
     clip_observations,
     clip_rewards,
+    multiply_rewards,
 )
 
 
@@ -145,7 +146,7 @@ class Preprocessor:
         return clip_observations(out, self.obs_clip).astype(np.float32)
 
     def reward(self, raw: np.ndarray, done: np.ndarray) -> np.ndarray:
-        out = raw.astype(np.float64)
+        out = multiply_rewards(raw.astype(np.float64), self.cfg.reward_multiplier)
         if self.reward_scaler is not None:
             out = self.reward_scaler(out, done, update=not self.frozen)
         return clip_rewards(out, self.reward_clip)

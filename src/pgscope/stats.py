@@ -95,11 +95,16 @@ def mann_whitney(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def failure_rate(scores: np.ndarray, threshold: float, level: float = 0.95
                  ) -> tuple[float, float, float]:
-    """(rate, low, high): fraction of runs scoring below ``threshold`` with a Wilson CI."""
-    s = np.ravel(scores)
-    k = int(np.sum(s < threshold))
-    ci = sps.binomtest(k, len(s)).proportion_ci(confidence_level=level, method="wilson")
-    return k / len(s), float(ci.low), float(ci.high)
+    """(rate, low, high): fraction of runs scoring below ``threshold`` with a Wilson CI
+    (a NaN score, e.g. a diverged run, counts as a failure)."""
+    s = np.ravel(np.asarray(scores, dtype=np.float64))
+    return proportion_ci(int(np.sum(np.isnan(s) | (s < threshold))), len(s), level)
+
+
+def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """(k / n, low, high) with the Wilson score interval (SciPy's ``binomtest``)."""
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
 
 
 def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -123,3 +128,64 @@ def seeds_needed(sd: float, difference: float, *, alpha: float = 0.05, power: fl
         if achieved >= power:
             return n
     return max_seeds
+
+
+def curve_ci(curves: np.ndarray, *, reps: int = 2000, level: float = 0.95, seed: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Learning curve with a pointwise bootstrap CI: ``curves`` is (runs, points); returns
+    (mean, low, high) per point, resampling whole runs (so a run's points stay together)."""
+    x = np.asarray(curves, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(reps, x.shape[0]))
+    boot = x[idx].mean(axis=1)  # (reps, points)
+    alpha = (1 - level) / 2
+    return x.mean(axis=0), np.quantile(boot, alpha, axis=0), np.quantile(boot, 1 - alpha, axis=0)
+
+
+def seed_lottery(scores: np.ndarray, *, splits: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> dict[str, float]:
+    """Split runs of *one* configuration into two equal halves at random and test them
+    against each other with Welch's t-test (Henderson et al., 2018): how often does the
+    seed alone give a 'significant' difference? All distinct splits are used when there
+    are at most ``splits`` of them. Returns the fraction significant, the number of splits,
+    and the most extreme split's t and p."""
+    from itertools import combinations
+    from math import comb
+
+    s = np.ravel(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if n < 4:
+        raise ValueError("the seed lottery needs at least 4 runs")
+    half = n // 2
+    distinct = comb(n, half) // (2 if 2 * half == n else 1)
+    if distinct <= splits:
+        groups = [g for g in combinations(range(n), half) if 2 * half != n or 0 in g]
+    else:
+        rng = np.random.default_rng(seed)
+        groups = [tuple(rng.permutation(n)[:half]) for _ in range(splits)]
+    ts, ps = [], []
+    for g in groups:
+        mask = np.zeros(n, dtype=bool)
+        mask[list(g)] = True
+        res = sps.ttest_ind(s[mask], s[~mask], equal_var=False)
+        ts.append(abs(float(res.statistic)))
+        ps.append(float(res.pvalue))
+    worst = int(np.argmax(ts))
+    return {"fraction_significant": float(np.mean(np.array(ps) < alpha)),
+            "splits": len(groups), "alpha": alpha, "max_abs_t": ts[worst],
+            "min_p": ps[worst], "runs": n}
+
+
+def performance_profile_ci(scores: np.ndarray, taus: np.ndarray, *, reps: int = 2000,
+                           level: float = 0.95, seed: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`performance_profile` with a stratified bootstrap CI per tau."""
+    x = _as_2d(scores)
+    t = np.ravel(taus)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], size=(reps, *x.shape))
+    boot = x[idx, np.arange(x.shape[1])]  # (reps, runs, tasks)
+    prof = (boot[..., None] > t).mean(axis=1).mean(axis=1)  # (reps, taus)
+    alpha = (1 - level) / 2
+    return (performance_profile(x, t), np.quantile(prof, alpha, axis=0),
+            np.quantile(prof, 1 - alpha, axis=0))

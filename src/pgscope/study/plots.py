@@ -1,0 +1,112 @@
+"""PNG plots of a study summary: learning curves with CIs, interval estimates, performance
+profiles and probabilities of improvement (one panel per env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _panels(n: int, width: float = 5.0, height: float = 3.6):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
+    fig, axes = _panels(len(envs))
+    for ax, env in zip(axes, envs, strict=True):
+        for label, g in curves[curves["env"] == env].groupby("label", sort=False):
+            line = ax.plot(g["env_steps"], g["mean"], label=f"{label} (n={g['runs'].iloc[0]})")
+            ax.fill_between(g["env_steps"], g["low"], g["high"], alpha=0.2,
+                            color=line[0].get_color())
+        ax.set(title=env, xlabel="env steps", ylabel="mean episode return")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Learning curves: mean over seeds, {100 * level:g}% bootstrap CI", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_intervals(agg: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
+    metrics = ("iqm", "median", "mean")
+    labels = list(dict.fromkeys(agg["label"]))
+    fig, axes = plt.subplots(len(envs), 3, figsize=(12, 0.35 * len(labels) * len(envs) + 1.5),
+                             squeeze=False)
+    for row, env in enumerate(envs):
+        e = agg[agg["env"] == env].set_index("label").reindex(labels)
+        for col, m in enumerate(metrics):
+            ax = axes[row][col]
+            if m not in e:
+                continue
+            y = range(len(labels))
+            mid, lo, hi = (e[k].to_numpy(float) for k in (m, f"{m}_low", f"{m}_high"))
+            ax.errorbar(mid, list(y), xerr=[mid - lo, hi - mid], fmt="o", capsize=3)
+            ax.set_yticks(list(y), labels if col == 0 else [""] * len(labels), fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{env}: {m.upper() if m == 'iqm' else m}", fontsize=9)
+            ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"Final score, {100 * level:g}% stratified bootstrap CIs", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_profiles(prof: pd.DataFrame, envs: list[str], path: Path) -> Path:
+    fig, axes = _panels(len(envs))
+    for ax, env in zip(axes, envs, strict=True):
+        for label, g in prof[prof["env"] == env].groupby("label", sort=False):
+            line = ax.plot(g["tau"], g["fraction"], label=label)
+            ax.fill_between(g["tau"], g["low"], g["high"], alpha=0.15,
+                            color=line[0].get_color())
+        ax.set(title=env, xlabel="final score tau", ylabel="fraction of runs > tau",
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Performance profiles (score distributions)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_improvement(comp: pd.DataFrame, path: Path, level: float) -> Path | None:
+    if comp.empty or "prob_improvement" not in comp:
+        return None
+    c = comp.dropna(subset=["prob_improvement"]).reset_index(drop=True)
+    names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
+                                                          strict=True)]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(c) + 1.5))
+    y = range(len(c))
+    mid, lo, hi = (c[k].to_numpy(float) for k in ("prob_improvement", "prob_improvement_low",
+                                                   "prob_improvement_high"))
+    ax.errorbar(mid, list(y), xerr=[mid - lo, hi - mid], fmt="o", capsize=3)
+    ax.axvline(0.5, color="grey", ls="--", lw=1)
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlim=(-0.02, 1.02), xlabel=f"probability of improvement ({100 * level:g}% CI)")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def plot_summary(result: dict[str, Any], out: Path) -> list[Path]:
+    """All plots of a :func:`pgscope.study.analysis.summarize` result into ``out``."""
+    spec, t = result["spec"], result["tables"]
+    envs, level = list(spec.envs), spec.statistics.level
+    files = []
+    if not t["curves"].empty:
+        files.append(plot_curves(t["curves"], envs, level, out / "curves.png"))
+    if "iqm" in t["aggregates"]:
+        files.append(plot_intervals(t["aggregates"], envs, level, out / "intervals.png"))
+    if not t["profiles"].empty:
+        files.append(plot_profiles(t["profiles"], envs, out / "profiles.png"))
+    poi = plot_improvement(t["comparisons"], out / "improvement.png", level)
+    if poi is not None:
+        files.append(poi)
+    return files

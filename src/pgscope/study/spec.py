@@ -1,0 +1,347 @@
+"""A study: configs x envs x seeds, read from a TOML file or built from a preset.
+
+A spec is validated completely before anything is written: every (config, env) pair is
+resolved with :func:`pgscope.config.make_config`, so a mistyped key or value fails with the
+same message as on the ``pgscope train`` command line. The TOML format::
+
+    name = "clip-vs-noclip"
+    envs = ["Hopper-v5"]
+    seeds = 5                    # or a list: [0, 1, 2, 3, 4]
+    total_steps = 200_000
+    set = { num_envs = 1 }       # optional overrides for every config
+
+    [[configs]]
+    label = "ppo"                # a unique name; also the run directories' name
+    preset = "ppo"
+    [[configs]]
+    label = "noclip"
+    preset = "ppo"
+    clip_eps = 1e32              # any config key overrides the preset
+
+    [factorial]                  # optional: all combinations of some switches
+    base = "ppo"
+    factors = { value_clip = [true, false], lr_anneal = [true, false] }
+
+    [score]                      # the final score of a run (recorded with the results)
+    last_fraction = 0.1          # mean return over the last 10% of iterations
+    # last_iterations = 10       # ... or over the last 10 iterations
+    failure_threshold = { "Hopper-v5" = 1000.0 }
+
+    [statistics]
+    reps = 2000                  # bootstrap resamples
+    level = 0.95
+    seed = 0
+    baseline = "ppo"             # compare every config with this one ("all": every pair)
+    compare = "baseline"
+    relative_difference = 0.1    # power analysis: detect a 10% difference in mean score ...
+    alpha = 0.05
+    power = 0.8                  # ... with this power
+    lottery_splits = 0           # > 0: split each config's seeds at random into two halves
+
+    [probes]                     # optional probe schedule during training
+    every = 10
+    kinds = "gradients,values"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgscope.config import Config, make_config
+from pgscope.errors import ConfigError
+
+LABEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+TOP_KEYS = ("name", "description", "envs", "seeds", "total_steps", "set", "configs",
+            "factorial", "score", "statistics", "probes")
+PROBE_KEYS = {"every": "probe_every", "kinds": "probe_kinds", "sizes": "probe_sizes",
+              "k": "probe_k", "true_pairs": "probe_true_pairs",
+              "value_pairs": "probe_value_pairs"}
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a run's final score is computed from its learning curve."""
+
+    last_fraction: float | None = 0.1
+    last_iterations: int | None = None
+    failure_threshold: dict[str, float] = field(default_factory=dict)
+
+    def window(self, num_iterations: int) -> int:
+        """How many of the last iterations are averaged."""
+        if self.last_iterations is not None:
+            return min(self.last_iterations, num_iterations)
+        return max(1, round(float(self.last_fraction or 0.1) * num_iterations))
+
+    def describe(self) -> str:
+        if self.last_iterations is not None:
+            return (f"mean of the per-iteration mean episode return over the last "
+                    f"{self.last_iterations} iterations")
+        return (f"mean of the per-iteration mean episode return over the last "
+                f"{100 * float(self.last_fraction or 0.1):g}% of iterations")
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """Settings of the statistics (all intervals are seeded, so reproducible)."""
+
+    reps: int = 2000
+    level: float = 0.95
+    seed: int = 0
+    baseline: str | None = None  # default: the first config
+    compare: str = "baseline"  # or "all"
+    relative_difference: float = 0.1
+    alpha: float = 0.05
+    power: float = 0.8
+    lottery_splits: int = 0
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    label: str
+    preset: str
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (config, env, seed) of a study and its run directory, relative to the study."""
+
+    label: str
+    env_id: str
+    seed: int
+    config: Config
+
+    @property
+    def rel_path(self) -> str:
+        return f"runs/{self.label}/{safe_name(self.env_id)}/seed_{self.seed}"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    envs: tuple[str, ...]
+    seeds: tuple[int, ...]
+    total_steps: int
+    configs: tuple[ConfigSpec, ...]
+    score: ScoreSpec = ScoreSpec()
+    statistics: StatsSpec = StatsSpec()
+    factors: tuple[str, ...] = ()  # keys varied factorially (main-effect tables)
+    description: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.configs]
+
+    @property
+    def baseline(self) -> str:
+        return self.statistics.baseline or self.configs[0].label
+
+    def runs(self) -> list[RunSpec]:
+        """Every run, configs outermost and seeds innermost."""
+        out = []
+        for c in self.configs:
+            for env in self.envs:
+                for seed in self.seeds:
+                    cfg = make_config(c.preset, env, {**c.overrides, "seed": seed,
+                                                      "total_steps": self.total_steps})
+                    out.append(RunSpec(c.label, env, seed, cfg))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudySpec:
+        return cls(
+            name=data["name"], envs=tuple(data["envs"]), seeds=tuple(data["seeds"]),
+            total_steps=data["total_steps"],
+            configs=tuple(ConfigSpec(c["label"], c["preset"], dict(c["overrides"]))
+                          for c in data["configs"]),
+            score=ScoreSpec(**data["score"]), statistics=StatsSpec(**data["statistics"]),
+            factors=tuple(data.get("factors", ())), description=data.get("description", ""))
+
+    def hash(self) -> str:
+        """Identity of what is run (name, envs, seeds, budget and configs); the analysis
+        settings are left out, so they can change without invalidating finished runs."""
+        what = {k: v for k, v in self.to_dict().items()
+                if k in ("name", "envs", "seeds", "total_steps", "configs")}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()
+                              ).hexdigest()[:16]
+
+
+def safe_name(text: str) -> str:
+    """A directory-safe version of an env id ('ale_py:ALE/Pong-v5' -> 'ale_py_ALE_Pong-v5')."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", text)
+
+
+# --- parsing ------------------------------------------------------------------------------
+def _check_table_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=2, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown key '{key}' in {where}.{hint} "
+                              f"Allowed: {', '.join(allowed)}.")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _abbrev(key: str) -> str:
+    return "".join(part[0] for part in key.split("_") if part)
+
+
+def factorial_configs(base: str, factors: dict[str, list[Any]], common: dict[str, Any]
+                      ) -> list[ConfigSpec]:
+    """All combinations of the factors' values on top of preset ``base``. Labels read
+    ``ppo+vc-rs`` for booleans (on/off, initials of the key) and ``ppo.rm=0.01`` otherwise."""
+    _need(bool(factors), "[factorial] needs at least one factor in 'factors'.")
+    for key, values in factors.items():
+        _need(isinstance(values, list) and len(values) >= 1,
+              f"[factorial] factor '{key}' needs a list of values, got {values!r}.")
+    keys = list(factors)
+    out = []
+    for combo in itertools.product(*(factors[k] for k in keys)):
+        label = base
+        for key, value in zip(keys, combo, strict=True):
+            if isinstance(value, bool):
+                label += ("+" if value else "-") + _abbrev(key)
+            else:
+                label += f".{_abbrev(key)}={value:g}" if isinstance(value, float) \
+                    else f".{_abbrev(key)}={value}"
+        out.append(ConfigSpec(label, base, {**common, **dict(zip(keys, combo, strict=True))}))
+    return out
+
+
+def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
+    """Validate a TOML-shaped dict into a :class:`StudySpec` (raises :class:`ConfigError`)."""
+    _check_table_keys(data, TOP_KEYS, source)
+    for key in ("name", "envs", "seeds", "total_steps"):
+        _need(key in data, f"{source}: '{key}' is required.")
+    name = data["name"]
+    _need(isinstance(name, str) and bool(name.strip()), f"{source}: 'name' must be a text.")
+    envs = data["envs"]
+    _need(isinstance(envs, list) and envs and all(isinstance(e, str) for e in envs),
+          f"{source}: 'envs' must be a non-empty list of env ids.")
+    _need(len(set(envs)) == len(envs), f"{source}: 'envs' lists an env twice.")
+    seeds = data["seeds"]
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        _need(seeds >= 1, f"{source}: 'seeds' must be >= 1, got {seeds}.")
+        seeds = list(range(seeds))
+    _need(isinstance(seeds, list) and seeds and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+        f"{source}: 'seeds' must be a count or a list of seeds >= 0.")
+    _need(len(set(seeds)) == len(seeds), f"{source}: 'seeds' lists a seed twice.")
+    steps = data["total_steps"]
+    _need(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+          f"{source}: 'total_steps' must be a positive integer, got {steps!r}.")
+
+    common = dict(data.get("set", {}))
+    probes = dict(data.get("probes", {}))
+    _check_table_keys(probes, tuple(PROBE_KEYS), f"{source} [probes]")
+    common.update({PROBE_KEYS[k]: v for k, v in probes.items()})
+    for key in ("seed", "total_steps", "preset", "env_id"):
+        _need(key not in common, f"{source}: '{key}' is set by the study, not by 'set'.")
+
+    configs: list[ConfigSpec] = []
+    for i, entry in enumerate(data.get("configs", [])):
+        where = f"{source} [[configs]] #{i + 1}"
+        _need(isinstance(entry, dict), f"{where}: must be a table.")
+        entry = dict(entry)
+        label, preset = entry.pop("label", None), entry.pop("preset", None)
+        _need(isinstance(label, str), f"{where}: 'label' (a unique name) is required.")
+        _need(isinstance(preset, str), f"{where} ('{label}'): 'preset' is required.")
+        overrides = {**common, **entry.pop("set", {}), **entry}
+        for key in ("seed", "total_steps", "preset", "env_id"):
+            _need(key not in overrides, f"{where}: '{key}' is set by the study.")
+        configs.append(ConfigSpec(label, preset, overrides))
+    factors: tuple[str, ...] = ()
+    if "factorial" in data:
+        fact = dict(data["factorial"])
+        _check_table_keys(fact, ("base", "factors"), f"{source} [factorial]")
+        _need(isinstance(fact.get("base"), str), f"{source} [factorial]: 'base' preset needed.")
+        _need(isinstance(fact.get("factors"), dict), f"{source} [factorial]: 'factors' needed.")
+        configs += factorial_configs(fact["base"], fact["factors"], common)
+        factors = tuple(fact["factors"])
+    _need(bool(configs), f"{source}: no configs; add [[configs]] entries or a [factorial].")
+
+    labels = [c.label for c in configs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    _need(not dup, f"{source}: duplicate config labels: {', '.join(dup)}. Labels name the "
+                   "run directories and must be unique.")
+    for label in labels:
+        _need(bool(LABEL_RE.fullmatch(label)),
+              f"{source}: label '{label}' may only use letters, digits and _ . + = - "
+              "(and not start with . or -).")
+
+    score_data = dict(data.get("score", {}))
+    _check_table_keys(score_data, ("last_fraction", "last_iterations", "failure_threshold"),
+                      f"{source} [score]")
+    _need(not ("last_fraction" in score_data and "last_iterations" in score_data),
+          f"{source} [score]: give last_fraction or last_iterations, not both.")
+    if "last_iterations" in score_data:
+        n = score_data["last_iterations"]
+        _need(isinstance(n, int) and n >= 1, f"{source} [score]: last_iterations must be >= 1.")
+        score = ScoreSpec(last_fraction=None, last_iterations=n,
+                          failure_threshold=dict(score_data.get("failure_threshold", {})))
+    else:
+        frac = score_data.get("last_fraction", 0.1)
+        _need(isinstance(frac, (int, float)) and 0 < frac <= 1,
+              f"{source} [score]: last_fraction must lie in (0, 1], got {frac!r}.")
+        score = ScoreSpec(last_fraction=float(frac),
+                          failure_threshold=dict(score_data.get("failure_threshold", {})))
+    for env, thr in score.failure_threshold.items():
+        _need(env in envs, f"{source} [score]: failure_threshold names '{env}', which is not "
+                           "one of the study's envs.")
+        _need(isinstance(thr, (int, float)), f"{source} [score]: threshold of {env} must be "
+                                             "a number.")
+
+    stats_data = dict(data.get("statistics", {}))
+    allowed = tuple(f.name for f in dataclasses.fields(StatsSpec))
+    _check_table_keys(stats_data, allowed, f"{source} [statistics]")
+    kinds = {"int": (int,), "float": (int, float), "str | None": (str,), "str": (str,)}
+    for f in dataclasses.fields(StatsSpec):
+        if f.name in stats_data:
+            v = stats_data[f.name]
+            _need(isinstance(v, kinds[str(f.type)]) and not isinstance(v, bool),
+                  f"{source} [statistics]: '{f.name}' expects {f.type}, got {v!r}.")
+    stats = StatsSpec(**stats_data)
+    _need(stats.reps >= 100, f"{source} [statistics]: reps must be >= 100.")
+    _need(0 < stats.level < 1 and 0 < stats.alpha < 1 and 0 < stats.power < 1,
+          f"{source} [statistics]: level, alpha and power must lie in (0, 1).")
+    _need(stats.relative_difference > 0, f"{source} [statistics]: relative_difference > 0.")
+    _need(stats.compare in ("baseline", "all"),
+          f"{source} [statistics]: compare must be 'baseline' or 'all'.")
+    _need(stats.baseline is None or stats.baseline in labels,
+          f"{source} [statistics]: baseline '{stats.baseline}' is not a config label "
+          f"({', '.join(labels)}).")
+
+    spec = StudySpec(name=name.strip(), envs=tuple(envs), seeds=tuple(seeds),
+                     total_steps=steps, configs=tuple(configs), score=score,
+                     statistics=stats, factors=factors,
+                     description=str(data.get("description", "")))
+    spec.runs()  # resolves every (config, env): unknown keys and bad values fail here
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study spec '{path}' does not exist.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"'{path}' is not valid TOML: {exc}.") from None
+    return parse_spec(data, source=str(path))
