@@ -81,3 +81,11 @@ def test_seeds_needed_matches_a_textbook_value_and_simulation():
     assert 0.77 < rejections < 0.86
     with pytest.raises(ValueError):
         stats.seeds_needed(sd=0.0, difference=1.0)
+
+
+@pytest.mark.parametrize("fn", [stats.iqm, stats.median, stats.mean])
+def test_vectorized_bootstrap_equals_the_per_resample_loop(fn):
+    x = np.random.default_rng(3).normal(size=(7, 2))
+    fast = stats.stratified_bootstrap_ci(x, fn, reps=300, seed=9)
+    slow = stats.stratified_bootstrap_ci(x, lambda s: fn(s), reps=300, seed=9)
+    assert fast == pytest.approx(slow, rel=1e-12)

@@ -36,6 +36,24 @@ def mean(scores: np.ndarray) -> float:
     return float(np.mean(_as_2d(scores)))
 
 
+def _batched_iqm(b: np.ndarray) -> np.ndarray:
+    return sps.trim_mean(b.reshape(len(b), -1), proportiontocut=0.25, axis=1)
+
+
+#: Vectorized forms of the aggregates over a batch of resamples (reps, runs, tasks); the
+#: bootstrap uses them when it can (same numbers as the per-resample loop, ~100x faster).
+_BATCHED: dict[Aggregate, Callable[[np.ndarray], np.ndarray]] = {
+    iqm: _batched_iqm,
+    median: lambda b: np.median(b.reshape(len(b), -1), axis=1),
+    mean: lambda b: b.reshape(len(b), -1).mean(axis=1),
+}
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
 def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: int = 2000,
                             level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(point, low, high): percentile CI of ``statistic`` where each bootstrap sample
@@ -43,24 +61,25 @@ def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: i
     x = _as_2d(scores)
     rng = np.random.default_rng(seed)
     n_runs, n_tasks = x.shape
-    values = np.empty(reps)
-    cols = np.arange(n_tasks)
-    for r in range(reps):
-        idx = rng.integers(0, n_runs, size=(n_runs, n_tasks))
-        values[r] = statistic(x[idx, cols])
-    alpha = (1 - level) / 2
-    return statistic(x), float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    idx = rng.integers(0, n_runs, size=(reps, n_runs, n_tasks))
+    samples = x[idx, np.arange(n_tasks)]  # (reps, runs, tasks)
+    if statistic in _BATCHED:
+        values = _BATCHED[statistic](samples)
+    else:
+        values = np.array([statistic(sample) for sample in samples])
+    return (statistic(x), *_percentiles(values, level))
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     """P(X > Y) + 0.5 P(X = Y) for a random run of X against one of Y, averaged over tasks
     (rliable's definition; equals the Mann-Whitney U statistic / (n m) per task)."""
-    x, y = _as_2d(x), _as_2d(y)
-    per_task = []
-    for t in range(x.shape[1]):
-        a, b = x[:, t][:, None], y[:, t][None, :]
-        per_task.append(float(np.mean((a > b) + 0.5 * (a == b))))
-    return float(np.mean(per_task))
+    return float(_poi_batched(_as_2d(x)[None], _as_2d(y)[None])[0])
+
+
+def _poi_batched(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Probability of improvement for batches x (B, n, tasks) and y (B, m, tasks)."""
+    a, b = x[:, :, None, :], y[:, None, :, :]
+    return ((a > b) + 0.5 * (a == b)).mean(axis=(1, 2)).mean(axis=1)
 
 
 def probability_of_improvement_ci(x: np.ndarray, y: np.ndarray, *, reps: int = 2000,
@@ -71,14 +90,10 @@ def probability_of_improvement_ci(x: np.ndarray, y: np.ndarray, *, reps: int = 2
     x, y = _as_2d(x), _as_2d(y)
     rng = np.random.default_rng(seed)
     cols = np.arange(x.shape[1])
-    values = np.empty(reps)
-    for r in range(reps):
-        ix = rng.integers(0, x.shape[0], size=x.shape)
-        iy = rng.integers(0, y.shape[0], size=y.shape)
-        values[r] = probability_of_improvement(x[ix, cols], y[iy, cols])
-    alpha = (1 - level) / 2
-    return (probability_of_improvement(x, y), float(np.quantile(values, alpha)),
-            float(np.quantile(values, 1 - alpha)))
+    ix = rng.integers(0, x.shape[0], size=(reps, *x.shape))
+    iy = rng.integers(0, y.shape[0], size=(reps, *y.shape))
+    values = _poi_batched(x[ix, cols], y[iy, cols])
+    return (probability_of_improvement(x, y), *_percentiles(values, level))
 
 
 def welch_t_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

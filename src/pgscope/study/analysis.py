@@ -181,26 +181,41 @@ def lottery(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _curve_ci_rows(g: pd.DataFrame, spec: StudySpec, points: int) -> list[dict[str, Any]]:
+    """Mean curve with bootstrap CI over the runs (label, seed) in ``g``."""
+    st = spec.statistics
+    wide = g.pivot_table(index="env_steps", columns=["label", "seed"], values="return_mean",
+                         dropna=False).sort_index().ffill().dropna()
+    if wide.empty:
+        return []
+    keep = np.unique(np.linspace(0, len(wide) - 1, min(points, len(wide))).round().astype(int))
+    wide = wide.iloc[keep]
+    m, lo, hi = stats.curve_ci(wide.to_numpy().T, reps=st.reps, level=st.level, seed=st.seed)
+    return [dict(env_steps=int(steps), mean=a, low=b, high=c, runs=wide.shape[1])
+            for steps, a, b, c in zip(wide.index, m, lo, hi, strict=True)]
+
+
 def curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.DataFrame:
     """Mean learning curve (return vs env steps) of complete runs with a bootstrap CI
     over runs, per config and env, on at most ``points`` evenly spaced iterations."""
-    st = spec.statistics
-    rows = []
     done = data[data["state"] == "complete"]
-    for (label, env), g in done.groupby(["label", "env"], sort=False):
-        wide = g.pivot_table(index="env_steps", columns="seed", values="return_mean",
-                             dropna=False).sort_index().ffill()
-        wide = wide.dropna()
-        if wide.empty:
-            continue
-        keep = np.unique(np.linspace(0, len(wide) - 1, min(points, len(wide))).round()
-                         .astype(int))
-        wide = wide.iloc[keep]
-        m, lo, hi = stats.curve_ci(wide.to_numpy().T, reps=st.reps, level=st.level,
-                                   seed=st.seed)
-        for steps, a, b, c in zip(wide.index, m, lo, hi, strict=True):
-            rows.append(dict(label=label, env=env, env_steps=int(steps), mean=a, low=b,
-                             high=c, runs=wide.shape[1]))
+    return pd.DataFrame([dict(label=label, env=env, **row)
+                         for (label, env), g in done.groupby(["label", "env"], sort=False)
+                         for row in _curve_ci_rows(g, spec, points)])
+
+
+def factor_curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.DataFrame:
+    """For a factorial study: learning curves per level of each factor, pooled over the
+    other factors (all runs with that level)."""
+    done = data[data["state"] == "complete"]
+    level_of = {c.label: c.overrides for c in spec.configs}
+    rows = []
+    for factor in spec.factors:
+        values = done["label"].map(lambda lab, f=factor: level_of[lab][f])
+        for level in dict.fromkeys(level_of[c.label][factor] for c in spec.configs):
+            for env, g in done[values == level].groupby("env", sort=False):
+                rows += [dict(factor=factor, level=str(level), env=env, **row)
+                         for row in _curve_ci_rows(g, spec, points)]
     return pd.DataFrame(rows)
 
 
@@ -234,6 +249,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
                   profiles=profiles(spec, scores))
     if spec.factors:
         tables["main_effects"] = main_effects(spec, scores)
+        tables["factor_curves"] = factor_curves(spec, data)
     if spec.statistics.lottery_splits > 0:
         tables["lottery"] = lottery(spec, scores)
     return dict(spec=spec, tables=tables, meta=dict(

@@ -25,17 +25,40 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _curve_panel(ax: Any, df: pd.DataFrame, by: str, title: str) -> None:
+    many = df[by].nunique() > 6
+    cmap = plt.get_cmap("tab20" if many else "tab10")
+    for i, (name, g) in enumerate(df.groupby(by, sort=False)):
+        color = cmap(i % cmap.N)
+        ax.plot(g["env_steps"], g["mean"], color=color, lw=1.2,
+                label=f"{name} (n={g['runs'].iloc[0]})")
+        ax.fill_between(g["env_steps"], g["low"], g["high"], alpha=0.08 if many else 0.2,
+                        color=color)
+    ax.set(title=title, xlabel="env steps", ylabel="mean episode return")
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(curves: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
     fig, axes = _panels(len(envs))
     for ax, env in zip(axes, envs, strict=True):
-        for label, g in curves[curves["env"] == env].groupby("label", sort=False):
-            line = ax.plot(g["env_steps"], g["mean"], label=f"{label} (n={g['runs'].iloc[0]})")
-            ax.fill_between(g["env_steps"], g["low"], g["high"], alpha=0.2,
-                            color=line[0].get_color())
-        ax.set(title=env, xlabel="env steps", ylabel="mean episode return")
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="best")
+        _curve_panel(ax, curves[curves["env"] == env], "label", env)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"Learning curves: mean over seeds, {100 * level:g}% bootstrap CI", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_factor_curves(fc: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
+    factors = list(dict.fromkeys(fc["factor"]))
+    fig, axes = plt.subplots(len(envs), len(factors), squeeze=False,
+                             figsize=(4 * len(factors), 3.3 * len(envs)))
+    for r, env in enumerate(envs):
+        for c, factor in enumerate(factors):
+            ax = axes[r][c]
+            _curve_panel(ax, fc[(fc["env"] == env) & (fc["factor"] == factor)], "level",
+                         f"{env}: {factor}")
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Main effects: runs pooled by each factor's level, {100 * level:g}% "
+                 "bootstrap CI", fontsize=10)
     return _save(fig, path)
 
 
@@ -77,11 +100,17 @@ def plot_profiles(prof: pd.DataFrame, envs: list[str], path: Path) -> Path:
 
 
 def plot_improvement(comp: pd.DataFrame, path: Path, level: float) -> Path | None:
+    """P(a > b) with CIs, for config comparisons (a, b) or main effects (level vs
+    reference)."""
     if comp.empty or "prob_improvement" not in comp:
         return None
     c = comp.dropna(subset=["prob_improvement"]).reset_index(drop=True)
-    names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
-                                                          strict=True)]
+    if "factor" in c:
+        names = [f"P({f}={lv} > {f}={ref}) [{env}]" for f, lv, ref, env in
+                 zip(c["factor"], c["level"], c["reference"], c["env"], strict=True)]
+    else:
+        names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
+                                                              strict=True)]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(c) + 1.5))
     y = range(len(c))
     mid, lo, hi = (c[k].to_numpy(float) for k in ("prob_improvement", "prob_improvement_low",
@@ -109,4 +138,11 @@ def plot_summary(result: dict[str, Any], out: Path) -> list[Path]:
     poi = plot_improvement(t["comparisons"], out / "improvement.png", level)
     if poi is not None:
         files.append(poi)
+    if "main_effects" in t:
+        if not t["factor_curves"].empty:
+            files.append(plot_factor_curves(t["factor_curves"], envs, level,
+                                            out / "main_effect_curves.png"))
+        poi = plot_improvement(t["main_effects"], out / "main_effects.png", level)
+        if poi is not None:
+            files.append(poi)
     return files

@@ -26,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pgscope.config import Config
-from pgscope.errors import DivergenceError, RunDirError
+from pgscope.errors import DivergenceError, PgscopeError, RunDirError
 from pgscope.run import atomic_write_json, library_versions
 from pgscope.study.spec import StudySpec
 
@@ -195,8 +195,11 @@ def ray_backend(tasks: dict[str, Task], workers: int, max_retries: int,
     """The same work as Ray tasks. Ray re-executes a task whose worker died (``max_retries``);
     :func:`execute_run` then resumes from the checkpoint. On a multi-node cluster the study
     directory must be on storage that every node sees at the same path."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise PgscopeError("--backend ray needs the 'ray' package: pip install 'pgscope[ray]' "
+                          "(or pip install ray).") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, num_cpus=None if address else workers,
@@ -229,7 +232,7 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     (NaN/Inf) is finished, with its cause in its ``status.json``.
     """
     if backend not in ("local", "ray"):
-        raise RunDirError(f"unknown backend '{backend}'; use 'local' or 'ray'.")
+        raise PgscopeError(f"unknown backend '{backend}'; use 'local' or 'ray'.")
     out = Path(out)
     runs = spec.runs()  # validates every config before anything is written
     from pgscope.envs import check_env_id
