@@ -31,6 +31,11 @@ def _metrics(path: Path) -> list[dict]:
             for r in RunDir(path).read_metrics()]
 
 
+def _median_sps(path: Path) -> float:
+    """Median per-iteration env steps/s of a run (its own work, without process start-up)."""
+    return statistics.median(r["sps"] for r in RunDir(path).read_metrics())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--env", default="Hopper-v5")
@@ -56,11 +61,15 @@ def main() -> None:
         assert len(outcome.complete) == args.seeds, outcome
         identical = all(_metrics(work / "seq" / r.rel_path) == _metrics(work / "par" / r.rel_path)
                         for r in spec.runs())
+        sps_seq = statistics.median(_median_sps(work / "seq" / r.rel_path) for r in spec.runs())
+        sps_par = statistics.median(_median_sps(work / "par" / r.rel_path) for r in spec.runs())
         rounds.append(dict(sequential_s=t_seq, local_executor_s=t_par, ratio=t_seq / t_par,
-                           identical_metrics=identical))
+                           identical_metrics=identical, run_sps_sequential=sps_seq,
+                           run_sps_parallel=sps_par))
         print(f"round {rnd + 1}: sequential {t_seq:.1f} s, local executor ({args.workers} "
               f"workers) {t_par:.1f} s, ratio {t_seq / t_par:.2f}, identical metrics: "
-              f"{identical}", flush=True)
+              f"{identical}; per-run steps/s {sps_seq:.0f} alone vs {sps_par:.0f} with "
+              f"{args.workers} in parallel", flush=True)
         shutil.rmtree(work)
     result = dict(
         env=args.env, seeds=args.seeds, steps_per_run=args.steps, workers=args.workers,

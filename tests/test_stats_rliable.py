@@ -87,6 +87,7 @@ def test_seed_lottery_enumerates_all_splits_and_finds_the_extreme_one():
     expected = sps.ttest_ind(x[:5], x[5:], equal_var=False)
     assert res["max_abs_t"] == pytest.approx(abs(expected.statistic))
     assert res["min_p"] == pytest.approx(expected.pvalue)
+    assert res["worst_split"] == [0, 1, 2, 3, 4]
     # brute force of the fraction with SciPy
     from itertools import combinations
     ps = [sps.ttest_ind(x[list(g)], np.delete(x, list(g)), equal_var=False).pvalue

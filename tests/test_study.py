@@ -332,8 +332,11 @@ def test_summary_tables_equal_the_statistics_on_the_scores(tmp_path):
         float(np.std(ppo, ddof=1)), 0.1 * float(np.mean(ppo)))
     lot = res["tables"]["lottery"].set_index("label")
     assert lot.loc["ppo", "splits"] == 10  # C(6, 3) / 2
-    assert lot.loc["ppo", "fraction_significant"] == stats.seed_lottery(
-        ppo, splits=50, seed=4)["fraction_significant"]
+    expected = stats.seed_lottery(ppo, splits=50, seed=4)
+    assert lot.loc["ppo", "fraction_significant"] == expected["fraction_significant"]
+    assert lot.loc["ppo", "worst_split_seeds"] == expected["worst_split"]  # seeds 0..5
+    groups = res["tables"]["lottery_curves"].query("label == 'ppo'")["group"].unique()
+    assert len(groups) == 2 and all(g.startswith("group ") for g in groups)
 
 
 def test_main_effects_pool_over_the_other_factors(tmp_path):

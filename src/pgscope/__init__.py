@@ -6,6 +6,8 @@ Public API::
     cfg = make_config("ppo", "Hopper-v5", {"total_steps": 100_000, "seed": 1})
     run_dir = train(cfg, "runs/hopper-ppo")
     agent = load_agent(run_dir)
+
+    df = load_study("runs/my-study")   # tidy DataFrame: one row per run and iteration
 """
 
 __version__ = "0.1.0"
@@ -16,8 +18,18 @@ from pgscope.errors import PgscopeError  # noqa: E402
 from pgscope.run import RunDir, load_agent  # noqa: E402
 from pgscope.train import train  # noqa: E402
 
+
+def __getattr__(name: str):  # load_study imports pandas: only when it is asked for
+    if name == "load_study":
+        from pgscope.study.analysis import load_study
+
+        return load_study
+    raise AttributeError(f"module 'pgscope' has no attribute '{name}'")
+
+
 __all__ = [
     "Agent",
+    "load_study",
     "Config",
     "PRESETS",
     "PgscopeError",

@@ -4,8 +4,9 @@ A small functional API over NumPy/SciPy, after rliable (Agarwal et al., 2021). S
 arrays of shape ``(runs, tasks)`` (one column per env; a 1-D array is one task). Every
 interval is reproducible for a given ``seed``.
 
-Status: the functions here are the first part of issue 4 (studies); the study runner and
-the comparison against the ``rliable`` package on identical inputs are still to come.
+Agreement with ``rliable`` and SciPy on identical inputs is tested in
+``tests/test_stats_rliable.py`` and ``tests/test_stats.py``. The study summary
+(:mod:`pgscope.study.analysis`) is built on these functions.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def seed_lottery(scores: np.ndarray, *, splits: int = 1000, alpha: float = 0.05,
     against each other with Welch's t-test (Henderson et al., 2018): how often does the
     seed alone give a 'significant' difference? All distinct splits are used when there
     are at most ``splits`` of them. Returns the fraction significant, the number of splits,
-    and the most extreme split's t and p."""
+    and the most extreme split's t, p and first group (indices into ``scores``)."""
     from itertools import combinations
     from math import comb
 
@@ -188,7 +189,7 @@ def seed_lottery(scores: np.ndarray, *, splits: int = 1000, alpha: float = 0.05,
     worst = int(np.argmax(ts))
     return {"fraction_significant": float(np.mean(np.array(ps) < alpha)),
             "splits": len(groups), "alpha": alpha, "max_abs_t": ts[worst],
-            "min_p": ps[worst], "runs": n}
+            "min_p": ps[worst], "runs": n, "worst_split": sorted(int(i) for i in groups[worst])}
 
 
 def performance_profile_ci(scores: np.ndarray, taus: np.ndarray, *, reps: int = 2000,

@@ -169,15 +169,33 @@ def main_effects(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def lottery(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
-    """The seed lottery for every config and env with at least 4 scored runs."""
+    """The seed lottery for every config and env with at least 4 scored runs; the most
+    extreme split's first group is given as seeds (``worst_split_seeds``)."""
     st = spec.statistics
     rows = []
     for (label, env), g in scores.dropna(subset=["score"]).groupby(["label", "env"],
                                                                     sort=False):
         if len(g) >= 4:
-            rows.append(dict(label=label, env=env, **stats.seed_lottery(
-                g["score"].to_numpy(), splits=st.lottery_splits, alpha=st.alpha,
-                seed=st.seed)))
+            res = stats.seed_lottery(g["score"].to_numpy(), splits=st.lottery_splits,
+                                     alpha=st.alpha, seed=st.seed)
+            seeds = g["seed"].to_numpy()
+            res["worst_split_seeds"] = [int(seeds[i]) for i in res.pop("worst_split")]
+            rows.append(dict(label=label, env=env, **res))
+    return pd.DataFrame(rows)
+
+
+def lottery_curves(spec: StudySpec, data: pd.DataFrame, lot: pd.DataFrame,
+                   points: int = 50) -> pd.DataFrame:
+    """Learning curves of the two seed groups of each config's most extreme split."""
+    rows = []
+    done = data[data["state"] == "complete"]
+    for _, r in lot.iterrows():
+        g = done[(done["label"] == r["label"]) & (done["env"] == r["env"])]
+        in_a = g["seed"].isin(r["worst_split_seeds"])
+        for name, part in (("group A", g[in_a]), ("group B", g[~in_a])):
+            seeds = ", ".join(str(x) for x in sorted(part["seed"].unique()))
+            rows += [dict(label=r["label"], env=r["env"], group=f"{name}: seeds {seeds}", **row)
+                     for row in _curve_ci_rows(part, spec, points)]
     return pd.DataFrame(rows)
 
 
@@ -252,6 +270,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         tables["factor_curves"] = factor_curves(spec, data)
     if spec.statistics.lottery_splits > 0:
         tables["lottery"] = lottery(spec, scores)
+        tables["lottery_curves"] = lottery_curves(spec, data, tables["lottery"])
     return dict(spec=spec, tables=tables, meta=dict(
         study=spec.name, spec_hash=spec.hash(), description=spec.description,
         score_definition=spec.score.describe(), score=spec.score.__dict__,
@@ -325,9 +344,7 @@ def format_summary(result: dict[str, Any]) -> str:
             first = f"{r[key[0]]}={r[key[1]]}" if name == "main_effects" else \
                 f"{r['a']} vs {r['b']}"
             diff = "-" if pd.isna(r.get("difference", math.nan)) else f"{r['difference']:+.1f}"
-            p_w = "-" if pd.isna(r.get("welch_p", math.nan)) else f"{r['welch_p']:.3f}"
-            p_m = "-" if pd.isna(r.get("mannwhitney_p", math.nan)) else \
-                f"{r['mannwhitney_p']:.3f}"
+            p_w, p_m = _p(r.get("welch_p", math.nan)), _p(r.get("mannwhitney_p", math.nan))
             rows.append([first, r["env"], diff, _iv(r, "prob_improvement", "{:.2f}"), p_w, p_m])
         lines += ["", title]
         lines += _table(["", "env", "mean diff", "P(a > b)", "Welch p", "Mann-Whitney p"], rows)
@@ -340,6 +357,12 @@ def format_summary(result: dict[str, Any]) -> str:
                           f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4f}"]
                          for _, r in lot.iterrows()])
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    if pd.isna(p):
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

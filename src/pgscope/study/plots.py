@@ -124,6 +124,21 @@ def plot_improvement(comp: pd.DataFrame, path: Path, level: float) -> Path | Non
     return _save(fig, path)
 
 
+def plot_lottery(lc: pd.DataFrame, lot: pd.DataFrame, level: float, path: Path) -> Path:
+    keys = list(dict.fromkeys(zip(lc["label"], lc["env"], strict=True)))
+    fig, axes = _panels(len(keys), width=5.5)
+    for ax, (label, env) in zip(axes, keys, strict=True):
+        r = lot[(lot["label"] == label) & (lot["env"] == env)].iloc[0]
+        _curve_panel(ax, lc[(lc["label"] == label) & (lc["env"] == env)], "group",
+                     f"{label} on {env}: same config, split seeds\n"
+                     f"Welch t = {r['max_abs_t']:.2f}, p = {r['min_p']:.4f} (most extreme of "
+                     f"{r['splits']} splits)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Seed lottery: {100 * level:g}% bootstrap CIs", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_summary(result: dict[str, Any], out: Path) -> list[Path]:
     """All plots of a :func:`pgscope.study.analysis.summarize` result into ``out``."""
     spec, t = result["spec"], result["tables"]
@@ -138,6 +153,9 @@ def plot_summary(result: dict[str, Any], out: Path) -> list[Path]:
     poi = plot_improvement(t["comparisons"], out / "improvement.png", level)
     if poi is not None:
         files.append(poi)
+    if "lottery_curves" in t and not t["lottery_curves"].empty:
+        files.append(plot_lottery(t["lottery_curves"], t["lottery"], level,
+                                  out / "lottery.png"))
     if "main_effects" in t:
         if not t["factor_curves"].empty:
             files.append(plot_factor_curves(t["factor_curves"], envs, level,
