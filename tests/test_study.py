@@ -62,6 +62,9 @@ clip_eps = 1e32
 last_iterations = 2
 [statistics]
 baseline = "noclip"
+[probes]
+every = 2
+kinds = "values"
 """)
     spec = load_spec(f)
     runs = spec.runs()
@@ -71,6 +74,7 @@ baseline = "noclip"
     assert all(r.config.steps_per_iter == 256 and r.config.total_steps == 1024 for r in runs)
     assert runs[1].rel_path == "runs/ppo/CartPole-v1/seed_5"
     assert spec.baseline == "noclip" and spec.score.window(4) == 2
+    assert all(r.config.probe_every == 2 and r.config.probe_kinds == "values" for r in runs)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         again = "re-run the same 'pgscope study run' command" if args.command == "study" \
-            else "'pgscope train --resume DIR'"
-        print(f"interrupted; resume with {again}.", file=sys.stderr)
+            else "run 'pgscope train --resume DIR'"
+        print(f"interrupted; to resume, {again}.", file=sys.stderr)
         return 130
 
 
