@@ -50,7 +50,8 @@ _BATCHED: dict[Aggregate, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` interval of bootstrap ``values`` (the percentile method)."""
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
@@ -68,7 +69,7 @@ def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: i
         values = _BATCHED[statistic](samples)
     else:
         values = np.array([statistic(sample) for sample in samples])
-    return (statistic(x), *_percentiles(values, level))
+    return (statistic(x), *percentile_interval(values, level))
 
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
@@ -94,7 +95,7 @@ def probability_of_improvement_ci(x: np.ndarray, y: np.ndarray, *, reps: int = 2
     ix = rng.integers(0, x.shape[0], size=(reps, *x.shape))
     iy = rng.integers(0, y.shape[0], size=(reps, *y.shape))
     values = _poi_batched(x[ix, cols], y[iy, cols])
-    return (probability_of_improvement(x, y), *_percentiles(values, level))
+    return (probability_of_improvement(x, y), *percentile_interval(values, level))
 
 
 def welch_t_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pgscope.stats import percentile_interval
+
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     """Pairwise cosine similarities of the rows of ``vectors`` (K x P)."""
@@ -63,8 +65,7 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], k: int, *, n_boot: in
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    return percentile_interval(values, level)
 
 
 def summarize(point: float, ci: tuple[float, float]) -> dict[str, float]:

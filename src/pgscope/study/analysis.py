@@ -324,7 +324,9 @@ def format_summary(result: dict[str, Any]) -> str:
              f"{meta['diverged']} diverged, {len(meta['missing'])} missing",
              f"final score: {meta['score_definition']}; intervals: {level:g}% stratified "
              f"bootstrap ({meta['statistics']['reps']} resamples, seed "
-             f"{meta['statistics']['seed']}); failure rate: Wilson", ""]
+             f"{meta['statistics']['seed']})",
+             "failure rate (Wilson CI): diverged runs and runs below the env's failure "
+             f"threshold ({_thresholds(meta)})", ""]
     agg = t["aggregates"]
     rows = [[r["label"], r["env"], str(r["runs"]), _iv(r, "iqm"), _iv(r, "median"),
              _iv(r, "mean"), _iv(r, "failure_rate", "{:.2f}"),
@@ -357,6 +359,13 @@ def format_summary(result: dict[str, Any]) -> str:
                           f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4f}"]
                          for _, r in lot.iterrows()])
     return "\n".join(lines)
+
+
+def _thresholds(meta: dict[str, Any]) -> str:
+    given = meta["score"]["failure_threshold"]
+    if not given:
+        return "none set, so only divergence counts"
+    return ", ".join(f"{env} < {thr:g}" for env, thr in given.items())
 
 
 def _p(p: float) -> str:
