@@ -113,9 +113,9 @@ def _study_run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise PgscopeError("--workers must be >= 1.")
     out = args.out or Path("runs") / spec.name
-    runs = spec.runs()
+    n_runs = len(spec.configs) * len(spec.envs) * len(spec.seeds)
     print(f"study {spec.name}: {len(spec.configs)} configs x {len(spec.envs)} envs x "
-          f"{len(spec.seeds)} seeds = {len(runs)} runs of {spec.total_steps} steps -> {out}")
+          f"{len(spec.seeds)} seeds = {n_runs} runs of {spec.total_steps} steps -> {out}")
     outcome = run_study(spec, out, backend=args.backend, workers=args.workers,
                         address=args.address, progress=not args.quiet)
     print(f"{outcome.runs} runs: {outcome.skipped} already finished, "

@@ -12,6 +12,7 @@ Agreement with ``rliable`` and SciPy on identical inputs is tested in
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -50,10 +51,13 @@ _BATCHED: dict[Aggregate, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The central ``level`` interval of bootstrap ``values`` (the percentile method)."""
+def percentile_interval(values: np.ndarray, level: float = 0.95, axis: int | None = None
+                        ) -> tuple[Any, Any]:
+    """The central ``level`` interval of bootstrap ``values`` (the percentile method): two
+    floats, or two arrays when taken along ``axis``."""
     alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    low, high = np.quantile(values, alpha, axis=axis), np.quantile(values, 1 - alpha, axis=axis)
+    return (float(low), float(high)) if axis is None else (low, high)
 
 
 def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: int = 2000,
@@ -155,8 +159,7 @@ def curve_ci(curves: np.ndarray, *, reps: int = 2000, level: float = 0.95, seed:
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.shape[0], size=(reps, x.shape[0]))
     boot = x[idx].mean(axis=1)  # (reps, points)
-    alpha = (1 - level) / 2
-    return x.mean(axis=0), np.quantile(boot, alpha, axis=0), np.quantile(boot, 1 - alpha, axis=0)
+    return (x.mean(axis=0), *percentile_interval(boot, level, axis=0))
 
 
 def seed_lottery(scores: np.ndarray, *, splits: int = 1000, alpha: float = 0.05,
@@ -203,6 +206,4 @@ def performance_profile_ci(scores: np.ndarray, taus: np.ndarray, *, reps: int = 
     idx = rng.integers(0, x.shape[0], size=(reps, *x.shape))
     boot = x[idx, np.arange(x.shape[1])]  # (reps, runs, tasks)
     prof = (boot[..., None] > t).mean(axis=1).mean(axis=1)  # (reps, taus)
-    alpha = (1 - level) / 2
-    return (performance_profile(x, t), np.quantile(prof, alpha, axis=0),
-            np.quantile(prof, 1 - alpha, axis=0))
+    return (performance_profile(x, t), *percentile_interval(prof, level, axis=0))

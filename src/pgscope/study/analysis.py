@@ -22,7 +22,7 @@ import pandas as pd
 
 from pgscope import stats
 from pgscope.run import RunDir, atomic_write_json
-from pgscope.study.runner import open_study, run_state
+from pgscope.study.runner import FINISHED, open_study, run_state
 from pgscope.study.spec import StudySpec
 
 RUN_COLUMNS = ["label", "env", "seed", "preset", "state"]
@@ -31,23 +31,19 @@ RUN_COLUMNS = ["label", "env", "seed", "preset", "state"]
 def load_study(path: str | Path) -> pd.DataFrame:
     """One row per run and iteration: ``label, env, seed, preset, state`` and every
     per-iteration metric (``iteration, env_steps, return_mean, kl_mean, ...``)."""
-    path = Path(path)
-    spec = open_study(path)
+    return _load(open_study(path), Path(path))
+
+
+def _load(spec: StudySpec, path: Path) -> pd.DataFrame:
     frames = []
     for r in spec.runs():
         run_path = path / r.rel_path
         state = run_state(run_path)
-        if state == "new":
-            continue
-        records = RunDir(run_path).read_metrics()
-        if not records:
-            continue
-        df = pd.DataFrame.from_records(records)
-        for col, value in reversed(list(zip(RUN_COLUMNS, (r.label, r.env_id, r.seed,
-                                                          r.config.preset, state),
-                                            strict=True))):
-            df.insert(0, col, value)
-        frames.append(df)
+        records = RunDir(run_path).read_metrics() if state != "new" else []
+        if records:
+            run = dict(zip(RUN_COLUMNS, (r.label, r.env_id, r.seed, r.config.preset, state),
+                           strict=True))
+            frames.append(pd.DataFrame([{**run, **rec} for rec in records]))
     if not frames:
         return pd.DataFrame(columns=[*RUN_COLUMNS, "iteration", "env_steps", "return_mean"])
     return pd.concat(frames, ignore_index=True)
@@ -82,7 +78,7 @@ def aggregates(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     st = spec.statistics
     rows = []
     for (label, env), g in scores.groupby(["label", "env"], sort=False):
-        finished = g[g["state"].isin(["complete", "diverged"])]
+        finished = g[g["state"].isin(FINISHED)]
         x = finished["score"].dropna().to_numpy()
         row: dict[str, Any] = dict(label=label, env=env, runs=len(x),
                                    diverged=int((finished["state"] == "diverged").sum()),
@@ -149,17 +145,22 @@ def comparisons(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _factor_levels(spec: StudySpec, factor: str, labels: pd.Series
+                   ) -> tuple[list[Any], pd.Series]:
+    """The factor's levels in spec order, and each row's level (from its config label)."""
+    level_of = {c.label: c.overrides[factor] for c in spec.configs}
+    return list(dict.fromkeys(level_of.values())), labels.map(level_of)
+
+
 def main_effects(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     """For a factorial study: each factor's level against its first level, pooled over all
     other factors (a = this level, b = the reference level)."""
     rows = []
     ok = scores.dropna(subset=["score"])
-    level_of = {c.label: c.overrides for c in spec.configs}
     for factor in spec.factors:
-        levels = list(dict.fromkeys(level_of[c.label][factor] for c in spec.configs))
         for env in spec.envs:
             e = ok[ok["env"] == env]
-            values = e["label"].map(lambda lab, f=factor: level_of[lab][f])
+            levels, values = _factor_levels(spec, factor, e["label"])
             ref = e[values == levels[0]]["score"].to_numpy()
             for level in levels[1:]:
                 x = e[values == level]["score"].to_numpy()
@@ -226,11 +227,10 @@ def factor_curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.D
     """For a factorial study: learning curves per level of each factor, pooled over the
     other factors (all runs with that level)."""
     done = data[data["state"] == "complete"]
-    level_of = {c.label: c.overrides for c in spec.configs}
     rows = []
     for factor in spec.factors:
-        values = done["label"].map(lambda lab, f=factor: level_of[lab][f])
-        for level in dict.fromkeys(level_of[c.label][factor] for c in spec.configs):
+        levels, values = _factor_levels(spec, factor, done["label"])
+        for level in levels:
             for env, g in done[values == level].groupby("env", sort=False):
                 rows += [dict(factor=factor, level=str(level), env=env, **row)
                          for row in _curve_ci_rows(g, spec, points)]
@@ -260,7 +260,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     """Every table of a study as DataFrames, plus the settings they were computed with."""
     path = Path(path)
     spec = open_study(path)
-    data = load_study(path)
+    data = _load(spec, path)
     scores = final_scores(spec, data)
     tables = dict(scores=scores, aggregates=aggregates(spec, scores),
                   comparisons=comparisons(spec, scores), curves=curves(spec, data),
@@ -277,7 +277,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         statistics=spec.statistics.__dict__, baseline=spec.baseline,
         runs=len(scores), complete=int((scores["state"] == "complete").sum()),
         diverged=int((scores["state"] == "diverged").sum()),
-        missing=scores[~scores["state"].isin(["complete", "diverged"])][
+        missing=scores[~scores["state"].isin(FINISHED)][
             ["label", "env", "seed", "state"]].to_dict("records")))
 
 

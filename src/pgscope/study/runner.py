@@ -15,6 +15,7 @@ retry resumes from the run's checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from pgscope.config import Config
 from pgscope.errors import DivergenceError, PgscopeError, RunDirError
-from pgscope.run import atomic_write_json, library_versions
+from pgscope.run import RunDir, atomic_write_json, library_versions
 from pgscope.study.spec import StudySpec
 
 STUDY_FILE = "study.json"
@@ -80,8 +81,6 @@ def _study_record(spec: StudySpec) -> dict[str, Any]:
 
 def open_study(path: str | Path) -> StudySpec:
     """The spec of the study in directory ``path`` (clear errors if it is not one)."""
-    import json
-
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"study directory '{path}' does not exist.")
@@ -100,12 +99,11 @@ def open_study(path: str | Path) -> StudySpec:
 
 def run_state(path: Path) -> str:
     """'new', 'partial' (started, not finished), 'complete' or 'diverged'."""
-    import json
-
-    if not (path / "config.json").exists():
+    run = RunDir(path)
+    if not run.config_path.exists():
         return "new"
     try:
-        state = json.loads((path / "status.json").read_text()).get("state")
+        state = run.read_status().get("state")
     except (OSError, ValueError):
         return "partial"
     return state if state in FINISHED else "partial"
@@ -113,8 +111,6 @@ def run_state(path: Path) -> str:
 
 def steps_done(path: Path) -> int:
     """Env steps of the last complete metrics line (read from the end of the file)."""
-    import json
-
     try:
         with open(path / "metrics.jsonl", "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -169,7 +165,28 @@ def local_backend(tasks: dict[str, Task], workers: int, max_retries: int,
     attempts = dict.fromkeys(tasks, 0)
     todo = list(tasks)
     with _single_threaded_blas():
-        yield from _pool_loop(ctx, tasks, todo, attempts, workers, max_retries, poll)
+        while todo:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                     mp_context=ctx) as pool:
+                futures = {pool.submit(execute_run, *tasks[key]): key for key in todo}
+                todo = []
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
+                    if not done:
+                        yield None
+                    for fut in done:
+                        key = futures[fut]
+                        try:
+                            yield key, fut.result()
+                        except BrokenProcessPool:
+                            attempts[key] += 1
+                            if attempts[key] > max_retries:
+                                yield key, RuntimeError(f"worker died {attempts[key]} times")
+                            else:
+                                todo.append(key)
+                        except Exception as exc:  # noqa: BLE001 - reported per run
+                            yield key, exc
 
 
 @contextlib.contextmanager
@@ -189,31 +206,6 @@ def _single_threaded_blas() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _pool_loop(ctx: Any, tasks: dict[str, Task], todo: list[str], attempts: dict[str, int],
-               workers: int, max_retries: int, poll: float) -> Iterator[Event]:
-    while todo:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(execute_run, *tasks[key]): key for key in todo}
-            todo = []
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
-                if not done:
-                    yield None
-                for fut in done:
-                    key = futures[fut]
-                    try:
-                        yield key, fut.result()
-                    except BrokenProcessPool:
-                        attempts[key] += 1
-                        if attempts[key] > max_retries:
-                            yield key, RuntimeError(f"worker died {attempts[key]} times")
-                        else:
-                            todo.append(key)
-                    except Exception as exc:  # noqa: BLE001 - reported per run
-                        yield key, exc
 
 
 def ray_backend(tasks: dict[str, Task], workers: int, max_retries: int,
@@ -271,13 +263,11 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     tasks = {r.rel_path: (str(out / r.rel_path), r.config.to_dict()) for r in runs
              if run_state(out / r.rel_path) not in FINISHED}
     outcome = StudyOutcome(out, len(runs), skipped=len(runs) - len(tasks))
-    finished_steps = sum(budget[r.rel_path] for r in runs if r.rel_path not in tasks)
+    running = set(tasks)  # runs of this call not yet reported back
 
     def done_steps() -> int:
-        active = [k for k in tasks if k not in outcome.complete and k not in outcome.diverged
-                  and k not in outcome.failed]
-        return finished_steps + sum(budget[k] for k in tasks if k not in active) + \
-            sum(min(budget[k], steps_done(out / k)) for k in active)
+        return sum(min(steps, steps_done(out / k)) if k in running else steps
+                   for k, steps in budget.items())
 
     bar = tqdm(total=sum(budget.values()), initial=done_steps(), unit="step",
                desc=f"study {spec.name}", disable=not progress, dynamic_ncols=True)
@@ -288,6 +278,7 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
         for event in events:
             if event is not None:
                 key, result = event
+                running.discard(key)
                 if isinstance(result, BaseException):
                     outcome.failed[key] = f"{type(result).__name__}: {result}"
                     bar.write(f"run {key} failed: {outcome.failed[key]}")
