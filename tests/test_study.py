@@ -18,7 +18,7 @@ from scipy import stats as sps
 from pgscope import stats
 from pgscope.cli import main
 from pgscope.config import make_config
-from pgscope.errors import ConfigError, RunDirError
+from pgscope.errors import ConfigError, PgscopeError, RunDirError
 from pgscope.run import RunDir
 from pgscope.study import builtin_study, load_spec, parse_spec, run_study
 from pgscope.study.analysis import final_scores, load_study, summarize, write_summary
@@ -188,6 +188,18 @@ def test_cli_errors_for_study_commands(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["study", "summary", str(tmp_path)]) == 2
     assert "not a pgscope study directory" in capsys.readouterr().err
+    for args, message in ((["--preset", "seed-lottery", str(f)], "not both or neither"),
+                          ([], "not both or neither"),
+                          ([str(f), "--quick"], "--quick applies to built-in studies"),
+                          (["--preset", "seed-lottery", "--address", "x:1"],
+                           "--address needs --backend ray"),
+                          (["--preset", "seed-lottery", "--workers", "0"],
+                           "--workers must be >= 1")):
+        assert main(["study", "run", *args]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(PgscopeError, match="unknown backend 'dask'"):
+        run_study(parse_spec(_spec()), tmp_path / "o3", backend="dask", progress=False)
+    assert not (tmp_path / "o3").exists()
     f2 = tmp_path / "badenv.toml"
     f2.write_text('name="x"\nenvs=["Hoper-v5"]\nseeds=1\ntotal_steps=256\n'
                   '[[configs]]\nlabel="a"\npreset="ppo"\n')
