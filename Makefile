@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: venv demo test lint bench-deps
+.PHONY: venv demo test lint bench-deps mutants
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -25,3 +25,8 @@ test: $(STAMP)
 
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
+
+# Curated mutation check (tools/mutants.py): plants each known wiring bug in a copy of src/
+# and checks that the fast tests catch it; results in docs/testing.md (--write-docs).
+mutants: $(STAMP)
+	$(BIN)/python tools/mutants.py

@@ -1,0 +1,598 @@
+"""Curated mutation check: does the fast test selection catch each planted wiring bug?
+
+Each mutant is one exact text replacement in one source file: a single-point semantic bug
+of the kind a reviewer plants (a switch ignored, a sign flipped, a statistic taken over the
+wrong set, state not restored). For every mutant this script copies the repository's
+``src/`` and ``tests/`` (and ``pyproject.toml``, for the pytest settings) to a temporary
+directory, applies the replacement there - never in the working tree - and runs the fast
+test selection against the copy. A mutant is *killed* when a test fails.
+
+Which pgscope is imported: the package is installed in ``.venv`` in editable mode (a
+``.pth`` line that puts the working tree's ``src`` on ``sys.path``). The tests therefore
+run under a throw-away interpreter environment (``python -m venv`` without pip) whose own
+``.pth`` puts the copy's ``src`` first and then adds ``.venv``'s site-packages for the
+dependencies; ``PYTHONPATH`` points at the copy as well. A subprocess started with
+``sys.executable`` - even one that replaces ``PYTHONPATH``, as the kill -9 test does - gets
+the same interpreter and so the mutated copy. Before the mutants run, the script checks
+this: the unmutated selection must pass, a mutant that raises at import must be killed, and
+a subprocess with its own ``PYTHONPATH`` must import pgscope from the copy.
+
+Every pattern must match exactly once in the current source; a pattern that matches 0 or
+2+ times is reported (with all others) before anything runs, so drift in the source is
+caught rather than silently skipped.
+
+Usage (from the repository root; ``make mutants`` runs the first)::
+
+    .venv/bin/python tools/mutants.py                 # all curated mutants
+    .venv/bin/python tools/mutants.py --list          # names and descriptions
+    .venv/bin/python tools/mutants.py --only kl-stop-never --only ent-sign
+    .venv/bin/python tools/mutants.py --jobs 2 --write-docs   # table into docs/testing.md
+
+Exit status: 0 when every mutant was killed, 1 when one survived, 2 when a pattern does not
+match exactly once or the set-up checks fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import queue
+import re
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import venv
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The fast selection every mutant runs against (in this order; ``-x`` stops at the first
+#: failure). Files listed in OPTIONAL_TESTS join it when they exist.
+FAST_TESTS = [
+    "tests/test_optimizations.py",
+    "tests/test_gae.py",
+    "tests/test_config.py",
+    "tests/test_wiring.py",
+    "tests/test_trpo.py",
+]
+OPTIONAL_TESTS = ["tests/test_reference_updates.py"]
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+TIMEOUT_S = 600  # per mutant; a hang counts as killed (reported as "timeout")
+
+DOCS = ROOT / "docs" / "testing.md"
+BEGIN, END = "<!-- mutants:begin -->", "<!-- mutants:end -->"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """Replace ``old`` (which must occur exactly once) by ``new`` in ``file``."""
+
+    name: str
+    file: str  # relative to src/pgscope
+    old: str
+    new: str
+    description: str
+
+
+M = Mutant
+MUTANTS: list[Mutant] = [
+    # --- the reviewer's ten survivors -------------------------------------------------------
+    M("kl-stop-never", "algos/ppo.py",
+      "cfg.kl_stop):\n                break", "cfg.kl_stop):\n                pass",
+      "KL early stopping never triggers"),
+    M("ent-sign", "algos/ppo.py",
+      "(policy_loss - bonus + v_loss).backward()", "(policy_loss + bonus + v_loss).backward()",
+      "entropy bonus with the wrong sign"),
+    M("store-clipped-action", "rollout.py",
+      "            actions[t] = action\n",
+      "            actions[t] = action if self.discrete else clip_actions(\n"
+      "                action, self.low, self.high, cfg.action_clip)\n",
+      "the clipped action is stored (and scored) instead of the sampled one"),
+    M("value-grad-unclipped", "algos/ppo.py",
+      "clip_gradients(value_net.parameters(), grad_limit)",
+      "clip_gradients(value_net.parameters(), None)",
+      "value net's gradient not clipped while the policy's is"),
+    M("obs-clip-ignored", "rollout.py",
+      "self.obs_clip = cfg.obs_clip_bound if cfg.obs_clip else None", "self.obs_clip = None",
+      "obs_clip ignored"),
+    M("adv-norm-whole-batch", "algos/ppo.py",
+      "adv = normalize_advantages(batch.advantages[idx], cfg.adv_norm)",
+      "adv = normalize_advantages(batch.advantages, cfg.adv_norm)[idx]",
+      "advantages normalized over the whole batch instead of per minibatch"),
+    M("value-clip-ignored", "algos/ppo.py",
+      "value_clip = cfg.value_clip_range if cfg.value_clip else None", "value_clip = None",
+      "value-loss clipping ignored (PPO)"),
+    M("value-lr-not-annealed", "train.py",
+      'group["lr"] = annealed_lr(base[group["name"]], iteration, cfg.num_iterations,\n'
+      "                                  cfg.lr_anneal)",
+      'group["lr"] = annealed_lr(base[group["name"]], iteration, cfg.num_iterations,\n'
+      '                                  cfg.lr_anneal and group["name"] == "policy")',
+      "the value lr is not annealed"),
+    M("optimizer-not-restored", "train.py",
+      '        optimizer.load_state_dict(ckpt["optimizer"])\n', "",
+      "optimizer state (Adam moments, step) not restored on resume"),
+    M("frozen-obs-stats-update", "rollout.py",
+      "if update and not self.frozen:", "if update:",
+      "observation statistics still update in frozen (probe) mode"),
+    M("frozen-reward-stats-update", "rollout.py",
+      "self.reward_scaler(out, done, update=not self.frozen)",
+      "self.reward_scaler(out, done, update=True)",
+      "reward statistics still update in frozen (probe) mode"),
+    # --- GAE and rewards --------------------------------------------------------------------
+    M("gae-lambda-ignored", "rollout.py",
+      "running = delta + gamma * lam * (1.0 - done[t]) * running",
+      "running = delta + gamma * (1.0 - done[t]) * running",
+      "GAE lambda ignored (lambda = 1)"),
+    M("bootstrap-at-termination", "rollout.py",
+      "bootstrap = gamma * next_values[t] * (1.0 - terminated[t])",
+      "bootstrap = gamma * next_values[t]",
+      "GAE bootstraps at termination"),
+    M("no-bootstrap-at-truncation", "rollout.py",
+      "bootstrap = gamma * next_values[t] * (1.0 - terminated[t])",
+      "bootstrap = gamma * next_values[t] * (1.0 - done[t])",
+      "GAE does not bootstrap at truncation"),
+    M("gae-args-lambda-is-gamma", "rollout.py",
+      "cfg.gamma, cfg.gae_lambda)", "cfg.gamma, cfg.gamma)",
+      "the rollout passes gamma as GAE's lambda"),
+    M("reward-scale-by-variance", "optimizations.py",
+      "scaled = rewards / np.sqrt(self.rms.var + self.epsilon)",
+      "scaled = rewards / (self.rms.var + self.epsilon)",
+      "rewards divided by the variance of the return instead of its std"),
+    M("reward-scaler-no-reset", "optimizations.py",
+      "self.ret[done] = 0.0", "self.ret[done] = self.ret[done]",
+      "reward scaler's discounted return not reset at episode end"),
+    M("reward-reset-on-termination-only", "rollout.py",
+      "rewards[t] = self.pre.reward(np.asarray(r), ended)",
+      "rewards[t] = self.pre.reward(np.asarray(r), term)",
+      "the rollout resets the reward scaler's return at termination only (not truncation)"),
+    M("reward-scaler-gamma-fixed", "rollout.py",
+      "RewardScaler(cfg.num_envs, cfg.gamma)", "RewardScaler(cfg.num_envs, 0.99)",
+      "reward scaling ignores cfg.gamma"),
+    M("reward-clip-before-scale", "rollout.py",
+      "        if self.reward_scaler is not None:\n"
+      "            out = self.reward_scaler(out, done, update=not self.frozen)\n"
+      "        return clip_rewards(out, self.reward_clip)",
+      "        out = clip_rewards(out, self.reward_clip)\n"
+      "        if self.reward_scaler is not None:\n"
+      "            out = self.reward_scaler(out, done, update=not self.frozen)\n"
+      "        return out",
+      "rewards clipped before scaling"),
+    # --- observations -----------------------------------------------------------------------
+    M("obs-stats-from-normalized", "rollout.py",
+      "            if update and not self.frozen:\n"
+      "                self.obs_norm.update(out)\n"
+      "            out = self.obs_norm(out)",
+      "            out = self.obs_norm(out)\n"
+      "            if update and not self.frozen:\n"
+      "                self.obs_norm.update(out)",
+      "observation statistics updated with the normalized instead of the raw observation"),
+    M("obs-stats-not-updated", "rollout.py",
+      "                self.obs_norm.update(out)\n", "                pass\n",
+      "observation statistics never updated"),
+    # --- TRPO -------------------------------------------------------------------------------
+    M("trpo-skip-kl-test", "algos/trpo.py",
+      "if mean_kl(batch.obs) <= cfg.max_kl and surrogate() > surr_old:",
+      "if surrogate() > surr_old:",
+      "TRPO line search skips the KL test"),
+    M("trpo-skip-improvement-test", "algos/trpo.py",
+      "if mean_kl(batch.obs) <= cfg.max_kl and surrogate() > surr_old:",
+      "if mean_kl(batch.obs) <= cfg.max_kl:",
+      "TRPO line search skips the improvement test"),
+    M("cg-one-iteration", "algos/trpo.py",
+      "conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)",
+      "conjugate_gradient(fisher_vector_product, g, 1)",
+      "CG iterations ignored (1 iteration)"),
+    M("cg-damping-ignored", "algos/trpo.py",
+      "return flat_grad(grad_kl @ v, params) + cfg.cg_damping * v",
+      "return flat_grad(grad_kl @ v, params)",
+      "CG damping ignored"),
+    M("trpo-step-not-scaled", "algos/trpo.py",
+      "step = math.sqrt(2 * cfg.max_kl / max(shs, 1e-12)) * direction",
+      "step = direction",
+      "TRPO step not scaled to max_kl"),
+    M("fisher-whole-batch", "algos/trpo.py",
+      "fisher_obs = batch.obs[torch.randperm(len(batch), generator=generator)[:fisher_n]]",
+      "fisher_obs = batch.obs",
+      "Fisher on the whole batch (fisher_fraction ignored)"),
+    M("fisher-head-subset", "algos/trpo.py",
+      "fisher_obs = batch.obs[torch.randperm(len(batch), generator=generator)[:fisher_n]]",
+      "fisher_obs = batch.obs[:fisher_n]",
+      "Fisher on the first states of the batch instead of a random subset"),
+    M("backtrack-coef-fixed", "algos/trpo.py",
+      "fraction = cfg.backtrack_coef ** k", "fraction = 0.5 ** k",
+      "backtrack_coef ignored"),
+    M("rejected-step-kept", "algos/trpo.py",
+      "vector_to_parameters(theta_old, params)  # no acceptable step",
+      "pass  # no acceptable step",
+      "a rejected line search keeps the last trial instead of theta_old"),
+    M("trpo-value-grad-unclipped", "algos/trpo.py",
+      "cfg.max_grad_norm if cfg.grad_clip else None)", "None)",
+      "TRPO's value fit ignores grad_clip"),
+    M("trpo-value-epochs-ignored", "algos/trpo.py",
+      "    for _ in range(cfg.epochs):\n        for idx in minibatches",
+      "    for _ in range(1):\n        for idx in minibatches",
+      "TRPO's value fit runs one epoch"),
+    # --- PPO --------------------------------------------------------------------------------
+    M("ratio-swapped", "algos/ppo.py",
+      "ratio = (policy.log_prob(dist, actions) - batch.logp[idx]).exp()",
+      "ratio = (batch.logp[idx] - policy.log_prob(dist, actions)).exp()",
+      "PPO ratio computed old/new instead of new/old"),
+    M("clip-eps-ignored", "algos/ppo.py",
+      "clipped_surrogate_loss(ratio, adv, cfg.clip_eps)",
+      "clipped_surrogate_loss(ratio, adv, 0.2)",
+      "PPO clip range ignored (0.2 used)"),
+    M("value-clip-around-targets", "algos/ppo.py",
+      "value_loss(values, batch.values[idx], batch.returns[idx], value_clip)",
+      "value_loss(values, batch.returns[idx], batch.returns[idx], value_clip)",
+      "value clipping around the targets instead of the old values"),
+    M("value-clip-range-fixed", "algos/ppo.py",
+      "value_clip = cfg.value_clip_range if cfg.value_clip else None",
+      "value_clip = 0.2 if cfg.value_clip else None",
+      "value_clip_range ignored (0.2 used)"),
+    M("epochs-ignored", "algos/ppo.py",
+      "    for _ in range(cfg.epochs):\n", "    for _ in range(1):\n",
+      "PPO epochs ignored (one epoch)"),
+    M("permutation-not-refreshed", "algos/common.py",
+      "perm = torch.randperm(n, generator=generator)",
+      "perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))",
+      "the minibatch permutation is the same every epoch"),
+    M("grad-clip-joint-norm", "algos/ppo.py",
+      "clip_gradients(policy.parameters(), grad_limit)",
+      "clip_gradients([*policy.parameters(), *value_net.parameters()], grad_limit)",
+      "policy and value gradients clipped by their joint norm"),
+    M("max-grad-norm-fixed", "algos/ppo.py",
+      "grad_limit = cfg.max_grad_norm if cfg.grad_clip else None",
+      "grad_limit = 0.5 if cfg.grad_clip else None",
+      "max_grad_norm ignored (0.5 used)"),
+    M("ent-coef-fixed", "algos/ppo.py",
+      "entropy_bonus(policy.entropy(dist), cfg.ent_coef)",
+      "entropy_bonus(policy.entropy(dist), 0.01)",
+      "ent_coef ignored (0.01 used)"),
+    M("kl-target-fixed", "algos/ppo.py",
+      "kl_early_stop(float(kl), cfg.target_kl, cfg.kl_stop)",
+      "kl_early_stop(float(kl), 0.01, cfg.kl_stop)",
+      "KL early stopping ignores target_kl"),
+    M("kl-beta-not-adapted", "algos/ppo.py",
+      'state["kl_beta"] = adapt_kl_beta(beta, metrics["kl_mean"], cfg.target_kl)',
+      'state["kl_beta"] = beta',
+      "ppo-kl's beta never adapted"),
+    M("kl-beta-init-ignored", "algos/ppo.py",
+      'beta = state.get("kl_beta", cfg.kl_beta_init)', 'beta = state.get("kl_beta", 1.0)',
+      "kl_beta_init ignored"),
+    M("kl-penalty-reversed", "algos/ppo.py",
+      "beta * policy.kl(old_dist, dist).mean()", "beta * policy.kl(dist, old_dist).mean()",
+      "ppo-kl's penalty is KL(new || old) instead of KL(old || new)"),
+    M("adam-eps-fixed", "algos/common.py",
+      "eps=cfg.adam_eps", "eps=1e-8",
+      "adam_eps ignored"),
+    # --- training loop, checkpoints, config ----------------------------------------------------
+    M("lr-anneal-off-by-one", "train.py",
+      "set_learning_rates(optimizer, cfg, it)", "set_learning_rates(optimizer, cfg, it + 1)",
+      "lr annealing one iteration ahead"),
+    M("ev-after-update", "train.py",
+      "explained_variance=explained_variance(batch.values, batch.returns)",
+      "explained_variance=explained_variance(\n"
+      "                              agent.value_net(batch.obs).detach(), batch.returns)",
+      "explained variance from the values predicted after the update"),
+    M("heldout-kl-on-batch", "algos/common.py",
+      "kl_h = policy.kl(old_policy.dist(heldout_obs), policy.dist(heldout_obs))",
+      "kl_h = policy.kl(old_policy.dist(batch.obs), policy.dist(batch.obs))",
+      "held-out KL computed on the training batch"),
+    M("checkpoint-without-statistics", "run.py",
+      '"preprocessor": agent.preprocessor.state_dict(),',
+      '"preprocessor": type(agent.preprocessor)(cfg, agent.preprocessor.obs_shape)'
+      ".state_dict(),",
+      "the checkpoint saves fresh normalization statistics instead of the agent's"),
+    M("update-rng-not-restored", "train.py",
+      '        update_gen.set_state(ckpt["update_rng"])\n', "",
+      "the update RNG is not restored on resume"),
+    M("algo-state-not-restored", "train.py",
+      'algo_state = dict(ckpt["algo_state"])', "algo_state = {}",
+      "algo_state (ppo-kl beta) not restored on resume"),
+    M("sample-rng-not-restored", "rollout.py",
+      'self.rng.bit_generator.state = json.loads(state["sample_rng"])', "pass",
+      "the sampling RNG is not restored on resume"),
+    M("env-defaults-not-applied", "config.py",
+      "        values.update(ENV_DEFAULTS[family])\n", "        pass\n",
+      "the per-env default learning rates (and KL limit) are not applied"),
+    M("update-seed-fixed", "train.py",
+      "torch.Generator().manual_seed(cfg.seed + 1)", "torch.Generator().manual_seed(1)",
+      "the update RNG ignores the seed"),
+    # --- networks ---------------------------------------------------------------------------
+    M("value-output-gain", "networks.py",
+      "init_network(self.net, ortho_init, output_gain=1.0)",
+      "init_network(self.net, ortho_init, output_gain=0.01)",
+      "value net's output layer initialized with the policy's gain"),
+    M("activation-ignored", "networks.py",
+      "layers.append(activation(act)())", 'layers.append(activation("tanh")())',
+      "the activation switch ignored (always tanh)"),
+    M("init-log-std-ignored", "networks.py",
+      "torch.full((act_dim,), float(init_log_std))", "torch.zeros(act_dim)",
+      "init_log_std ignored"),
+]
+
+
+def _check_unique_names() -> None:
+    names = [m.name for m in MUTANTS]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise SystemExit(f"duplicate mutant names: {sorted(dupes)}")
+
+
+def check_patterns(mutants: list[Mutant], src: Path) -> list[str]:
+    """One message per mutant whose pattern does not occur exactly once in ``src``."""
+    problems = []
+    for m in mutants:
+        path = src / "pgscope" / m.file
+        if not path.exists():
+            problems.append(f"{m.name}: {m.file} does not exist")
+            continue
+        count = path.read_text().count(m.old)
+        if count != 1:
+            problems.append(f"{m.name}: pattern occurs {count} times in {m.file} "
+                            f"(must be exactly once): {m.old!r}")
+    return problems
+
+
+def test_selection() -> list[str]:
+    return FAST_TESTS + [t for t in OPTIONAL_TESTS if (ROOT / t).exists()]
+
+
+# --- the sandbox: a copy of src/ and tests/ and an interpreter that imports the copy ----------
+class Sandbox:
+    """A temporary copy of the repository's sources and an interpreter environment whose
+    ``pgscope`` is that copy. One per worker; refreshed for every mutant."""
+
+    def __init__(self, base: Path) -> None:
+        self.dir = base
+        self.src = base / "src"
+        self.env = base / "env"
+        venv.EnvBuilder(with_pip=False, symlinks=True).create(self.env)
+        purelib = Path(sysconfig.get_path("purelib", vars={"base": str(self.env),
+                                                            "platbase": str(self.env)}))
+        deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
+        lines = [str(self.src)] + [f"import site; site.addsitedir({p!r})" for p in deps]
+        (purelib / "00_pgscope_mutant.pth").write_text("\n".join(lines) + "\n")
+        self.python = self.env / "bin" / "python"
+
+    def refresh(self, mutant: Mutant | None) -> None:
+        for name in ("src", "tests"):
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+            shutil.copytree(ROOT / name, self.dir / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy2(ROOT / "pyproject.toml", self.dir / "pyproject.toml")
+        if mutant is not None:
+            apply(mutant, self.src)
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env.update(PYTHONPATH=str(self.src), PYTHONDONTWRITEBYTECODE="1",
+                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        return env
+
+    def pytest(self, tests: list[str], timeout: float = TIMEOUT_S
+               ) -> tuple[str, str | None, float]:
+        """Run the selection; (status, first failing test, seconds), status one of
+        passed / failed / timeout."""
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run([str(self.python), "-m", "pytest", *PYTEST_ARGS, *tests],
+                                  cwd=self.dir, env=self.environ(), capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", None, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if proc.returncode == 0:
+            return "passed", None, seconds
+        return "failed", first_failure(proc.stdout + proc.stderr, proc.returncode), seconds
+
+    def python_output(self, code: str, extra_env: dict[str, str] | None = None) -> str:
+        env = self.environ()
+        env.update(extra_env or {})
+        return subprocess.run([str(self.python), "-c", code], cwd=self.dir, env=env,
+                              capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def apply(mutant: Mutant, src: Path) -> None:
+    path = src / "pgscope" / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise RuntimeError(f"{mutant.name}: pattern occurs {count} times in {mutant.file}")
+    path.write_text(text.replace(mutant.old, mutant.new))
+
+
+def first_failure(output: str, returncode: int) -> str:
+    """The first FAILED/ERROR node id in pytest's short summary (or a hint)."""
+    for line in output.splitlines():
+        m = re.match(r"^(FAILED|ERROR) (\S+)", line)
+        if m:
+            return m.group(2)
+    return f"(pytest exit {returncode}, no test named)"
+
+
+# --- checks that the sandbox really imports the copy -----------------------------------------
+SENTINEL = Mutant("import-sentinel", "__init__.py", '__version__ = "',
+                  'raise RuntimeError("mutant sentinel")\n__version__ = "',
+                  "raises at import (set-up check)")
+
+
+def setup_checks(box: Sandbox, baseline: bool, tests: list[str]) -> list[str]:
+    """Return problems: the copy must be what the tests and their subprocesses import, a
+    mutant that raises at import must be seen, and the unmutated selection must pass."""
+    problems = []
+    box.refresh(None)
+    where = box.python_output("import pgscope; print(pgscope.__file__)")
+    if not where.startswith(str(box.src)):
+        problems.append(f"the sandbox imports pgscope from {where!r}, not the copy")
+    # a subprocess that sets its own PYTHONPATH (as tests/test_train.py's kill -9 test does)
+    code = ("import os, subprocess, sys; env = dict(os.environ, PYTHONPATH='tests'); "
+            "print(subprocess.run([sys.executable, '-c', 'import pgscope; "
+            "print(pgscope.__file__)'], env=env, capture_output=True, text=True).stdout)")
+    where = box.python_output(code)
+    if not where.startswith(str(box.src)):
+        problems.append(f"a subprocess with its own PYTHONPATH imports pgscope from {where!r}")
+    box.refresh(SENTINEL)
+    status, test, _ = box.pytest(tests[:1], timeout=300)
+    if status != "failed":
+        problems.append("a mutant that raises at import was not seen (the tests passed)")
+    if baseline:
+        box.refresh(None)
+        status, test, seconds = box.pytest(tests)
+        print(f"baseline (no mutant): {status} in {seconds:.1f} s", flush=True)
+        if status != "passed":
+            problems.append(f"the unmutated selection does not pass ({status}: {test})")
+    return problems
+
+
+# --- running and reporting --------------------------------------------------------------------
+@dataclass
+class Result:
+    mutant: Mutant
+    status: str  # killed / survived / timeout
+    test: str | None
+    seconds: float
+
+
+def run_all(mutants: list[Mutant], jobs: int, baseline: bool, tests: list[str]
+            ) -> tuple[list[Result], float | None]:
+    with tempfile.TemporaryDirectory(prefix="pgscope-mutants-") as tmp:
+        boxes: queue.Queue[Sandbox] = queue.Queue()
+        for i in range(jobs):
+            boxes.put(Sandbox(Path(tmp) / f"w{i}"))
+        box = boxes.get()
+        t0 = time.perf_counter()
+        problems = setup_checks(box, baseline, tests)
+        boxes.put(box)
+        if problems:
+            for p in problems:
+                print(f"set-up check failed: {p}", file=sys.stderr)
+            raise SystemExit(2)
+        print(f"set-up checks passed ({time.perf_counter() - t0:.1f} s): the tests and their "
+              "subprocesses import the copy; an import-time failure is seen", flush=True)
+        lock = threading.Lock()
+
+        def one(m: Mutant) -> Result:
+            box = boxes.get()
+            try:
+                box.refresh(m)
+                status, test, seconds = box.pytest(tests)
+            finally:
+                boxes.put(box)
+            result = Result(m, {"failed": "killed", "passed": "survived"}.get(status, status),
+                            test, seconds)
+            with lock:
+                print(f"{result.status:9s} {m.name:34s} {seconds:6.1f} s  {test or ''}",
+                      flush=True)
+            return result
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(one, mutants))
+        return results, time.perf_counter() - start
+
+
+def table(results: list[Result]) -> str:
+    rows = ["| mutant | what it plants | result | first failing test | s |",
+            "|---|---|---|---|---|"]
+    for r in results:
+        test = f"`{r.test}`" if r.test else "-"
+        rows.append(f"| `{r.mutant.name}` | {r.mutant.description} ({r.mutant.file}) | "
+                    f"{r.status} | {test} | {r.seconds:.1f} |")
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    try:
+        import torch  # noqa: PLC0415 - only for the report
+
+        torch_version = torch.__version__
+    except ImportError:  # pragma: no cover
+        torch_version = "?"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, torch {torch_version}")
+
+
+def write_docs(results: list[Result], seconds: float, jobs: int, tests: list[str],
+               argv: list[str]) -> None:
+    killed = sum(r.status != "survived" for r in results)
+    command = "python tools/mutants.py " + " ".join(argv)
+    section = "\n".join([
+        BEGIN,
+        "## Curated mutants (`make mutants`)",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- command: `{command.strip()}` ({jobs} job{'s' if jobs > 1 else ''})",
+        f"- machine: {machine()}",
+        f"- selection: {', '.join(f'`{t}`' for t in tests)} "
+        f"(`pytest {' '.join(PYTEST_ARGS)}`)",
+        f"- result: {killed} of {len(results)} killed, "
+        f"{len(results) - killed} survived; {seconds / 60:.1f} min in all",
+        "",
+        table(results),
+        END,
+    ])
+    text = DOCS.read_text() if DOCS.exists() else "# Testing\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOCS.write_text(text)
+    print(f"wrote {DOCS.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel workers (default 1)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not run the unmutated selection first")
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"write the result table into {DOCS.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    _check_unique_names()
+
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:34s} {m.file:20s} {m.description}")
+        return 0
+    mutants = MUTANTS
+    if args.only:
+        unknown = set(args.only) - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutant(s): {', '.join(sorted(unknown))}")
+        mutants = [m for m in MUTANTS if m.name in args.only]
+    problems = check_patterns(mutants, ROOT / "src")
+    if problems:
+        print("patterns that do not match exactly once (the source drifted; update them):",
+              file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    tests = test_selection()
+    print(f"{len(mutants)} mutants, selection: {' '.join(tests)}", flush=True)
+    results, seconds = run_all(mutants, max(1, args.jobs), not args.skip_baseline, tests)
+    print()
+    print(table(results))
+    survived = [r.mutant.name for r in results if r.status == "survived"]
+    print(f"\n{len(results) - len(survived)} of {len(results)} killed in {seconds:.0f} s"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    if args.write_docs:
+        write_docs(results, seconds, max(1, args.jobs), tests,
+                   argv if argv is not None else sys.argv[1:])
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
