@@ -15,6 +15,12 @@ def ci(d: dict, fmt: str = ".3f") -> str:
     return f"{d['mean']:{fmt}} [{d['ci_low']:{fmt}}, {d['ci_high']:{fmt}}]"
 
 
+def after(record: dict, key: str) -> float:
+    """``key + "_after"`` (the whole batch after the update or epoch), or ``key`` in probe
+    results written before the ``*_after`` keys."""
+    return record.get(f"{key}_after", record.get(key))
+
+
 def main(folders: list[str]) -> None:
     for folder in map(Path, folders):
         print(f"\n### {folder.name}\n")
@@ -63,9 +69,9 @@ def main(folders: list[str]) -> None:
                 print(f"- {run['run']}: {run['summary']}")
             print(f"\nReplay of update {r['replay']['checkpoint_iteration'] + 1}, per epoch "
                   "(whole batch): " + ", ".join(
-                      f"{e['epoch']}: max ratio {e['ratio_max']:.2f}, KL {e['kl_mean']:.4f}"
-                      for e in r["replay"]["per_epoch"]))
-            print(f"Phase-wide (every minibatch): {r['replay']['phase']}")
+                      f"{e['epoch']}: max ratio {after(e, 'ratio_max'):.2f}, "
+                      f"KL {e['kl_mean']:.4f}" for e in r["replay"]["per_epoch"]))
+            print(f"The update's metrics (docs/metrics.md): {r['replay']['phase']}")
         land = folder / "landscape.json"
         if land.exists():
             r = json.loads(land.read_text())

@@ -22,9 +22,10 @@ from pgscope.train import TIMING_KEYS
 REQUIRED_KEYS = {
     "iteration", "env_steps", "return_mean", "return_min", "return_max", "episodes",
     "episode_length", "policy_loss", "value_loss", "entropy", "kl_mean", "kl_max",
-    "ratio_max", "ratio_min", "clip_fraction", "explained_variance", "grad_norm",
-    "learning_rate", "sps",
+    "ratio_max_after", "ratio_min_after", "clip_fraction_after", "explained_variance",
+    "policy_grad_norm", "value_lr", "sps",
 }
+PPO_REQUIRED_KEYS = {"ratio_max", "ratio_min", "clip_fraction", "lr"}
 FAST = dict(steps_per_iter=256, minibatches=4, epochs=2, total_steps=256 * 4,
             checkpoint_every=2)
 
@@ -47,11 +48,15 @@ def test_run_directory_and_metrics(tmp_path, preset, env):
     records = _metrics(run)
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     assert [r["env_steps"] for r in records] == [256, 512, 768, 1024]
+    required = REQUIRED_KEYS | (PPO_REQUIRED_KEYS if preset.startswith("ppo") else set())
     for r in records:
-        assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
+        assert required <= set(r), required - set(r)
         assert r["ratio_first_minibatch_dev"] < 1e-5  # on-policy first minibatch
-        assert r["ratio_min"] <= 1.0 <= r["ratio_max"]
-        assert 0.0 <= r["clip_fraction"] <= 1.0
+        assert r["ratio_min_after"] <= 1.0 <= r["ratio_max_after"]
+        assert 0.0 <= r["clip_fraction_after"] <= 1.0
+        if preset.startswith("ppo"):
+            assert r["ratio_min"] <= 1.0 <= r["ratio_max"]
+            assert 0.0 <= r["clip_fraction"] <= 1.0
         assert r["kl_mean"] >= 0 and r["kl_max"] >= r["kl_mean"]
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["iter_000000.pt", "iter_000002.pt", "iter_000004.pt", "last.pt"]
@@ -78,7 +83,7 @@ def test_same_seed_same_metrics(tmp_path, preset, env):
 
 def test_lr_annealing_and_policy_lr_in_metrics(tmp_path):
     run = train(make_config("ppo", "Pendulum-v1", FAST), tmp_path / "r", progress=False)
-    lrs = [r["learning_rate"] for r in _metrics(run)]
+    lrs = [r["lr"] for r in _metrics(run)]
     np.testing.assert_allclose(lrs, [3e-4 * (1 - i / 4) for i in range(4)])
 
 

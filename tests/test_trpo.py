@@ -191,10 +191,10 @@ def test_trpo_step_respects_kl_and_improves_surrogate(max_kl):
     assert surr_before == pytest.approx(float(adv.mean()), abs=1e-6)  # on-policy: ratio 1
     assert m["policy_loss"] == pytest.approx(-surr_before, abs=1e-6)
     assert m["ratio_first_minibatch_dev"] == 0.0
-    assert m["ratio_min"] <= 1.0 <= m["ratio_max"]
+    assert m["ratio_min_after"] <= 1.0 <= m["ratio_max_after"]
     moved = parameters_to_vector(policy.parameters()) - parameters_to_vector(old.parameters())
     assert moved.norm().item() == pytest.approx(m["step_norm"], rel=1e-4)
-    assert 0.0 <= m["clip_fraction"] <= 1.0
+    assert 0.0 <= m["clip_fraction_after"] <= 1.0
 
 
 def test_trpo_full_step_is_near_the_kl_limit():
@@ -225,7 +225,7 @@ def test_trpo_no_step_leaves_policy_unchanged(adv):
     assert torch.equal(parameters_to_vector(policy.parameters()), before)
     assert m["kl_mean"] == 0.0 and m["kl_max"] == 0.0
     assert m["ratio_first_minibatch_dev"] == 0.0
-    assert m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0
+    assert m["ratio_max_after"] == 1.0 and m["ratio_min_after"] == 1.0
     # The value net is still fit on its targets (values + advantages): it moves only when
     # the advantages are not zero.
     moved = not torch.equal(parameters_to_vector(value_net.parameters()), value_before)

@@ -47,6 +47,7 @@ def _selftest(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pgscope.metrics import metric_value
     from pgscope.train import train
 
     out = Path(args.out)
@@ -67,7 +68,8 @@ def _demo(args: argparse.Namespace) -> int:
         ret = "-" if r["return_mean"] is None else f"{r['return_mean']:.1f}"
         ev = "-" if r["explained_variance"] is None else f"{r['explained_variance']:.2f}"
         print(f"{r['iteration']:>5} {r['env_steps']:>8} {ret:>9} {r['kl_mean']:>8.4f} "
-              f"{r['ratio_max']:>9.2f} {100 * r['clip_fraction']:>5.1f}% {ev:>6}")
+              f"{metric_value(r, 'ratio_max_after'):>9.2f} "
+              f"{100 * metric_value(r, 'clip_fraction_after'):>5.1f}% {ev:>6}")
     probes = out / "probes" / f"iter_{iterations:06d}"
     grads = json.loads((probes / "gradients.json").read_text())
     values = json.loads((probes / "values.json").read_text())

@@ -13,12 +13,13 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent, build_agent, spaces_signature
-from pgscope.algos.common import explained_variance, make_optimizer
+from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.trpo import trpo_update
 from pgscope.config import Config
 from pgscope.envs import check_env_id, make_vector_env
 from pgscope.errors import DivergenceError
+from pgscope.metrics import TIMING_KEYS  # noqa: F401 - re-exported: tests, bench
 from pgscope.optimizations import annealed_lr
 from pgscope.rollout import RolloutCollector
 from pgscope.run import (
@@ -31,9 +32,6 @@ from pgscope.run import (
 )
 
 UPDATES = {"ppo": ppo_update, "trpo": trpo_update}
-
-#: Metrics that measure wall-clock time, excluded from determinism checks.
-TIMING_KEYS = ("sps", "time_elapsed", "rollout_s", "update_s")
 
 
 def _env_seed(cfg: Config, start_iteration: int) -> int:
@@ -51,7 +49,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration:
 
 
 def _check_finite(agent: Agent, metrics: dict[str, Any], iteration: int) -> None:
-    for key in ("policy_loss", "value_loss", "kl_mean", "grad_norm"):
+    for key in ("policy_loss", "value_loss", "kl_mean", "policy_grad_norm"):
         if key in metrics and not math.isfinite(metrics[key]):
             raise DivergenceError(f"{key} became {metrics[key]} at iteration {iteration}.",
                                   iteration, key)
@@ -138,7 +136,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     update = UPDATES[cfg.algo]
     try:
         for it in range(start, cfg.num_iterations):
-            lr = set_learning_rates(optimizer, cfg, it)
+            set_learning_rates(optimizer, cfg, it)
             t0 = time.perf_counter()
             batch, episodes = collector.collect(agent.policy, agent.value_net)
             t1 = time.perf_counter()
@@ -152,7 +150,7 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
             record = dict(iteration=it + 1, env_steps=env_steps,
                           **_episode_metrics(episodes.returns, episodes.lengths),
                           explained_variance=explained_variance(batch.values, batch.returns),
-                          learning_rate=lr, **metrics,
+                          **learning_rates(optimizer), **metrics,
                           sps=len(batch) / (t2 - t0), rollout_s=t1 - t0, update_s=t2 - t1,
                           time_elapsed=elapsed)
             run.append_metrics(_json_safe(record))

@@ -1,5 +1,6 @@
 """Pieces shared by the PPO and TRPO updates: minibatching, phase-wide statistics and the
-metrics that compare the policy before and after an update (SPEC.md section 2)."""
+metrics that compare the policy before and after an update. Every metric key is defined
+in :mod:`pgscope.metrics` (rendered as docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,36 @@ def minibatches(n: int, cfg: Config, generator: torch.Generator) -> Iterator[tor
 
 
 def reference_clip_range(cfg: Config) -> float:
-    """The range [1-eps, 1+eps] that ``clip_fraction`` is measured against: the PPO clip
-    when there is one, else the nominal 0.2 (so ppo-noclip, ppo-kl and TRPO are comparable)."""
+    """The eps of the range [1-eps, 1+eps] that ``clip_fraction`` and
+    ``clip_fraction_after`` are measured against: the PPO clip when there is one, else the
+    nominal 0.2 (so ppo-noclip, ppo-kl and TRPO are comparable)."""
     clips = cfg.algo == "ppo" and cfg.ppo_loss == "clip" and cfg.clip_eps < 1.0
     return cfg.clip_eps if clips else 0.2
 
 
+def ratio_stats(ratio: torch.Tensor, clip_range: float, suffix: str = "") -> dict[str, float]:
+    """Largest and smallest probability ratio and the fraction with ``|r - 1| > clip_range``
+    (keys ``ratio_max``, ``ratio_min``, ``clip_fraction``, each followed by ``suffix``)."""
+    return {
+        f"ratio_max{suffix}": float(ratio.max()),
+        f"ratio_min{suffix}": float(ratio.min()),
+        f"clip_fraction{suffix}": float(((ratio - 1).abs() > clip_range).double().mean()),
+    }
+
+
+def first_ratio_deviation(ratio: torch.Tensor) -> dict[str, float]:
+    """``ratio_first_minibatch_dev``: max |r - 1| at the update's first loss evaluation,
+    where the policy has not moved yet, so it must be 0 (else the stored log-probabilities
+    do not belong to the data-collecting policy)."""
+    return {"ratio_first_minibatch_dev": float((ratio.detach() - 1).abs().max())}
+
+
 class PhaseStats:
-    """Accumulates ratio and loss statistics over a whole update phase (every minibatch of
-    every epoch), never just the last minibatch. Values are kept as tensors and reduced
-    once at the end, so recording costs no per-minibatch synchronisation."""
+    """Accumulates statistics over a whole update phase (every minibatch of every epoch),
+    never just the last minibatch: :meth:`mean` averages scalars such as losses and
+    gradient norms, :meth:`ratios` pools the probability ratios of each minibatch, taken
+    before that minibatch's step. Values are kept as tensors and reduced once at the end,
+    so recording costs no per-minibatch synchronisation."""
 
     def __init__(self, clip_range: float) -> None:
         self.clip_range = clip_range
@@ -44,32 +65,36 @@ class PhaseStats:
             self.values.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
 
     def result(self) -> dict[str, float]:
+        """The mean of every :meth:`mean` key; with ratios recorded also ``ratio_max``,
+        ``ratio_min``, ``clip_fraction`` of all of them and ``ratio_first_minibatch_dev``
+        of the first."""
         out = {k: float(torch.as_tensor(v).mean()) for k, v in self.values.items()}
         if self.ratio_list:
-            ratios = torch.cat(self.ratio_list)
-            out.update(
-                ratio_max=float(ratios.max()),
-                ratio_min=float(ratios.min()),
-                clip_fraction=float(((ratios - 1).abs() > self.clip_range).double().mean()),
-                # must be ~0: the first minibatch is evaluated at the data-collecting policy
-                ratio_first_minibatch_dev=float((self.ratio_list[0] - 1).abs().max()),
-            )
+            out.update(ratio_stats(torch.cat(self.ratio_list), self.clip_range))
+            out.update(first_ratio_deviation(self.ratio_list[0]))
         return out
 
 
 @torch.no_grad()
 def policy_change(policy: Policy, old_policy: Policy, batch: Batch,
-                  heldout_obs: torch.Tensor | None) -> dict[str, float]:
-    """KL(old || new) after the update (analytic; mean and max over states) on the training
-    batch and on held-out states, the k3 estimator ``mean((r - 1) - log r)`` on the batch
-    actions, and the entropy/std of the data-collecting policy."""
+                  heldout_obs: torch.Tensor | None, clip_range: float) -> dict[str, float]:
+    """How far the update moved the policy, and what the data-collecting policy was.
+
+    After the update, on the whole training batch: ``ratio_max_after``,
+    ``ratio_min_after``, ``clip_fraction_after`` (against ``clip_range``) of
+    r = pi_new / pi_old for the batch actions, the analytic KL(old || new) (``kl_mean``,
+    ``kl_max``) and the k3 estimator ``approx_kl`` = mean((r - 1) - log r); the same KL on
+    held-out states (``kl_heldout_*``, when given). Of the data-collecting policy:
+    ``entropy``, and ``entropy_frac`` (discrete) or ``policy_std`` (Gaussian).
+    """
     old, new = old_policy.dist(batch.obs), policy.dist(batch.obs)
     kl = policy.kl(old, new)
     log_ratio = policy.log_prob(new, batch.actions) - batch.logp
-    k3 = ((log_ratio.exp() - 1) - log_ratio).mean()
+    ratio = log_ratio.exp()
     entropy = float(policy.entropy(old).mean())
-    out = dict(kl_mean=float(kl.mean()), kl_max=float(kl.max()), kl_k3=float(k3),
-               entropy=entropy)
+    out = dict(ratio_stats(ratio, clip_range, suffix="_after"),
+               kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+               approx_kl=float(((ratio - 1) - log_ratio).mean()), entropy=entropy)
     if heldout_obs is not None:
         kl_h = policy.kl(old_policy.dist(heldout_obs), policy.dist(heldout_obs))
         out.update(kl_heldout_mean=float(kl_h.mean()), kl_heldout_max=float(kl_h.max()))
@@ -97,3 +122,11 @@ def make_optimizer(cfg: Config, policy: nn.Module, value_net: nn.Module) -> torc
     if cfg.algo == "ppo":
         groups.insert(0, {"params": policy.parameters(), "lr": cfg.policy_lr, "name": "policy"})
     return torch.optim.Adam(groups, eps=cfg.adam_eps, fused=True)
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates the optimizer's groups hold: ``lr`` (the policy's; PPO only, as
+    TRPO's optimizer holds the value net only) and ``value_lr``. Adam never changes them,
+    so read after this iteration's annealing they are the ones its update used."""
+    keys = {"policy": "lr", "value": "value_lr"}
+    return {keys[group["name"]]: float(group["lr"]) for group in optimizer.param_groups}

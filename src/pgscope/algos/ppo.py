@@ -43,11 +43,13 @@ def ppo_update(
     heldout_obs: torch.Tensor | None = None,
     epoch_callback: Callable[[int, Policy], None] | None = None,
 ) -> dict[str, float]:
-    """One PPO update phase on ``batch``; returns the phase's metrics. ``state`` carries
-    the ppo-kl penalty coefficient ``kl_beta`` across iterations. ``epoch_callback(epoch,
-    old_policy)`` runs after each epoch (the trust-region probe watches the update)."""
+    """One PPO update phase on ``batch``; returns the phase's metrics (each key is defined
+    in :mod:`pgscope.metrics`). ``state`` carries the ppo-kl penalty coefficient
+    ``kl_beta`` across iterations. ``epoch_callback(epoch, old_policy)`` runs after each
+    epoch (the trust-region probe watches the update)."""
     old_policy = copy.deepcopy(policy)
-    stats = PhaseStats(reference_clip_range(cfg))
+    clip_range = reference_clip_range(cfg)
+    stats = PhaseStats(clip_range)
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     beta = state.get("kl_beta", cfg.kl_beta_init)
@@ -71,13 +73,14 @@ def ppo_update(
 
             optimizer.zero_grad(set_to_none=True)
             (policy_loss - bonus + v_loss).backward()
-            grad_norm = clip_gradients(policy.parameters(), grad_limit)
+            # the networks share no parameters: each norm is of its own loss's gradient
+            policy_grad_norm = clip_gradients(policy.parameters(), grad_limit)  # pre-clip
             value_grad_norm = clip_gradients(value_net.parameters(), grad_limit)
             optimizer.step()
 
-            stats.ratios(ratio)
-            stats.mean(policy_loss=policy_loss, value_loss=v_loss, grad_norm=grad_norm,
-                       value_grad_norm=value_grad_norm)
+            stats.ratios(ratio)  # before this minibatch's step
+            stats.mean(policy_loss=policy_loss, value_loss=v_loss,
+                       policy_grad_norm=policy_grad_norm, value_grad_norm=value_grad_norm)
         epochs_run += 1
         if epoch_callback is not None:
             epoch_callback(epochs_run, old_policy)
@@ -88,7 +91,7 @@ def ppo_update(
                 break
 
     metrics = stats.result()
-    metrics.update(policy_change(policy, old_policy, batch, heldout_obs))
+    metrics.update(policy_change(policy, old_policy, batch, heldout_obs, clip_range))
     metrics["epochs_run"] = epochs_run
     if cfg.ppo_loss == "kl":
         state["kl_beta"] = adapt_kl_beta(beta, metrics["kl_mean"], cfg.target_kl)

@@ -12,7 +12,13 @@ from collections.abc import Callable
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from pgscope.algos.common import PhaseStats, minibatches, policy_change, reference_clip_range
+from pgscope.algos.common import (
+    PhaseStats,
+    first_ratio_deviation,
+    minibatches,
+    policy_change,
+    reference_clip_range,
+)
 from pgscope.config import Config
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import clip_gradients, normalize_advantages, value_loss
@@ -46,7 +52,7 @@ def conjugate_gradient(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
 def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer, batch: Batch,
               generator: torch.Generator) -> dict[str, float]:
     """Regress the value net on the batch's GAE targets: epochs x minibatches of Adam."""
-    stats = PhaseStats(clip_range=0.2)
+    stats = PhaseStats(clip_range=0.2)  # records no ratios: only means
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     for _ in range(cfg.epochs):
         for idx in minibatches(len(batch), cfg, generator):
@@ -71,7 +77,8 @@ def trpo_update(
     state: dict[str, float],
     heldout_obs: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One TRPO iteration on ``batch``; returns the update's metrics."""
+    """One TRPO iteration on ``batch``; returns the update's metrics (each key is defined
+    in :mod:`pgscope.metrics`)."""
     old_policy = copy.deepcopy(policy)
     params = list(policy.parameters())
     adv = normalize_advantages(batch.advantages, cfg.adv_norm)
@@ -93,9 +100,7 @@ def trpo_update(
         grad_kl = flat_grad(mean_kl(fisher_obs), params, create_graph=True)
         return flat_grad(grad_kl @ v, params) + cfg.cg_damping * v
 
-    stats = PhaseStats(reference_clip_range(cfg))
-    ratio_old = ratio()
-    stats.ratios(ratio_old)  # on-policy: must be exactly 1
+    ratio_old = ratio()  # on-policy: exactly 1
     surr_old = (ratio_old * adv).mean()
     g = flat_grad(surr_old, params)
     direction = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
@@ -114,15 +119,15 @@ def trpo_update(
         else:
             vector_to_parameters(theta_old, params)  # no acceptable step: keep theta_old
 
-        stats.ratios(ratio())
-    metrics = stats.result()
-    metrics.update(
+    metrics = dict(
         policy_loss=-float(surr_old.detach()),
-        grad_norm=float(g.norm()),
+        policy_grad_norm=float(g.norm()),  # the policy loss is -surrogate: same norm
+        **first_ratio_deviation(ratio_old),
         step_fraction=step_fraction,
         linesearch_steps=steps_tried,
         step_norm=float(step.norm()) * step_fraction,
     )
     metrics.update(fit_value(cfg, value_net, optimizer, batch, generator))
-    metrics.update(policy_change(policy, old_policy, batch, heldout_obs))
+    metrics.update(policy_change(policy, old_policy, batch, heldout_obs,
+                                 reference_clip_range(cfg)))
     return metrics

@@ -58,18 +58,24 @@ def plot_values(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _after(record: dict, key: str) -> list | float | None:
+    """``record[key + "_after"]``, or ``record[key]`` in results written before the
+    ``*_after`` keys (the same after-update statistic under its older name)."""
+    return record.get(f"{key}_after", record.get(key))
+
+
 def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None:
     ncols = 3 if replay else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
     for i, run in enumerate(runs):
         s = run["series"]
         label = f"{run['preset']} s{run['seed']}"
-        axes[0].plot(s["env_steps"], s["ratio_max"], color=f"C{i}", label=label, lw=1)
+        axes[0].plot(s["env_steps"], _after(s, "ratio_max"), color=f"C{i}", label=label, lw=1)
         axes[1].plot(s["env_steps"], s["kl_mean"], color=f"C{i}", label=label, lw=1)
     clip = runs[0]["clip_range"] if runs else 0.2
     axes[0].axhline(1 + clip, color="k", ls="--", lw=1, label=f"1 + {clip:g}")
     axes[0].set_yscale("log")
-    axes[0].set_title("max ratio per update")
+    axes[0].set_title("max ratio after each update (whole batch)")
     axes[1].set_title("mean KL(old || new) after update")
     for ax in axes[:2]:
         ax.set_xlabel("env steps")
@@ -77,7 +83,8 @@ def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None
     if replay:
         ep = [e["epoch"] for e in replay["per_epoch"]]
         ax = axes[2]
-        ax.plot(ep, [e["ratio_max"] for e in replay["per_epoch"]], "o-", label="max ratio")
+        ax.plot(ep, [_after(e, "ratio_max") for e in replay["per_epoch"]], "o-",
+                label="max ratio")
         ax.plot(ep, [1 + replay["clip_range"]] * len(ep), "k--", lw=1)
         ax2 = ax.twinx()
         ax2.plot(ep, [e["kl_mean"] for e in replay["per_epoch"]], "s-", color="C3",

@@ -1,9 +1,13 @@
-"""Probe 6: is the trust region kept? (SPEC.md section 3; "Implementation Matters")
+"""Probe 6: is the trust region kept? ("Implementation Matters")
 
 Two views:
 
-* over training, from a run's ``metrics.jsonl``: max and min ratio, mean and max
-  KL(old||new), fraction of ratios outside the clip range, per iteration;
+* over training, from a run's ``metrics.jsonl``: per iteration, the max and min ratio
+  pi_new / pi_old and the fraction of ratios outside the reference clip range on the whole
+  batch after the update (``ratio_max_after``, ``ratio_min_after``,
+  ``clip_fraction_after``, which PPO and TRPO both log), and the mean and max
+  KL(old||new); metrics files written before those keys existed are read through their
+  older keys (``ratio_max`` etc.; see :func:`pgscope.metrics.metric_value`);
 * within one update, by replaying it: load the checkpoint of an iteration (agent,
   optimizer, normalization), draw a fresh batch as training would, run the algorithm's own
   update, and measure after every epoch, on the whole batch, the same quantities.
@@ -18,32 +22,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgscope.algos.common import make_optimizer, reference_clip_range
+from pgscope.algos.common import make_optimizer, ratio_stats, reference_clip_range
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.trpo import trpo_update
 from pgscope.config import Config
+from pgscope.metrics import metric_value
 from pgscope.networks import Policy
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch
 from pgscope.run import RunDir, load_agent, load_checkpoint, resolve_checkpoint
 
-KEYS = ("ratio_max", "ratio_min", "kl_mean", "kl_max", "clip_fraction")
+#: The cross-run series: after-update statistics every algorithm logs.
+KEYS = ("ratio_max_after", "ratio_min_after", "kl_mean", "kl_max", "clip_fraction_after")
+#: The update's own metrics reported with a replay (PPO's phase-wide ratio statistics too).
+PHASE_KEYS = ("ratio_max", "ratio_min", "clip_fraction", *KEYS, "epochs_run")
 
 
 def from_metrics(run_dir: str | Path) -> dict:
-    """Per-iteration trust-region series of a run, and their extremes."""
+    """Per-iteration trust-region series of a run (:data:`KEYS`), and their extremes.
+    ``legacy_keys`` says whether some line predates the ``*_after`` keys and was read
+    through its older ones (TRPO's pooled its ratios with the on-policy ones, all 1;
+    PPO's were phase-wide, over every minibatch before its step)."""
     run = RunDir.open(Path(run_dir))
     cfg = run.read_config()
     records = run.read_metrics()
-    series = {k: [r.get(k) for r in records] for k in ("iteration", "env_steps", *KEYS)}
+    series = {k: [r.get(k) for r in records] for k in ("iteration", "env_steps")}
+    series.update({k: [metric_value(r, k) for r in records] for k in KEYS})
     finite = {k: [v for v in series[k] if v is not None] for k in KEYS}
+    ratio_max = finite["ratio_max_after"]
     return {
         "run": str(run_dir), "preset": cfg.preset, "env_id": cfg.env_id, "seed": cfg.seed,
         "clip_range": reference_clip_range(cfg),
+        "legacy_keys": any("ratio_max_after" not in r for r in records),
         "series": series,
         "summary": {
-            "ratio_max_max": max(finite["ratio_max"], default=float("nan")),
-            "ratio_max_median": float(np.median(finite["ratio_max"])) if finite["ratio_max"]
+            "ratio_max_after_max": max(ratio_max, default=float("nan")),
+            "ratio_max_after_median": float(np.median(ratio_max)) if ratio_max
             else float("nan"),
             "kl_mean_max": max(finite["kl_mean"], default=float("nan")),
             "kl_mean_median": float(np.median(finite["kl_mean"])) if finite["kl_mean"]
@@ -54,18 +68,20 @@ def from_metrics(run_dir: str | Path) -> dict:
 
 @torch.no_grad()
 def _measure(policy: Policy, old_policy: Policy, batch: Batch, clip: float) -> dict[str, float]:
+    """The :data:`KEYS` statistics of ``policy`` against ``old_policy`` on the whole batch
+    (as the update's own ``*_after`` metrics, but at any point of the update)."""
     old, new = old_policy.dist(batch.obs), policy.dist(batch.obs)
     kl = policy.kl(old, new)
     ratio = (policy.log_prob(new, batch.actions) - batch.logp).exp()
-    return {"ratio_max": float(ratio.max()), "ratio_min": float(ratio.min()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "clip_fraction": float(((ratio - 1).abs() > clip).double().mean())}
+    return {**ratio_stats(ratio, clip, suffix="_after"),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
 
 
 def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int = 0,
                   capture: dict | None = None) -> dict:
     """Replay the update that follows checkpoint ``iteration`` (default: the latest) on a
-    fresh batch of the training size, measuring the trust region after each epoch.
+    fresh batch of the training size, measuring the trust region (:data:`KEYS`, on the
+    whole batch) after each epoch; ``phase`` holds the update's own metrics.
     ``capture``, if given, receives the updated ``agent``, the ``batch``, the
     ``old_policy`` and the algorithm ``state_before`` (the landscape probe uses them)."""
     path = resolve_checkpoint(Path(run_dir), iteration)
@@ -95,7 +111,7 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
     return {"run": str(run_dir), "checkpoint_iteration": int(ckpt["iteration"]),
             "preset": cfg.preset, "clip_range": clip, "batch_pairs": len(batch),
             "per_epoch": epochs,
-            "phase": {k: metrics[k] for k in (*KEYS, "epochs_run") if k in metrics}}
+            "phase": {k: metrics[k] for k in PHASE_KEYS if k in metrics}}
 
 
 def save_json(obj: dict, path: Path) -> None:
