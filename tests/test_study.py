@@ -333,17 +333,21 @@ def test_summary_tables_equal_the_statistics_on_the_scores(tmp_path):
     assert agg.loc["ppo", "iqm"] == pytest.approx(stats.iqm(ppo))
     lo_hi = stats.stratified_bootstrap_ci(ppo, stats.iqm, reps=1000, seed=4)[1:]
     assert (agg.loc["ppo", "iqm_low"], agg.loc["ppo", "iqm_high"]) == pytest.approx(lo_hi)
-    assert agg.loc["small", "runs"] == 5 and agg.loc["small", "diverged"] == 1
+    assert agg.loc["small", "n_complete"] == 5 and agg.loc["small", "n_diverged"] == 1
+    assert agg.loc["small", "n"] == 6 and agg.loc["small", "n_missing"] == 0
+    assert agg.loc["small", "mean"] == pytest.approx(np.mean(small[:5]))  # complete runs
     # the diverged run counts as a failure, next to the runs below the threshold
     k = int(np.sum(small[:5] < 90)) + 1
     assert agg.loc["small", "failure_rate"] == pytest.approx(k / 6)
     comp = res["tables"]["comparisons"].iloc[0]
     assert (comp["a"], comp["b"]) == ("small", "ppo")
+    # Welch's t on the complete runs; rank statistics with the diverged run as -inf
     t = sps.ttest_ind(small[:5], ppo, equal_var=False)
     assert (comp["welch_t"], comp["welch_p"]) == pytest.approx((t.statistic, t.pvalue))
-    u = sps.mannwhitneyu(small[:5], ppo)
+    u = sps.mannwhitneyu(np.append(small[:5], -np.inf), ppo)
     assert comp["mannwhitney_p"] == pytest.approx(u.pvalue)
-    assert comp["prob_improvement"] == pytest.approx(u.statistic / 30)
+    assert comp["prob_improvement"] == pytest.approx(u.statistic / 36)
+    assert (comp["n_complete_a"], comp["n_diverged_a"], comp["n_b"]) == (5, 1, 6)
     assert agg.loc["ppo", "seeds_needed"] == stats.seeds_needed(
         float(np.std(ppo, ddof=1)), 0.1 * float(np.mean(ppo)))
     lot = res["tables"]["lottery"].set_index("label")
@@ -388,7 +392,8 @@ def test_summary_command_writes_tables_and_plots(tmp_path, capsys):
             "summary.json", "curves.png", "intervals.png", "profiles.png",
             "improvement.png"} <= names
     data = json.loads((out / "summary" / "summary.json").read_text())
-    assert data["score"]["last_fraction"] == 0.1 and data["tables"]["aggregates"][0]["runs"] == 4
+    assert data["score"]["last_fraction"] == 0.1
+    assert data["tables"]["aggregates"][0]["n_complete"] == 4
     curves = pd.read_csv(out / "summary" / "curves.csv")
     first = curves[curves["label"] == "ppo"].iloc[-1]
     assert first["mean"] == pytest.approx(np.mean([4, 5, 6, 7]))

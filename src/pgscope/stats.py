@@ -7,6 +7,13 @@ interval is reproducible for a given ``seed``.
 Agreement with ``rliable`` and SciPy on identical inputs is tested in
 ``tests/test_stats_rliable.py`` and ``tests/test_stats.py``. The study summary
 (:mod:`pgscope.study.analysis`) is built on these functions.
+
+Failed runs: the rank-based functions (:func:`iqm`, :func:`median`, the probability of
+improvement, :func:`mann_whitney`, the performance profiles) accept ``-inf`` scores, which
+is how the study summary enters a run that diverged or failed: it ranks below every finite
+score and ties with other such runs. Their bootstrap intervals stay well defined (:func:`quantile`).
+The mean-based functions (:func:`mean`, :func:`welch_t_test`, :func:`seeds_needed`,
+:func:`seed_lottery`) need finite scores; the caller leaves failed runs out and says so.
 """
 
 from __future__ import annotations
@@ -26,15 +33,19 @@ def _as_2d(scores: np.ndarray) -> np.ndarray:
 
 
 def iqm(scores: np.ndarray) -> float:
-    """Interquartile mean over all runs and tasks: the mean of the middle 50%."""
+    """Interquartile mean over all runs and tasks: the mean of the middle 50% (-inf when a
+    -inf score falls in the middle 50%)."""
     return float(sps.trim_mean(_as_2d(scores).reshape(-1), proportiontocut=0.25))
 
 
 def median(scores: np.ndarray) -> float:
+    """Median over all runs and tasks (NumPy's: the mean of the two middle values for an
+    even count, so -inf when either of them is -inf)."""
     return float(np.median(_as_2d(scores)))
 
 
 def mean(scores: np.ndarray) -> float:
+    """Mean over all runs and tasks (for finite scores only)."""
     return float(np.mean(_as_2d(scores)))
 
 
@@ -51,12 +62,31 @@ _BATCHED: dict[Aggregate, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def quantile(values: np.ndarray, q: float, axis: int | None = None) -> Any:
+    """``np.quantile`` (linear interpolation) that keeps infinite values infinite.
+
+    A run that diverged enters the rank statistics as -inf, so bootstrap values of the IQM
+    or median can be -inf. NumPy interpolates between neighbours as ``a + (b - a) t``, which
+    is NaN when ``a = -inf``; the interpolated value there is -inf for every ``t < 1``, and
+    symmetrically +inf when the upper neighbour is +inf and the lower one is finite."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        q_lin = np.quantile(v, q, axis=axis)
+    if not np.isinf(v).any():
+        return q_lin
+    lower = np.quantile(v, q, axis=axis, method="lower")
+    upper = np.quantile(v, q, axis=axis, method="higher")
+    out = np.where(np.isneginf(lower), -np.inf, np.where(np.isposinf(upper), np.inf, q_lin))
+    return out if axis is not None else out[()]
+
+
 def percentile_interval(values: np.ndarray, level: float = 0.95, axis: int | None = None
                         ) -> tuple[Any, Any]:
     """The central ``level`` interval of bootstrap ``values`` (the percentile method): two
-    floats, or two arrays when taken along ``axis``."""
+    floats, or two arrays when taken along ``axis``. Infinite values stay infinite (see
+    :func:`quantile`), so an interval can be ``[-inf, x]`` but never NaN from them."""
     alpha = (1 - level) / 2
-    low, high = np.quantile(values, alpha, axis=axis), np.quantile(values, 1 - alpha, axis=axis)
+    low, high = quantile(values, alpha, axis=axis), quantile(values, 1 - alpha, axis=axis)
     return (float(low), float(high)) if axis is None else (low, high)
 
 
@@ -78,7 +108,8 @@ def stratified_bootstrap_ci(scores: np.ndarray, statistic: Aggregate, *, reps: i
 
 def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     """P(X > Y) + 0.5 P(X = Y) for a random run of X against one of Y, averaged over tasks
-    (rliable's definition; equals the Mann-Whitney U statistic / (n m) per task)."""
+    (rliable's definition; equals the Mann-Whitney U statistic / (n m) per task). Scores of
+    -inf are allowed: such a run loses to every finite score and ties with another -inf."""
     return float(_poi_batched(_as_2d(x)[None], _as_2d(y)[None])[0])
 
 
@@ -109,17 +140,20 @@ def welch_t_test(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def mann_whitney(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(U of x, two-sided p) of the Mann-Whitney U test."""
+    """(U of x, two-sided p) of the Mann-Whitney U test (SciPy's; -inf scores are ranked
+    below every finite score, ties share their ranks)."""
     res = sps.mannwhitneyu(np.ravel(x), np.ravel(y), alternative="two-sided")
     return float(res.statistic), float(res.pvalue)
 
 
 def failure_rate(scores: np.ndarray, threshold: float, level: float = 0.95
                  ) -> tuple[float, float, float]:
-    """(rate, low, high): fraction of runs scoring below ``threshold`` with a Wilson CI
-    (a NaN score, e.g. a diverged run, counts as a failure)."""
+    """(rate, low, high): fraction of runs scoring below ``threshold`` with a Wilson CI.
+    A NaN or -inf score (how a diverged run is entered) counts as a failure whatever the
+    threshold, also when it is -inf (no threshold)."""
     s = np.ravel(np.asarray(scores, dtype=np.float64))
-    return proportion_ci(int(np.sum(np.isnan(s) | (s < threshold))), len(s), level)
+    failed = np.isnan(s) | np.isneginf(s) | (s < threshold)
+    return proportion_ci(int(np.sum(failed)), len(s), level)
 
 
 def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
@@ -129,7 +163,8 @@ def proportion_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float, fl
 
 
 def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """Fraction of runs with score > tau, averaged over tasks, for each tau."""
+    """Fraction of runs with score > tau, averaged over tasks, for each tau (a -inf score is
+    below every tau but stays in the denominator)."""
     x = _as_2d(scores)
     return np.array([float(np.mean(np.mean(x > tau, axis=0))) for tau in np.ravel(taus)])
 

@@ -5,14 +5,31 @@
 :func:`write_summary` writes them as CSV and JSON (plus PNG plots) and returns them.
 
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
-output). Only complete runs are scored. A diverged run (NaN/Inf) has no score and counts as
-a failure; runs not yet finished are listed as missing and left out.
+output). Every planned run has one of four outcomes (:data:`OUTCOME_RULE`, stated in every
+summary):
+
+- **complete**: finished, with a score;
+- **diverged**: stopped by NaN/Inf (``status.json`` "diverged");
+- **failed**: training stopped by an error (``status.json`` "failed"); the next
+  ``pgscope study run`` resumes it, so this outcome can still change;
+- **missing**: not finished (never started, running, or interrupted), or complete but
+  without any episode ending in the score window.
+
+Diverged and failed runs count as failures. Rank-based statistics (IQM, median,
+probability of improvement, Mann-Whitney U, performance profiles) enter them as the worst
+possible score, -inf (their ``rank_score``), so they are never silently dropped; mean-based
+ones (mean, std, Welch's t, seeds needed, the seed lottery) cannot use -inf and are
+computed on the complete runs, with the number left out next to them. Missing runs are
+listed and never counted.
+
+Every aggregate and comparison row carries ``n`` (planned runs), ``n_complete``,
+``n_diverged``, ``n_failed`` and ``n_missing`` (suffixed ``_a``/``_b`` for the two sides of
+a comparison). ``summary.json`` and the CSV files keep full float precision.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -22,10 +39,24 @@ import pandas as pd
 
 from pgscope import stats
 from pgscope.run import RunDir, atomic_write_json
-from pgscope.study.runner import FINISHED, open_study, run_state
+from pgscope.study.runner import FAILED, FINISHED, open_study, run_state
 from pgscope.study.spec import StudySpec
 
 RUN_COLUMNS = ["label", "env", "seed", "preset", "state"]
+
+#: The rule by which runs that did not complete enter the statistics (one sentence, printed
+#: in the summary header and written to summary.json).
+OUTCOME_RULE = (
+    "a diverged (NaN/Inf) or failed (stopped by an error, retried by the next study run) "
+    "run counts as a failure: rank statistics (IQM, median, P(a > b), Mann-Whitney U, "
+    "performance profiles) place it below every completed run (score -inf, ties among such "
+    "runs count one half), mean statistics (mean, std, Welch's t, seeds needed, seed "
+    "lottery) use the completed runs only and show how many runs they leave out, and "
+    "unfinished runs are listed as missing and never counted.")
+#: The run counts on every aggregate row (comparison rows: suffixed _a and _b).
+COUNT_COLUMNS = ("n", "n_complete", "n_diverged", "n_failed", "n_missing")
+#: Outcomes that count as failures and rank below every completed run.
+FAILURES = ("diverged", FAILED)
 
 
 def load_study(path: str | Path) -> pd.DataFrame:
@@ -50,7 +81,8 @@ def _load(spec: StudySpec, path: Path) -> pd.DataFrame:
 
 
 def final_scores(spec: StudySpec, data: pd.DataFrame) -> pd.DataFrame:
-    """One row per run of the spec: its state and final score (NaN unless complete)."""
+    """One row per run of the spec: its state, final score (NaN unless complete), outcome
+    and ``rank_score`` (see :func:`with_outcomes`)."""
     rows = []
     by_run = {k: g for k, g in data.groupby(["label", "env", "seed"], sort=False)}
     for r in spec.runs():
@@ -65,7 +97,37 @@ def final_scores(spec: StudySpec, data: pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(label=r.label, env=r.env_id, seed=r.seed, state=state,
                          iterations=0 if g is None else int(g["iteration"].max()),
                          planned_iterations=planned, window=window, score=score))
-    return pd.DataFrame(rows)
+    return with_outcomes(pd.DataFrame(rows))
+
+
+def with_outcomes(scores: pd.DataFrame) -> pd.DataFrame:
+    """``scores`` (columns ``state`` and ``score``) with the columns ``outcome`` (complete /
+    diverged / failed / missing) and ``rank_score`` (the score; -inf for a failure; NaN if
+    missing) of the outcome rule (:data:`OUTCOME_RULE`) added or recomputed."""
+    out = scores.copy()
+    state, score = out["state"].astype(str), out["score"].astype(float)
+    scored = (state == "complete") & np.isfinite(score)
+    failure = state.isin(FAILURES)
+    out["outcome"] = np.where(scored, "complete", np.where(failure, state, "missing"))
+    out["rank_score"] = np.where(scored, score, np.where(failure, -np.inf, np.nan))
+    return out
+
+
+def _counts(g: pd.DataFrame, suffix: str = "") -> dict[str, int]:
+    """n (planned), n_complete, n_diverged, n_failed, n_missing of the runs in ``g``."""
+    outcome = g["outcome"]
+    return {f"{col}{suffix}": len(g) if col == "n" else int((outcome == col[2:]).sum())
+            for col in COUNT_COLUMNS}
+
+
+def _ranked(g: pd.DataFrame) -> np.ndarray:
+    """Scores for rank statistics: complete runs' scores and -inf for failures."""
+    return g.loc[g["outcome"] != "missing", "rank_score"].to_numpy(dtype=np.float64)
+
+
+def _completed(g: pd.DataFrame) -> np.ndarray:
+    """Scores for mean statistics: the complete runs only."""
+    return g.loc[g["outcome"] == "complete", "score"].to_numpy(dtype=np.float64)
 
 
 def _ci(prefix: str, triple: tuple[float, float, float]) -> dict[str, float]:
@@ -73,26 +135,29 @@ def _ci(prefix: str, triple: tuple[float, float, float]) -> dict[str, float]:
 
 
 def aggregates(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
-    """Per config and env: IQM/median/mean with stratified bootstrap CIs, the failure rate
-    with a Wilson CI, and the seeds needed to detect the study's relative difference."""
+    """Per config and env: the run counts; IQM and median (diverged and failed runs as
+    -inf) and mean and std (complete runs only) with stratified bootstrap CIs; the failure
+    rate (diverged and failed runs and runs below the env's threshold, over all but the
+    missing runs) with a Wilson CI; and the seeds needed to detect the study's relative
+    difference (from the complete runs' mean and std)."""
     st = spec.statistics
     rows = []
-    for (label, env), g in scores.groupby(["label", "env"], sort=False):
-        finished = g[g["state"].isin(FINISHED)]
-        x = finished["score"].dropna().to_numpy()
-        row: dict[str, Any] = dict(label=label, env=env, runs=len(x),
-                                   diverged=int((finished["state"] == "diverged").sum()),
-                                   missing=int(len(g) - len(finished)))
-        if len(x):
-            for name, fn in (("iqm", stats.iqm), ("median", stats.median), ("mean", stats.mean)):
+    for (label, env), g in with_outcomes(scores).groupby(["label", "env"], sort=False):
+        ranked, x = _ranked(g), _completed(g)
+        row: dict[str, Any] = dict(label=label, env=env, **_counts(g))
+        if len(ranked):
+            for name, fn in (("iqm", stats.iqm), ("median", stats.median)):
                 row.update(_ci(name, stats.stratified_bootstrap_ci(
-                    x, fn, reps=st.reps, level=st.level, seed=st.seed)))
+                    ranked, fn, reps=st.reps, level=st.level, seed=st.seed)))
+        if len(x):
+            row.update(_ci("mean", stats.stratified_bootstrap_ci(
+                x, stats.mean, reps=st.reps, level=st.level, seed=st.seed)))
             row["std"] = float(np.std(x, ddof=1)) if len(x) > 1 else math.nan
         threshold = spec.score.failure_threshold.get(env)
-        if len(finished):  # a diverged run (NaN score) counts as a failure
+        if len(ranked):
             row.update(_ci("failure_rate", stats.failure_rate(
-                finished["score"].to_numpy(), -math.inf if threshold is None else threshold,
-                st.level)), failure_threshold=threshold)
+                ranked, -math.inf if threshold is None else threshold, st.level)),
+                failure_threshold=threshold)
         if len(x) > 1 and row["std"] > 0 and row["mean"] != 0:
             row["seeds_needed"] = stats.seeds_needed(
                 row["std"], st.relative_difference * abs(row["mean"]), alpha=st.alpha,
@@ -107,41 +172,51 @@ def _pairs(spec: StudySpec) -> list[tuple[str, str]]:
     return [(label, spec.baseline) for label in spec.labels if label != spec.baseline]
 
 
-def _compare(x: np.ndarray, y: np.ndarray, spec: StudySpec) -> dict[str, float]:
+def _compare(ga: pd.DataFrame, gb: pd.DataFrame, spec: StudySpec) -> dict[str, Any]:
+    """Runs ``ga`` (config a) against ``gb`` (config b): their counts; P(a > b) and
+    Mann-Whitney U with diverged and failed runs as -inf; mean difference and Welch's t
+    on the complete runs (each family needs at least two runs per side)."""
     st = spec.statistics
-    row = dict(n_a=len(x), n_b=len(y))
-    if len(x) < 2 or len(y) < 2:
-        return row
-    row.update(mean_a=float(np.mean(x)), mean_b=float(np.mean(y)),
-               difference=float(np.mean(x) - np.mean(y)))
-    row.update(_ci("prob_improvement", stats.probability_of_improvement_ci(
-        x, y, reps=st.reps, level=st.level, seed=st.seed)))
-    row["welch_t"], row["welch_p"] = stats.welch_t_test(x, y)
-    row["mannwhitney_u"], row["mannwhitney_p"] = stats.mann_whitney(x, y)
+    row: dict[str, Any] = {**_counts(ga, "_a"), **_counts(gb, "_b")}
+    x, y = _ranked(ga), _ranked(gb)
+    if len(x) >= 2 and len(y) >= 2:
+        row.update(_ci("prob_improvement", stats.probability_of_improvement_ci(
+            x, y, reps=st.reps, level=st.level, seed=st.seed)))
+        row["mannwhitney_u"], row["mannwhitney_p"] = stats.mann_whitney(x, y)
+    xc, yc = _completed(ga), _completed(gb)
+    if len(xc) >= 2 and len(yc) >= 2:
+        row.update(mean_a=float(np.mean(xc)), mean_b=float(np.mean(yc)),
+                   difference=float(np.mean(xc) - np.mean(yc)))
+        row["welch_t"], row["welch_p"] = stats.welch_t_test(xc, yc)
     return row
 
 
 def comparisons(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
-    """Config a vs config b per env: P(a > b) with CI (rliable's definition), Welch's t and
-    Mann-Whitney U. With several envs a row 'all' averages P(a > b) over envs (it is
-    scale-free, so averaging across tasks is meaningful)."""
-    ok = scores.dropna(subset=["score"])
+    """Config a vs config b per env: P(a > b) with CI (rliable's definition) and
+    Mann-Whitney U, counting diverged and failed runs as the worst outcome; the mean
+    difference and Welch's t on complete runs; the run counts of both sides. With several
+    envs a row 'all' averages P(a > b) over envs (it is scale-free, so averaging across
+    tasks is meaningful); it needs the same number of ranked runs in every env."""
+    scores = with_outcomes(scores)
+    st = spec.statistics
     rows = []
     for a, b in _pairs(spec):
-        per_env_x, per_env_y = [], []
+        per_env_a, per_env_b = [], []
         for env in spec.envs:
-            x = ok[(ok["label"] == a) & (ok["env"] == env)]["score"].to_numpy()
-            y = ok[(ok["label"] == b) & (ok["env"] == env)]["score"].to_numpy()
-            rows.append(dict(a=a, b=b, env=env, **_compare(x, y, spec)))
-            per_env_x.append(x)
-            per_env_y.append(y)
-        same_n = len({len(v) for v in per_env_x}) == 1 and len({len(v) for v in per_env_y}) == 1
-        if len(spec.envs) > 1 and same_n and len(per_env_x[0]) > 1 and len(per_env_y[0]) > 1:
-            st = spec.statistics
-            rows.append(dict(a=a, b=b, env="all", **_ci(
-                "prob_improvement", stats.probability_of_improvement_ci(
-                    np.stack(per_env_x, 1), np.stack(per_env_y, 1), reps=st.reps,
-                    level=st.level, seed=st.seed))))
+            ga = scores[(scores["label"] == a) & (scores["env"] == env)]
+            gb = scores[(scores["label"] == b) & (scores["env"] == env)]
+            rows.append(dict(a=a, b=b, env=env, **_compare(ga, gb, spec)))
+            per_env_a.append(ga)
+            per_env_b.append(gb)
+        xs, ys = [_ranked(g) for g in per_env_a], [_ranked(g) for g in per_env_b]
+        same_n = len({len(v) for v in xs}) == 1 and len({len(v) for v in ys}) == 1
+        if len(spec.envs) > 1 and same_n and len(xs[0]) > 1 and len(ys[0]) > 1:
+            rows.append(dict(a=a, b=b, env="all",
+                             **_counts(pd.concat(per_env_a), "_a"),
+                             **_counts(pd.concat(per_env_b), "_b"),
+                             **_ci("prob_improvement", stats.probability_of_improvement_ci(
+                                 np.stack(xs, 1), np.stack(ys, 1), reps=st.reps,
+                                 level=st.level, seed=st.seed))))
     return pd.DataFrame(rows)
 
 
@@ -156,32 +231,32 @@ def main_effects(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     """For a factorial study: each factor's level against its first level, pooled over all
     other factors (a = this level, b = the reference level)."""
     rows = []
-    ok = scores.dropna(subset=["score"])
+    scores = with_outcomes(scores)
     for factor in spec.factors:
         for env in spec.envs:
-            e = ok[ok["env"] == env]
+            e = scores[scores["env"] == env]
             levels, values = _factor_levels(spec, factor, e["label"])
-            ref = e[values == levels[0]]["score"].to_numpy()
+            ref = e[values == levels[0]]
             for level in levels[1:]:
-                x = e[values == level]["score"].to_numpy()
                 rows.append(dict(factor=factor, level=level, reference=levels[0], env=env,
-                                 **_compare(x, ref, spec)))
+                                 **_compare(e[values == level], ref, spec)))
     return pd.DataFrame(rows)
 
 
 def lottery(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
-    """The seed lottery for every config and env with at least 4 scored runs; the most
-    extreme split's first group is given as seeds (``worst_split_seeds``)."""
+    """The seed lottery (Welch's t, so complete runs only) for every config and env with at
+    least 4 complete runs, with the run counts; the most extreme split's first group is
+    given as seeds (``worst_split_seeds``)."""
     st = spec.statistics
     rows = []
-    for (label, env), g in scores.dropna(subset=["score"]).groupby(["label", "env"],
-                                                                    sort=False):
-        if len(g) >= 4:
-            res = stats.seed_lottery(g["score"].to_numpy(), splits=st.lottery_splits,
+    for (label, env), g in with_outcomes(scores).groupby(["label", "env"], sort=False):
+        done = g[g["outcome"] == "complete"]
+        if len(done) >= 4:
+            res = stats.seed_lottery(done["score"].to_numpy(), splits=st.lottery_splits,
                                      alpha=st.alpha, seed=st.seed)
-            seeds = g["seed"].to_numpy()
+            seeds = done["seed"].to_numpy()
             res["worst_split_seeds"] = [int(seeds[i]) for i in res.pop("worst_split")]
-            rows.append(dict(label=label, env=env, **res))
+            rows.append(dict(label=label, env=env, **_counts(g), **res))
     return pd.DataFrame(rows)
 
 
@@ -216,42 +291,58 @@ def _curve_ci_rows(g: pd.DataFrame, spec: StudySpec, points: int) -> list[dict[s
 
 def curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.DataFrame:
     """Mean learning curve (return vs env steps) of complete runs with a bootstrap CI
-    over runs, per config and env, on at most ``points`` evenly spaced iterations."""
+    over runs, per config and env, on at most ``points`` evenly spaced iterations. Each row
+    carries the config's run counts: a diverged or failed run has no curve to the end, so
+    the curve is over the complete runs and the counts say how many it leaves out."""
     done = data[data["state"] == "complete"]
-    return pd.DataFrame([dict(label=label, env=env, **row)
-                         for (label, env), g in done.groupby(["label", "env"], sort=False)
-                         for row in _curve_ci_rows(g, spec, points)])
+    scores = final_scores(spec, data)
+    rows = []
+    for (label, env), g in done.groupby(["label", "env"], sort=False):
+        counts = _counts(scores[(scores["label"] == label) & (scores["env"] == env)])
+        rows += [dict(label=label, env=env, **counts, **row)
+                 for row in _curve_ci_rows(g, spec, points)]
+    return pd.DataFrame(rows)
 
 
 def factor_curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.DataFrame:
     """For a factorial study: learning curves per level of each factor, pooled over the
-    other factors (all runs with that level)."""
+    other factors (all complete runs with that level; the counts cover all its runs)."""
     done = data[data["state"] == "complete"]
+    scores = final_scores(spec, data)
     rows = []
     for factor in spec.factors:
         levels, values = _factor_levels(spec, factor, done["label"])
+        _, score_values = _factor_levels(spec, factor, scores["label"])
         for level in levels:
             for env, g in done[values == level].groupby("env", sort=False):
-                rows += [dict(factor=factor, level=str(level), env=env, **row)
+                counts = _counts(scores[(score_values == level) & (scores["env"] == env)])
+                rows += [dict(factor=factor, level=str(level), env=env, **counts, **row)
                          for row in _curve_ci_rows(g, spec, points)]
     return pd.DataFrame(rows)
 
 
 def profiles(spec: StudySpec, scores: pd.DataFrame, points: int = 41) -> pd.DataFrame:
-    """Performance profiles per env: fraction of runs scoring above tau, with CIs."""
+    """Performance profiles per env: fraction of runs scoring above tau, with CIs, on
+    ``points`` values of tau spanning the env's complete scores. A diverged or failed run
+    is below every tau and stays in the denominator; missing runs are
+    left out. Each row carries the config's run counts."""
     st = spec.statistics
     rows = []
-    ok = scores.dropna(subset=["score"])
+    scores = with_outcomes(scores)
     for env in spec.envs:
-        e = ok[ok["env"] == env]
-        if e.empty:
+        e = scores[scores["env"] == env]
+        finite = _completed(e)
+        if not len(finite):
             continue
-        taus = np.linspace(e["score"].min(), e["score"].max(), points)
+        taus = np.linspace(finite.min(), finite.max(), points)
         for label, g in e.groupby("label", sort=False):
-            p, lo, hi = stats.performance_profile_ci(g["score"].to_numpy(), taus,
-                                                     reps=st.reps, level=st.level,
+            x = _ranked(g)
+            if not len(x):
+                continue
+            p, lo, hi = stats.performance_profile_ci(x, taus, reps=st.reps, level=st.level,
                                                      seed=st.seed)
-            rows += [dict(label=label, env=env, tau=t, fraction=a, low=b, high=c)
+            counts = _counts(g)
+            rows += [dict(label=label, env=env, **counts, tau=t, fraction=a, low=b, high=c)
                      for t, a, b, c in zip(taus, p, lo, hi, strict=True)]
     return pd.DataFrame(rows)
 
@@ -271,19 +362,47 @@ def summarize(path: str | Path) -> dict[str, Any]:
     if spec.statistics.lottery_splits > 0:
         tables["lottery"] = lottery(spec, scores)
         tables["lottery_curves"] = lottery_curves(spec, data, tables["lottery"])
+    missing = scores[scores["outcome"] == "missing"]
     return dict(spec=spec, tables=tables, meta=dict(
         study=spec.name, spec_hash=spec.hash(), description=spec.description,
         score_definition=spec.score.describe(), score=spec.score.__dict__,
         statistics=spec.statistics.__dict__, baseline=spec.baseline,
-        runs=len(scores), complete=int((scores["state"] == "complete").sum()),
-        diverged=int((scores["state"] == "diverged").sum()),
-        missing=scores[~scores["state"].isin(FINISHED)][
-            ["label", "env", "seed", "state"]].to_dict("records")))
+        outcome_rule=OUTCOME_RULE, runs=len(scores),
+        complete=int((scores["outcome"] == "complete").sum()),
+        diverged=int((scores["outcome"] == "diverged").sum()),
+        failed=int((scores["outcome"] == FAILED).sum()),
+        missing=[dict(label=r.label, env=r.env, seed=int(r.seed), state=r.state,
+                      why=_why_missing(r.state)) for r in missing.itertuples()]))
+
+
+def _why_missing(state: str) -> str:
+    if state == "new":
+        return "not started"
+    if state in FINISHED:  # complete, but no score
+        return "complete, but no episode ended in the score window"
+    return "started, not finished (running or interrupted); the next 'pgscope study run' resumes it"
+
+
+def _json_value(v: Any) -> Any:
+    """A JSON value with full precision: NaN -> null, +-inf -> the strings 'inf'/'-inf'
+    (JSON has no infinities), NumPy scalars -> Python numbers, lists element by element."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+    return v
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-safe records (NaN -> null)."""
-    return json.loads(df.to_json(orient="records"))
+    """JSON-safe records, every float at full precision (pandas' ``to_json`` would round
+    to 10 decimals, writing a p-value of 3e-12 as 0)."""
+    return [{str(k): _json_value(v) for k, v in rec.items()}
+            for rec in df.to_dict(orient="records")]
 
 
 def write_summary(path: str | Path, out: str | Path | None = None, plots: bool = True
@@ -317,24 +436,29 @@ def _iv(row: Any, key: str, fmt: str = "{:.1f}") -> str:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    """The tables of :func:`summarize` as plain text (what ``pgscope study summary`` prints)."""
+    """The tables of :func:`summarize` as plain text (what ``pgscope study summary`` prints).
+    Numbers are rounded for reading; the CSV and JSON files keep full precision."""
     meta, t = result["meta"], result["tables"]
     level = 100 * meta["statistics"]["level"]
     lines = [f"study {meta['study']}: {meta['complete']}/{meta['runs']} runs complete, "
-             f"{meta['diverged']} diverged, {len(meta['missing'])} missing",
+             f"{meta['diverged']} diverged, {meta['failed']} failed, "
+             f"{len(meta['missing'])} missing",
+             f"outcomes: {meta['outcome_rule']}",
              f"final score: {meta['score_definition']}; intervals: {level:g}% stratified "
              f"bootstrap ({meta['statistics']['reps']} resamples, seed "
              f"{meta['statistics']['seed']})",
-             "failure rate (Wilson CI): diverged runs and runs below the env's failure "
-             f"threshold ({_thresholds(meta)})", ""]
+             "failure rate (Wilson CI): diverged and failed runs and runs below the env's "
+             f"failure threshold ({_thresholds(meta)}), over all but the missing runs",
+             "runs: complete/diverged/failed/missing of n planned; * = complete runs only",
+             ""]
     agg = t["aggregates"]
-    rows = [[r["label"], r["env"], str(r["runs"]), _iv(r, "iqm"), _iv(r, "median"),
+    rows = [[r["label"], r["env"], _runs(r), _iv(r, "iqm"), _iv(r, "median"),
              _iv(r, "mean"), _iv(r, "failure_rate", "{:.2f}"),
              "-" if pd.isna(r.get("seeds_needed", math.nan)) else str(int(r["seeds_needed"]))]
             for _, r in agg.iterrows()]
     rd = meta["statistics"]["relative_difference"]
-    lines += _table(["config", "env", "n", "IQM", "median", "mean", "failure rate",
-                     f"seeds for {100 * rd:g}%"], rows)
+    lines += _table(["config", "env", "runs", "IQM", "median", "mean*", "failure rate",
+                     f"seeds for {100 * rd:g}%*"], rows)
     for name, title, key in (("comparisons", "comparisons (a vs b)", ("a", "b")),
                              ("main_effects", "main effects (level vs reference, pooled)",
                               ("factor", "level"))):
@@ -347,24 +471,32 @@ def format_summary(result: dict[str, Any]) -> str:
                 f"{r['a']} vs {r['b']}"
             diff = "-" if pd.isna(r.get("difference", math.nan)) else f"{r['difference']:+.1f}"
             p_w, p_m = _p(r.get("welch_p", math.nan)), _p(r.get("mannwhitney_p", math.nan))
-            rows.append([first, r["env"], diff, _iv(r, "prob_improvement", "{:.2f}"), p_w, p_m])
+            rows.append([first, r["env"], _runs(r, "_a"), _runs(r, "_b"),
+                         _iv(r, "prob_improvement", "{:.2f}"), p_m, diff, p_w])
         lines += ["", title]
-        lines += _table(["", "env", "mean diff", "P(a > b)", "Welch p", "Mann-Whitney p"], rows)
+        lines += _table(["", "env", "runs a", "runs b", "P(a > b)", "Mann-Whitney p",
+                         "mean diff*", "Welch p*"], rows)
     lot = t.get("lottery")
     if lot is not None and not lot.empty:
-        lines += ["", "seed lottery (one config's seeds split in two halves)"]
+        lines += ["", "seed lottery (one config's complete runs split in two halves)"]
         lines += _table(["config", "env", "runs", "splits", "significant", "max |t|", "min p"],
-                        [[r["label"], r["env"], str(r["runs"]), str(r["splits"]),
+                        [[r["label"], r["env"], _runs(r), str(r["splits"]),
                           f"{100 * r['fraction_significant']:.1f}% (p < {r['alpha']:g})",
-                          f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4f}"]
+                          f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4g}"]
                          for _, r in lot.iterrows()])
     return "\n".join(lines)
+
+
+def _runs(row: Any, suffix: str = "") -> str:
+    """'complete/diverged/failed/missing of n' for one side of a row."""
+    parts = "/".join(str(int(row[f"{col}{suffix}"])) for col in COUNT_COLUMNS[1:])
+    return f"{parts} of {int(row['n' + suffix])}"
 
 
 def _thresholds(meta: dict[str, Any]) -> str:
     given = meta["score"]["failure_threshold"]
     if not given:
-        return "none set, so only divergence counts"
+        return "none set, so only diverged and failed runs count"
     return ", ".join(f"{env} < {thr:g}" for env, thr in given.items())
 
 

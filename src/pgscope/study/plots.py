@@ -1,5 +1,11 @@
 """PNG plots of a study summary: learning curves with CIs, interval estimates, performance
-profiles and probabilities of improvement (one panel per env)."""
+profiles and probabilities of improvement (one panel per env).
+
+Labels carry each config's run counts where a run did not complete, so a plot never hides
+a diverged or failed run: curves and means are over complete runs ("n=3 of 5: 2
+diverged"); IQM, median and profiles count diverged and failed runs as the worst outcome
+(an IQM or median of -inf is written at the panel's left edge, an interval reaching -inf
+ends in an arrow there)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -25,13 +32,23 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _counts_note(row: Any) -> str:
+    """'n=5' when every planned run completed, else e.g. 'n=3 of 5: 2 diverged'."""
+    if "n_complete" not in row or pd.isna(row["n_complete"]):
+        return f"n={int(row['runs'])}" if "runs" in row else ""
+    n, done = int(row["n"]), int(row["n_complete"])
+    others = [f"{int(row[f'n_{k}'])} {k}" for k in ("diverged", "failed", "missing")
+              if f"n_{k}" in row and int(row[f"n_{k}"])]
+    return f"n={n}" if done == n else f"n={done} of {n}: {', '.join(others)}"
+
+
 def _curve_panel(ax: Any, df: pd.DataFrame, by: str, title: str) -> None:
     many = df[by].nunique() > 6
     cmap = plt.get_cmap("tab20" if many else "tab10")
     for i, (name, g) in enumerate(df.groupby(by, sort=False)):
         color = cmap(i % cmap.N)
         ax.plot(g["env_steps"], g["mean"], color=color, lw=1.2,
-                label=f"{name} (n={g['runs'].iloc[0]})")
+                label=f"{name} ({_counts_note(g.iloc[0])})")
         ax.fill_between(g["env_steps"], g["low"], g["high"], alpha=0.08 if many else 0.2,
                         color=color)
     ax.set(title=title, xlabel="env steps", ylabel="mean episode return")
@@ -64,38 +81,69 @@ def plot_factor_curves(fc: pd.DataFrame, envs: list[str], level: float, path: Pa
 
 def plot_intervals(agg: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
     metrics = ("iqm", "median", "mean")
+    titles = {"iqm": "IQM", "median": "median", "mean": "mean of complete runs"}
     labels = list(dict.fromkeys(agg["label"]))
     fig, axes = plt.subplots(len(envs), 3, figsize=(12, 0.35 * len(labels) * len(envs) + 1.5),
                              squeeze=False)
     for row, env in enumerate(envs):
         e = agg[agg["env"] == env].set_index("label").reindex(labels)
+        names = [f"{label} ({_counts_note(r)})" if "n" in e and not pd.isna(r["n"]) else label
+                 for label, r in e.iterrows()]
         for col, m in enumerate(metrics):
             ax = axes[row][col]
             if m not in e:
                 continue
-            y = range(len(labels))
+            y = np.arange(len(labels))
             mid, lo, hi = (e[k].to_numpy(float) for k in (m, f"{m}_low", f"{m}_high"))
-            ax.errorbar(mid, list(y), xerr=[mid - lo, hi - mid], fmt="o", capsize=3)
-            ax.set_yticks(list(y), labels if col == 0 else [""] * len(labels), fontsize=8)
+            _interval_panel(ax, y, mid, lo, hi)
+            ax.set_yticks(list(y), names if col == 0 else [""] * len(labels), fontsize=8)
             ax.invert_yaxis()
-            ax.set_title(f"{env}: {m.upper() if m == 'iqm' else m}", fontsize=9)
+            ax.set_title(f"{env}: {titles[m]}", fontsize=9)
             ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"Final score, {100 * level:g}% stratified bootstrap CIs", fontsize=10)
+    fig.suptitle(f"Final score, {100 * level:g}% stratified bootstrap CIs (diverged and "
+                 "failed runs rank lowest in IQM and median)", fontsize=10)
     return _save(fig, path)
+
+
+def _interval_panel(ax: Any, y: np.ndarray, mid: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> None:
+    """Points with interval bars; an infinite end is drawn to the panel's edge with an
+    arrow, and a point at -inf is written as '-inf' at the left edge."""
+    finite = np.isfinite(np.concatenate([mid, lo, hi]))
+    if not finite.any():
+        return
+    values = np.concatenate([mid, lo, hi])[finite]
+    span = float(values.max() - values.min()) or 1.0
+    left, right = float(values.min()) - 0.1 * span, float(values.max()) + 0.1 * span
+    ax.set_xlim(left, right)
+    for yi, m, a, b in zip(y, mid, lo, hi, strict=True):
+        if np.isnan(m):
+            continue
+        a_draw = left if np.isneginf(a) else a
+        b_draw = left if np.isneginf(b) else b
+        ax.plot([a_draw, b_draw], [yi, yi], color="C0", lw=1.2)
+        if np.isneginf(a):
+            ax.annotate("", xy=(left, yi), xytext=(left + 0.05 * span, yi),
+                        arrowprops=dict(arrowstyle="->", color="C0"))
+        if np.isfinite(m):
+            ax.plot([m], [yi], "o", color="C0")
+        else:
+            ax.text(left, yi, " -inf", va="center", ha="left", fontsize=7, color="C3")
 
 
 def plot_profiles(prof: pd.DataFrame, envs: list[str], path: Path) -> Path:
     fig, axes = _panels(len(envs))
     for ax, env in zip(axes, envs, strict=True):
         for label, g in prof[prof["env"] == env].groupby("label", sort=False):
-            line = ax.plot(g["tau"], g["fraction"], label=label)
+            line = ax.plot(g["tau"], g["fraction"], label=f"{label} ({_counts_note(g.iloc[0])})")
             ax.fill_between(g["tau"], g["low"], g["high"], alpha=0.15,
                             color=line[0].get_color())
         ax.set(title=env, xlabel="final score tau", ylabel="fraction of runs > tau",
                ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="best")
-    fig.suptitle("Performance profiles (score distributions)", fontsize=10)
+    fig.suptitle("Performance profiles (score distributions; a diverged or failed run is "
+                 "below every tau and stays in the denominator)", fontsize=10)
     return _save(fig, path)
 
 

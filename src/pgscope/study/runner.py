@@ -35,6 +35,9 @@ from pgscope.study.spec import StudySpec
 STUDY_FILE = "study.json"
 STUDY_FORMAT = "pgscope-study"
 FINISHED = ("complete", "diverged")
+#: A run whose training raised an error (``status.json`` says "failed"): not finished, so
+#: the next ``pgscope study run`` resumes it, but the summary counts it as a failure.
+FAILED = "failed"
 
 Task = tuple[str, dict[str, Any]]  # (run directory, config dict)
 Event = tuple[str, Any] | None  # (task key, result dict or exception); None: nothing yet
@@ -98,7 +101,8 @@ def open_study(path: str | Path) -> StudySpec:
 
 
 def run_state(path: Path) -> str:
-    """'new', 'partial' (started, not finished), 'complete' or 'diverged'."""
+    """'new', 'partial' (started, not finished: running or interrupted), 'failed' (stopped
+    by an error; resumed like a partial run), 'complete' or 'diverged'."""
     run = RunDir(path)
     if not run.config_path.exists():
         return "new"
@@ -106,7 +110,7 @@ def run_state(path: Path) -> str:
         state = run.read_status().get("state")
     except (OSError, ValueError):
         return "partial"
-    return state if state in FINISHED else "partial"
+    return state if state in (*FINISHED, FAILED) else "partial"
 
 
 def steps_done(path: Path) -> int:
@@ -139,7 +143,7 @@ def execute_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
         return {"state": state}
     cfg = Config.from_dict(config)
     try:
-        if state == "partial":
+        if state in ("partial", FAILED):
             train(cfg, path, resume=True, progress=False)
         else:
             _remove_empty_tree(path)  # a kill between mkdir and config.json leaves one
