@@ -291,7 +291,7 @@ def _fake_study(tmp_path, returns, states=None, **extra):
     out = tmp_path / "fake"
     prepare_study_dir(out, spec)
     for r in spec.runs():
-        run = RunDir.create(out / r.rel_path, r.config)
+        run, _lock = RunDir.create(out / r.rel_path, r.config)
         series = returns[r.label][r.seed]
         for i, ret in enumerate(series):
             run.append_metrics(dict(iteration=i + 1, env_steps=256 * (i + 1), return_mean=ret))
@@ -368,7 +368,7 @@ def test_main_effects_pool_over_the_other_factors(tmp_path):
     score = {"ppo+vc+la": [10, 12], "ppo+vc-la": [11, 13], "ppo-vc+la": [1, 2],
              "ppo-vc-la": [3, 4]}
     for r in spec.runs():
-        run = RunDir.create(out / r.rel_path, r.config)
+        run, _lock = RunDir.create(out / r.rel_path, r.config)
         for i in range(4):
             run.append_metrics(dict(iteration=i + 1, env_steps=256 * (i + 1),
                                     return_mean=float(score[r.label][r.seed])))

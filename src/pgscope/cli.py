@@ -18,22 +18,51 @@ EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 
 
+def count(text: str) -> int:
+    """An argparse type for counts that accepts ``1000000``, ``1e6`` and ``1_000_000``."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
+    return int(value)
+
+
 def _train(args: argparse.Namespace) -> int:
     from pgscope.train import train
 
     if args.resume:
-        out = train(Config(), args.resume, resume=True, progress=not args.quiet)
+        given = [flag for flag, value in (("--algo", args.algo), ("--env", args.env),
+                                          ("--seed", args.seed), ("--set", args.set),
+                                          ("--out", args.out)) if value]
+        if given:
+            raise PgscopeError(
+                f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps "
+                "its own config (only --steps N, to extend it, and --repair are allowed).")
+        out = train(Config(), args.resume, resume=True, progress=not args.quiet,
+                    total_steps=args.steps, repair=args.repair)
     else:
         if args.out is None:
             raise PgscopeError("--out DIR is required (or --resume DIR to continue a run).")
+        if args.repair:
+            raise PgscopeError("--repair applies to --resume only.")
         overrides = parse_overrides(args.set or [])
         for key, value in (("seed", args.seed), ("total_steps", args.steps)):
             if value is not None:
                 overrides[key] = value
-        cfg = make_config(args.algo, args.env, overrides)
+        cfg = make_config(args.algo or "ppo", args.env or "Hopper-v5", overrides)
         out = train(cfg, args.out, progress=not args.quiet)
     print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
           f"checkpoints: {out / 'checkpoints'})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pgscope.status import collect_status, format_status
+
+    rows = collect_status(args.path)
+    print(format_status(rows))
     return 0
 
 
@@ -168,16 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an agent into a run directory")
-    t.add_argument("--algo", default="ppo", help=f"preset: {', '.join(PRESETS)}")
-    t.add_argument("--env", default="Hopper-v5", help="any gymnasium id, or module:EnvName-v0")
-    t.add_argument("--steps", type=int, help="total env steps")
+    t.add_argument("--algo", help=f"preset (default ppo): {', '.join(PRESETS)}")
+    t.add_argument("--env", help="any gymnasium id, or module:EnvName-v0 (default Hopper-v5)")
+    t.add_argument("--steps", type=count,
+                   help="total env steps (1e6 works); with --resume: extend the run to this")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", type=Path, help="new run directory")
-    t.add_argument("--resume", type=Path, metavar="DIR", help="continue a killed run")
+    t.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue a killed or finished run from its last checkpoint")
+    t.add_argument("--repair", action="store_true",
+                   help="with --resume: drop damaged metrics lines (a backup is kept)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    stp = sub.add_parser("status", help="state of a run or of every run of a study")
+    stp.add_argument("path", type=Path, help="a run directory or a study directory")
+    stp.set_defaults(func=_status)
 
     s = sub.add_parser("selftest", help="run the probe-environment selftest")
     s.add_argument("--algo", action="append", choices=["ppo", "trpo"])
@@ -185,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="short PPO run on Hopper-v5 with a summary")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=100_000)
+    d.add_argument("--steps", type=count, default=100_000)
     d.set_defaults(func=_demo)
 
     pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
@@ -195,14 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
     pb.add_argument("--out", type=Path, required=True)
-    pb.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10_000, 100_000],
+    pb.add_argument("--sizes", type=count, nargs="+", default=[100, 1000, 10_000, 100_000],
                     help="sample sizes (state-action pairs) of the gradient grid")
     pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
-    pb.add_argument("--true-pairs", type=int, default=1_000_000)
-    pb.add_argument("--pairs", type=int, default=100_000, help="pairs for the value probe")
-    pb.add_argument("--fit-pairs", type=int, default=500_000,
+    pb.add_argument("--true-pairs", type=count, default=1_000_000)
+    pb.add_argument("--pairs", type=count, default=100_000, help="pairs for the value probe")
+    pb.add_argument("--fit-pairs", type=count, default=500_000,
                     help="pairs of Monte Carlo returns for the 'true' value baseline")
-    pb.add_argument("--landscape-counts", type=int, nargs="+", default=[2_000, 20_000, 100_000],
+    pb.add_argument("--landscape-counts", type=count, nargs="+", default=[2_000, 20_000, 100_000],
                     help="env steps of fresh rollouts per landscape grid point")
     pb.add_argument("--landscape-grid", type=float, nargs="+", default=[0, 0.75, 1.5, 2.25, 3],
                     help="multiples of the step and of the random direction")

@@ -278,6 +278,11 @@ def validate(cfg: Config) -> None:
     need(len(cfg.hidden) >= 1 and all(h >= 1 for h in cfg.hidden),
          f"config key 'hidden' needs at least one positive layer width, got {cfg.hidden}.")
     need(bool(cfg.env_id), "an env id is required.")
+    for name, f in _FIELDS.items():
+        if f.type == "float":
+            v = getattr(cfg, name)
+            need(math.isfinite(v), f"config key '{name}' must be a finite number, got {v}.")
+    need(cfg.seed < 2**32, f"config key 'seed' must be below 2**32, got {cfg.seed}.")
 
 
 def make_config(

@@ -12,14 +12,18 @@ boundary it bootstraps from the value of the next observation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from pgscope.config import Config
+from pgscope.envs.state import env_state, set_env_state
+from pgscope.errors import DivergenceError
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
     ObsNormalizer,
@@ -176,9 +180,33 @@ class Preprocessor:
             self.reward_scaler.load_state_dict(state["reward_scaler"])
 
 
+class NonFiniteEnvError(DivergenceError):
+    """The env itself returned a NaN or infinite reward or observation."""
+
+
+def check_finite_env_output(values: np.ndarray, what: str, step: int) -> None:
+    """Raise :class:`NonFiniteEnvError` naming the env step, env index and value when an
+    env's reward or observation is NaN or infinite (before it can reach a loss)."""
+    if np.isfinite(values).all():
+        return
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        env_index = int(np.argwhere(bad)[0][0]) if values.ndim else 0
+        value = values[tuple(np.argwhere(bad)[0])] if values.ndim else float(values)
+        raise NonFiniteEnvError(
+            f"the env returned a non-finite {what} ({value}) at env step {step} of this "
+            f"process's rollouts (env {env_index}); the env, not the learner, produced it.",
+            iteration=-1, where=f"env {what}")
+
+
 class RolloutCollector:
     """Steps a vector env with the current policy, keeping episodes running across
-    iterations (a rollout may cut an episode anywhere)."""
+    iterations (a rollout may cut an episode anywhere).
+
+    :meth:`state_dict` snapshots everything needed to continue the episodes in progress
+    exactly (the current observations, the running episode returns and lengths, the
+    sampling RNG and each env's own state, see :mod:`pgscope.envs.state`)."""
 
     def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, pre: Preprocessor,
                  seed: int) -> None:
@@ -194,8 +222,36 @@ class RolloutCollector:
         self.high = None if self.discrete else space.high
         self.act_shape = () if self.discrete else space.shape
         self.raw_obs, _ = envs.reset(seed=seed)
+        check_finite_env_output(self.raw_obs, "observation", 0)
         self.ep_return = np.zeros(cfg.num_envs)
         self.ep_length = np.zeros(cfg.num_envs, dtype=np.int64)
+        self.steps_taken = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The collector's state; ``envs`` is None when some env cannot be saved exactly."""
+        snapshots = [env_state(env) for env in getattr(self.envs, "envs", [])]
+        exact = bool(snapshots) and all(s is not None for s in snapshots)
+        return {"raw_obs": torch.from_numpy(np.array(self.raw_obs)),
+                "ep_return": torch.from_numpy(self.ep_return.copy()),
+                "ep_length": torch.from_numpy(self.ep_length.copy()),
+                "steps_taken": self.steps_taken,
+                "sample_rng": json.dumps(self.rng.bit_generator.state),
+                "envs": snapshots if exact else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore a :meth:`state_dict`. Returns True when the episodes in progress continue
+        exactly; False when the envs could not be saved and restart their episodes (the
+        sampling RNG is restored either way)."""
+        self.rng.bit_generator.state = json.loads(state["sample_rng"])
+        self.steps_taken = int(state["steps_taken"])
+        if state["envs"] is None:
+            return False
+        for env, snapshot in zip(self.envs.envs, state["envs"], strict=True):
+            set_env_state(env, snapshot)
+        self.raw_obs = state["raw_obs"].numpy().copy()
+        self.ep_return = state["ep_return"].numpy().copy()
+        self.ep_length = state["ep_length"].numpy().copy()
+        return True
 
     @torch.no_grad()
     def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, EpisodeStats]:
@@ -217,6 +273,9 @@ class RolloutCollector:
             env_action = action if self.discrete else clip_actions(
                 action, self.low, self.high, cfg.action_clip)
             self.raw_obs, r, term, trunc, info = self.envs.step(env_action)
+            self.steps_taken += 1
+            check_finite_env_output(r, "reward", self.steps_taken)
+            check_finite_env_output(self.raw_obs, "observation", self.steps_taken)
             ended = term | trunc
             rewards[t] = self.pre.reward(np.asarray(r), ended)
             terminated[t], done[t] = term, ended
@@ -227,6 +286,8 @@ class RolloutCollector:
                 stats.lengths.append(int(self.ep_length[i]))
                 self.ep_return[i], self.ep_length[i] = 0.0, 0
                 if trunc[i]:  # bootstrap from the true final state, not the reset one
+                    check_finite_env_output(info["final_obs"][i], "observation",
+                                            self.steps_taken)
                     next_obs[t, i] = self.pre.obs(info["final_obs"][i][None], update=False)[0]
             if t > 0:
                 still = ~done[t - 1].astype(bool)

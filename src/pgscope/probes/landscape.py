@@ -14,11 +14,17 @@ direction ``d`` of unit L2 norm over the policy parameters. On the grid
   started episode is run to its end (so short episodes are not favoured); the estimate at
   a smaller count uses the episodes that started first, nested inside the larger sample.
 
+An episode that does not end within the env's time limit (or within
+:data:`EPISODE_CAP` steps when the env has none) is cut there with a warning, and the count
+of cut episodes is recorded as ``episodes_capped``: an env whose episodes never end cannot
+stall the probe.
+
 Finding to look for: the surrogate can rise where the true return falls.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,18 +41,31 @@ from pgscope.optimizations import clip_actions, normalize_advantages
 from pgscope.probes.trust_region import replay_update
 from pgscope.rollout import Batch
 
+#: Episode length cap for envs without a time limit (an episode that never ends would
+#: otherwise stall a landscape evaluation forever).
+EPISODE_CAP = 10_000
 
-def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32
+
+def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
+                    cap: int | None = None, capped: list[int] | None = None
                     ) -> list[tuple[int, int, float]]:
     """(start step, length, undiscounted return) of every episode started before
     ``n_steps`` env steps were used, each run to its end. Stochastic policy, frozen
-    observation statistics."""
+    observation statistics.
+
+    An episode still running after ``cap`` steps (default: the env's time limit, or
+    :data:`EPISODE_CAP` when it has none) is cut there, counted with the return it has,
+    and its env reset; the number of cut episodes is appended to ``capped``."""
     envs = make_vector_env(agent.config.env_id, n_envs)
+    if cap is None:
+        limit = envs.envs[0].spec.max_episode_steps if envs.envs[0].spec else None
+        cap = limit or EPISODE_CAP
     pre = agent.preprocessor.frozen_copy(n_envs)
     sample = agent.policy.numpy_sampler()
     rng = np.random.default_rng([seed, 0xE7A1])
     space = envs.single_action_space
     discrete = not hasattr(space, "low")
+    n_capped = 0
     try:
         raw, _ = envs.reset(seed=seed)
         used = 0  # env steps spent on counted episodes
@@ -62,13 +81,20 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32
             used += int(active.sum())
             ret += r
             length += 1
-            for i in np.flatnonzero((term | trunc) & active):
+            cut = (length >= cap) & ~(term | trunc)
+            for i in np.flatnonzero((term | trunc | cut) & active):
                 episodes.append((int(start[i]), int(length[i]), float(ret[i])))
-                ret[i], length[i], start[i] = 0.0, 0, used
+                n_capped += int(cut[i])
                 active[i] = used < n_steps
+            for i in np.flatnonzero(term | trunc | cut):
+                ret[i], length[i], start[i] = 0.0, 0, used
+            if cut.any():
+                raw, _ = envs.reset(options={"reset_mask": cut})
         return sorted(episodes)
     finally:
         envs.close()
+        if capped is not None:
+            capped.append(n_capped)
 
 
 def nested_means(episodes: list[tuple[int, int, float]], counts: Sequence[int]
@@ -128,21 +154,28 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
     shape = (len(steps), len(directions))
     surr = np.zeros(shape)
     true = np.zeros((len(counts), *shape))
+    capped: list[int] = []
     bar = tqdm(total=surr.size, desc="landscape", disable=not progress)
     for i, a in enumerate(steps):
         for j, b in enumerate(directions):
             vector_to_parameters(theta_old + a * delta + b * d, params)
             surr[i, j] = surrogate(agent, batch, state)
-            eps = episode_returns(agent, max(counts), seed=seed * 7919 + i * 101 + j)
+            eps = episode_returns(agent, max(counts), seed=seed * 7919 + i * 101 + j,
+                                  capped=capped)
             true[:, i, j] = nested_means(eps, counts)
             bar.update(1)
     bar.close()
+    if sum(capped):
+        warnings.warn(f"landscape: {sum(capped)} episodes ran past the episode cap and were "
+                      "cut there (the env has no time limit); their returns are partial.",
+                      stacklevel=2)
     vector_to_parameters(theta_new, params)
     return {
         "settings": {"steps": list(steps), "directions": list(directions), "counts": counts,
                      "seed": seed, "env_id": agent.config.env_id,
                      "preset": agent.config.preset,
                      "checkpoint_iteration": replay["checkpoint_iteration"]},
+        "episodes_capped": int(sum(capped)),
         "delta_norm": float(delta.norm()), "direction_norm": 1.0,
         "surrogate": surr.tolist(),
         "true_return": {str(c): true[k].tolist() for k, c in enumerate(counts)},

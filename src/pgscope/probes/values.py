@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
 from pgscope.envs import make_env
+from pgscope.errors import ProbeError
 from pgscope.probes.sampling import sample_batch
 from pgscope.probes.stats import summarize
 from pgscope.rollout import Batch
@@ -93,6 +94,22 @@ class Segments:
     time_limit: int | None
 
 
+def check_time_limit(env_id: str, H: int) -> int | None:
+    """The env's time limit, or None. A limit shorter than the effective horizon ``H``
+    leaves no state whose return-to-go is observable in full (every one is cut inside the
+    horizon), so the probe refuses with :class:`ProbeError` before sampling anything."""
+    env = make_env(env_id)
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    env.close()
+    if limit is not None and limit < H:
+        raise ProbeError(
+            f"env '{env_id}' has a time limit of {limit} steps, shorter than the effective "
+            f"horizon H = {H} (gamma^H <= horizon_tol): no true discounted return can be "
+            "observed in full, so the value and baseline probes cannot be computed; use a "
+            "larger horizon_tol (shorter H) or an env with a longer limit.")
+    return limit
+
+
 def true_return_segments(agent: Agent, n_pairs: int, seed: int, horizon_tol: float = 0.01,
                          progress_desc: str | None = None) -> Iterator[Segments]:
     """Fresh segments of ``steps_per_env + H`` steps from resets, keeping the first
@@ -100,9 +117,7 @@ def true_return_segments(agent: Agent, n_pairs: int, seed: int, horizon_tol: flo
     cfg = agent.config
     H = effective_horizon(cfg.gamma, horizon_tol)
     keep = min(cfg.steps_per_env, n_pairs)
-    env = make_env(cfg.env_id)
-    limit = env.spec.max_episode_steps if env.spec is not None else None
-    env.close()
+    limit = check_time_limit(cfg.env_id, H)
     n_envs = min(64, math.ceil(n_pairs / keep))
     shape = (keep + H, n_envs)
     bar = tqdm(total=n_pairs, unit="pair", desc=progress_desc, disable=progress_desc is None)
