@@ -104,6 +104,7 @@ for _id, _entry, _kwargs, _limit in [
     ("helper_envs/NanReward-v0", BadReward, {}, 1000),
     ("helper_envs/InfReward-v0", BadReward, {"value": float("inf")}, 1000),
     ("helper_envs/NeverEnds-v0", NeverEnds, {}, None),
+    ("helper_envs/Unsavable-v0", NanAfter, {"nan_after": 10**12}, 50),
     ("helper_envs/ShortCartPole-v0", "gymnasium.envs.classic_control:CartPoleEnv", {}, 50),
 ]:
     if _id not in gym.registry:

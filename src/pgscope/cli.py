@@ -16,6 +16,8 @@ from pgscope.errors import DivergenceError, PgscopeError
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
+#: Errors that re-running a study cannot fix (the run's own input is wrong).
+PERMANENT_ERRORS = ("ConfigError", "EnvError", "CheckpointError", "ProbeError")
 
 
 def count(text: str) -> int:
@@ -144,6 +146,8 @@ def _study_run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise PgscopeError("--workers must be >= 1.")
     out = args.out or Path("runs") / spec.name
+    if out.exists() and not out.is_dir():
+        raise PgscopeError(f"--out '{out}' is a file; a study needs a directory.")
     n_runs = len(spec.configs) * len(spec.envs) * len(spec.seeds)
     print(f"study {spec.name}: {len(spec.configs)} configs x {len(spec.envs)} envs x "
           f"{len(spec.seeds)} seeds = {n_runs} runs of {spec.total_steps} steps -> {out}")
@@ -155,7 +159,15 @@ def _study_run(args: argparse.Namespace) -> int:
     for key, err in outcome.failed.items():
         print(f"  failed: {key}: {err}", file=sys.stderr)
     if outcome.failed:
-        print("re-run the same command to retry the failed runs.", file=sys.stderr)
+        permanent = [key for key, err in outcome.failed.items()
+                     if err.split(":")[0] in PERMANENT_ERRORS]
+        if permanent:
+            print(f"{len(permanent)} run(s) failed on bad input or an unusable env/checkpoint "
+                  "(above): re-running as is will fail again; fix the cause first.",
+                  file=sys.stderr)
+        if len(permanent) < len(outcome.failed):
+            print("re-run the same command to retry the other failed runs (they resume from "
+                  "their checkpoints).", file=sys.stderr)
         return 1
     print(f"next: pgscope study summary {out}")
     return 0

@@ -231,6 +231,7 @@ def _probe_if_due(cfg: Config, run: RunDir, iteration: int, progress: bool) -> N
     except Exception as exc:  # noqa: BLE001 - recorded; training goes on
         error = f"{type(exc).__name__}: {exc}"
         record = {"iteration": iteration, "probes": cfg.probe_kinds, "error": error}
+        (run.path / "probes").mkdir(exist_ok=True)
         with open(run.path / "probes" / "failures.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         rerun = (f"pgscope probe {cfg.probe_kinds} {run.path} --checkpoint {iteration} "
