@@ -1,5 +1,5 @@
 """Config resolution (preset -> per-env defaults -> overrides), presets, validation errors,
-``--set`` parsing and serialization (SPEC.md section 1)."""
+``--set`` parsing and serialization (docs/design.md sections 1.3-1.4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Each code-level optimization of pgscope.optimizations on its own, against hand-computed
-numbers (SPEC.md section 1)."""
+numbers (docs/design.md section 1.5)."""
 
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ def _study_run(args: argparse.Namespace) -> int:
     from pgscope.study import builtin_study, load_spec, run_study
 
     if (args.spec is None) == (args.preset is None):
-        raise PgscopeError("give a study spec (SPEC.toml) or --preset NAME, not both or "
+        raise PgscopeError("give a study spec (STUDY.toml) or --preset NAME, not both or "
                            "neither; 'pgscope study presets' lists the built-in studies.")
     if args.quick and args.preset is None:
         raise PgscopeError("--quick applies to built-in studies (--preset NAME) only.")

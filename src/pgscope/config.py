@@ -1,7 +1,7 @@
 """Configuration: one flat, typed dataclass; presets are nothing but sets of its values.
 
 Resolution order (later wins): dataclass defaults -> preset -> per-env defaults (learning
-rates, TRPO KL limit; SPEC.md section 1) -> the user's overrides. :func:`make_config` does
+rates, TRPO KL limit; docs/design.md section 1.4) -> the user's overrides. :func:`make_config` does
 all of it and validates the result, so every error names the key and what is allowed.
 """
 
@@ -60,7 +60,7 @@ class Config:
     # --- networks ----------------------------------------------------------------------
     hidden: tuple[int, ...] = (64, 64)
     init_log_std: float = 0.0
-    # --- the nine code-level optimizations (SPEC.md section 1) -------------------------
+    # --- the nine code-level optimizations (docs/design.md 1.5) -----------------------
     value_clip: bool = True  # 1. value-function clipping
     value_clip_range: float = 0.2
     reward_scale: bool = True  # 2. divide rewards by running std of discounted return
@@ -129,7 +129,7 @@ _OPTIMIZATIONS_OFF = dict(
     grad_clip=False,
 )
 
-#: Each preset is only a set of switch values (SPEC.md section 1).
+#: Each preset is only a set of switch values (docs/design.md section 1.3).
 PRESETS: dict[str, dict[str, Any]] = {
     "ppo": dict(algo="ppo", ppo_loss="clip"),
     "ppo-m": dict(algo="ppo", ppo_loss="clip", **_OPTIMIZATIONS_OFF),

@@ -1,4 +1,4 @@
-"""Separate policy and value MLPs (SPEC.md section 1).
+"""Separate policy and value MLPs (docs/design.md section 1.1).
 
 Continuous actions: diagonal Gaussian with a state-independent log-std parameter.
 Discrete actions: categorical over logits. Both policies share one small interface:
@@ -32,7 +32,7 @@ def numpy_forward(net: nn.Sequential) -> Callable[[np.ndarray], np.ndarray]:
     """A float32 NumPy copy of ``net``'s forward pass, frozen at the current weights.
 
     Rollouts call the policy once per env step on a batch of one (or a few) observations,
-    where torch's per-op dispatch costs several times the arithmetic (SPEC.md section 6).
+    where torch's per-op dispatch costs several times the arithmetic (docs/design.md section 6).
     The weights do not change during a rollout, so the rollout samples through this copy;
     log-probabilities for the update are recomputed by the torch policy in one batch.
     """

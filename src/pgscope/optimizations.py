@@ -1,4 +1,4 @@
-"""The code-level optimizations, one named piece each (SPEC.md section 1).
+"""The code-level optimizations, one named piece each (docs/design.md section 1.5).
 
 Each function or class here implements exactly one switch of :class:`pgscope.config.Config`
 and is tested on its own in ``tests/test_optimizations.py``. The rollout and the algorithm

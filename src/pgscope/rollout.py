@@ -5,7 +5,7 @@ an action, step the envs, scale the reward); log-probabilities and values are co
 afterwards in one batched forward pass each, since the networks do not change during a
 rollout.
 
-GAE follows the correctness rule of SPEC.md section 1: at time-limit truncation the
+GAE follows the correctness rule of docs/design.md section 1.6: at time-limit truncation the
 advantage bootstraps from ``V(s_final)``; at termination it does not; across a rollout
 boundary it bootstraps from the value of the next observation.
 """

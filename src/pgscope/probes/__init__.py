@@ -1,4 +1,4 @@
-"""The "Closer Look at Deep Policy Gradients" probes (SPEC.md section 3).
+"""The "Closer Look at Deep Policy Gradients" probes (docs/design.md section 3).
 
 Every probe takes a saved agent, draws fresh samples from its current policy with its
 statistics frozen, and never changes it. ``run_probes`` computes what was asked and only

@@ -1,5 +1,5 @@
 """Probe 4 of "A Closer Look at Deep Policy Gradients": the value network as a baseline
-(SPEC.md section 3).
+(docs/design.md section 3).
 
 Gradient variance (as in probe 1) with GAE advantages computed from three value functions
 on the *same* fresh samples (a paired comparison):

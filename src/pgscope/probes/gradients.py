@@ -1,5 +1,5 @@
 """Probes 1 and 2 of "A Closer Look at Deep Policy Gradients": gradient variance and
-convergence to the true gradient (SPEC.md section 3).
+convergence to the true gradient (docs/design.md section 3).
 
 At each sample size N of a grid, K independent estimates of the algorithm's own gradient
 at theta_old are drawn from independent fresh rollouts; the probe reports their mean

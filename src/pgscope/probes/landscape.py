@@ -1,5 +1,5 @@
 """Probe 5 of "A Closer Look at Deep Policy Gradients": the optimization landscape
-(SPEC.md section 3).
+(docs/design.md section 3).
 
 Take the agent's actual update step ``Delta = theta_new - theta_old`` (replayed from a
 checkpoint on a fresh training batch, exactly as training does it) and a random Gaussian

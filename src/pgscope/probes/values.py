@@ -1,5 +1,5 @@
 """Probe 3 of "A Closer Look at Deep Policy Gradients": how well does the value network
-predict values? (SPEC.md section 3)
+predict values? (docs/design.md section 3)
 
 On fresh held-out rollouts (collected as in training, statistics frozen), compare the
 agent's V(s) with

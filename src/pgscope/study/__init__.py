@@ -1,4 +1,4 @@
-"""Studies: configs x envs x seeds as one experiment, with statistics (SPEC.md section 4).
+"""Studies: configs x envs x seeds as one experiment, with statistics (docs/design.md section 4).
 
 Layers: :mod:`~pgscope.study.spec` (what to run) -> :mod:`~pgscope.study.runner` (run it,
 locally or on Ray) -> :mod:`~pgscope.study.analysis` (tidy data, final scores, tables) ->

@@ -1,7 +1,7 @@
 """From a study directory to tidy data and tables (``pgscope study summary``).
 
 :func:`load_study` gives every metrics line of every run as one pandas DataFrame;
-:func:`summarize` computes the tables of SPEC.md section 4 from it with :mod:`pgscope.stats`;
+:func:`summarize` computes the tables of docs/design.md section 4 from it with :mod:`pgscope.stats`;
 :func:`write_summary` writes them as CSV and JSON (plus PNG plots) and returns them.
 
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
