@@ -144,6 +144,19 @@ def test_status_file_and_status_command(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nothing")]) == EXIT_ERROR
 
 
+def test_sigterm_records_interrupted(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, "CartPole-v1", 400), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _lines(out) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 130
+    assert "to resume" in proc.stderr.read()
+    status = RunDir(out).read_status()
+    assert status["state"] == "interrupted"
+    assert status["iteration"] in (len(_metrics(out)), len(_metrics(out)) - 1)
+
+
 # --- resume never destroys data -----------------------------------------------------------
 def test_damaged_line_before_the_checkpoint_stops_resume_unless_repair(tmp_path, capsys):
     out = tmp_path / "run"

@@ -166,7 +166,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool)
                disable=not progress, desc=f"{cfg.preset} {cfg.env_id} s{cfg.seed}",
                dynamic_ncols=True)
     update = UPDATES[cfg.algo]
-    it = start
+    it = completed = start  # completed: iterations with a metrics line and a checkpoint
     try:
         for it in range(start, cfg.num_iterations):
             set_learning_rates(optimizer, cfg, it)
@@ -188,7 +188,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool)
                           time_elapsed=elapsed)
             run.append_metrics(_json_safe(record))
             checkpoint(it + 1)
-            status("running", it + 1, return_mean=record["return_mean"])
+            completed = it + 1
+            status("running", completed, return_mean=record["return_mean"])
             _probe_if_due(cfg, run, it + 1, progress)
             bar.update(len(batch))
             bar.set_postfix(ret=_fmt(record["return_mean"]), sps=f"{record['sps']:.0f}")
@@ -200,10 +201,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool)
                last_good_checkpoint=str(run.last_checkpoint))
         raise
     except KeyboardInterrupt:
-        status("interrupted", it, error="interrupted by the user (SIGINT/SIGTERM)")
+        status("interrupted", completed, error="interrupted by the user (SIGINT/SIGTERM)")
         raise
     except Exception as exc:
-        status("failed", it, error=f"{type(exc).__name__}: {exc}")
+        status("failed", completed, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         bar.close()
