@@ -80,6 +80,9 @@ class Batch:
     done: torch.Tensor
     next_obs: torch.Tensor  # the state after each step (final obs at truncation)
     num_envs: int = 1  # columns of the time-major layout; 0 once pairs are reordered
+    # fraction of the sampled action components outside the action bounds (Box actions;
+    # NaN when unknown): the rollout's ``action_saturation`` metric
+    action_saturation: float = float("nan")
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -87,12 +90,12 @@ class Batch:
     def select(self, idx: torch.Tensor) -> Batch:
         """The pairs at ``idx`` (every tensor indexed alike; the layout is lost)."""
         return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                        if f.name != "num_envs"}, num_envs=0)
+                        if f.name not in _NOT_PER_PAIR}, num_envs=0)
 
     @staticmethod
     def concat(parts: list[Batch]) -> Batch:
         return Batch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                        for f in fields(Batch) if f.name != "num_envs"}, num_envs=0)
+                        for f in fields(Batch) if f.name not in _NOT_PER_PAIR}, num_envs=0)
 
     def head_index(self, n: int) -> torch.Tensor:
         """Indices of the first ``n`` pairs in env-major order (whole env segments first),
@@ -116,6 +119,19 @@ class Batch:
                   self.terminated.numpy().reshape(shape).astype(float),
                   self.done.numpy().reshape(shape).astype(float), gamma, lam)
         return torch.from_numpy(adv.reshape(-1)).float()
+
+
+#: Batch fields that describe the whole batch rather than one entry per pair.
+_NOT_PER_PAIR = ("num_envs", "action_saturation")
+
+
+def action_saturation(actions: np.ndarray, low: np.ndarray | None,
+                      high: np.ndarray | None) -> float:
+    """Fraction of the sampled action components outside ``[low, high]`` (the env sees them
+    clipped to the bound, or out of range); NaN without bounds (discrete actions)."""
+    if low is None or high is None or actions.size == 0:
+        return float("nan")
+    return float(np.mean((actions < low) | (actions > high)))
 
 
 @dataclass
@@ -315,5 +331,6 @@ class RolloutCollector:
             done=torch.from_numpy(done.reshape(-1)).bool(),
             next_obs=next_obs_t,
             num_envs=N,
+            action_saturation=action_saturation(actions, self.low, self.high),
         )
         return batch, stats

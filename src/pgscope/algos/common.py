@@ -85,7 +85,9 @@ def policy_change(policy: Policy, old_policy: Policy, batch: Batch,
     r = pi_new / pi_old for the batch actions, the analytic KL(old || new) (``kl_mean``,
     ``kl_max``) and the k3 estimator ``approx_kl`` = mean((r - 1) - log r); the same KL on
     held-out states (``kl_heldout_*``, when given). Of the data-collecting policy:
-    ``entropy``, and ``entropy_frac`` (discrete) or ``policy_std`` (Gaussian).
+    ``entropy``, and ``entropy_frac`` (discrete) or ``policy_std`` and
+    ``action_saturation`` (Gaussian); and the scale of the batch's targets
+    (:func:`target_scale`).
     """
     old, new = old_policy.dist(batch.obs), policy.dist(batch.obs)
     kl = policy.kl(old, new)
@@ -103,7 +105,17 @@ def policy_change(policy: Policy, old_policy: Policy, batch: Batch,
         out["entropy_frac"] = entropy / max_entropy if max_entropy > 0 else float("nan")
     else:
         out["policy_std"] = float(old_policy.log_std.exp().mean())
+        out["action_saturation"] = batch.action_saturation
+    out.update(target_scale(batch))
     return out
+
+
+def target_scale(batch: Batch) -> dict[str, float]:
+    """``value_target_absmax`` and ``advantage_absmax``: the largest |GAE return| and
+    |GAE advantage| of the batch, in the reward units the value net learns (after reward
+    scaling and clipping; advantages before any normalization)."""
+    return {"value_target_absmax": float(batch.returns.abs().max()),
+            "advantage_absmax": float(batch.advantages.abs().max())}
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:

@@ -182,6 +182,11 @@ METRICS: tuple[Metric, ...] = (
            "data-collecting policy (before the update).", "action units", BOTH, _POLICY,
            condition="Gaussian policies only", requires=("gaussian",),
            aliases=("train/std",)),
+    Metric("action_saturation", "Fraction of the action components sampled in this "
+           "iteration's rollout that lie outside the action space's bounds (the env gets "
+           "them clipped to the bound when action_clip is on): near 1, the policy acts at "
+           "the bounds almost always.", "fraction", BOTH, _POLICY,
+           condition="Gaussian policies only", requires=("gaussian",)),
     # --- the value function -------------------------------------------------------------
     Metric("value_loss", "Mean over the value net's gradient steps (every minibatch of every "
            "epoch) of the value loss, the clipped one when value_clip is on.", "loss",
@@ -193,6 +198,13 @@ METRICS: tuple[Metric, ...] = (
            "the value targets (GAE returns) and V the values predicted before the update; "
            "null when R is constant.", "1", BOTH, _VALUE,
            aliases=("train/explained_variance", "losses/explained_variance")),
+    Metric("value_target_absmax", "Largest |R| over the training batch of the value "
+           "targets R (GAE returns), in the reward units the value net learns (after "
+           "reward_multiplier, scaling and clipping).", "return (learner units)", BOTH,
+           _VALUE),
+    Metric("advantage_absmax", "Largest |A| over the training batch of the GAE advantages, "
+           "in the reward units the value net learns, before any advantage normalization.",
+           "return (learner units)", BOTH, _VALUE),
     Metric("value_lr", "The value net's Adam learning rate used in this iteration, after "
            "annealing (lr_anneal: value_lr x (1 - (iteration - 1) / iterations)).",
            "learning rate", BOTH, _VALUE),
