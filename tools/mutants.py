@@ -465,7 +465,7 @@ def setup_checks(box: Sandbox, baseline: bool, tests: list[str]) -> list[str]:
 @dataclass
 class Result:
     mutant: Mutant
-    status: str  # killed / survived / timeout
+    status: str  # killed / survived / timeout (counted as killed) / error (pattern gone)
     test: str | None
     seconds: float
 
@@ -493,6 +493,8 @@ def run_all(mutants: list[Mutant], jobs: int, baseline: bool, tests: list[str]
             try:
                 box.refresh(m)
                 status, test, seconds = box.pytest(tests)
+            except RuntimeError as exc:  # the source changed under us: the pattern is gone
+                status, test, seconds = "error", str(exc), 0.0
             finally:
                 boxes.put(box)
             result = Result(m, {"failed": "killed", "passed": "survived"}.get(status, status),
@@ -531,7 +533,7 @@ def machine() -> str:
 
 def write_docs(results: list[Result], seconds: float, jobs: int, tests: list[str],
                argv: list[str]) -> None:
-    killed = sum(r.status != "survived" for r in results)
+    killed = sum(r.status in ("killed", "timeout") for r in results)
     command = "python tools/mutants.py " + " ".join(argv)
     section = "\n".join([
         BEGIN,
@@ -592,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     results, seconds = run_all(mutants, max(1, args.jobs), not args.skip_baseline, tests)
     print()
     print(table(results))
-    survived = [r.mutant.name for r in results if r.status == "survived"]
+    survived = [r.mutant.name for r in results if r.status in ("survived", "error")]
     print(f"\n{len(results) - len(survived)} of {len(results)} killed in {seconds:.0f} s"
           + (f"; survived: {', '.join(survived)}" if survived else ""))
     if args.write_docs:
