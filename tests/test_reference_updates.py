@@ -70,9 +70,6 @@ F64_METRICS = dict(rtol=1e-6, atol=1e-10)
 # (e.g. Adam's eps 1e-5 -> 1e-8, CG damping dropped) still fail it.
 F32 = dict(rtol=1e-5, atol=2e-6)
 
-# ---- old -> new metric names: pgscope logged these names before the "one meaning per
-# ---- metric" change; drop this dict once no run logs them.
-OLD_TO_NEW = {"grad_norm": "policy_grad_norm", "kl_k3": "approx_kl", "learning_rate": "lr"}
 
 
 class Drift(gym.Env):
@@ -163,9 +160,8 @@ def as_double(batch: Batch, policy: nn.Module) -> Batch:
 def iteration_metrics(update_metrics: dict[str, float], optimizer: torch.optim.Optimizer,
                       batch: Batch) -> dict[str, float]:
     """The update's keys of one metrics line, as train.py assembles it."""
-    out = {"explained_variance": explained_variance(batch.values, batch.returns),
-           **learning_rates(optimizer), **update_metrics}
-    return {OLD_TO_NEW.get(k, k): v for k, v in out.items()}
+    return {"explained_variance": explained_variance(batch.values, batch.returns),
+            **learning_rates(optimizer), **update_metrics}
 
 
 def assert_params_equal(module: nn.Module, params: ref.Params, **tol: float) -> None:
