@@ -68,7 +68,8 @@ class PhaseStats:
         """The mean of every :meth:`mean` key; with ratios recorded also ``ratio_max``,
         ``ratio_min``, ``clip_fraction`` of all of them and ``ratio_first_minibatch_dev``
         of the first."""
-        out = {k: float(torch.as_tensor(v, dtype=torch.float64).mean()) for k, v in self.values.items()}
+        out = {k: float(torch.as_tensor(v, dtype=torch.float64).mean())
+               for k, v in self.values.items()}
         if self.ratio_list:
             out.update(ratio_stats(torch.cat(self.ratio_list), self.clip_range))
             out.update(first_ratio_deviation(self.ratio_list[0]))
