@@ -206,6 +206,54 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pgscope.doctor import (
+        RunData,
+        check,
+        diagnose_study,
+        format_findings,
+        format_study,
+        is_study,
+    )
+
+    if is_study(args.path):
+        rows = diagnose_study(args.path)
+        fired = any(r["findings"] for r in rows)
+        if args.json:
+            print(json.dumps([dict(r, findings=[f.to_dict() for f in r["findings"]])
+                              for r in rows], indent=2))
+        else:
+            print(format_study(rows))
+        return 1 if fired else 0
+    data = RunData.load(args.path)
+    findings = check(data)
+    if args.json:
+        print(json.dumps({"run": str(args.path), "state": data.status.get("state"),
+                          "iterations": len(data.records),
+                          "findings": [f.to_dict() for f in findings]}, indent=2))
+    else:
+        print(format_findings(findings, str(args.path)))
+    return 1 if findings else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pgscope.report import write_report
+
+    out = write_report(args.path, args.out, video=args.video)
+    print(f"report: {out.resolve()}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pgscope.evaluate import evaluate, format_evaluation
+
+    result = evaluate(args.run_dir, checkpoint=args.checkpoint, episodes=args.episodes,
+                      deterministic=args.deterministic, seed=args.seed, video=args.video,
+                      video_episodes=args.video_episodes)
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgscope", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -230,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("path", type=Path, help="a run directory or a study directory")
     stp.set_defaults(func=_status)
 
-    s = sub.add_parser("selftest", help="run the probe-environment selftest")
+    s = sub.add_parser("selftest", help="run the sanity-env selftest")
     s.add_argument("--algo", action="append", choices=["ppo", "trpo"])
     s.set_defaults(func=_selftest)
 
@@ -281,6 +329,36 @@ def build_parser() -> argparse.ArgumentParser:
     ss.set_defaults(func=_study_summary)
     sp = st_sub.add_parser("presets", help="list the built-in studies")
     sp.set_defaults(func=_study_presets)
+
+    dr = sub.add_parser("doctor", help="health checks of a run or of every run of a study "
+                        "(exit status 1 when an alarm fires)")
+    dr.add_argument("path", type=Path, help="a run directory or a study directory")
+    dr.add_argument("--json", action="store_true", help="findings as JSON")
+    dr.set_defaults(func=_doctor)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of a run, a probe "
+                        "output folder or a study")
+    rp.add_argument("path", type=Path, help="a run, probe output or study directory")
+    rp.add_argument("--out", type=Path, help="the HTML file (default PATH/report.html)")
+    rp.add_argument("--video", type=Path, help="a clip (mp4/gif) to embed (default: the "
+                    "newest in RUN/videos/)")
+    rp.set_defaults(func=_report)
+
+    ev = sub.add_parser("evaluate", help="mean return of a checkpoint with a bootstrap CI "
+                        "(frozen normalization), optionally a video")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--checkpoint", type=int, metavar="ITER",
+                    help="a kept checkpoint's iteration (default: the latest)")
+    ev.add_argument("--episodes", type=count, default=10)
+    ev.add_argument("--deterministic", action="store_true",
+                    help="the policy's mean/mode instead of samples")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--video", type=Path, metavar="FILE",
+                    help="render episodes offscreen to FILE (.mp4 or .gif)")
+    ev.add_argument("--video-episodes", type=int, default=1,
+                    help="episodes in the video (default 1)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_evaluate)
 
     pr = sub.add_parser("presets", help="list presets and what they switch")
     pr.set_defaults(func=_presets)
