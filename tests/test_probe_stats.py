@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pgscope.probes.stats import (
+from pgscope.probes.bootstrap import (
     bootstrap_ci,
     cosine_matrix,
     covariance_trace,

@@ -29,7 +29,7 @@ from pgscope.algos.common import explained_variance, learning_rates, make_optimi
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.trpo import trpo_update
 from pgscope.config import Config, make_config
-from pgscope.rollout import Batch, EpisodeStats, RolloutCollector
+from pgscope.rollout import Batch, FinishedEpisodes, RolloutCollector
 from pgscope.train import set_learning_rates
 
 PENDULUM, CARTPOLE, DRIFT = "Pendulum-v1", "CartPole-v1", "pgscope-test/Drift-v0"
@@ -219,7 +219,7 @@ def collect(cfg: Config, seed: int):
 
 
 def check_rollout(cfg: Config, agent: Agent, batches: list[Batch],
-                  stats: tuple[EpisodeStats, ...], stream: ref.RawStream,
+                  stats: tuple[FinishedEpisodes, ...], stream: ref.RawStream,
                   envs: gym.vector.VectorEnv) -> None:
     """pgscope's batches equal the reference computed from the raw stream: observations,
     rewards, episode flags, next states, values, advantages, returns, log-probabilities

@@ -1,15 +1,15 @@
-"""The probe-environment selftest is part of the suite: every probe, PPO and TRPO."""
+"""The sanity-env selftest is part of the suite: every sanity env, PPO and TRPO."""
 
 import pytest
 
 from pgscope.cli import main
-from pgscope.selftest import CHECKS, run_probe
+from pgscope.selftest import CHECKS, run_check
 
 
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
 @pytest.mark.parametrize("env_id", list(CHECKS))
 def test_probe(env_id, algo, tmp_path):
-    result = run_probe(env_id, algo, workdir=tmp_path)
+    result = run_check(env_id, algo, workdir=tmp_path)
     assert result.passed, result.details
 
 

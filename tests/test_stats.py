@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pgscope import stats
+from pgscope import seed_statistics as stats
 
 RNG = np.random.default_rng(0)
 A = RNG.normal(100, 15, size=(10, 3))

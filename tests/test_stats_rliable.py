@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pgscope import stats
+from pgscope import seed_statistics as stats
 
 rly = pytest.importorskip("rliable.library", reason="rliable is a test dependency")
 rmetrics = pytest.importorskip("rliable.metrics")

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pgscope import stats
+from pgscope import seed_statistics as stats
 from pgscope.cli import main
 from pgscope.config import make_config
 from pgscope.errors import ConfigError, PgscopeError, RunDirError

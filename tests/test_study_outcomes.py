@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pgscope import stats
+from pgscope import seed_statistics as stats
 from pgscope.run import RunDir
 from pgscope.study import parse_spec
 from pgscope.study.analysis import (

@@ -15,7 +15,7 @@ from torch.nn.utils import parameters_to_vector
 
 import pgscope.algos.trpo as trpo_mod
 from pgscope.agent import build_agent
-from pgscope.algos.common import PhaseStats, make_optimizer
+from pgscope.algos.common import PhaseRecorder, make_optimizer
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.trpo import conjugate_gradient, trpo_update
 from pgscope.config import make_config
@@ -260,13 +260,13 @@ def test_ppo_update_metrics(monkeypatch):
     cfg, policy, value_net, opt, batch, gen = _setup("ppo", epochs=3, policy_lr=3e-3)
     assert [g["name"] for g in opt.param_groups] == ["policy", "value"]
     seen: list[torch.Tensor] = []
-    real = PhaseStats.ratios
+    real = PhaseRecorder.ratios
 
     def record(self, ratio):
         seen.append(ratio.detach().clone())
         real(self, ratio)
 
-    monkeypatch.setattr(PhaseStats, "ratios", record)
+    monkeypatch.setattr(PhaseRecorder, "ratios", record)
     old = copy.deepcopy(policy)
     m = ppo_update(cfg, policy, value_net, opt, batch, gen, {})
 

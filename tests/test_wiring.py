@@ -38,7 +38,7 @@ from pgscope.algos.common import explained_variance, make_optimizer, policy_chan
 from pgscope.config import Config, make_config
 from pgscope.envs import make_vector_env
 from pgscope.networks import CategoricalPolicy, GaussianPolicy
-from pgscope.optimizations import RunningMeanStd
+from pgscope.optimizations import RunningMeanStd, adapt_kl_beta, kl_early_stop
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch, Preprocessor, RolloutCollector
 
@@ -795,14 +795,14 @@ def test_reward_multiplied_then_scaled_then_clipped(scale, clip, multiplier):
 
 
 def test_frozen_preprocessor_never_updates_statistics():
-    """The probes' mode: frozen_copy applies the statistics and never changes them (nor the
+    """Frozen statistics: with_frozen_statistics applies them and never changes them (nor the
     original's), while the training preprocessor does update."""
     pre = _pre()
     for t in range(5):
         pre.obs(OBS_STREAM[t], update=True)
         pre.reward(REWARDS[t], DONES[t])
-    frozen = pre.frozen_copy(3)
-    assert frozen.frozen and not pre.frozen
+    frozen = pre.with_frozen_statistics(3)
+    assert frozen.statistics_frozen and not pre.statistics_frozen
     state = copy.deepcopy(pre.state_dict())
     frozen_state = copy.deepcopy(frozen.state_dict())
     raw = np.random.default_rng(1).normal(10.0, 5.0, size=(3, OBS_DIM))
@@ -825,6 +825,27 @@ def test_frozen_preprocessor_never_updates_statistics():
     pre.reward(np.array([5.0, -3.0]), np.array([False, False]))
     assert float(pre.obs_norm.rms.count) > float(state["obs_norm"]["count"])
     assert float(pre.reward_scaler.rms.count) > float(state["reward_scaler"]["count"])
+
+
+@pytest.mark.parametrize("preset", ["ppo-m", "trpo+"])
+def test_frozen_copy_with_switches_off_or_partly_on(preset):
+    """frozen_copy works whatever is switched on (ppo-m: no statistics at all)."""
+    pre = _pre(preset)
+    pre.obs(OBS_STREAM[0], update=True)
+    pre.reward(REWARDS[0], DONES[0])
+    frozen = pre.frozen_copy(4)
+    assert frozen.frozen and set(frozen.state_dict()) == set(pre.state_dict())
+    raw = np.repeat(OBS_STREAM[1][:1], 4, axis=0)
+    np.testing.assert_allclose(frozen.obs(raw, update=True), pre.obs(raw, update=False),
+                               rtol=1e-6)
+
+
+def test_kl_thresholds_are_strict():
+    """'Above 1.5 x target' and 'below target / 1.5' are strict (exact binary values)."""
+    assert not kl_early_stop(0.75, 0.5, True) and kl_early_stop(0.7500001, 0.5, True)
+    assert adapt_kl_beta(1.0, 0.75, 0.5) == 1.0 and adapt_kl_beta(1.0, 0.7500001, 0.5) == 2.0
+    assert adapt_kl_beta(1.0, 0.375, 0.5625) == 1.0  # 0.5625 / 1.5 = 0.375 exactly
+    assert adapt_kl_beta(1.0, 0.3749999, 0.5625) == 0.5
 
 
 def test_probe_sampling_leaves_the_agents_statistics_alone():
@@ -1105,13 +1126,15 @@ def _same_state(a: Any, b: Any, where: str = "") -> None:
 def test_resume_restores_optimizer_rngs_algo_state_and_statistics(tmp_path, monkeypatch):
     """Resuming from the checkpoint of iteration 2 hands iteration 3 exactly what the
     uninterrupted run had: Adam moments and step, the update RNG, the sampling RNG, the
-    ppo-kl beta, the observation and reward statistics and the networks."""
+    ppo-kl beta, the observation and reward statistics, the networks and (an env whose
+    state can be saved) the episodes in progress, so the metrics lines are the same."""
     cfg = make_config("ppo-kl", "CartPole-v1", dict(TRAIN, total_steps=64 * 4, epochs=2,
                                                     policy_lr=3e-3))
     rec = _record_training(monkeypatch, "ppo")
     out = tmp_path / "run"
     train_mod.train(cfg, out, progress=False)
     full = copy.deepcopy(rec)
+    full_metrics = _read_metrics(out)
     assert full.updates[2]["state"]["kl_beta"] != cfg.kl_beta_init  # beta has moved
     assert full.updates[2]["optimizer"]["state"]  # Adam has moments
     # a kill after iteration 2's checkpoint
@@ -1131,6 +1154,15 @@ def test_resume_restores_optimizer_rngs_algo_state_and_statistics(tmp_path, monk
     assert float(rec.collects[0]["pre"]["obs_norm"]["count"]) > 64 * 2
     # (the networks at the start of iteration 3 equal the uninterrupted run's)
     _same_state(dict(got["policy"]), dict(want["policy"]), "policy")
+    # CartPole's state is saved with the collector's (current observations, running episode
+    # returns and lengths): iterations 3 and 4 are those of the uninterrupted run
+    for k in (0, 1):
+        for key in ("obs", "actions", "rewards", "advantages", "done"):
+            assert torch.equal(getattr(rec.updates[k]["batch"], key),
+                               getattr(full.updates[k + 2]["batch"], key)), (k, key)
+    timing = set(train_mod.TIMING_KEYS)
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in _read_metrics(out)]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in full_metrics]
 
 
 def test_seed_drives_init_envs_sampling_and_updates(tmp_path, monkeypatch):

@@ -121,12 +121,12 @@ MUTANTS: list[Mutant] = [
       '        optimizer.load_state_dict(ckpt["optimizer"])\n', "",
       "optimizer state (Adam moments, step) not restored on resume"),
     M("frozen-obs-stats-update", "rollout.py",
-      "if update and not self.frozen:", "if update:",
-      "observation statistics still update in frozen (probe) mode"),
+      "if update and not self.statistics_frozen:", "if update:",
+      "observation statistics still update when frozen"),
     M("frozen-reward-stats-update", "rollout.py",
-      "self.reward_scaler(out, done, update=not self.frozen)",
+      "self.reward_scaler(out, done, update=not self.statistics_frozen)",
       "self.reward_scaler(out, done, update=True)",
-      "reward statistics still update in frozen (probe) mode"),
+      "reward statistics still update when frozen"),
     # --- GAE and rewards --------------------------------------------------------------------
     M("gae-lambda-ignored", "rollout.py",
       "running = delta + gamma * lam * (1.0 - done[t]) * running",
@@ -159,20 +159,20 @@ MUTANTS: list[Mutant] = [
       "reward scaling ignores cfg.gamma"),
     M("reward-clip-before-scale", "rollout.py",
       "        if self.reward_scaler is not None:\n"
-      "            out = self.reward_scaler(out, done, update=not self.frozen)\n"
+      "            out = self.reward_scaler(out, done, update=not self.statistics_frozen)\n"
       "        return clip_rewards(out, self.reward_clip)",
       "        out = clip_rewards(out, self.reward_clip)\n"
       "        if self.reward_scaler is not None:\n"
-      "            out = self.reward_scaler(out, done, update=not self.frozen)\n"
+      "            out = self.reward_scaler(out, done, update=not self.statistics_frozen)\n"
       "        return out",
       "rewards clipped before scaling"),
     # --- observations -----------------------------------------------------------------------
     M("obs-stats-from-normalized", "rollout.py",
-      "            if update and not self.frozen:\n"
+      "            if update and not self.statistics_frozen:\n"
       "                self.obs_norm.update(out)\n"
       "            out = self.obs_norm(out)",
       "            out = self.obs_norm(out)\n"
-      "            if update and not self.frozen:\n"
+      "            if update and not self.statistics_frozen:\n"
       "                self.obs_norm.update(out)",
       "observation statistics updated with the normalized instead of the raw observation"),
     M("obs-stats-not-updated", "rollout.py",

@@ -135,7 +135,7 @@ def action_saturation(actions: np.ndarray, low: np.ndarray | None,
 
 
 @dataclass
-class EpisodeStats:
+class FinishedEpisodes:
     """Raw (unscaled) returns and lengths of the episodes finished in one rollout."""
 
     returns: list[float] = field(default_factory=list)
@@ -145,13 +145,14 @@ class EpisodeStats:
 class Preprocessor:
     """Observation normalization/clipping and reward scaling/clipping, as switched on.
 
-    A ``frozen`` preprocessor applies its statistics without updating them (probes use one,
-    so that measuring an agent never changes it)."""
+    With ``statistics_frozen`` it applies its statistics without updating them (the probes
+    and evaluation use such a copy, :meth:`with_frozen_statistics`, so that measuring an
+    agent never changes it)."""
 
     def __init__(self, cfg: Config, obs_shape: tuple[int, ...]) -> None:
         self.cfg = cfg
         self.obs_shape = obs_shape
-        self.frozen = False
+        self.statistics_frozen = False
         self.obs_norm = ObsNormalizer(obs_shape) if cfg.obs_norm else None
         self.obs_clip = cfg.obs_clip_bound if cfg.obs_clip else None
         self.reward_scaler = RewardScaler(cfg.num_envs, cfg.gamma) if cfg.reward_scale else None
@@ -160,7 +161,7 @@ class Preprocessor:
     def obs(self, raw: np.ndarray, update: bool) -> np.ndarray:
         out = raw.astype(np.float64)
         if self.obs_norm is not None:
-            if update and not self.frozen:
+            if update and not self.statistics_frozen:
                 self.obs_norm.update(out)
             out = self.obs_norm(out)
         return clip_observations(out, self.obs_clip).astype(np.float32)
@@ -168,17 +169,17 @@ class Preprocessor:
     def reward(self, raw: np.ndarray, done: np.ndarray) -> np.ndarray:
         out = multiply_rewards(raw.astype(np.float64), self.cfg.reward_multiplier)
         if self.reward_scaler is not None:
-            out = self.reward_scaler(out, done, update=not self.frozen)
+            out = self.reward_scaler(out, done, update=not self.statistics_frozen)
         return clip_rewards(out, self.reward_clip)
 
-    def frozen_copy(self, num_envs: int) -> Preprocessor:
-        """A frozen preprocessor with these statistics, for ``num_envs`` parallel envs."""
+    def with_frozen_statistics(self, num_envs: int) -> Preprocessor:
+        """A copy with these statistics, frozen, for ``num_envs`` parallel envs."""
         copy = Preprocessor(replace(self.cfg, num_envs=num_envs), self.obs_shape)
         state = self.state_dict()
         if "reward_scaler" in state:
             state["reward_scaler"] = dict(state["reward_scaler"], ret=torch.zeros(num_envs))
         copy.load_state_dict(state)
-        copy.frozen = True
+        copy.statistics_frozen = True
         return copy
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -270,7 +271,7 @@ class RolloutCollector:
         return True
 
     @torch.no_grad()
-    def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, EpisodeStats]:
+    def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, FinishedEpisodes]:
         cfg, T, N = self.cfg, self.cfg.steps_per_env, self.cfg.num_envs
         obs_dim = self.envs.single_observation_space.shape
         obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
@@ -279,7 +280,7 @@ class RolloutCollector:
         rewards = np.zeros((T, N))
         terminated = np.zeros((T, N))
         done = np.zeros((T, N))
-        stats = EpisodeStats()
+        episodes = FinishedEpisodes()
         sample = policy.numpy_sampler()
 
         for t in range(T):
@@ -298,8 +299,8 @@ class RolloutCollector:
             self.ep_return += r
             self.ep_length += 1
             for i in np.flatnonzero(ended):
-                stats.returns.append(float(self.ep_return[i]))
-                stats.lengths.append(int(self.ep_length[i]))
+                episodes.returns.append(float(self.ep_return[i]))
+                episodes.lengths.append(int(self.ep_length[i]))
                 self.ep_return[i], self.ep_length[i] = 0.0, 0
                 if trunc[i]:  # bootstrap from the true final state, not the reset one
                     check_finite_env_output(info["final_obs"][i], "observation",
@@ -333,4 +334,4 @@ class RolloutCollector:
             num_envs=N,
             action_saturation=action_saturation(actions, self.low, self.high),
         )
-        return batch, stats
+        return batch, episodes

@@ -1,5 +1,5 @@
-"""``pgscope selftest``: train PPO and TRPO on the probe environments of
-:mod:`pgscope.envs.probes` and check the learned values and policies against their known
+"""``pgscope selftest``: train PPO and TRPO on the sanity environments of
+:mod:`pgscope.envs.sanity` and check the learned values and policies against their known
 answers. Each check isolates one part of the agent (value regression, observation input,
 discounting, policy gradient, conditioning on observations; discrete and continuous).
 
@@ -88,9 +88,9 @@ class SelftestResult:
     details: list[str] = field(default_factory=list)
 
 
-def run_probe(env_id: str, algo: str, seed: int = 0, workdir: Path | None = None
+def run_check(env_id: str, algo: str, seed: int = 0, workdir: Path | None = None
               ) -> SelftestResult:
-    """Train ``algo`` ('ppo' or 'trpo') on one probe env and check the result."""
+    """Train ``algo`` ('ppo' or 'trpo') on one sanity env and check the result."""
     t0 = time.perf_counter()
     cfg = make_config(algo, env_id, dict(SELFTEST_SETTINGS, seed=seed))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -103,11 +103,11 @@ def run_probe(env_id: str, algo: str, seed: int = 0, workdir: Path | None = None
 
 def run_selftest(algos: Sequence[str] = ("ppo", "trpo"), verbose: bool = False
                  ) -> list[SelftestResult]:
-    """Every probe env for every algorithm; returns the results (and prints them)."""
+    """Every sanity env for every algorithm; returns the results (and prints them)."""
     results = []
     for algo in algos:
         for env_id in CHECKS:
-            r = run_probe(env_id, algo)
+            r = run_check(env_id, algo)
             results.append(r)
             if verbose:
                 mark = "PASS" if r.passed else "FAIL"

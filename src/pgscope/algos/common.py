@@ -45,7 +45,7 @@ def first_ratio_deviation(ratio: torch.Tensor) -> dict[str, float]:
     return {"ratio_first_minibatch_dev": float((ratio.detach() - 1).abs().max())}
 
 
-class PhaseStats:
+class PhaseRecorder:
     """Accumulates statistics over a whole update phase (every minibatch of every epoch),
     never just the last minibatch: :meth:`mean` averages scalars such as losses and
     gradient norms, :meth:`ratios` pools the probability ratios of each minibatch, taken

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from pgscope.algos.common import PhaseStats, minibatches, policy_change, reference_clip_range
+from pgscope.algos.common import PhaseRecorder, minibatches, policy_change, reference_clip_range
 from pgscope.config import Config
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
@@ -49,7 +49,7 @@ def ppo_update(
     epoch (the trust-region probe watches the update)."""
     old_policy = copy.deepcopy(policy)
     clip_range = reference_clip_range(cfg)
-    stats = PhaseStats(clip_range)
+    phase = PhaseRecorder(clip_range)
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     beta = state.get("kl_beta", cfg.kl_beta_init)
@@ -78,8 +78,8 @@ def ppo_update(
             value_grad_norm = clip_gradients(value_net.parameters(), grad_limit)
             optimizer.step()
 
-            stats.ratios(ratio)  # before this minibatch's step
-            stats.mean(policy_loss=policy_loss, value_loss=v_loss,
+            phase.ratios(ratio)  # before this minibatch's step
+            phase.mean(policy_loss=policy_loss, value_loss=v_loss,
                        policy_grad_norm=policy_grad_norm, value_grad_norm=value_grad_norm)
         epochs_run += 1
         if epoch_callback is not None:
@@ -90,7 +90,7 @@ def ppo_update(
             if kl_early_stop(float(kl), cfg.target_kl, cfg.kl_stop):
                 break
 
-    metrics = stats.result()
+    metrics = phase.result()
     metrics.update(policy_change(policy, old_policy, batch, heldout_obs, clip_range))
     metrics["epochs_run"] = epochs_run
     if cfg.ppo_loss == "kl":

@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from pgscope.algos.common import (
-    PhaseStats,
+    PhaseRecorder,
     first_ratio_deviation,
     minibatches,
     policy_change,
@@ -52,7 +52,7 @@ def conjugate_gradient(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
 def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer, batch: Batch,
               generator: torch.Generator) -> dict[str, float]:
     """Regress the value net on the batch's GAE targets: epochs x minibatches of Adam."""
-    stats = PhaseStats(clip_range=0.2)  # records no ratios: only means
+    phase = PhaseRecorder(clip_range=0.2)  # records no ratios: only means
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     for _ in range(cfg.epochs):
         for idx in minibatches(len(batch), cfg, generator):
@@ -63,8 +63,8 @@ def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer
             grad_norm = clip_gradients(value_net.parameters(),
                                        cfg.max_grad_norm if cfg.grad_clip else None)
             optimizer.step()
-            stats.mean(value_loss=v_loss, value_grad_norm=grad_norm)
-    return stats.result()
+            phase.mean(value_loss=v_loss, value_grad_norm=grad_norm)
+    return phase.result()
 
 
 def trpo_update(

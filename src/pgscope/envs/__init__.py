@@ -1,8 +1,9 @@
 """Environment creation: any id ``gymnasium.make`` accepts, vectorized with gymnasium.
 
 Ids of the form ``module:EnvName-v0`` import ``module`` first (gymnasium's own rule), so
-environments registered by a user's module work unchanged. pgscope's own small envs
-(the selftest probe envs) are registered under the ``pgscope/`` namespace on import.
+environments registered by a user's module work unchanged. pgscope's own small envs (the
+selftest's sanity envs, the tabular MDP of the probe tests) are registered under the
+``pgscope/`` namespace on import.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from collections.abc import Callable
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from pgscope.envs import probes as probes
+from pgscope.envs import sanity as sanity
 from pgscope.envs import tabular as tabular  # registers pgscope/Tabular-v0 on import
 from pgscope.errors import EnvError
 
-probes.register_all()
+sanity.register_all()
 
 
 def _suggest(env_id: str) -> str:

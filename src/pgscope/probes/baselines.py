@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from pgscope.agent import Agent
 from pgscope.errors import ProbeError
 from pgscope.networks import ValueNet
+from pgscope.probes.bootstrap import pairwise_summary
 from pgscope.probes.gradients import GradientAccumulator, _seed
 from pgscope.probes.sampling import batch_chunks
-from pgscope.probes.stats import pairwise_summary
 from pgscope.probes.values import true_return_segments
 
 BASELINES = ("agent", "true", "zero")

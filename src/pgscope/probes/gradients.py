@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
 from pgscope.errors import ProbeError
+from pgscope.probes.bootstrap import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.probes.sampling import batch_chunks
-from pgscope.probes.stats import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.rollout import Batch
 
 

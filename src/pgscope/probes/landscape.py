@@ -60,7 +60,7 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
     if cap is None:
         limit = envs.envs[0].spec.max_episode_steps if envs.envs[0].spec else None
         cap = limit or EPISODE_CAP
-    pre = agent.preprocessor.frozen_copy(n_envs)
+    pre = agent.preprocessor.with_frozen_statistics(n_envs)
     sample = agent.policy.numpy_sampler()
     rng = np.random.default_rng([seed, 0xE7A1])
     space = envs.single_action_space

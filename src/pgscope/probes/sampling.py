@@ -39,8 +39,8 @@ def batch_chunks(agent: Agent, n_pairs: int, seed: int, max_envs: int = MAX_ENVS
     probe_cfg = replace(cfg, num_envs=n_envs, steps_per_iter=n_envs * horizon)
     envs = make_vector_env(cfg.env_id, n_envs)
     try:
-        collector = RolloutCollector(probe_cfg, envs, agent.preprocessor.frozen_copy(n_envs),
-                                     seed=seed)
+        pre = agent.preprocessor.with_frozen_statistics(n_envs)
+        collector = RolloutCollector(probe_cfg, envs, pre, seed=seed)
         remaining = n_pairs
         while remaining > 0:
             batch, _ = collector.collect(agent.policy, agent.value_net)

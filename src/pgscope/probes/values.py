@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from pgscope.agent import Agent
 from pgscope.envs import make_env
 from pgscope.errors import ProbeError
+from pgscope.probes.bootstrap import summarize
 from pgscope.probes.sampling import sample_batch
-from pgscope.probes.stats import summarize
 from pgscope.rollout import Batch
 
 

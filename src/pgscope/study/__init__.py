@@ -2,7 +2,7 @@
 
 Layers: :mod:`~pgscope.study.spec` (what to run) -> :mod:`~pgscope.study.runner` (run it,
 locally or on Ray) -> :mod:`~pgscope.study.analysis` (tidy data, final scores, tables) ->
-:mod:`~pgscope.study.plots`. The statistics themselves are in :mod:`pgscope.stats`.
+:mod:`~pgscope.study.plots`. The statistics themselves are in :mod:`pgscope.seed_statistics`.
 """
 
 from pgscope.study.presets import BUILTIN_STUDIES, builtin_study

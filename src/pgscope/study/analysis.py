@@ -1,7 +1,8 @@
 """From a study directory to tidy data and tables (``pgscope study summary``).
 
 :func:`load_study` gives every metrics line of every run as one pandas DataFrame;
-:func:`summarize` computes the tables of docs/design.md section 4 from it with :mod:`pgscope.stats`;
+:func:`summarize` computes the tables of docs/design.md section 4 from it with
+:mod:`pgscope.seed_statistics`;
 :func:`write_summary` writes them as CSV and JSON (plus PNG plots) and returns them.
 
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pgscope import stats
+from pgscope import seed_statistics as stats
 from pgscope.run import RunDir, atomic_write_json
 from pgscope.study.runner import FAILED, FINISHED, open_study, run_state
 from pgscope.study.spec import StudySpec

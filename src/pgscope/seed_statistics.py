@@ -1,4 +1,4 @@
-"""Statistics for comparing configurations across seeds (docs/design.md section 4).
+"""Statistics across seeds: comparing configurations (docs/design.md section 4).
 
 A small functional API over NumPy/SciPy, after rliable (Agarwal et al., 2021). Scores are
 arrays of shape ``(runs, tasks)`` (one column per env; a 1-D array is one task). Every

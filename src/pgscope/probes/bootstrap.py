@@ -1,5 +1,8 @@
-"""Small statistics helpers for the probes: cosine matrices and bootstrap intervals over
-repeated estimates."""
+"""Bootstrap summaries of repeated probe estimates: cosine matrices, pairwise means,
+covariance traces and percentile-bootstrap intervals over the K estimates of a probe.
+
+(Statistics across training seeds, for comparing configurations, are in
+:mod:`pgscope.seed_statistics`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pgscope.stats import percentile_interval
+from pgscope.seed_statistics import percentile_interval
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Probe environments for the selftest, after Andy Jones, "Debugging RL, without the
+"""Sanity environments for the selftest, after Andy Jones, "Debugging RL, without the
 agonizing pain" (2021). Each isolates one part of an agent; the expected value or policy is
-known in closed form. Continuous-action versions of probes 4 and 5 are pgscope's own.
+known in closed form. Continuous-action versions of his envs 4 and 5 are pgscope's own.
 
 | id                         | tests                                        |
 |----------------------------|----------------------------------------------|
@@ -22,7 +22,7 @@ import numpy as np
 from gymnasium import spaces
 
 
-class _ProbeEnv(gym.Env):
+class _SanityEnv(gym.Env):
     """One- or two-step episodes with a 1-D observation."""
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -50,7 +50,7 @@ class _ProbeEnv(gym.Env):
         return np.array([self._obs], dtype=np.float32), r, True, False, {}
 
 
-class ConstantReward(_ProbeEnv):
+class ConstantReward(_SanityEnv):
     def __init__(self) -> None:
         super().__init__()
         self.action_space = spaces.Discrete(1)
@@ -77,7 +77,7 @@ class Discounting(ConstantReward):
         return np.array([1.0], dtype=np.float32), 1.0, True, False, {}
 
 
-class ActionReward(_ProbeEnv):
+class ActionReward(_SanityEnv):
     """Action 1 earns +1, action 0 earns -1."""
 
     def __init__(self) -> None:
@@ -97,7 +97,7 @@ class ActionObsReward(ActionReward):
         return 1.0 if int(action) == int(self._obs > 0) else -1.0
 
 
-class ContActionReward(_ProbeEnv):
+class ContActionReward(_SanityEnv):
     """Continuous action a in [-1, 1]; reward 1 - 4 (a - 0.5)^2, best at a = 0.5."""
 
     target_gain = 0.0
@@ -123,7 +123,7 @@ class ContActionObsReward(ContActionReward):
     target_offset = 0.0
 
 
-PROBES: dict[str, type[gym.Env]] = {
+SANITY_ENVS: dict[str, type[gym.Env]] = {
     "pgscope/ConstantReward-v0": ConstantReward,
     "pgscope/ObsReward-v0": ObsReward,
     "pgscope/Discounting-v0": Discounting,
@@ -135,7 +135,7 @@ PROBES: dict[str, type[gym.Env]] = {
 
 
 def register_all() -> None:
-    for env_id, cls in PROBES.items():
+    for env_id, cls in SANITY_ENVS.items():
         if env_id not in gym.registry:
             gym.register(env_id, entry_point=f"{__name__}:{cls.__name__}", max_episode_steps=10,
                          disable_env_checker=True)
