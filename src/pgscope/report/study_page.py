@@ -1,0 +1,287 @@
+"""The report of a study: outcome counts, doctor findings per run, learning curves per
+config with CIs over seeds, final-score tables (IQM, median, mean with CIs, failure rates,
+seeds needed), comparisons (probability of improvement, Mann-Whitney, Welch), performance
+profiles and, for factorial studies, main effects. The numbers are those of
+``pgscope study summary`` (:func:`pgscope.study.analysis.summarize`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pgscope.report.page import Page, badge, ci_text, esc, figure, fmt, kv, palette, rgba, table
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _counts(r: Any, suffix: str = "") -> str:
+    keys = ("n_complete", "n_diverged", "n_failed", "n_missing")
+    if f"n{suffix}" not in r or _isnan(r.get(f"n{suffix}")):
+        return "-"
+    return "/".join(str(int(r[k + suffix])) for k in keys) + f" of {int(r['n' + suffix])}"
+
+
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _ci(r: Any, key: str, digits: int = 4) -> str:
+    if key not in r or _isnan(r.get(key)):
+        return "-"
+    return ci_text(r[key], r.get(f"{key}_low"), r.get(f"{key}_high"), digits)
+
+
+def _p(v: Any) -> str:
+    if _isnan(v):
+        return "-"
+    return f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
+
+
+def colours(labels: list[str]) -> dict[str, str]:
+    """One colour per config, the same in every plot of the report."""
+    pal = palette(len(labels))
+    return {label: pal[i % len(pal)] for i, label in enumerate(labels)}
+
+
+def curves_html(curves: Any, envs: list[str], col: dict[str, str], level: float) -> str:
+    import plotly.graph_objects as go
+
+    if curves.empty:
+        return '<p class="note">No complete run yet: no learning curves.</p>'
+    parts = []
+    for i, env in enumerate(envs):
+        e = curves[curves["env"] == env]
+        fig = go.Figure()
+        for label, g in e.groupby("label", sort=False):
+            c = col[str(label)]
+            x = list(g["env_steps"])
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
+                                     fill="toself", fillcolor=rgba(c, 0.15), line=dict(width=0),
+                                     hoverinfo="skip", legendgroup=esc(label), showlegend=False,
+                                     name=esc(f"{label} CI")))
+            r0 = g.iloc[0]
+            fig.add_trace(go.Scatter(
+                x=x, y=list(g["mean"]), mode="lines", line=dict(color=c, width=2),
+                legendgroup=esc(label),
+                name=esc(f"{label} (complete {int(r0.get('n_complete', r0['runs']))} of "
+                         f"{int(r0.get('n', r0['runs']))})"),
+                hovertemplate=esc(label) + ": %{y:.1f}<br>env steps %{x}<extra></extra>"))
+        fig.update_layout(title=dict(text=esc(env), font=dict(size=14)),
+                          xaxis_title="env steps",
+                          yaxis_title="mean episode return (env units)", height=460,
+                          legend=dict(font=dict(size=11)))
+        parts.append(figure(fig, f"study-curve-{i}"))
+    return (f'<p class="note">Mean over the complete runs (seeds) of each config, with a '
+            f"{100 * level:g}% bootstrap CI over runs (shaded). Click a legend entry to hide "
+            "a config, double-click to show it alone.</p>" + "".join(parts))
+
+
+def intervals_html(agg: Any, envs: list[str], col: dict[str, str], level: float) -> str:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if agg.empty or "iqm" not in agg:
+        return ""
+    parts = []
+    names = {"iqm": "IQM", "median": "median", "mean": "mean (complete runs)"}
+    for i, env in enumerate(envs):
+        e = agg[agg["env"] == env]
+        fig = make_subplots(rows=1, cols=3, shared_yaxes=True,
+                            subplot_titles=[names[m] for m in names])
+        for j, m in enumerate(names, start=1):
+            if m not in e:
+                continue
+            for _, r in e.iterrows():
+                mid, lo, hi = (_num(r.get(k)) for k in (m, f"{m}_low", f"{m}_high"))
+                if not math.isfinite(mid):
+                    continue  # -inf (every run failed): in the table only
+                lo = lo if math.isfinite(lo) else mid
+                fig.add_trace(go.Scatter(
+                    x=[mid], y=[esc(r["label"])], mode="markers",
+                    marker=dict(color=col[str(r["label"])], size=9),
+                    error_x=dict(type="data", symmetric=False, array=[hi - mid],
+                                 arrayminus=[mid - lo], thickness=2),
+                    showlegend=False, name=esc(r["label"]),
+                    hovertemplate=esc(f"{r['label']} {names[m]}") + ": %{x:.1f}<extra></extra>"),
+                    row=1, col=j)
+            fig.update_xaxes(title_text="final score (env units)", row=1, col=j)
+        fig.update_yaxes(autorange="reversed")
+        fig.update_layout(title=dict(text=esc(f"{env}: final score, {100 * level:g}% "
+                                              "stratified bootstrap CIs"), font=dict(size=14)),
+                          height=140 + 28 * len(e))
+        parts.append(figure(fig, f"study-intervals-{i}"))
+    return "".join(parts)
+
+
+def profiles_html(prof: Any, envs: list[str], col: dict[str, str], level: float) -> str:
+    import plotly.graph_objects as go
+
+    if prof.empty:
+        return ""
+    parts = []
+    for i, env in enumerate(envs):
+        e = prof[prof["env"] == env]
+        fig = go.Figure()
+        for label, g in e.groupby("label", sort=False):
+            c = col[str(label)]
+            x = list(g["tau"])
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
+                                     fill="toself", fillcolor=rgba(c, 0.12), line=dict(width=0),
+                                     hoverinfo="skip", showlegend=False,
+                                     legendgroup=esc(label)))
+            fig.add_trace(go.Scatter(x=x, y=list(g["fraction"]), mode="lines",
+                                     line=dict(color=c, width=2, shape="hv"),
+                                     name=esc(label), legendgroup=esc(label)))
+        fig.update_layout(title=dict(text=esc(f"{env}: performance profile"),
+                                     font=dict(size=14)),
+                          xaxis_title="final score tau (env units)",
+                          yaxis_title="fraction of runs with score > tau",
+                          yaxis_range=[-0.02, 1.02], height=420)
+        parts.append(figure(fig, f"study-profiles-{i}"))
+    return (f'<p class="note">Fraction of runs scoring above tau with {100 * level:g}% CIs; '
+            "a diverged or failed run is below every tau and stays in the denominator.</p>"
+            + "".join(parts))
+
+
+def improvement_html(comp: Any, level: float, anchor: str) -> str:
+    import plotly.graph_objects as go
+
+    if comp.empty or "prob_improvement" not in comp:
+        return ""
+    c = comp.dropna(subset=["prob_improvement"])
+    if c.empty:
+        return ""
+    if "factor" in c:
+        names = [f"P({f}={lv} > {f}={ref}) [{env}]" for f, lv, ref, env in
+                 zip(c["factor"], c["level"], c["reference"], c["env"], strict=True)]
+    else:
+        names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
+                                                            strict=True)]
+    mid = c["prob_improvement"].to_numpy(float)
+    lo, hi = c["prob_improvement_low"].to_numpy(float), c["prob_improvement_high"].to_numpy(float)
+    fig = go.Figure(go.Scatter(x=mid, y=[esc(n) for n in names], mode="markers",
+                               marker=dict(size=9, color="#636efa"),
+                               error_x=dict(type="data", symmetric=False, array=hi - mid,
+                                            arrayminus=mid - lo), showlegend=False,
+                               hovertemplate="%{y}: %{x:.2f}<extra></extra>"))
+    fig.add_vline(x=0.5, line_dash="dash", line_color="#555")
+    fig.update_layout(xaxis_title=f"probability of improvement ({100 * level:g}% CI)",
+                      xaxis_range=[-0.02, 1.02], yaxis_autorange="reversed",
+                      height=120 + 26 * len(c))
+    return figure(fig, anchor)
+
+
+def study_page(path: Path) -> Page:
+    from pgscope.doctor import diagnose_study
+    from pgscope.study.analysis import summarize
+
+    result = summarize(path)
+    meta, t, spec = result["meta"], result["tables"], result["spec"]
+    st = meta["statistics"]
+    level = float(st["level"])
+    labels = [c.label for c in spec.configs]
+    col = colours(labels)
+    envs = list(spec.envs)
+    done = f"{meta['complete']}/{meta['runs']} complete"
+    page = Page(f"pgscope study {meta['study']}", f"{badge(done, 'complete')} {esc(path)}")
+    missing = meta["missing"]
+    page.add("summary", "Summary", kv([
+        ("study", meta["study"]), ("description", meta.get("description") or "-"),
+        ("design", f"{len(labels)} configs x {len(envs)} envs x {len(spec.seeds)} seeds"),
+        ("envs", ", ".join(envs)),
+        ("runs", f"{meta['runs']} planned: {meta['complete']} complete, {meta['diverged']} "
+                 f"diverged, {meta['failed']} failed, {len(missing)} missing"),
+        ("final score", meta["score_definition"]),
+        ("intervals", f"{100 * level:g}% stratified bootstrap, {st['reps']} resamples, "
+                      f"seed {st['seed']}"),
+        ("outcome rule", meta["outcome_rule"]),
+        ("baseline", str(meta.get("baseline") or "-"))]))
+
+    rows = diagnose_study(path)
+    scores = t["scores"]
+    score_of = {(r.label, r.env, int(r.seed)): r for r in scores.itertuples()}
+    table_rows = []
+    for r in rows:
+        s = score_of.get((r["label"], r["env"], int(r["seed"])))
+        alarms = sorted({f.alarm for f in r["findings"]})
+        table_rows.append([
+            f'<span style="color:{col.get(r["label"], "#000")}">&#9632;</span> '
+            f"{esc(r['label'])}", esc(r["env"]), esc(r["seed"]),
+            esc(s.outcome if s is not None else r["state"]),
+            esc(fmt(s.score) if s is not None else "-"),
+            esc(", ".join(alarms)) if alarms else badge("healthy")])
+    fired = sum(1 for r in rows if r["findings"])
+    page.add("runs", "Runs and doctor findings",
+             f"<p>{fired} of {len(rows)} runs fired at least one alarm "
+             "(<code>pgscope doctor</code> on each run).</p>"
+             + table(["config", "env", "seed", "outcome", "final score", "doctor alarms"],
+                     table_rows, numeric=(2, 4), raw=(0, 1, 2, 3, 4, 5)))
+    page.add("curves", "Learning curves", curves_html(t["curves"], envs, col, level))
+
+    agg = t["aggregates"]
+    rd = st["relative_difference"]
+    agg_rows = [[r["label"], r["env"], _counts(r), _ci(r, "iqm"), _ci(r, "median"),
+                 _ci(r, "mean"), fmt(r.get("std")), _ci(r, "failure_rate", 3),
+                 fmt(r.get("seeds_needed"))] for _, r in agg.iterrows()]
+    page.add("scores", "Final scores",
+             '<p class="note">runs: complete/diverged/failed/missing of n planned. IQM and '
+             "median rank diverged and failed runs lowest (-inf); mean and std use the "
+             "complete runs.</p>"
+             + table(["config", "env", "runs", "IQM", "median", "mean", "std", "failure rate",
+                      f"seeds to detect {100 * rd:g}%"], agg_rows, numeric=(3, 4, 5, 6, 7, 8))
+             + intervals_html(agg, envs, col, level))
+    comp = t["comparisons"]
+    if not comp.empty:
+        comp_rows = [[f"{r['a']} vs {r['b']}", r["env"], _counts(r, "_a"), _counts(r, "_b"),
+                      _ci(r, "prob_improvement", 3), _p(r.get("mannwhitney_p")),
+                      fmt(r.get("difference")), fmt(r.get("welch_t")), _p(r.get("welch_p"))]
+                     for _, r in comp.iterrows()]
+        page.add("comparisons", "Comparisons",
+                 table(["a vs b", "env", "runs a", "runs b", "P(a > b)", "Mann-Whitney p",
+                        "mean difference (complete)", "Welch t", "Welch p"], comp_rows,
+                       numeric=(4, 5, 6, 7, 8))
+                 + improvement_html(comp, level, "study-poi"))
+    power_rows = [[r["label"], r["env"], fmt(r.get("mean")), fmt(r.get("std")),
+                   fmt(rd * abs(_num(r.get("mean")))) if not _isnan(r.get("mean")) else "-",
+                   fmt(r.get("seeds_needed"))] for _, r in agg.iterrows()]
+    page.add("power", "Power analysis",
+             f'<p class="note">Seeds per config needed to detect a difference of '
+             f"{100 * rd:g}% of the config's mean with a two-sided Welch test at alpha "
+             f"{st['alpha']:g} and power {st['power']:g} (from the complete runs' mean and "
+             "std).</p>" + table(["config", "env", "mean", "std", "difference to detect",
+                                  "seeds needed"], power_rows, numeric=(2, 3, 4, 5)))
+    page.add("profiles", "Performance profiles", profiles_html(t["profiles"], envs, col, level))
+    if "main_effects" in t and not t["main_effects"].empty:
+        me = t["main_effects"]
+        me_rows = [[f"{r['factor']}={r['level']} vs {r['reference']}", r["env"],
+                    _counts(r, "_a"), _counts(r, "_b"), _ci(r, "prob_improvement", 3),
+                    _p(r.get("mannwhitney_p")), fmt(r.get("difference")), _p(r.get("welch_p"))]
+                   for _, r in me.iterrows()]
+        page.add("main-effects", "Main effects",
+                 table(["level vs reference", "env", "runs a", "runs b", "P(a > b)",
+                        "Mann-Whitney p", "mean difference", "Welch p"], me_rows,
+                       numeric=(4, 5, 6, 7))
+                 + improvement_html(me, level, "study-main-effects"))
+    lot = t.get("lottery")
+    if lot is not None and not lot.empty:
+        page.add("lottery", "Seed lottery", table(
+            ["config", "env", "runs", "splits", "significant splits", "max |t|", "min p"],
+            [[r["label"], r["env"], _counts(r), fmt(r["splits"]),
+              f"{100 * r['fraction_significant']:.1f}%", fmt(r["max_abs_t"]),
+              _p(r["min_p"])] for _, r in lot.iterrows()], numeric=(3, 4, 5, 6)))
+    cfg_rows = [[f'<span style="color:{col[c.label]}">&#9632;</span> {esc(c.label)}',
+                 esc(c.preset), esc(", ".join(f"{k}={v}" for k, v in c.overrides.items())
+                                    or "-")] for c in spec.configs]
+    page.add("configs", "Configs", table(["config", "preset", "overrides"], cfg_rows,
+                                         raw=(0, 1, 2)))
+    if missing:
+        page.add("missing", "Missing runs", table(
+            ["config", "env", "seed", "state", "why"],
+            [[m["label"], m["env"], m["seed"], m["state"], m["why"]] for m in missing]))
+    return page

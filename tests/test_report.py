@@ -1,0 +1,194 @@
+"""pgscope report in a real browser: headless Chromium (Debian's ``chromium`` package) driven
+by playwright. Each report (a run, a probe output folder, a study) must load with no
+console error and no request leaving the file (every request is intercepted; only the file
+itself and data: URLs are allowed), show its sections, plots and numbers, and escape every
+user-provided string (a run directory, study name and description carrying HTML/script
+must not execute: no dialog opens and the text shows literally).
+
+Chromium is a system package: ``make sysdeps`` (run by ``make test``) installs it. Without
+it these tests fail with that instruction; they never pass silently.
+
+Set PGSCOPE_REPORT_SCREENSHOTS=DIR to keep the screenshots (full pages) in DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgscope import make_config, train
+from pgscope.cli import main
+from pgscope.report import write_report
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+PROBES = ROOT / "docs" / "probes" / "hopper-ppo-iter150"
+EVIL = "<script>alert(1)</script>"
+EVIL_DIR = "<img src=x onerror=alert(2)>"  # a directory name cannot hold '/'
+TINY = dict(steps_per_iter=256, minibatches=4, epochs=2, hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run 'make sysdeps' (Debian package 'chromium'); "
+                    "the browser tests do not pass without a browser.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+class Visit:
+    """A report opened in a fresh page, with everything the page did recorded."""
+
+    def __init__(self, browser, html: Path, shot: Path) -> None:
+        self.errors: list[str] = []
+        self.blocked: list[str] = []
+        self.dialogs: list[str] = []
+        url = html.resolve().as_uri()
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
+                     else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+
+        def route(r):
+            if r.request.url == url or r.request.url.startswith("data:"):
+                r.continue_()
+            else:
+                self.blocked.append(r.request.url)
+                r.abort()
+        self.page.route("**/*", route)
+        self.page.goto(url)
+        self.page.wait_for_function(
+            "document.querySelectorAll('.js-plotly-plot .main-svg').length > 0 || "
+            "document.querySelectorAll('.js-plotly-plot').length === 0", timeout=30_000)
+        self.page.wait_for_timeout(300)
+        self.page.screenshot(path=str(shot), full_page=True)
+        keep = os.environ.get("PGSCOPE_REPORT_SCREENSHOTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / shot.name)
+        self.text = self.page.inner_text("body")
+
+    def ids(self) -> set[str]:
+        return set(self.page.eval_on_selector_all("[id]", "els => els.map(e => e.id)"))
+
+    def plots(self) -> int:
+        return self.page.eval_on_selector_all(".js-plotly-plot .main-svg", "e => e.length")
+
+    def check_clean(self) -> None:
+        assert not self.errors, self.errors
+        assert not self.blocked, f"requests left the file: {self.blocked}"
+        assert not self.dialogs, f"a script from the data ran: {self.dialogs}"
+
+
+@pytest.fixture(scope="module")
+def sick_run(tmp_path_factory):
+    """A tiny Pendulum run whose huge initial std saturates the actions (a doctor finding),
+    in a directory whose name is HTML, with the docs' probe results and a short clip."""
+    root = tmp_path_factory.mktemp("report")
+    run = root / EVIL_DIR
+    cfg = make_config("ppo", "Pendulum-v1", {**TINY, "total_steps": 8 * 256, "seed": 0,
+                                             "init_log_std": 3.0})
+    train(cfg, run, progress=False)
+    shutil.copytree(PROBES, run / "probes" / "iter_000004")
+    import imageio.v2 as imageio
+
+    frames = [np.full((64, 96, 3), 40 * i, dtype=np.uint8) for i in range(6)]
+    (run / "videos").mkdir()
+    imageio.mimwrite(run / "videos" / "final.mp4", frames, fps=5, macro_block_size=16)
+    return run
+
+
+def test_run_report_in_the_browser(browser, sick_run, tmp_path):
+    html = write_report(sick_run, tmp_path / "run.html")
+    v = Visit(browser, html, tmp_path / "report-run.png")
+    v.check_clean()
+    assert {"summary", "doctor", "learning", "diagnostics", "probes", "video", "config",
+            "finding-1", "panel-kl", "panel-saturation", "panel-ev"} <= v.ids()
+    assert v.plots() >= 10  # learning curve + diagnostics panels, all drawn by plotly
+    # the directory name shows as text, never as an element
+    assert EVIL_DIR in v.text
+    assert v.page.eval_on_selector_all("main img[src='x'], header img", "e => e.length") == 0
+    # the doctor finding, linked to its shaded panel, with its numbers
+    assert "actions-saturated" in v.text
+    records = [json.loads(x) for x in (sick_run / "metrics.jsonl").read_text().splitlines()]
+    worst = max(r["action_saturation"] for r in records)
+    assert f"{worst:.3g}" in v.text
+    link = v.page.get_attribute("#finding-1 a", "href")
+    assert link.startswith("#panel-") or link == "#learning"
+    # the saturation panel shades the finding's iterations (a plotly shape)
+    shapes = v.page.evaluate("document.getElementById('fig-saturation').layout.shapes.length")
+    assert shapes >= 1
+    # registry names and units label the panels
+    assert "action_saturation" in v.text and "nats" in v.page.content()
+    # probes: reading, numbers and the plot (as a data: URL)
+    values = json.loads((PROBES / "values.json").read_text())
+    rel = values["vs_gae_targets"]["relative_error"]["mean"]
+    assert f"{100 * rel:.1f}%" in v.text
+    assert v.page.eval_on_selector_all("#probes img", "e => e.length") >= 4
+    assert all(src.startswith("data:image/png;base64,") for src in v.page.eval_on_selector_all(
+        "#probes img", "e => e.map(i => i.getAttribute('src'))"))
+    # the clip plays from a data: URL
+    assert v.page.get_attribute("#video video", "src").startswith("data:video/mp4;base64,")
+
+
+def test_probe_report_in_the_browser(browser, tmp_path):
+    html = write_report(PROBES, tmp_path / "probe.html")
+    v = Visit(browser, html, tmp_path / "report-probe.png")
+    v.check_clean()
+    for kind in ("gradients", "values", "baselines", "landscape", "trust-region"):
+        assert f"probe-{kind}" in v.ids()
+    grads = json.loads((PROBES / "gradients.json").read_text())
+    row = grads["policy"][-1]
+    assert f"{row['pairwise_cosine']['mean']:.3g}" in v.text  # the numbers table
+    assert "pairwise cosine" in v.text and "'true' gradient" in v.text  # the readings
+
+
+def test_study_report_in_the_browser(browser, tmp_path):
+    from pgscope.study import load_spec, run_study
+
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(
+        f'name = "{EVIL}"\ndescription = "notes {EVIL} & more"\nenvs = ["Pendulum-v1"]\n'
+        "seeds = [0, 1]\ntotal_steps = 512\n"
+        "set = { steps_per_iter = 256, minibatches = 4, epochs = 2, hidden = [16] }\n"
+        '[[configs]]\nlabel = "base"\npreset = "ppo"\n'
+        '[[configs]]\nlabel = "wide-std"\npreset = "ppo"\ninit_log_std = 1.0\n'
+        "[score]\nlast_iterations = 2\n")
+    study = tmp_path / "study"
+    run_study(load_spec(spec_file), study, workers=1, progress=False)
+    html = write_report(study, tmp_path / "study.html")
+    assert EVIL not in html.read_text()  # escaped everywhere, in the tables and the plots
+    v = Visit(browser, html, tmp_path / "report-study.png")
+    v.check_clean()
+    assert {"summary", "runs", "curves", "scores", "comparisons", "power", "profiles",
+            "configs"} <= v.ids()
+    assert EVIL in v.text  # shown literally
+    assert v.plots() >= 4  # curves, intervals, P(a > b), profiles
+    from pgscope.study.analysis import summarize
+
+    agg = summarize(study)["tables"]["aggregates"]
+    iqm = agg[agg["label"] == "base"]["iqm"].iloc[0]
+    assert f"{iqm:.4g}" in v.text
+    assert "2/0/0/0 of 2" in v.text  # the run counts
+
+
+def test_report_cli_and_errors(sick_run, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", str(sick_run), "--out", str(out)]) == 0
+    assert str(out.resolve()) in capsys.readouterr().out
+    text = out.read_text()
+    assert "<script src" not in text and "http://" not in text.split("<script>")[0]
+    assert EVIL_DIR not in text  # the raw name never reaches the HTML
+    assert main(["report", str(tmp_path)]) == 2  # neither run, study nor probes
+    assert "neither a run directory" in capsys.readouterr().err
