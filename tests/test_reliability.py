@@ -216,10 +216,7 @@ def test_kill_during_a_scheduled_probe_then_resume_is_exact(tmp_path):
     ref = train(make_config("ppo", "CartPole-v1",
                             dict(SMALL, total_steps=256 * iterations, **probe)),
                 tmp_path / "ref", progress=False)
-    plain = train(make_config("ppo", "CartPole-v1", dict(SMALL, total_steps=256 * iterations)),
-                  tmp_path / "plain", progress=False)
-    # probes never change the run they watch
-    assert _strip(_metrics(ref)) == _strip(_metrics(plain))
+    # (that probes never change the run they watch: tests/test_probes.py)
     out = tmp_path / "run"
     tmp_probe = out / "probes" / ".iter_000003.tmp"
     _kill_when(_train_cmd(out, "CartPole-v1", iterations, **probe), tmp_probe.exists)
