@@ -69,11 +69,16 @@ def reading(kind: str, r: dict[str, Any]) -> str:
         if kind == "baselines":
             row = r["rows"][-1]
             a, tr, z = (row[k]["covariance_trace"]["mean"] for k in ("agent", "true", "zero"))
-            share = (z - a) / (z - tr) if z != tr else float("nan")
+            if a >= z:
+                return (f"At {row['n']:,} pairs the agent's value baseline does not reduce "
+                        f"gradient variance: {fmt(a, 3)} with it, {fmt(z, 3)} with no baseline "
+                        f"({fmt(tr, 3)} with the 'true' value function).")
+            share = (z - a) / (z - tr) if z > tr else float("nan")
             return (f"At {row['n']:,} pairs the agent's value baseline cuts gradient variance "
                     f"from {fmt(z, 3)} (no baseline) to {fmt(a, 3)}; the 'true' value function "
-                    f"reaches {fmt(tr, 3)}: the agent achieves {fmt(100 * share, 3)}% of the "
-                    "possible reduction.")
+                    f"reaches {fmt(tr, 3)}"
+                    + (f": the agent achieves {fmt(100 * share, 3)}% of that reduction."
+                       if math.isfinite(share) else "."))
         if kind == "landscape":
             counts = r["settings"]["counts"]
             top = r["true_return"][str(counts[-1])]
@@ -168,9 +173,12 @@ def probe_folder_html(folder: Path, heading: str, anchor: str) -> str:
         parts.append(numbers(kind, result))
         ck = result.get("checkpoint") or {}
         if ck:
-            parts.append(f'<p class="note">checkpoint: iteration {esc(fmt(ck.get("iteration")))}'
-                         f', {esc(fmt(ck.get("env_steps")))} env steps; pgscope '
-                         f'{esc(result.get("pgscope_version", "?"))}</p>')
+            bits = [f"iteration {fmt(ck.get('iteration'))}"]
+            if ck.get("env_steps") is not None:
+                bits.append(f"{fmt(ck['env_steps'])} env steps")
+            if result.get("pgscope_version"):
+                bits.append(f"pgscope {result['pgscope_version']}")
+            parts.append(f'<p class="note">checkpoint: {esc(", ".join(bits))}</p>')
     return "".join(parts)
 
 

@@ -115,6 +115,7 @@ def learning_curve(records: list[dict[str, Any]], findings: list[Finding]) -> st
     ok = np.isfinite(mean)
     fig.add_trace(go.Scatter(x=np.concatenate([x[ok], x[ok][::-1]]),
                              y=np.concatenate([hi[ok], lo[ok][::-1]]), fill="toself",
+                             mode="lines",
                              fillcolor=rgba("#9aa4ae", 0.18), line=dict(width=0),
                              hoverinfo="skip", name="range of the iteration's episodes"))
     fig.add_trace(go.Scatter(x=x[ok], y=mean[ok], mode="lines", line=dict(color="#9aa4ae",
@@ -133,7 +134,7 @@ def learning_curve(records: list[dict[str, Any]], findings: list[Finding]) -> st
         sh.append(m + half)
     if sx:
         c = PALETTE_10[0]
-        fig.add_trace(go.Scatter(x=sx + sx[::-1], y=sh + sl[::-1], fill="toself",
+        fig.add_trace(go.Scatter(x=sx + sx[::-1], y=sh + sl[::-1], fill="toself", mode="lines",
                                  fillcolor=rgba(c, 0.2), line=dict(width=0),
                                  hoverinfo="skip", name="95% CI of the 10-iteration mean"))
         fig.add_trace(go.Scatter(x=sx, y=sm, mode="lines", line=dict(color=c, width=2.5),
@@ -174,10 +175,12 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
                 fig.add_hline(y=y, line_dash="dash", line_color="#555", line_width=1)
         if anchor == "ev":
             fig.add_hline(y=0, line_color="#555", line_width=1)
+        if anchor in ("clip", "saturation"):
+            fig.update_yaxes(rangemode="tozero")
         units = sorted({REGISTRY[k].unit for k in present if k in REGISTRY})
         fig.update_layout(title=dict(text=esc(title), font=dict(size=14)),
                           xaxis_title="env steps", yaxis_title=esc(", ".join(units)),
-                          yaxis_type=ytype, showlegend=True,
+                          yaxis_type=ytype, yaxis_exponentformat="e", showlegend=True,
                           legend=dict(orientation="h", y=-0.28), height=330)
         shown = shade_findings(fig, records, findings, tuple(present))
         meaning = "".join(f"<li><b>{esc(k)}</b> ({esc(REGISTRY[k].unit)}): "

@@ -62,7 +62,8 @@ def curves_html(curves: Any, envs: list[str], col: dict[str, str], level: float)
             c = col[str(label)]
             x = list(g["env_steps"])
             fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
-                                     fill="toself", fillcolor=rgba(c, 0.15), line=dict(width=0),
+                                     fill="toself", mode="lines", fillcolor=rgba(c, 0.15),
+                                     line=dict(width=0),
                                      hoverinfo="skip", legendgroup=esc(label), showlegend=False,
                                      name=esc(f"{label} CI")))
             r0 = g.iloc[0]
@@ -132,7 +133,8 @@ def profiles_html(prof: Any, envs: list[str], col: dict[str, str], level: float)
             c = col[str(label)]
             x = list(g["tau"])
             fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
-                                     fill="toself", fillcolor=rgba(c, 0.12), line=dict(width=0),
+                                     fill="toself", mode="lines", fillcolor=rgba(c, 0.12),
+                                     line=dict(width=0),
                                      hoverinfo="skip", showlegend=False,
                                      legendgroup=esc(label)))
             fig.add_trace(go.Scatter(x=x, y=list(g["fraction"]), mode="lines",
