@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -18,22 +19,34 @@ def _band(ax, x, rows, key, label, color):
     ax.fill_between(x, lo, hi, color=color, alpha=0.2)
 
 
+def _cosine_limits(ax, rows_list, keys) -> None:
+    """y limits that show every mean and CI end, negative cosines included."""
+    lows = [r[k]["ci_low"] for rows in rows_list for r in rows for k in keys]
+    lows += [r[k]["mean"] for rows in rows_list for r in rows for k in keys]
+    low = min([-0.05, *(v - 0.05 for v in lows if v == v)])
+    ax.set_ylim(max(low, -1.05), 1.05)
+    ax.axhline(0, color="grey", lw=0.8)
+
+
 def plot_gradients(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    keys = ("pairwise_cosine", "cosine_to_true")
     for col, net in enumerate(("policy", "value")):
         rows = result[net]
         x = [r["n"] for r in rows]
         ax = axes[0, col]
-        _band(ax, x, rows, "pairwise_cosine", "mean pairwise cosine", "C0")
-        _band(ax, x, rows, "cosine_to_true", "cosine to true gradient", "C1")
+        _band(ax, x, rows, "pairwise_cosine", "mean pairwise cosine of the K estimates", "C0")
+        _band(ax, x, rows, "cosine_to_true", "cosine to the 'true' gradient", "C1")
         ax.axvline(2048, color="grey", ls=":", lw=1)
-        ax.set_ylim(-0.05, 1.05)
+        _cosine_limits(ax, [rows], keys)
+        ax.set_ylabel("cosine similarity")
         ax.set_title(f"{net} gradient ({result['settings']['env_id']})")
         ax.legend(loc="lower right", fontsize=8)
         ax = axes[1, col]
-        _band(ax, x, rows, "covariance_trace", "trace of covariance of K estimates", "C2")
+        _band(ax, x, rows, "covariance_trace", "trace of covariance of the K estimates", "C2")
         ax.set_yscale("log")
         ax.set_xscale("log")
+        ax.set_ylabel("trace of covariance (log scale)")
         ax.set_xlabel("state-action pairs per estimate (dotted: 2,048)")
         ax.legend(fontsize=8)
     axes[0, 0].set_xscale("log")
@@ -64,35 +77,57 @@ def _after(record: dict, key: str) -> list | float | None:
     return record.get(f"{key}_after", record.get(key))
 
 
+def _clips(run: dict) -> bool:
+    """Whether the run's loss clips the ratio (PPO clip with eps < 1): from its config when
+    the run directory is readable, else from the preset name."""
+    try:
+        cfg = json.loads((Path(run["run"]) / "config.json").read_text())["config"]
+        return cfg.get("algo") == "ppo" and cfg.get("ppo_loss") == "clip" and \
+            float(cfg.get("clip_eps", 1e32)) < 1
+    except (OSError, KeyError, TypeError, ValueError):
+        return run.get("preset") in ("ppo", "ppo-m")
+
+
 def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None:
     ncols = 3 if replay else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4.2))
     for i, run in enumerate(runs):
         s = run["series"]
-        label = f"{run['preset']} s{run['seed']}"
+        label = f"{run['preset']} seed {run['seed']}"
         axes[0].plot(s["env_steps"], _after(s, "ratio_max"), color=f"C{i}", label=label, lw=1)
         axes[1].plot(s["env_steps"], s["kl_mean"], color=f"C{i}", label=label, lw=1)
-    clip = runs[0]["clip_range"] if runs else 0.2
-    axes[0].axhline(1 + clip, color="k", ls="--", lw=1, label=f"1 + {clip:g}")
+    clipped = [r for r in runs if _clips(r)]
+    if clipped:  # no clip line for runs whose loss does not clip
+        clip = clipped[0]["clip_range"]
+        axes[0].axhline(1 + clip, color="k", ls="--", lw=1,
+                        label=f"1 + eps = {1 + clip:g} (PPO clip)")
     axes[0].set_yscale("log")
-    axes[0].set_title("max ratio after each update (whole batch)")
-    axes[1].set_title("mean KL(old || new) after update")
+    axes[0].set_title("max ratio pi_new / pi_old after each update", fontsize=10)
+    axes[0].set_ylabel("max ratio over the batch (log scale)")
+    axes[1].set_title("mean KL(old || new) after each update", fontsize=10)
+    axes[1].set_ylabel("mean KL (nats)")
     for ax in axes[:2]:
         ax.set_xlabel("env steps")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="one line per run", title_fontsize=8)
     if replay:
         ep = [e["epoch"] for e in replay["per_epoch"]]
         ax = axes[2]
-        ax.plot(ep, [_after(e, "ratio_max") for e in replay["per_epoch"]], "o-",
-                label="max ratio")
-        ax.plot(ep, [1 + replay["clip_range"]] * len(ep), "k--", lw=1)
+        ax.plot(ep, [_after(e, "ratio_max") for e in replay["per_epoch"]], "o-", color="C0",
+                label="max ratio (left axis)")
+        if _clips(replay):
+            ax.plot(ep, [1 + replay["clip_range"]] * len(ep), "k--", lw=1,
+                    label=f"1 + eps = {1 + replay['clip_range']:g} (left axis)")
+        ax.set_ylabel("max ratio pi_new / pi_old")
         ax2 = ax.twinx()
         ax2.plot(ep, [e["kl_mean"] for e in replay["per_epoch"]], "s-", color="C3",
-                 label="mean KL")
+                 label="mean KL (right axis)")
+        ax2.set_ylabel("mean KL (nats)")
         ax.set_xlabel(f"epoch (replay of iteration {replay['checkpoint_iteration'] + 1})")
-        ax.set_title("within one update")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="lower right", fontsize=8)
+        ax.set_title("within one update, after each epoch", fontsize=10)
+        handles = ax.get_legend_handles_labels()
+        handles2 = ax2.get_legend_handles_labels()
+        ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="upper left",
+                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,7 +143,11 @@ def plot_baselines(result: dict, path: Path) -> None:
         _band(axes[1], x, sub, "pairwise_cosine", f"{b} value baseline", f"C{i}")
     axes[0].set_yscale("log")
     axes[0].set_title("policy-gradient variance (trace of covariance)")
+    axes[0].set_ylabel("trace of covariance (log scale)")
     axes[1].set_title("mean pairwise cosine")
+    axes[1].set_ylabel("cosine similarity")
+    _cosine_limits(axes[1], [[r[b] for r in rows] for b in ("agent", "true", "zero")],
+                   ("pairwise_cosine",))
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("state-action pairs per estimate")
@@ -123,7 +162,14 @@ def plot_landscape(result: dict, path: Path) -> None:
     a, b = result["settings"]["steps"], result["settings"]["directions"]
     panels = [("surrogate on the training batch", result["surrogate"])] + [
         (f"true mean return, {int(c):,} steps", result["true_return"][str(c)]) for c in counts]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.8))
+    n = len(panels) + 1
+    ncols = min(3, n)
+    nrows = -(-n // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+
     def edges(v: list[float]) -> tuple[float, float]:
         half = (v[-1] - v[0]) / (2 * (len(v) - 1)) if len(v) > 1 else 0.5
         return v[0] - half, v[-1] + half
@@ -135,7 +181,7 @@ def plot_landscape(result: dict, path: Path) -> None:
         ax.set_xlabel("random direction (unit L2 norm)")
         ax.set_ylabel("multiples of the update step")
         fig.colorbar(im, ax=ax)
-    ax = axes[-1]
+    ax = axes[n - 1]
     col = 0  # b = the first direction multiple (0 by default): the 1-D slice along Delta
     ax.plot(a, [row[col] for row in result["surrogate"]], "k-o", label="surrogate")
     ax.set_xlabel("multiples of the update step")

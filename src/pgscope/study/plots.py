@@ -55,12 +55,61 @@ def _curve_panel(ax: Any, df: pd.DataFrame, by: str, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
+#: Above this many configs, learning curves are drawn one small panel per config.
+FACET_ABOVE = 6
+
+
 def plot_curves(curves: pd.DataFrame, envs: list[str], level: float, path: Path) -> Path:
+    """Learning curves per env. With more than FACET_ABOVE configs the curves are faceted:
+    one small panel per config, its curve and CI in colour over the other configs' curves in
+    light grey (same axes in every panel of an env), so 16 configs stay readable."""
+    labels = list(dict.fromkeys(curves["label"]))
+    if len(labels) > FACET_ABOVE:
+        return _plot_curves_faceted(curves, envs, labels, level, path)
     fig, axes = _panels(len(envs))
     for ax, env in zip(axes, envs, strict=True):
         _curve_panel(ax, curves[curves["env"] == env], "label", env)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"Learning curves: mean over seeds, {100 * level:g}% bootstrap CI", fontsize=10)
+    return _save(fig, path)
+
+
+def _plot_curves_faceted(curves: pd.DataFrame, envs: list[str], labels: list[str],
+                         level: float, path: Path) -> Path:
+    ncols = 4
+    rows_per_env = -(-len(labels) // ncols)
+    fig, axes = plt.subplots(rows_per_env * len(envs), ncols, squeeze=False, sharex="row",
+                             figsize=(3.4 * ncols, 2.6 * rows_per_env * len(envs)))
+    cmap = plt.get_cmap("tab10")  # one strong colour per panel, grey for the context
+    for e, env in enumerate(envs):
+        data = curves[curves["env"] == env]
+        lo = data["low"].min() if not data.empty else 0.0
+        hi = data["high"].max() if not data.empty else 1.0
+        for i, label in enumerate(labels):
+            ax = axes[e * rows_per_env + i // ncols][i % ncols]
+            for other, g in data.groupby("label", sort=False):
+                if other != label:
+                    ax.plot(g["env_steps"], g["mean"], color="0.82", lw=0.8)
+            g = data[data["label"] == label]
+            color = cmap(i % cmap.N)
+            if not g.empty:
+                ax.fill_between(g["env_steps"], g["low"], g["high"], color=color, alpha=0.25)
+                ax.plot(g["env_steps"], g["mean"], color=color, lw=1.8)
+                note = _counts_note(g.iloc[0])
+            else:
+                note = "no complete run"
+            ax.set_title(f"{label} ({note})", fontsize=8)
+            ax.set_ylim(lo, hi)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if i % ncols == 0:
+                ax.set_ylabel(f"{env}\nmean return", fontsize=8)
+            if i // ncols == rows_per_env - 1:
+                ax.set_xlabel("env steps", fontsize=8)
+        for j in range(len(labels), rows_per_env * ncols):
+            axes[e * rows_per_env + j // ncols][j % ncols].set_visible(False)
+    fig.suptitle(f"Learning curves, one panel per config (grey: the other configs): mean over "
+                 f"seeds, {100 * level:g}% bootstrap CI", fontsize=10)
     return _save(fig, path)
 
 
