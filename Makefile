@@ -13,13 +13,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: venv demo test lint bench-deps mutants
+# Debian packages the tests need: chromium (tests/test_report.py opens reports in it) and
+# EGL/Mesa for offscreen MuJoCo rendering (pgscope evaluate --video, MUJOCO_GL=egl; no GPU
+# needed). `make sysdeps` installs only what is missing, with sudo when not root.
+SYSDEPS := chromium libegl1 libegl-mesa0 libgl1-mesa-dri
+
+.PHONY: venv demo test lint bench-deps mutants sysdeps
 venv: $(STAMP)
+
+sysdeps:
+	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "sysdeps: not a Debian system; install $$missing yourself" >&2; exit 1; fi; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	echo "sysdeps: installing $$missing"; \
+	$$sudo apt-get update -q && $$sudo apt-get install -y -q $$missing
 
 demo: $(STAMP)
 	$(BIN)/pgscope demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
