@@ -118,6 +118,21 @@ def _demo(args: argparse.Namespace) -> int:
               f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]")
     print(f"\nresults: {out.resolve()}\n  config.json, metrics.jsonl (one line per iteration), "
           f"checkpoints/, probes/ (JSON + PNG)")
+    from pgscope.doctor import diagnose
+    from pgscope.report import write_report
+
+    alarms = ", ".join(f.alarm for f in diagnose(out)) or "healthy, no alarm fired"
+    print(f"doctor: {alarms} (details: pgscope doctor {out})")
+    clip = out / "videos" / "final.mp4"
+    if not clip.exists():
+        try:
+            from pgscope.evaluate import evaluate
+
+            evaluate(out, episodes=1, deterministic=True, video=clip)
+        except Exception as exc:  # noqa: BLE001 - the clip is optional (needs EGL)
+            print(f"(no clip of the final policy: {type(exc).__name__}: {exc})")
+    report = write_report(out)
+    print(f"report: {report.resolve()}  (one HTML file; open it in a browser)")
     return 0
 
 
