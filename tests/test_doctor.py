@@ -42,8 +42,17 @@ def _wrong_sign_entropy(mp: pytest.MonkeyPatch) -> None:
 
 
 def _wrap_update(mp: pytest.MonkeyPatch, wrapper) -> None:
-    original = train_mod.UPDATES["ppo"]
-    mp.setitem(train_mod.UPDATES, "ppo", lambda *a, **k: wrapper(original, *a, **k))
+    """Route PPO's update through ``wrapper(original_update, *args, **kwargs)``: in the
+    algorithm registry when there is one, else in the training loop's table."""
+    try:
+        from pgscope.algos import algorithm
+    except ImportError:  # before the algorithm registry
+        original = train_mod.UPDATES["ppo"]
+        mp.setitem(train_mod.UPDATES, "ppo", lambda *a, **k: wrapper(original, *a, **k))
+        return
+    algo = algorithm("ppo")
+    original = algo.update
+    mp.setattr(algo, "update", lambda *a, **k: wrapper(original, *a, **k))
 
 
 def _wrong_sign_k3(mp: pytest.MonkeyPatch) -> None:
