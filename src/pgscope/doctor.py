@@ -53,7 +53,7 @@ PPO_2017 = "Schulman et al. (2017), PPO: the 1.5 x target band of the adaptive K
 ENGSTROM_2020 = ("Engstrom et al. (2020), Implementation Matters in Deep RL: reward and "
                  "observation clipping at +-10 set the scale the default learning rates "
                  "assume")
-OWN = "threshold chosen by pgscope"
+OWN = "a pgscope choice"
 
 #: Keys whose null (NaN/Inf written as null) is legitimate: no episode ended, constant
 #: targets, a single action, a batch without action bounds.
@@ -543,7 +543,7 @@ ALARMS: tuple[Alarm, ...] = (
           ("return_mean",), _check_return_collapse),
     Alarm("clip-fraction-high", "most ratios outside the clip range after the update",
           f"clip_fraction_after > 0.5 in each of {WINDOW} consecutive iterations",
-          f"{OWN} (no published threshold): the clip no longer bounds the step",
+          f"the bound 0.5 is {OWN} (no published threshold): the clip no longer bounds the step",
           ("clip_fraction_after", "clip_fraction"), _check_clip_fraction),
     Alarm("non-finite", "NaN or Inf in training",
           "status 'diverged', or a null (NaN/Inf) value of a key that is never null in a "
@@ -552,13 +552,15 @@ ALARMS: tuple[Alarm, ...] = (
     Alarm("sps-decay", "training slows down",
           f"median sps of the last quarter < 0.5 x the first quarter's (iteration 1 "
           f"excluded), with rank correlation of sps and iteration < -0.5; runs of >= "
-          f"{4 * WINDOW + 1} iterations", f"engineering (a leak or a growing buffer); {OWN}",
+          f"{4 * WINDOW + 1} iterations",
+          f"engineering (a leak or a growing buffer); the thresholds are {OWN}",
           ("sps",), _check_sps),
     Alarm("no-learning", "no learning relative to the initial (random) policy",
           f"mean return of the last {WINDOW} iterations not above the first {WINDOW}'s by "
           f"more than 2 standard errors (runs with >= {3 * WINDOW} iterations with episodes)",
           f"the initial policy is the random-policy baseline (ortho init: near "
-          f"state-independent); {OWN}", ("return_mean",), _check_no_learning),
+          f"state-independent); the 2-standard-error margin is {OWN}", ("return_mean",),
+          _check_no_learning),
     Alarm("probe-value-error", "value net worse than predicting 0 (values probe)",
           "relative error vs true returns with its 95% CI above 1",
           "Ilyas et al. (2020), A Closer Look at Deep Policy Gradients (value prediction); "
