@@ -34,6 +34,7 @@ from torch.nn.utils import parameters_to_vector
 import pgscope.algos.ppo as ppo_mod
 import pgscope.algos.trpo as trpo_mod
 from pgscope.agent import Agent, build_agent
+from pgscope.algos import algorithm
 from pgscope.algos.common import explained_variance, make_optimizer, policy_change
 from pgscope.config import Config, make_config
 from pgscope.envs import make_vector_env
@@ -828,13 +829,13 @@ def test_frozen_preprocessor_never_updates_statistics():
 
 
 @pytest.mark.parametrize("preset", ["ppo-m", "trpo+"])
-def test_frozen_copy_with_switches_off_or_partly_on(preset):
-    """frozen_copy works whatever is switched on (ppo-m: no statistics at all)."""
+def test_frozen_statistics_with_switches_off_or_partly_on(preset):
+    """with_frozen_statistics works whatever is switched on (ppo-m: no statistics)."""
     pre = _pre(preset)
     pre.obs(OBS_STREAM[0], update=True)
     pre.reward(REWARDS[0], DONES[0])
-    frozen = pre.frozen_copy(4)
-    assert frozen.frozen and set(frozen.state_dict()) == set(pre.state_dict())
+    frozen = pre.with_frozen_statistics(4)
+    assert frozen.statistics_frozen and set(frozen.state_dict()) == set(pre.state_dict())
     raw = np.repeat(OBS_STREAM[1][:1], 4, axis=0)
     np.testing.assert_allclose(frozen.obs(raw, update=True), pre.obs(raw, update=False),
                                rtol=1e-6)
@@ -1015,7 +1016,7 @@ class _Recorder:
 
 def _record_training(monkeypatch: pytest.MonkeyPatch, algo: str) -> _Recorder:
     rec = _Recorder()
-    real_update = train_mod.UPDATES[algo]
+    real_update = algorithm(algo).update
     real_collect = RolloutCollector.collect
 
     def update(cfg, policy, value_net, optimizer, batch, generator, state, heldout_obs=None,
@@ -1038,7 +1039,7 @@ def _record_training(monkeypatch: pytest.MonkeyPatch, algo: str) -> _Recorder:
                                  pre=copy.deepcopy(self.pre.state_dict())))
         return real_collect(self, policy, value_net)
 
-    monkeypatch.setitem(train_mod.UPDATES, algo, update)
+    monkeypatch.setattr(algorithm(algo), "update", update)
     monkeypatch.setattr(RolloutCollector, "collect", collect)
     return rec
 

@@ -31,9 +31,8 @@ class Agent:
         x = self.preprocessor.obs(np.asarray(obs), update=False)
         if not deterministic:
             return self.policy.numpy_sampler()(x, rng or np.random.default_rng())
-        x = torch.from_numpy(x)
-        dist = self.policy.dist(x)
-        return (dist.probs.argmax(-1) if self.policy.discrete else dist.mean).numpy()
+        policy = self.policy
+        return policy.mode(policy.dist(torch.from_numpy(x))).numpy()
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:

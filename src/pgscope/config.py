@@ -1,17 +1,25 @@
 """Configuration: one flat, typed dataclass; presets are nothing but sets of its values.
 
 Resolution order (later wins): dataclass defaults -> preset -> per-env defaults (learning
-rates, TRPO KL limit; docs/design.md section 1.4) -> the user's overrides. :func:`make_config` does
-all of it and validates the result, so every error names the key and what is allowed.
+rates, TRPO KL limit; docs/design.md section 1.4) -> the user's overrides. :func:`make_config`
+does all of it and validates the result, so every error names the key and what is allowed.
+
+The presets belong to the algorithms (each algorithm module registers its own, see
+:mod:`pgscope.algos`); :data:`PRESETS` is a read-only view of them. Keys marked
+``observes`` (the probe schedule, checkpoint keeping, logging) only watch a run: they are
+left out of its identity (:func:`config_hash`). Components that own keys may add checks
+with :func:`register_check` (the probes check the probe schedule).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +28,10 @@ from pgscope.errors import ConfigError
 
 def _choice(*values: str) -> dict[str, Any]:
     return {"choices": values}
+
+
+#: Field metadata of the keys that only observe a run (left out of its identity).
+OBSERVES: dict[str, Any] = {"observes": True}
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Config:
     num_envs: int = 1
     steps_per_iter: int = 2048  # env steps per iteration, summed over the envs
     # --- algorithm ---------------------------------------------------------------------
-    algo: str = field(default="ppo", metadata=_choice("ppo", "trpo"))
+    algo: str = "ppo"  # a registered algorithm (pgscope.algos); set by the preset
     ppo_loss: str = field(default="clip", metadata=_choice("clip", "kl"))
     gamma: float = 0.99
     gae_lambda: float = 0.95
@@ -81,15 +93,19 @@ class Config:
     action_clip: bool = True  # clip actions to the bounds before env.step
     reward_multiplier: float = 1.0  # the learner sees k x reward (Henderson et al.'s
     # reward-scale experiment); logged returns stay in the env's own units
-    # --- probes scheduled during training (0 = never) -----------------------------------
-    probe_every: int = 0  # run probes every K iterations into DIR/probes/iter_XXXXXX/
-    probe_kinds: str = "gradients,values,trust-region"
-    probe_sizes: tuple[int, ...] = (100, 1000, 10_000)
-    probe_k: int = 5
-    probe_true_pairs: int = 100_000
-    probe_value_pairs: int = 20_000
-    # --- bookkeeping -------------------------------------------------------------------
-    checkpoint_every: int = 10  # keep checkpoints/iter_XXXXXX.pt every K iterations
+    # --- probes scheduled during training (0 = never); they only observe ------------------
+    probe_every: int = field(default=0, metadata=OBSERVES)  # every K iterations, into
+    # DIR/probes/iter_XXXXXX/
+    probe_kinds: str = field(default="gradients,values,trust-region", metadata=OBSERVES)
+    probe_sizes: tuple[int, ...] = field(default=(100, 1000, 10_000), metadata=OBSERVES)
+    probe_k: int = field(default=5, metadata=OBSERVES)
+    probe_true_pairs: int = field(default=100_000, metadata=OBSERVES)
+    probe_value_pairs: int = field(default=20_000, metadata=OBSERVES)
+    # --- bookkeeping and logging -------------------------------------------------------
+    # keep checkpoints/iter_XXXXXX.pt every K iterations
+    checkpoint_every: int = field(default=10, metadata=OBSERVES)
+    tensorboard: bool = field(default=False, metadata=OBSERVES)  # DIR/tensorboard/ events
+    csv: bool = field(default=False, metadata=OBSERVES)  # DIR/metrics.csv besides the JSONL
     torch_threads: int = 1
     heldout_kl: bool = True  # also report KL on the previous iteration's states
 
@@ -118,7 +134,8 @@ class Config:
         return self.steps_per_iter // self.num_envs
 
 
-_OPTIMIZATIONS_OFF = dict(
+#: The code-level optimizations switched off (the minimal presets start from this).
+OPTIMIZATIONS_OFF: dict[str, Any] = dict(
     value_clip=False,
     reward_scale=False,
     ortho_init=False,
@@ -129,19 +146,32 @@ _OPTIMIZATIONS_OFF = dict(
     grad_clip=False,
 )
 
-#: Each preset is only a set of switch values (docs/design.md section 1.3).
-PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": dict(algo="ppo", ppo_loss="clip"),
-    "ppo-m": dict(algo="ppo", ppo_loss="clip", **_OPTIMIZATIONS_OFF),
-    "ppo-noclip": dict(algo="ppo", ppo_loss="clip", clip_eps=1e32),
-    "ppo-kl": dict(algo="ppo", ppo_loss="kl", target_kl=0.01),
-    "trpo": dict(algo="trpo", **_OPTIMIZATIONS_OFF),
-    "trpo+": dict(
-        algo="trpo", **{**_OPTIMIZATIONS_OFF, "reward_scale": True, "reward_clip": True,
-                        "obs_norm": True, "obs_clip": True, "ortho_init": True,
-                        "grad_clip": True, "value_clip": False}
-    ),
-}
+
+class _Presets(Mapping[str, Mapping[str, Any]]):
+    """Every registered algorithm's presets by name (docs/design.md section 1.3): each is
+    only a set of config values, ``algo`` included. A view of :mod:`pgscope.algos`."""
+
+    @staticmethod
+    def _all() -> dict[str, dict[str, Any]]:
+        from pgscope.algos import presets
+
+        return presets()
+
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"PRESETS({', '.join(self)})"
+
+
+#: Every preset (of every registered algorithm) by name.
+PRESETS: Mapping[str, Mapping[str, Any]] = _Presets()
 
 #: Per-env learning rates (policy, value) and TRPO KL limits ("Closer Look" Table 1).
 ENV_DEFAULTS: dict[str, dict[str, float]] = {
@@ -159,6 +189,19 @@ def env_family(env_id: str) -> str | None:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+#: Keys that only observe a run; the rest is what changes training (its identity).
+OBSERVER_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config)
+                                       if f.metadata.get("observes"))
+
+_CHECKS: list[Callable[[Config], None]] = []
+
+
+def register_check(check: Callable[[Config], None]) -> None:
+    """Add ``check(cfg)`` to :func:`validate`: it raises :class:`ConfigError` naming the key
+    (a component that owns config keys, e.g. the probe schedule, checks them itself)."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 def _check_keys(keys: Any) -> None:
@@ -242,22 +285,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     _check_preset(cfg.preset)
+    _check_algorithm(cfg)
     for key in ("total_steps", "num_envs", "steps_per_iter", "epochs", "minibatches",
                 "checkpoint_every", "torch_threads", "cg_iters", "backtrack_iters"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}.")
     need(cfg.seed >= 0, f"config key 'seed' must be >= 0, got {cfg.seed}.")
     need(cfg.probe_every >= 0, f"config key 'probe_every' must be >= 0, got {cfg.probe_every}.")
-    if cfg.probe_every:
-        from pgscope.probes import parse_kinds
-
-        try:
-            parse_kinds(cfg.probe_kinds)
-        except ValueError as exc:
-            raise ConfigError(f"config key 'probe_kinds': {exc}") from None
-        need(cfg.probe_k >= 2, "config key 'probe_k' must be >= 2.")
-        need(min(cfg.probe_sizes, default=0) >= 2, "config key 'probe_sizes' needs sizes >= 2.")
-        need(cfg.probe_true_pairs >= 10 * max(cfg.probe_sizes),
-             "config key 'probe_true_pairs' must be at least 10x the largest probe size.")
     need(cfg.steps_per_iter % cfg.num_envs == 0,
          f"steps_per_iter ({cfg.steps_per_iter}) must be a multiple of num_envs ({cfg.num_envs}).")
     need(cfg.minibatches <= cfg.steps_per_iter,
@@ -283,6 +316,25 @@ def validate(cfg: Config) -> None:
             v = getattr(cfg, name)
             need(math.isfinite(v), f"config key '{name}' must be a finite number, got {v}.")
     need(cfg.seed < 2**32, f"config key 'seed' must be below 2**32, got {cfg.seed}.")
+    algo = _algorithm(cfg.algo)
+    if algo.check is not None:
+        algo.check(cfg)
+    for check in _CHECKS:
+        check(cfg)
+
+
+def _algorithm(name: str) -> Any:
+    from pgscope.algos import algorithm
+
+    return algorithm(name)
+
+
+def _check_algorithm(cfg: Config) -> None:
+    from pgscope.algos import ALGORITHMS
+
+    if cfg.algo not in ALGORITHMS:
+        raise ConfigError(f"config key 'algo' must be one of {', '.join(ALGORITHMS)}; got "
+                          f"'{cfg.algo}'.")
 
 
 def make_config(
@@ -330,11 +382,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def config_hash(cfg: Config) -> str:
-    """A stable identity of the run's configuration (used to refuse foreign checkpoints)."""
-    import hashlib
+def training_dict(cfg: Config) -> dict[str, Any]:
+    """The config's values that change training: every key but :data:`OBSERVER_KEYS`."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in OBSERVER_KEYS}
 
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+def config_hash(cfg: Config) -> str:
+    """A stable hash of what the config makes training do (:func:`training_dict`): keys that
+    only observe the run (probe schedule, checkpoint keeping, logging) do not change it.
+    :func:`pgscope.run.run_identity` leaves ``total_steps`` out as well."""
+    text = json.dumps(training_dict(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 __all__ = [
@@ -347,4 +405,8 @@ __all__ = [
     "validate",
     "config_hash",
     "env_family",
+    "OBSERVER_KEYS",
+    "OPTIMIZATIONS_OFF",
+    "register_check",
+    "training_dict",
 ]

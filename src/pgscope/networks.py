@@ -1,22 +1,80 @@
 """Separate policy and value MLPs (docs/design.md section 1.1).
 
 Continuous actions: diagonal Gaussian with a state-independent log-std parameter.
-Discrete actions: categorical over logits. Both policies share one small interface:
-``dist(obs)``, ``log_prob(dist, actions)``, ``entropy(dist)``, ``kl(old, new)`` and
-``numpy_sampler()`` (the fast sampler rollouts use).
+Discrete actions: categorical over logits. Both are :class:`Policy`: the one interface the
+rollout, the algorithms and the probes use (``dist(obs)``, ``log_prob(dist, actions)``,
+``entropy(dist)``, ``kl(old, new)``, ``mode(dist)``, ``numpy_sampler()``, ...), so none
+of them branches on the kind of policy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Categorical, Normal, kl_divergence
+from torch.distributions import Categorical, Distribution, Normal, kl_divergence
 
 from pgscope.optimizations import activation, init_network
+
+#: ``sample(obs, rng) -> actions``: a policy's fast NumPy sampler (see :func:`numpy_forward`).
+Sampler = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What pgscope needs of a policy network (an ``nn.Module``): its action distribution
+    at a batch of states and the per-state quantities of such distributions."""
+
+    #: categorical (True) or Gaussian (False) actions
+    discrete: bool
+
+    def dist(self, obs: torch.Tensor) -> Distribution:
+        """The action distribution at each state of ``obs``."""
+        ...
+
+    def log_prob(self, dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) per state."""
+        ...
+
+    def entropy(self, dist: Distribution) -> torch.Tensor:
+        """Entropy per state."""
+        ...
+
+    def kl(self, old: Distribution, new: Distribution) -> torch.Tensor:
+        """Analytic KL(old || new) per state."""
+        ...
+
+    def mode(self, dist: Distribution) -> torch.Tensor:
+        """The most likely action per state (the deterministic policy)."""
+        ...
+
+    def mean_std(self) -> float:
+        """Mean standard deviation of the actions (NaN for categorical policies)."""
+        ...
+
+    def max_entropy(self) -> float:
+        """The largest entropy a distribution of this policy can have."""
+        ...
+
+    def numpy_sampler(self) -> Sampler:
+        """A fast sampler frozen at the current parameters."""
+        ...
+
+    # the nn.Module methods pgscope uses
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True
+                         ) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any: ...
 
 
 def mlp(sizes: list[int], act: str) -> nn.Sequential:
@@ -83,19 +141,26 @@ class GaussianPolicy(nn.Module):
         return Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
 
     @staticmethod
-    def log_prob(dist: Normal, actions: torch.Tensor) -> torch.Tensor:
+    def log_prob(dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
         return dist.log_prob(actions).sum(-1)
 
     @staticmethod
-    def entropy(dist: Normal) -> torch.Tensor:
+    def entropy(dist: Distribution) -> torch.Tensor:
         return dist.entropy().sum(-1)
 
     @staticmethod
-    def kl(old: Normal, new: Normal) -> torch.Tensor:
+    def kl(old: Distribution, new: Distribution) -> torch.Tensor:
         """Analytic KL(old || new) per state."""
         return kl_divergence(old, new).sum(-1)
 
-    def numpy_sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    @staticmethod
+    def mode(dist: Distribution) -> torch.Tensor:
+        return dist.mean
+
+    def mean_std(self) -> float:
+        return float(self.log_std.exp().mean())
+
+    def numpy_sampler(self) -> Sampler:
         """A fast sampler frozen at the current parameters (see :func:`numpy_forward`)."""
         forward = numpy_forward(self.net)
         std = self.log_std.detach().exp().numpy().copy()
@@ -130,18 +195,25 @@ class CategoricalPolicy(nn.Module):
         return Categorical(logits=self.net(obs), validate_args=False)
 
     @staticmethod
-    def log_prob(dist: Categorical, actions: torch.Tensor) -> torch.Tensor:
+    def log_prob(dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
         return dist.log_prob(actions.long())
 
     @staticmethod
-    def entropy(dist: Categorical) -> torch.Tensor:
+    def entropy(dist: Distribution) -> torch.Tensor:
         return dist.entropy()
 
     @staticmethod
-    def kl(old: Categorical, new: Categorical) -> torch.Tensor:
+    def kl(old: Distribution, new: Distribution) -> torch.Tensor:
         return kl_divergence(old, new)
 
-    def numpy_sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    @staticmethod
+    def mode(dist: Distribution) -> torch.Tensor:
+        return cast(Categorical, dist).probs.argmax(-1)
+
+    def mean_std(self) -> float:
+        return float("nan")
+
+    def numpy_sampler(self) -> Sampler:
         """A fast sampler frozen at the current parameters (see :func:`numpy_forward`)."""
         forward = numpy_forward(self.net)
 
@@ -154,9 +226,6 @@ class CategoricalPolicy(nn.Module):
 
     def max_entropy(self) -> float:
         return math.log(self.n_actions)
-
-
-Policy = GaussianPolicy | CategoricalPolicy
 
 
 class ValueNet(nn.Module):

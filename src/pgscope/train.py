@@ -1,23 +1,37 @@
-"""The training loop: rollout -> update -> metrics line -> checkpoint, per iteration."""
+"""The training loop: rollout -> update -> metrics line -> checkpoint, per iteration.
+
+The loop trains and keeps the run directory's state (writer lock, checkpoints, status,
+exact resume); everything that watches a run (the metrics file, the progress bar,
+TensorBoard, the CSV writer, the scheduled probes, a user's callbacks) subscribes to its
+events (:mod:`pgscope.callbacks`). The update rule comes from the algorithm registry
+(:mod:`pgscope.algos`): the loop never names an algorithm or a probe.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector
-from tqdm.auto import tqdm
 
 from pgscope.agent import Agent, build_agent, spaces_signature
+from pgscope.algos import algorithm
 from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
-from pgscope.algos.ppo import ppo_update
-from pgscope.algos.trpo import trpo_update
+from pgscope.callbacks import (
+    Callback,
+    CallbackList,
+    CheckpointSaved,
+    Divergence,
+    IterationEnd,
+    RunEnd,
+    RunStart,
+)
 from pgscope.config import Config
 from pgscope.envs import check_env_id, make_vector_env
 from pgscope.errors import DivergenceError
@@ -32,8 +46,7 @@ from pgscope.run import (
     restore_agent,
     save_checkpoint,
 )
-
-UPDATES = {"ppo": ppo_update, "trpo": trpo_update}
+from pgscope.sinks import default_sinks
 
 
 def _env_seed(cfg: Config, start_iteration: int) -> int:
@@ -72,8 +85,14 @@ def _episode_metrics(returns: list[float], lengths: list[int]) -> dict[str, Any]
 
 
 def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-          total_steps: int | None = None, repair: bool = False) -> Path:
+          total_steps: int | None = None, repair: bool = False,
+          callbacks: Sequence[Callback] = ()) -> Path:
     """Train an agent as ``cfg`` says and return its run directory.
+
+    ``callbacks`` (:class:`pgscope.callbacks.Callback`) receive the run's events after the
+    built-in subscribers (metrics file, progress bar when ``progress``, TensorBoard and
+    CSV when the config switches them on, scheduled probes); one returning ``False`` from
+    ``on_iteration_end`` stops training after that iteration (status ``interrupted``).
 
     With ``resume=True``, ``out`` must be an existing run directory: training continues
     from its last checkpoint (``cfg`` is then ignored in favour of the saved config), the
@@ -101,12 +120,13 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
             cfg = run.read_config()
             if total_steps is not None and total_steps != cfg.total_steps:
                 cfg = run.extend(cfg, total_steps)
-        return _train(cfg, run, resume, progress, repair)
+        return _train(cfg, run, resume, progress, repair, callbacks)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool) -> Path:
+def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool,
+           callbacks: Sequence[Callback]) -> Path:
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     envs = make_vector_env(cfg.env_id, cfg.num_envs)
@@ -144,30 +164,44 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool)
         if not exact:
             print(f"warning: {cfg.env_id}: {note}.", file=sys.stderr)
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int) -> Path | None:
+        """Write ``last.pt``; keep a copy every ``checkpoint_every`` and at the end."""
         extra = dict(update_rng=update_gen.get_state(), collector=collector.state_dict(),
                      algo_state=algo_state, heldout_obs=heldout_obs, elapsed=elapsed)
         save_checkpoint(run.last_checkpoint, agent, iteration=iteration, env_steps=env_steps,
                         optimizer=optimizer, extra=extra, spaces=spaces)
-        if (iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations
-                or _probe_due(cfg, iteration)):
+        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
             kept = run.checkpoint_dir / f"iter_{iteration:06d}.pt"
             atomic_write_bytes(kept, run.last_checkpoint.read_bytes())
+            return kept
+        return None
 
     def status(state: str, iteration: int, **extra: Any) -> None:
         run.write_status(state, iteration=iteration, total_iterations=cfg.num_iterations,
                          env_steps=env_steps, **extra)
 
+    events = CallbackList([*default_sinks(cfg, run, progress), *callbacks])
+
+    def end(state: str, iteration: int, error: str | None = None, *, quiet: bool = False
+            ) -> None:
+        """``on_run_end``; ``quiet`` (while an error propagates): a subscriber's own error
+        is reported on stderr instead of replacing the run's."""
+        try:
+            events.on_run_end(RunEnd(run.path, cfg, state, iteration, error))
+        except Exception as exc:
+            if not quiet:
+                raise
+            print(f"warning: a subscriber failed at the end of the run: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+
     if start == 0:
         checkpoint(0)
     status("running", start)
-    _probe_if_due(cfg, run, start, progress)  # a kill during the last probe: redo it
-    bar = tqdm(total=cfg.num_iterations * cfg.steps_per_iter, initial=env_steps, unit="step",
-               disable=not progress, desc=f"{cfg.preset} {cfg.env_id} s{cfg.seed}",
-               dynamic_ncols=True)
-    update = UPDATES[cfg.algo]
+    update = algorithm(cfg.algo).update
     it = completed = start  # completed: iterations with a metrics line and a checkpoint
     try:
+        # the first subscriber to fail stops the run like any error of the loop
+        events.on_run_start(RunStart(run.path, cfg, agent, start, env_steps, resume))
         for it in range(start, cfg.num_iterations):
             set_learning_rates(optimizer, cfg, it)
             t0 = time.perf_counter()
@@ -186,64 +220,50 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool)
                           **learning_rates(optimizer), **metrics,
                           sps=len(batch) / (t2 - t0), rollout_s=t1 - t0, update_s=t2 - t1,
                           time_elapsed=elapsed)
-            run.append_metrics(_json_safe(record))
-            checkpoint(it + 1)
+            record = _json_safe(record)
+            go_on = events.on_iteration_end(IterationEnd(run.path, cfg, agent, it + 1,
+                                                         env_steps, record, batch))
+            kept = checkpoint(it + 1)
             completed = it + 1
             status("running", completed, return_mean=record["return_mean"])
-            _probe_if_due(cfg, run, it + 1, progress)
-            bar.update(len(batch))
-            bar.set_postfix(ret=_fmt(record["return_mean"]), sps=f"{record['sps']:.0f}")
+            events.on_checkpoint(CheckpointSaved(run.path, cfg, completed, env_steps,
+                                                 run.last_checkpoint, kept))
+            if go_on is False:
+                raise _Stopped(f"stopped by the callback {events.stopped_by} after "
+                               f"iteration {completed}")
+    except _Stopped as stop:
+        status("interrupted", completed, error=str(stop))
+        run.log(f"{stop}; resume with 'pgscope train --resume {run.path}'")
+        end("interrupted", completed, str(stop))
+        return run.path
     except DivergenceError as exc:
         if exc.iteration < 0:  # raised by the env during this iteration's rollout
             exc.iteration = it + 1
             exc.args = (f"{exc} (iteration {it + 1})",)
         status("diverged", exc.iteration, where=exc.where, error=str(exc),
                last_good_checkpoint=str(run.last_checkpoint))
+        events.on_divergence(Divergence(run.path, cfg, exc.iteration, exc.where, str(exc)))
+        end("diverged", exc.iteration, str(exc), quiet=True)
         raise
     except KeyboardInterrupt:
-        status("interrupted", completed, error="interrupted by the user (SIGINT/SIGTERM)")
+        error = "interrupted by the user (SIGINT/SIGTERM)"
+        status("interrupted", completed, error=error)
+        end("interrupted", completed, error, quiet=True)
         raise
     except Exception as exc:
-        status("failed", completed, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        status("failed", completed, error=error)
+        end("failed", completed, error, quiet=True)
         raise
     finally:
-        bar.close()
         envs.close()
     status("complete", cfg.num_iterations)
+    end("complete", cfg.num_iterations)
     return run.path
 
 
-def _probe_due(cfg: Config, iteration: int) -> bool:
-    return bool(cfg.probe_every) and iteration > 0 and iteration % cfg.probe_every == 0
-
-
-def _probe_if_due(cfg: Config, run: RunDir, iteration: int, progress: bool) -> None:
-    """Run the scheduled probes of ``iteration``. A probe that raises never stops training:
-    the failure is recorded (``probes/failures.jsonl`` and ``events.log``) and not retried
-    on resume; the message says how to re-run it."""
-    if not _probe_due(cfg, iteration):
-        return
-    from pgscope.probes import scheduled_probe_failures, scheduled_probes
-
-    if iteration in scheduled_probe_failures(run.path):
-        return
-    try:
-        scheduled_probes(run.path, iteration, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - recorded; training goes on
-        error = f"{type(exc).__name__}: {exc}"
-        record = {"iteration": iteration, "probes": cfg.probe_kinds, "error": error}
-        (run.path / "probes").mkdir(exist_ok=True)
-        with open(run.path / "probes" / "failures.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        rerun = (f"pgscope probe {cfg.probe_kinds} {run.path} --checkpoint {iteration} "
-                 f"--out {run.path / 'probes' / f'iter_{iteration:06d}'}")
-        run.log(f"scheduled probes of iteration {iteration} failed ({error}); re-run: {rerun}")
-        print(f"warning: scheduled probes of iteration {iteration} failed ({error}); "
-              f"training goes on. Re-run them with: {rerun}", file=sys.stderr)
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
+class _Stopped(Exception):
+    """A callback asked to stop training."""
 
 
 def _json_safe(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,134 @@
+"""The algorithm layer: the update rules, one module each, registered by name.
+
+An algorithm is an :class:`Algorithm` that its module registers with
+:func:`register_algorithm` when it is imported: its name (the config key ``algo``), its
+update function, the presets it owns, the metric keys it logs (each defined once in
+:mod:`pgscope.metrics`), whether Adam trains its policy, the clip range its clip fractions
+count against and its surrogate objective (which the landscape probe evaluates). Nothing
+outside an algorithm's module branches on its name: the training loop, the optimizer, the
+config's presets and validation, the metric registry and the probes all ask the registry.
+
+Every module of this package is imported with the package, so adding an algorithm is one
+new file here (see docs/architecture.md, "How to add an algorithm").
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pgscope.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from pgscope.config import Config
+    from pgscope.networks import Policy, ValueNet
+    from pgscope.rollout import Batch
+
+#: ``epoch_callback(epoch, old_policy)``: called by an update after each pass of policy
+#: steps over the batch (TRPO: once, after its step); the trust-region probe watches the
+#: update through it.
+EpochCallback = Callable[[int, "Policy"], None]
+
+#: The range [1 - eps, 1 + eps] that clip fractions count against when an algorithm has no
+#: clip of its own, so that every algorithm's clip fractions are comparable.
+NOMINAL_CLIP_RANGE = 0.2
+
+
+class UpdateFn(Protocol):
+    """One iteration's update of the policy and value net on ``batch``; returns the
+    update's metrics (keys of :mod:`pgscope.metrics`). ``state`` carries what the algorithm
+    keeps across iterations (saved in checkpoints); ``heldout_obs`` are the previous
+    iteration's states, for the held-out KL."""
+
+    def __call__(self, cfg: Config, policy: Policy, value_net: ValueNet,
+                 optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
+                 state: dict[str, float], heldout_obs: torch.Tensor | None = None,
+                 epoch_callback: EpochCallback | None = None) -> dict[str, float]: ...
+
+
+class SurrogateFn(Protocol):
+    """The algorithm's own policy objective (to maximize) at the policy's current
+    parameters on ``batch``, against ``old_policy`` (the data-collecting policy) and the
+    algorithm ``state`` of that update."""
+
+    def __call__(self, cfg: Config, policy: Policy, old_policy: Policy, batch: Batch,
+                 state: Mapping[str, float]) -> float: ...
+
+
+def nominal_clip_range(cfg: Config) -> float:
+    """:data:`NOMINAL_CLIP_RANGE`, whatever the config (algorithms without a clip)."""
+    return NOMINAL_CLIP_RANGE
+
+
+@dataclass
+class Algorithm:
+    """An on-policy algorithm as the rest of pgscope sees it.
+
+    ``presets`` maps preset names to the config values each sets (``algo`` is added);
+    ``logs`` lists the metric keys the algorithm's runs log besides the ones the training
+    loop logs for every algorithm (``Metric.every_algorithm``); ``policy_optimizer`` says
+    whether the policy is trained by the Adam optimizer (a parameter group ``policy``,
+    whose learning rate is logged as ``lr``) or by the update itself; ``clip_range(cfg)``
+    is the eps that ``clip_fraction`` and ``clip_fraction_after`` count against;
+    ``check(cfg)`` may refuse settings the algorithm cannot run
+    (:class:`pgscope.errors.ConfigError`)."""
+
+    name: str
+    description: str
+    update: UpdateFn
+    surrogate: SurrogateFn
+    presets: Mapping[str, Mapping[str, Any]]
+    logs: tuple[str, ...]
+    policy_optimizer: bool = True
+    clip_range: Callable[[Config], float] = nominal_clip_range
+    check: Callable[[Config], None] | None = None
+
+
+#: Every registered algorithm by name (the values of the config key ``algo``).
+ALGORITHMS: Registry[Algorithm] = Registry("algorithm")
+
+
+def register_algorithm(algo: Algorithm) -> Algorithm:
+    """Register ``algo``: its logged keys must be defined in :mod:`pgscope.metrics` and
+    its preset names must be new."""
+    from pgscope.metrics import REGISTRY
+
+    unknown = [key for key in algo.logs if key not in REGISTRY]
+    if unknown:
+        raise ValueError(f"algorithm '{algo.name}' logs keys the metric registry does not "
+                         f"define: {', '.join(unknown)} (add them to pgscope.metrics).")
+    taken = set(algo.presets) & set(presets())
+    if taken:
+        raise ValueError(f"algorithm '{algo.name}': preset(s) {', '.join(sorted(taken))} "
+                         "already belong to another algorithm.")
+    return ALGORITHMS.register(algo.name, algo)
+
+
+def algorithm(name: str) -> Algorithm:
+    """The registered algorithm ``name`` (:class:`pgscope.registry.UnknownNameError`
+    otherwise)."""
+    return ALGORITHMS.get(name)
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Every preset of every registered algorithm, in registration order; each preset's
+    values include its ``algo``."""
+    return {preset: {"algo": algo.name, **values}
+            for algo in ALGORITHMS.values() for preset, values in algo.presets.items()}
+
+
+def _import_algorithm_modules() -> None:
+    """Import every module of this package (in name order), so each registers itself."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_algorithm_modules()
+
+__all__ = ["ALGORITHMS", "Algorithm", "EpochCallback", "NOMINAL_CLIP_RANGE", "SurrogateFn",
+           "UpdateFn", "algorithm", "nominal_clip_range", "presets", "register_algorithm"]

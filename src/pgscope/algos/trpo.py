@@ -7,26 +7,36 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from pgscope.algos import Algorithm, EpochCallback, register_algorithm
 from pgscope.algos.common import (
+    POLICY_CHANGE_KEYS,
     PhaseRecorder,
     first_ratio_deviation,
+    flat_grad,
+    log_ratio,
     minibatches,
     policy_change,
     reference_clip_range,
 )
-from pgscope.config import Config
+from pgscope.config import OPTIMIZATIONS_OFF, Config
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import clip_gradients, normalize_advantages, value_loss
 from pgscope.rollout import Batch
 
 
-def flat_grad(output: torch.Tensor, params: list[torch.nn.Parameter], **kwargs) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, **kwargs)])
+def batch_ratio(policy: Policy, batch: Batch) -> torch.Tensor:
+    """r = pi(a|s) / pi_old(a|s) for every pair of the batch."""
+    return log_ratio(policy, policy.dist(batch.obs), batch.actions, batch.logp).exp()
+
+
+def surrogate_objective(policy: Policy, batch: Batch, adv: torch.Tensor) -> torch.Tensor:
+    """TRPO's surrogate mean(r A) on the whole batch."""
+    return (batch_ratio(policy, batch) * adv).mean()
 
 
 def conjugate_gradient(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
@@ -67,29 +77,21 @@ def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer
     return phase.result()
 
 
-def trpo_update(
-    cfg: Config,
-    policy: Policy,
-    value_net: ValueNet,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    generator: torch.Generator,
-    state: dict[str, float],
-    heldout_obs: torch.Tensor | None = None,
-) -> dict[str, float]:
+def trpo_update(cfg: Config, policy: Policy, value_net: ValueNet,
+                optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
+                state: dict[str, float], heldout_obs: torch.Tensor | None = None,
+                epoch_callback: EpochCallback | None = None) -> dict[str, float]:
     """One TRPO iteration on ``batch``; returns the update's metrics (each key is defined
-    in :mod:`pgscope.metrics`)."""
+    in :mod:`pgscope.metrics`). ``epoch_callback(1, old_policy)`` runs once, after the
+    policy step (the trust-region probe watches the update)."""
     old_policy = copy.deepcopy(policy)
     params = list(policy.parameters())
     adv = normalize_advantages(batch.advantages, cfg.adv_norm)
     fisher_n = max(1, int(cfg.fisher_fraction * len(batch)))
     fisher_obs = batch.obs[torch.randperm(len(batch), generator=generator)[:fisher_n]]
 
-    def ratio() -> torch.Tensor:
-        return (policy.log_prob(policy.dist(batch.obs), batch.actions) - batch.logp).exp()
-
     def surrogate() -> torch.Tensor:
-        return (ratio() * adv).mean()
+        return surrogate_objective(policy, batch, adv)
 
     def mean_kl(obs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -100,7 +102,7 @@ def trpo_update(
         grad_kl = flat_grad(mean_kl(fisher_obs), params, create_graph=True)
         return flat_grad(grad_kl @ v, params) + cfg.cg_damping * v
 
-    ratio_old = ratio()  # on-policy: exactly 1
+    ratio_old = batch_ratio(policy, batch)  # on-policy: exactly 1
     surr_old = (ratio_old * adv).mean()
     g = flat_grad(surr_old, params)
     direction = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
@@ -118,6 +120,8 @@ def trpo_update(
                 break
         else:
             vector_to_parameters(theta_old, params)  # no acceptable step: keep theta_old
+    if epoch_callback is not None:
+        epoch_callback(1, old_policy)
 
     metrics = dict(
         policy_loss=-float(surr_old.detach()),
@@ -131,3 +135,33 @@ def trpo_update(
     metrics.update(policy_change(policy, old_policy, batch, heldout_obs,
                                  reference_clip_range(cfg)))
     return metrics
+
+
+@torch.no_grad()
+def surrogate(cfg: Config, policy: Policy, old_policy: Policy, batch: Batch,
+              state: Mapping[str, float]) -> float:
+    """TRPO's surrogate mean(r A) on the whole batch at the policy's current parameters,
+    advantages normalized over the batch when ``adv_norm`` is on."""
+    return float(surrogate_objective(policy, batch,
+                                     normalize_advantages(batch.advantages, cfg.adv_norm)))
+
+
+#: Keys a TRPO run logs besides the training loop's (:mod:`pgscope.metrics`).
+LOGS = ("policy_loss", "policy_grad_norm", "ratio_first_minibatch_dev", "step_fraction",
+        "linesearch_steps", "step_norm", "value_loss", "value_grad_norm", *POLICY_CHANGE_KEYS)
+
+register_algorithm(Algorithm(
+    name="trpo",
+    description="Trust Region Policy Optimization (Schulman et al. 2015): a natural-gradient "
+                "step with a KL limit and a backtracking line search; value net fit by Adam",
+    update=trpo_update,
+    surrogate=surrogate,
+    presets={
+        "trpo": dict(OPTIMIZATIONS_OFF),
+        "trpo+": {**OPTIMIZATIONS_OFF, "reward_scale": True, "reward_clip": True,
+                  "obs_norm": True, "obs_clip": True, "ortho_init": True, "grad_clip": True,
+                  "value_clip": False},
+    },
+    logs=LOGS,
+    policy_optimizer=False,
+))

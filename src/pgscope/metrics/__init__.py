@@ -2,8 +2,11 @@
 
 Each per-iteration key means the same thing for every algorithm that logs it. A
 :class:`Metric` says what the number is (over which samples, before or after the update),
-its unit, which algorithms log it and under which condition, whether it is a wall-clock
-timing (excluded from determinism checks) and the names users may search for it under.
+its unit, under which condition it is logged, whether it is a wall-clock timing (excluded
+from determinism checks), the names users may search for it under and its TensorBoard
+tag. Which algorithms log it comes from the algorithm registry (:mod:`pgscope.algos`):
+the training loop's own keys are logged for every algorithm (``every_algorithm``), the
+others by the algorithms that list them in their ``logs``.
 
 ``docs/metrics.md`` is generated from this registry::
 
@@ -19,8 +22,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-ALGORITHMS = ("ppo", "trpo")
 
 #: Machine-readable conditions a metric may require (see :func:`metrics_for`).
 REQUIREMENTS = {
@@ -44,22 +45,37 @@ GROUPS = (
 class Metric:
     """One per-iteration key of ``metrics.jsonl``.
 
-    ``requires`` holds the machine-readable conditions (keys of :data:`REQUIREMENTS`) under
-    which the key is logged, ``condition`` says the same in words. ``legacy`` names the key
-    that metrics files written before the one-meaning-per-metric change carry in its place
-    (the closest older quantity; readers such as the trust-region probe fall back to it).
+    ``every_algorithm`` marks the keys the training loop logs for every algorithm; any
+    other key is logged by the algorithms that list it (:attr:`algorithms`). ``requires``
+    holds the machine-readable conditions (keys of :data:`REQUIREMENTS`) under which the
+    key is logged, ``condition`` says the same in words. ``legacy`` names the key that
+    metrics files written before the one-meaning-per-metric change carry in its place (the
+    closest older quantity; readers such as the trust-region probe fall back to it).
+    ``tensorboard`` is the tag the TensorBoard sink writes the value under, times
+    ``tensorboard_scale`` (the stable-baselines3 name where SB3 logs the same quantity;
+    else ``pgscope/<name>``, see :func:`tensorboard_tag`).
     """
 
     name: str
     meaning: str
     unit: str
-    algorithms: tuple[str, ...]
     group: str
+    every_algorithm: bool = False
     condition: str = ""
     requires: tuple[str, ...] = ()
     timing: bool = False
     aliases: tuple[str, ...] = ()
     legacy: str = ""
+    tensorboard: str = ""
+    tensorboard_scale: float = 1.0
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The registered algorithms that log this key (under its condition)."""
+        from pgscope.algos import ALGORITHMS
+
+        return tuple(a.name for a in ALGORITHMS.values()
+                     if self.every_algorithm or self.name in a.logs)
 
     def logged(self, algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
                heldout: bool | None = None) -> bool:
@@ -76,149 +92,164 @@ class Metric:
         return all(checks[r] for r in self.requires)
 
 
-PPO, TRPO, BOTH = ("ppo",), ("trpo",), ALGORITHMS
 _RUN, _UPDATE, _CHANGE, _POLICY, _VALUE, _TIME = GROUPS
+#: ``every_algorithm=EVERY``: a key the training loop logs whatever the algorithm.
+EVERY = True
 _EPS_REF = ("eps_ref = clip_eps for the clipped PPO loss with clip_eps < 1 (ppo, ppo-m), "
-            "else the nominal 0.2 (ppo-noclip, ppo-kl, trpo)")
+            "else the nominal 0.2 (every other preset)")
 
 METRICS: tuple[Metric, ...] = (
     # --- run progress and episodes ----------------------------------------------------
     Metric("iteration", "Number of this iteration, counting from 1 (one line per "
-           "iteration).", "iterations", BOTH, _RUN, aliases=("time/iterations",)),
+           "iteration).", "iterations", _RUN, every_algorithm=EVERY,
+           aliases=("time/iterations",),
+           tensorboard="time/iterations"),
     Metric("env_steps", "Env steps sampled so far, summed over the parallel envs, this "
-           "iteration's batch included.", "env steps", BOTH, _RUN,
+           "iteration's batch included.", "env steps", _RUN, every_algorithm=EVERY,
            aliases=("time/total_timesteps", "global_step")),
     Metric("return_mean", "Mean undiscounted return of the episodes that ended during this "
            "iteration's rollout (episodes may have started in earlier iterations), in the "
            "env's own reward units: before reward_multiplier, scaling and clipping. Null "
-           "when no episode ended.", "return (env units)", BOTH, _RUN,
-           aliases=("rollout/ep_rew_mean", "charts/episodic_return")),
+           "when no episode ended.", "return (env units)", _RUN, every_algorithm=EVERY,
+           aliases=("rollout/ep_rew_mean", "charts/episodic_return"),
+           tensorboard="rollout/ep_rew_mean"),
     Metric("return_min", "Smallest return among the episodes that ended during this "
            "iteration's rollout (as return_mean); null when none ended.",
-           "return (env units)", BOTH, _RUN),
+           "return (env units)", _RUN, every_algorithm=EVERY),
     Metric("return_max", "Largest return among the episodes that ended during this "
            "iteration's rollout (as return_mean); null when none ended.",
-           "return (env units)", BOTH, _RUN),
+           "return (env units)", _RUN, every_algorithm=EVERY),
     Metric("episodes", "Number of episodes that ended (terminated or truncated) during this "
-           "iteration's rollout.", "episodes", BOTH, _RUN),
+           "iteration's rollout.", "episodes", _RUN, every_algorithm=EVERY),
     Metric("episode_length", "Mean length of the episodes that ended during this "
-           "iteration's rollout; null when none ended.", "env steps", BOTH, _RUN,
-           aliases=("rollout/ep_len_mean", "charts/episodic_length")),
+           "iteration's rollout; null when none ended.", "env steps", _RUN,
+           every_algorithm=EVERY,
+           aliases=("rollout/ep_len_mean", "charts/episodic_length"),
+           tensorboard="rollout/ep_len_mean"),
     # --- the policy update --------------------------------------------------------------
     Metric("policy_loss", "Mean, over the update's policy-gradient evaluations, of the "
            "policy loss whose gradient was taken, entropy bonus excluded. PPO clip: per "
            "minibatch -mean(min(r A, clip(r, 1-eps, 1+eps) A)); ppo-kl: -mean(r A) + "
            "beta mean KL(old || new); TRPO: its one full-batch surrogate loss -mean(r A) "
-           "at theta_old.", "loss", BOTH, _UPDATE,
-           aliases=("train/policy_gradient_loss", "losses/policy_loss")),
+           "at theta_old.", "loss", _UPDATE,
+           aliases=("train/policy_gradient_loss", "losses/policy_loss"),
+           tensorboard="train/policy_gradient_loss"),
     Metric("policy_grad_norm", "L2 norm, before gradient clipping, of the gradient of "
            "(policy_loss - entropy bonus) with respect to the policy parameters; mean over "
            "the same evaluations as policy_loss (PPO: each minibatch; TRPO: its one "
-           "full-batch gradient).", "gradient norm", BOTH, _UPDATE,
+           "full-batch gradient).", "gradient norm", _UPDATE,
            aliases=("grad_norm",), legacy="grad_norm"),
     Metric("ratio_max", "Largest probability ratio pi_theta(a|s) / pi_old(a|s) over every "
            "minibatch of every epoch, each evaluated before that minibatch's step.",
-           "ratio", PPO, _UPDATE),
+           "ratio", _UPDATE),
     Metric("ratio_min", "Smallest probability ratio pi_theta / pi_old over every minibatch "
-           "of every epoch, each evaluated before that minibatch's step.", "ratio", PPO,
-           _UPDATE),
+           "of every epoch, each evaluated before that minibatch's step.", "ratio", _UPDATE),
     Metric("clip_fraction", "Fraction of the probability ratios of every minibatch of every "
            "epoch (each evaluated before that minibatch's step) with |r - 1| > eps_ref; "
-           + _EPS_REF + ".", "fraction", PPO, _UPDATE,
-           aliases=("train/clip_fraction", "losses/clipfrac")),
+           + _EPS_REF + ".", "fraction", _UPDATE,
+           aliases=("train/clip_fraction", "losses/clipfrac"),
+           tensorboard="train/clip_fraction"),
     Metric("ratio_first_minibatch_dev", "max |r - 1| of the ratios at the update's first "
            "loss evaluation (PPO: the first minibatch of the first epoch; TRPO: the full "
            "batch at theta_old). The policy has not moved yet, so it must be 0: a bug "
-           "detector for stale log-probabilities.", "ratio", BOTH, _UPDATE),
+           "detector for stale log-probabilities.", "ratio", _UPDATE),
     Metric("epochs_run", "Policy epochs completed in this update: epochs, or fewer when "
            "kl_stop stopped early (the epoch whose KL exceeded 1.5 x target_kl counts).",
-           "epochs", PPO, _UPDATE),
+           "epochs", _UPDATE),
     Metric("kl_beta", "The KL-penalty coefficient beta used in this update (it is adapted "
-           "for the next one from kl_mean).", "1", PPO, _UPDATE, condition="ppo-kl only",
+           "for the next one from kl_mean).", "1", _UPDATE, condition="ppo-kl only",
            requires=("ppo-kl",)),
     Metric("lr", "The policy's Adam learning rate used in this iteration, after annealing "
            "(lr_anneal: policy_lr x (1 - (iteration - 1) / iterations)).", "learning rate",
-           PPO, _UPDATE, aliases=("learning_rate", "train/learning_rate",
-                                   "charts/learning_rate"), legacy="learning_rate"),
+           _UPDATE, aliases=("learning_rate", "train/learning_rate",
+                                   "charts/learning_rate"), legacy="learning_rate",
+           tensorboard="train/learning_rate"),
     Metric("step_fraction", "Accepted fraction of the full natural-gradient step "
            "(backtrack_coef ** k for the accepted trial k), 0 when the line search "
-           "rejected every trial.", "fraction", TRPO, _UPDATE),
+           "rejected every trial.", "fraction", _UPDATE),
     Metric("linesearch_steps", "Line-search trials made: the index (from 1) of the accepted "
-           "trial, or backtrack_iters when none was accepted.", "trials", TRPO, _UPDATE),
+           "trial, or backtrack_iters when none was accepted.", "trials", _UPDATE),
     Metric("step_norm", "L2 norm of the accepted change of the policy parameters (0 when "
-           "no step was accepted).", "parameter norm", TRPO, _UPDATE),
+           "no step was accepted).", "parameter norm", _UPDATE),
     # --- how far the policy moved ---------------------------------------------------------
     Metric("ratio_max_after", "Largest probability ratio pi_new(a|s) / pi_old(a|s) over the "
            "whole training batch after the update (the trust-region comparison across "
-           "algorithms).", "ratio", BOTH, _CHANGE, legacy="ratio_max"),
+           "algorithms).", "ratio", _CHANGE, legacy="ratio_max"),
     Metric("ratio_min_after", "Smallest probability ratio pi_new / pi_old over the whole "
-           "training batch after the update.", "ratio", BOTH, _CHANGE, legacy="ratio_min"),
+           "training batch after the update.", "ratio", _CHANGE, legacy="ratio_min"),
     Metric("clip_fraction_after", "Fraction of the whole training batch whose ratio "
            "pi_new / pi_old after the update has |r - 1| > eps_ref; " + _EPS_REF + ".",
-           "fraction", BOTH, _CHANGE, legacy="clip_fraction"),
+           "fraction", _CHANGE, legacy="clip_fraction"),
     Metric("kl_mean", "Mean over the training batch's states of the analytic KL(old || "
            "new) between the data-collecting policy and the updated policy.", "nats",
-           BOTH, _CHANGE),
+           _CHANGE),
     Metric("kl_max", "Largest analytic KL(old || new) over the training batch's states, "
-           "after the update.", "nats", BOTH, _CHANGE),
+           "after the update.", "nats", _CHANGE),
     Metric("kl_heldout_mean", "Mean analytic KL(old || new) after the update on the states "
            "of the previous iteration's batch (states this update did not train on).",
-           "nats", BOTH, _CHANGE, condition="from iteration 2, when heldout_kl",
+           "nats", _CHANGE, condition="from iteration 2, when heldout_kl",
            requires=("heldout",)),
     Metric("kl_heldout_max", "Largest analytic KL(old || new) after the update on the "
-           "previous iteration's states.", "nats", BOTH, _CHANGE,
+           "previous iteration's states.", "nats", _CHANGE,
            condition="from iteration 2, when heldout_kl", requires=("heldout",)),
     Metric("approx_kl", "The k3 estimator mean((r - 1) - log r) of KL(old || new), with r = "
-           "pi_new / pi_old of the batch actions after the update.", "nats", BOTH, _CHANGE,
-           aliases=("kl_k3", "train/approx_kl", "losses/approx_kl"), legacy="kl_k3"),
+           "pi_new / pi_old of the batch actions after the update.", "nats", _CHANGE,
+           aliases=("kl_k3", "train/approx_kl", "losses/approx_kl"), legacy="kl_k3",
+           tensorboard="train/approx_kl"),
     # --- the policy that collected the batch ----------------------------------------------
     Metric("entropy", "Mean entropy of the data-collecting policy (before the update) over "
-           "the batch states.", "nats", BOTH, _POLICY, aliases=("losses/entropy",)),
+           "the batch states.", "nats", _POLICY, aliases=("losses/entropy",),
+           tensorboard="train/entropy_loss", tensorboard_scale=-1.0),
     Metric("entropy_frac", "entropy / log(number of actions): the data-collecting policy's "
            "entropy as a fraction of the uniform policy's (null with a single action).",
-           "fraction", BOTH, _POLICY, condition="discrete actions only",
+           "fraction", _POLICY, condition="discrete actions only",
            requires=("discrete",)),
     Metric("policy_std", "Mean over action dimensions of exp(log_std) of the "
-           "data-collecting policy (before the update).", "action units", BOTH, _POLICY,
+           "data-collecting policy (before the update).", "action units", _POLICY,
            condition="Gaussian policies only", requires=("gaussian",),
-           aliases=("train/std",)),
+           aliases=("train/std",),
+           tensorboard="train/std"),
     Metric("action_saturation", "Fraction of the action components sampled in this "
            "iteration's rollout that lie outside the action space's bounds (the env gets "
            "them clipped to the bound when action_clip is on): near 1, the policy acts at "
-           "the bounds almost always.", "fraction", BOTH, _POLICY,
+           "the bounds almost always.", "fraction", _POLICY,
            condition="Gaussian policies only", requires=("gaussian",)),
     # --- the value function -------------------------------------------------------------
     Metric("value_loss", "Mean over the value net's gradient steps (every minibatch of every "
            "epoch) of the value loss, the clipped one when value_clip is on.", "loss",
-           BOTH, _VALUE, aliases=("train/value_loss", "losses/value_loss")),
+           _VALUE, aliases=("train/value_loss", "losses/value_loss"),
+           tensorboard="train/value_loss"),
     Metric("value_grad_norm", "Mean over the value net's gradient steps of the L2 norm, "
            "before gradient clipping, of the value loss's gradient with respect to the "
-           "value parameters.", "gradient norm", BOTH, _VALUE),
+           "value parameters.", "gradient norm", _VALUE),
     Metric("explained_variance", "1 - Var(R - V) / Var(R) over the training batch, with R "
            "the value targets (GAE returns) and V the values predicted before the update; "
-           "null when R is constant.", "1", BOTH, _VALUE,
-           aliases=("train/explained_variance", "losses/explained_variance")),
+           "null when R is constant.", "1", _VALUE, every_algorithm=EVERY,
+           aliases=("train/explained_variance", "losses/explained_variance"),
+           tensorboard="train/explained_variance"),
     Metric("value_target_absmax", "Largest |R| over the training batch of the value "
            "targets R (GAE returns), in the reward units the value net learns (after "
-           "reward_multiplier, scaling and clipping).", "return (learner units)", BOTH,
-           _VALUE),
+           "reward_multiplier, scaling and clipping).", "return (learner units)", _VALUE),
     Metric("advantage_absmax", "Largest |A| over the training batch of the GAE advantages, "
            "in the reward units the value net learns, before any advantage normalization.",
-           "return (learner units)", BOTH, _VALUE),
+           "return (learner units)", _VALUE),
     Metric("value_lr", "The value net's Adam learning rate used in this iteration, after "
            "annealing (lr_anneal: value_lr x (1 - (iteration - 1) / iterations)).",
-           "learning rate", BOTH, _VALUE),
+           "learning rate", _VALUE, every_algorithm=EVERY),
     # --- wall-clock timing (excluded from determinism checks) ----------------------------
     Metric("sps", "Env steps of this iteration per wall-clock second of its rollout and "
-           "update.", "env steps / second", BOTH, _TIME, timing=True,
-           aliases=("time/fps", "charts/SPS")),
+           "update.", "env steps / second", _TIME, every_algorithm=EVERY, timing=True,
+           aliases=("time/fps", "charts/SPS"),
+           tensorboard="time/fps"),
     Metric("rollout_s", "Wall-clock seconds spent sampling this iteration's batch.",
-           "seconds", BOTH, _TIME, timing=True),
+           "seconds", _TIME, every_algorithm=EVERY, timing=True),
     Metric("update_s", "Wall-clock seconds spent in this iteration's update (policy, value "
-           "net and the update's metrics).", "seconds", BOTH, _TIME, timing=True),
+           "net and the update's metrics).", "seconds", _TIME, every_algorithm=EVERY,
+           timing=True),
     Metric("time_elapsed", "Wall-clock seconds of rollouts and updates summed over all "
            "iterations so far, across resumes (checkpointing and probes not included).",
-           "seconds", BOTH, _TIME, timing=True, aliases=("time/time_elapsed",)),
+           "seconds", _TIME, every_algorithm=EVERY, timing=True,
+           aliases=("time/time_elapsed",), tensorboard="time/time_elapsed"),
 )
 
 #: The registry by key.
@@ -226,6 +257,33 @@ REGISTRY: dict[str, Metric] = {m.name: m for m in METRICS}
 
 #: Metrics that measure wall-clock time, excluded from determinism checks.
 TIMING_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if m.timing)
+
+#: The key whose value is the global step of TensorBoard events (env steps, as in SB3).
+GLOBAL_STEP = "env_steps"
+
+
+def algorithm_names() -> tuple[str, ...]:
+    """The registered algorithms (:mod:`pgscope.algos`), in registration order."""
+    from pgscope.algos import ALGORITHMS
+
+    return ALGORITHMS.names()
+
+
+def __getattr__(name: str) -> Any:
+    # ALGORITHMS: the registered algorithms' names, read when asked for (the registry
+    # fills as pgscope.algos is imported)
+    if name == "ALGORITHMS":
+        return algorithm_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tensorboard_tag(name: str) -> tuple[str, float]:
+    """(tag, scale) under which the TensorBoard sink writes ``scale x value`` of key
+    ``name``: the metric's SB3/CleanRL-style tag where it has one, else ``pgscope/<name>``."""
+    metric = REGISTRY.get(name)
+    if metric is None or not metric.tensorboard:
+        return f"pgscope/{name}", 1.0
+    return metric.tensorboard, metric.tensorboard_scale
 
 
 def metrics_for(algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
@@ -237,8 +295,9 @@ def metrics_for(algo: str, *, discrete: bool | None = None, ppo_loss: str | None
     and iteration >= 2). A setting left ``None`` keeps the metrics whose condition depends
     on it, so ``metrics_for("ppo")`` lists every key PPO may log.
     """
-    if algo not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algo!r}; expected one of {ALGORITHMS}")
+    names = algorithm_names()
+    if algo not in names:
+        raise ValueError(f"unknown algorithm {algo!r}; expected one of {names}")
     return tuple(m for m in METRICS
                  if m.logged(algo, discrete=discrete, ppo_loss=ppo_loss, heldout=heldout))
 
@@ -277,7 +336,15 @@ def render_markdown() -> str:
         "closest quantity (stable-baselines3: `train/...`, `rollout/...`, `time/...`; "
         "CleanRL: `losses/...`, `charts/...`); those may be computed differently, the "
         "meaning here is what pgscope logs. Timing keys are wall-clock measurements and "
-        "are excluded from determinism checks (`pgscope.metrics.TIMING_KEYS`).",
+        "are excluded from determinism checks (`pgscope.metrics.TIMING_KEYS`). \"Logged "
+        "by\" lists the algorithms of the algorithm registry (`pgscope.algos`) whose runs "
+        "log the key.",
+        "",
+        "With `tensorboard` on (`pgscope train --tensorboard`), every key of a line is also "
+        "written to TensorBoard event files in `RUN/tensorboard/` at global step "
+        "`env_steps`, under the tag in the \"TensorBoard\" column: the stable-baselines3 "
+        "name where SB3 logs that quantity (the same caveat applies), else "
+        "`pgscope/<key>`. `train/entropy_loss` is minus `entropy` (SB3's sign).",
         "",
         "Metrics files written before this registry used other keys: `grad_norm` (now "
         "`policy_grad_norm`), `kl_k3` (now `approx_kl`), `learning_rate` (now `lr`, PPO "
@@ -287,8 +354,8 @@ def render_markdown() -> str:
     ]
     for group in GROUPS:
         lines += ["", f"## {group}", "",
-                  "| key | meaning | unit | logged by | when | also known as |",
-                  "|---|---|---|---|---|---|"]
+                  "| key | meaning | unit | logged by | when | also known as | TensorBoard |",
+                  "|---|---|---|---|---|---|---|"]
         for m in METRICS:
             if m.group != group:
                 continue
@@ -296,9 +363,12 @@ def render_markdown() -> str:
             if m.legacy:
                 meaning += f" Older files: `{m.legacy}`."
             aliases = ", ".join(f"`{a}`" for a in m.aliases)
+            tag, scale = tensorboard_tag(m.name)
+            board = "-" if m.name == GLOBAL_STEP else f"`{tag}`" + (
+                f" (x {scale:g})" if scale != 1.0 else "")
             lines.append(f"| `{m.name}` | {_cell(meaning)} | {m.unit} | "
                          f"{', '.join(m.algorithms)} | {_cell(m.condition or 'always')} | "
-                         f"{aliases} |")
+                         f"{aliases} | {board} |")
     return "\n".join(lines) + "\n"
 
 

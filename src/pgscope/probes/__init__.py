@@ -4,102 +4,166 @@ Every probe takes a saved agent, draws fresh samples from its current policy wit
 statistics frozen, and never changes it. ``run_probes`` computes what was asked and only
 then writes ``DIR/<kind>.json`` and ``DIR/<kind>.png``, so a failure leaves nothing
 half-written.
+
+A probe is a :class:`Probe` that its module registers with :func:`register_probe` (its
+name, what it computes from a :class:`ProbeInput`, the settings it reads, its checks, the
+top-level keys of its result, its plot and its one-line headline); :func:`run_probes`
+looks probes up by name and never branches on one. Every module of this package is
+imported when the registry is first asked for, so adding a probe is one new file here
+(docs/architecture.md, "How to add a probe"). :mod:`pgscope.probes.schedule` runs probes
+during training as a subscriber of the training events.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgscope.errors import ProbeError
+from pgscope.registry import Registry, UnknownNameError
 
-KINDS = ("gradients", "values", "baselines", "landscape", "trust-region")
+if TYPE_CHECKING:
+    from pgscope.agent import Agent
+    from pgscope.config import Config
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Every setting of a probe request (``pgscope probe`` options); each probe reads its
+    own (:attr:`Probe.settings`)."""
+
+    sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000)
+    k: int = 10
+    true_pairs: int = 1_000_000
+    value_pairs: int = 100_000
+    fit_pairs: int = 500_000
+    compare: tuple[str, ...] = ()
+    landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000)
+    landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0)
+
+
+@dataclass
+class ProbeInput:
+    """What a probe computes from: the run (or checkpoint file), the checkpoint's
+    iteration (None: the latest), its config, the loaded agent, the settings, the seed."""
+
+    run_dir: Path
+    checkpoint: int | None
+    config: Config
+    agent: Agent
+    settings: ProbeSettings
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe as :func:`run_probes` sees it.
+
+    ``compute(input)`` returns the JSON-ready result, whose top-level keys ``schema``
+    describes; ``plot(result, path)`` writes its PNG; ``headline(result)`` is the line
+    printed when it finishes; ``check(settings, config)`` raises :class:`ProbeError` for
+    settings it cannot use, before anything is computed; ``settings`` names the
+    :class:`ProbeSettings` fields it reads; ``order`` places it in ``all``."""
+
+    name: str
+    description: str
+    compute: Callable[[ProbeInput], dict[str, Any]]
+    plot: Callable[[dict[str, Any], Path], None]
+    headline: Callable[[dict[str, Any]], str]
+    schema: Mapping[str, str]
+    settings: tuple[str, ...] = ()
+    check: Callable[[ProbeSettings, Config], None] | None = None
+    order: int = 100
+
+
+_PROBES: Registry[Probe] = Registry("probe")
+#: Modules of this package that hold shared pieces, not probes (not imported on discovery).
+HELPER_MODULES = ("bootstrap", "plots", "sampling", "schedule")
+
+
+def register_probe(probe: Probe) -> Probe:
+    """Register ``probe`` under its name (``pgscope probe NAME``, config ``probe_kinds``)."""
+    unknown = set(probe.settings) - {f for f in ProbeSettings.__dataclass_fields__}
+    if unknown:
+        raise ValueError(f"probe '{probe.name}' reads unknown settings {sorted(unknown)}.")
+    return _PROBES.register(probe.name, probe)
+
+
+def probes() -> Registry[Probe]:
+    """The probe registry, after importing every probe module of this package."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name not in HELPER_MODULES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    return _PROBES
+
+
+def probe_names() -> tuple[str, ...]:
+    """Every registered probe, in the order of ``all``."""
+    return tuple(p.name for p in sorted(probes().values(), key=lambda p: p.order))
 
 
 def parse_kinds(kind: str) -> tuple[str, ...]:
     """'all', one kind, or a comma-separated list of kinds."""
-    kinds = KINDS if kind == "all" else tuple(k.strip() for k in kind.split(",") if k.strip())
-    bad = [k for k in kinds if k not in KINDS]
+    names = probe_names()
+    kinds = names if kind == "all" else tuple(k.strip() for k in kind.split(",") if k.strip())
+    bad = [k for k in kinds if k not in names]
     if bad or not kinds:
         raise ValueError(f"unknown probe '{', '.join(bad) or kind}'; choose from "
-                         f"{', '.join(KINDS)}, all (or a comma-separated list).")
+                         f"{', '.join(names)}, all (or a comma-separated list).")
     return kinds
 
 
 def _check_settings(kinds: tuple[str, ...], run_dir: Path, out: Path,
-                    checkpoint: int | None, sizes: tuple[int, ...], k: int, true_pairs: int,
-                    value_pairs: int, fit_pairs: int, compare: tuple[str | Path, ...],
-                    landscape_counts: tuple[int, ...], landscape_grid: tuple[float, ...]
-                    ) -> None:
-    """Every check that can fail, before any rollout or directory is made."""
-    import math
-
+                    checkpoint: int | None, settings: ProbeSettings) -> Config:
+    """Every check that can fail, before any rollout or directory is made: the settings
+    all probes share, then each probe's own. Returns the checkpoint's config."""
     from pgscope.config import Config
     from pgscope.run import RunDir, load_checkpoint, resolve_checkpoint
 
-    if not sizes or min(sizes) < 2 or k < 2:
+    if not settings.sizes or min(settings.sizes) < 2 or settings.k < 2:
         raise ProbeError("sample sizes and k must be at least 2.")
-    for name, value in (("--true-pairs", true_pairs), ("--pairs", value_pairs),
-                        ("--fit-pairs", fit_pairs)):
+    for name, value in (("--true-pairs", settings.true_pairs), ("--pairs", settings.value_pairs),
+                        ("--fit-pairs", settings.fit_pairs)):
         if value < 1:
             raise ProbeError(f"{name} must be a positive number of pairs, got {value}.")
-    if "gradients" in kinds and true_pairs < 10 * max(sizes):
-        raise ProbeError(f"--true-pairs {true_pairs} is too small for the grid: the 'true' "
-                         f"gradient needs at least 10x the largest size ({max(sizes)}).")
-    if "landscape" in kinds:
-        if not landscape_counts or min(landscape_counts) < 1:
-            raise ProbeError("--landscape-counts must be positive numbers of env steps.")
-        if len(landscape_grid) < 2 or not all(math.isfinite(x) for x in landscape_grid):
-            raise ProbeError("--landscape-grid needs at least two finite multiples.")
     if out.exists() and not out.is_dir():
         raise ProbeError(f"--out '{out}' is a file; probe results need a directory.")
     parent = next((q for q in (out, *out.parents) if q.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise ProbeError(f"cannot write probe results under '{parent}'; choose another --out.")
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)  # a run directory or a file
-    for other in compare:
+    for other in settings.compare:
         RunDir.open(Path(other))
         if not RunDir(Path(other)).read_metrics():
             raise ProbeError(f"--compare '{other}' has no metrics lines yet.")
-    if "values" in kinds or "baselines" in kinds:
-        from pgscope.probes.values import check_time_limit, effective_horizon
-
-        cfg = Config.from_dict(load_checkpoint(ckpt_path)["config"])
-        check_time_limit(cfg.env_id, effective_horizon(cfg.gamma, 0.01))
+    cfg = Config.from_dict(load_checkpoint(ckpt_path)["config"])
+    registry = probes()
+    for name in kinds:
+        check = registry.get(name).check
+        if check is not None:
+            check(settings, cfg)
+    return cfg
 
 
 def headline(kind: str, result: dict[str, Any]) -> str:
     """One line with the probe's main numbers (printed as each probe finishes)."""
-    def iv(d: dict[str, float]) -> str:
-        return f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
-
     try:
-        if kind == "gradients":
-            row = result["policy"][-1]
-            return (f"gradients: at {row['n']} pairs, pairwise cosine {iv(row['pairwise_cosine'])}"
-                    f", cosine to the 'true' gradient {iv(row['cosine_to_true'])}")
-        if kind == "values":
-            return (f"values: relative error vs GAE targets "
-                    f"{iv(result['vs_gae_targets']['relative_error'])}, vs true returns "
-                    f"{iv(result['vs_true_returns']['relative_error'])}")
-        if kind == "baselines":
-            row = result["rows"][-1]
-            parts = [f"{name} {iv(row[name]['pairwise_cosine'])}"
-                     for name in ("agent", "true", "zero") if "pairwise_cosine" in row[name]]
-            return f"baselines: at {row['n']} pairs, pairwise cosine: " + ", ".join(parts)
-        if kind == "landscape":
-            return (f"landscape: step norm {result['delta_norm']:.3g}, surrogate at the step "
-                    f"{result['surrogate'][1][0]:.3g} vs {result['surrogate'][0][0]:.3g} at "
-                    f"theta_old")
-        if kind == "trust-region":
-            phase = result["replay"]["phase"]
-            return (f"trust-region: replayed update: mean KL {phase['kl_mean']:.3g}, max ratio "
-                    f"{phase.get('ratio_max_after', phase.get('ratio_max', float('nan'))):.3g}")
-    except (KeyError, IndexError, TypeError):
-        pass
-    return f"{kind}: done"
+        return probes().get(kind).headline(result)
+    except (KeyError, IndexError, TypeError, UnknownNameError):
+        return f"{kind}: done"
+
+
+def interval(d: Mapping[str, float]) -> str:
+    """``mean [ci_low, ci_high]`` of a bootstrap summary, for headlines."""
+    return f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
 
 
 def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
@@ -109,8 +173,8 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
                compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000,
                landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000),
                landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0),
-               log: Any = None) -> dict[str, Any]:
-    """Run probe ``kind`` (one of :data:`KINDS`, 'all', or a comma-separated list) on a
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run probe ``kind`` (a registered probe, 'all', or a comma-separated list) on a
     run's checkpoint and write each probe's JSON and PNG into ``out`` as soon as that probe
     finishes (each file atomically). Every setting is checked before anything is computed.
     Each JSON records what was measured: the run, the checkpoint's iteration and env
@@ -119,12 +183,6 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     import sys
 
     from pgscope import __version__
-    from pgscope.probes import plots
-    from pgscope.probes.baselines import baseline_probe
-    from pgscope.probes.gradients import gradient_probe
-    from pgscope.probes.landscape import landscape_probe
-    from pgscope.probes.trust_region import from_metrics, replay_update
-    from pgscope.probes.values import value_probe
     from pgscope.run import load_agent, load_checkpoint, resolve_checkpoint
 
     try:
@@ -132,8 +190,10 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     except ValueError as exc:
         raise ProbeError(str(exc)) from None
     run_dir, out = Path(run_dir), Path(out)
-    _check_settings(kinds, run_dir, out, checkpoint, tuple(sizes), k, true_pairs, value_pairs,
-                    fit_pairs, tuple(compare), tuple(landscape_counts), tuple(landscape_grid))
+    settings = ProbeSettings(tuple(sizes), k, true_pairs, value_pairs, fit_pairs,
+                             tuple(str(c) for c in compare), tuple(landscape_counts),
+                             tuple(landscape_grid))
+    cfg = _check_settings(kinds, run_dir, out, checkpoint, settings)
     if log is None:
         def log(line: str) -> None:
             print(line, file=sys.stderr)
@@ -142,40 +202,24 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     ckpt = load_checkpoint(ckpt_path)
     measured = {"run": str(run_dir), "checkpoint_file": str(ckpt_path),
                 "iteration": int(ckpt["iteration"]), "env_steps": int(ckpt["env_steps"])}
-    settings = {"kinds": list(kinds), "checkpoint": checkpoint, "seed": seed,
-                "sizes": list(sizes), "k": k, "true_pairs": true_pairs,
-                "value_pairs": value_pairs, "fit_pairs": fit_pairs,
-                "compare": [str(c) for c in compare],
-                "landscape_counts": list(landscape_counts),
-                "landscape_grid": list(landscape_grid)}
+    recorded = {"kinds": list(kinds), "checkpoint": checkpoint, "seed": seed,
+                **{key: list(value) if isinstance(value, tuple) else value
+                   for key, value in asdict(settings).items()}}
     del ckpt
-    agent = load_agent(run_dir, checkpoint)
-    compute = {
-        "gradients": (lambda: gradient_probe(agent, sizes, k, true_pairs, seed, progress),
-                      plots.plot_gradients),
-        "values": (lambda: value_probe(agent, value_pairs, seed, progress=progress),
-                   plots.plot_values),
-        "baselines": (lambda: baseline_probe(agent, sizes, k, fit_pairs, seed, progress),
-                      plots.plot_baselines),
-        "landscape": (lambda: landscape_probe(run_dir, checkpoint, landscape_grid,
-                                              landscape_grid, landscape_counts, seed,
-                                              progress), plots.plot_landscape),
-        "trust-region": (lambda: {"runs": [from_metrics(run_dir)]
-                                  + [from_metrics(c) for c in compare],
-                                  "replay": replay_update(run_dir, checkpoint, seed)},
-                         lambda r, path: plots.plot_trust_region(r["runs"], r["replay"], path)),
-    }
+    request = ProbeInput(run_dir, checkpoint, cfg, load_agent(run_dir, checkpoint), settings,
+                         seed, progress)
+    registry = probes()
     results: dict[str, Any] = {}
     for name in kinds:
-        fn, plot = compute[name]
-        result = fn()
+        probe = registry.get(name)
+        result = probe.compute(request)
         result["checkpoint"] = measured
         result["pgscope_version"] = __version__
-        result["probe_settings"] = settings
+        result["probe_settings"] = recorded
         out.mkdir(parents=True, exist_ok=True)
         _atomic_text(out / f"{name}.json", json.dumps(result, indent=2, default=float))
         tmp = out / f".{name}.tmp.png"
-        plot(result, tmp)
+        probe.plot(result, tmp)
         os.replace(tmp, out / f"{name}.png")
         results[name] = result
         log(headline(name, result))
@@ -224,3 +268,11 @@ def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> P
                landscape_counts=(2_000,), landscape_grid=(0, 1, 2))
     os.replace(tmp, final)
     return final
+
+
+# the probe schedule: a training-event subscriber and the check of the probe_* config keys
+from pgscope.probes import schedule as schedule  # noqa: E402  (registers both)
+
+__all__ = ["HELPER_MODULES", "Probe", "ProbeInput", "ProbeSettings", "headline", "interval",
+           "parse_kinds", "probe_names", "probes", "register_probe", "run_probes",
+           "scheduled_probe_failures", "scheduled_probes"]

@@ -18,6 +18,7 @@ returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,10 +27,11 @@ from tqdm.auto import tqdm
 from pgscope.agent import Agent
 from pgscope.errors import ProbeError
 from pgscope.networks import ValueNet
+from pgscope.probes import Probe, ProbeInput, interval, register_probe
 from pgscope.probes.bootstrap import pairwise_summary
 from pgscope.probes.gradients import GradientAccumulator, _seed
 from pgscope.probes.sampling import batch_chunks
-from pgscope.probes.values import true_return_segments
+from pgscope.probes.values import check_horizon, true_return_segments
 
 BASELINES = ("agent", "true", "zero")
 
@@ -109,3 +111,34 @@ def baseline_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000), k: 
         result["rows"].append(row)
     bar.close()
     return result
+
+
+def _compute(p: ProbeInput) -> dict:
+    s = p.settings
+    return baseline_probe(p.agent, s.sizes, s.k, s.fit_pairs, p.seed, p.progress)
+
+
+def _headline(result: dict) -> str:
+    row = result["rows"][-1]
+    parts = [f"{name} {interval(row[name]['pairwise_cosine'])}"
+             for name in BASELINES if "pairwise_cosine" in row[name]]
+    return f"baselines: at {row['n']} pairs, pairwise cosine: " + ", ".join(parts)
+
+
+def _plot(result: dict, path: Path) -> None:
+    from pgscope.probes.plots import plot_baselines
+
+    plot_baselines(result, path)
+
+
+register_probe(Probe(
+    name="baselines",
+    description="gradient variance with advantages from the agent's value net, a 'true' "
+                "value net fit to Monte Carlo returns, and no baseline, on the same samples",
+    compute=_compute, plot=_plot, headline=_headline, check=check_horizon, order=30,
+    settings=("sizes", "k", "fit_pairs"),
+    schema={"settings": "sizes, k, fit_pairs, seed, env_id, adv_norm",
+            "true_value_fit": "held-out error of the value net fit to MC returns",
+            "rows": "per size n and baseline (agent, true, zero): pairwise_cosine and "
+                    "covariance_trace with bootstrap CIs"},
+))

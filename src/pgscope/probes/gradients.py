@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,14 +29,13 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
+from pgscope.algos.common import flat_grad
+from pgscope.config import Config
 from pgscope.errors import ProbeError
+from pgscope.probes import Probe, ProbeInput, ProbeSettings, interval, register_probe
 from pgscope.probes.bootstrap import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.probes.sampling import batch_chunks
 from pgscope.rollout import Batch
-
-
-def _flat_grad(output: torch.Tensor, params: list[torch.nn.Parameter], **kwargs) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, **kwargs)])
 
 
 @dataclass
@@ -61,10 +61,10 @@ class GradientAccumulator:
         adv = (batch.advantages if advantages is None else advantages).double()
         pol = list(agent.policy.parameters())
         logp = agent.policy.log_prob(agent.policy.dist(batch.obs), batch.actions)
-        g_a = _flat_grad((logp * adv.float()).sum(), pol, retain_graph=True).double()
-        g_1 = _flat_grad(logp.sum(), pol).double()
+        g_a = flat_grad((logp * adv.float()).sum(), pol, retain_graph=True).double()
+        g_1 = flat_grad(logp.sum(), pol).double()
         vals = list(agent.value_net.parameters())
-        g_v = _flat_grad((agent.value_net(batch.obs) - batch.returns).pow(2).sum(), vals)
+        g_v = flat_grad((agent.value_net(batch.obs) - batch.returns).pow(2).sum(), vals)
         self.sum_glogp_a = g_a if self.sum_glogp_a is None else self.sum_glogp_a + g_a
         self.sum_glogp = g_1 if self.sum_glogp is None else self.sum_glogp + g_1
         g_v = g_v.double()
@@ -203,3 +203,41 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_
 def _seed(seed: int, size_index: int, j: int) -> int:
     """Env seeds of distinct estimates never overlap (each uses at most 1000 env seeds)."""
     return (seed + 1) * 10**8 + (size_index + 1) * 10**6 + j * 1000
+
+
+def _check(settings: ProbeSettings, cfg: Config) -> None:
+    if settings.true_pairs < 10 * max(settings.sizes):
+        raise ProbeError(f"--true-pairs {settings.true_pairs} is too small for the grid: the "
+                         f"'true' gradient needs at least 10x the largest size "
+                         f"({max(settings.sizes)}).")
+
+
+def _compute(p: ProbeInput) -> dict:
+    s = p.settings
+    return gradient_probe(p.agent, s.sizes, s.k, s.true_pairs, p.seed, p.progress)
+
+
+def _headline(result: dict) -> str:
+    row = result["policy"][-1]
+    return (f"gradients: at {row['n']} pairs, pairwise cosine {interval(row['pairwise_cosine'])}"
+            f", cosine to the 'true' gradient {interval(row['cosine_to_true'])}")
+
+
+def _plot(result: dict, path: Path) -> None:
+    from pgscope.probes.plots import plot_gradients
+
+    plot_gradients(result, path)
+
+
+register_probe(Probe(
+    name="gradients",
+    description="K independent estimates of the algorithm's own gradient at each sample "
+                "size: pairwise cosine, covariance trace, cosine to a 'true' gradient",
+    compute=_compute, plot=_plot, headline=_headline, check=_check, order=10,
+    settings=("sizes", "k", "true_pairs"),
+    schema={"settings": "sizes, k, true_pairs, seed, adv_norm, env_id, horizon",
+            "true": "norms of the 'true' policy and value gradients, per-pair variance",
+            "policy": "per size n: pairwise_cosine, covariance_trace, cosine_to_true, "
+                      "mean_norm (each mean with a bootstrap CI)",
+            "value": "the same for the value net's gradient"},
+))

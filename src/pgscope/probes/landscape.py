@@ -6,9 +6,10 @@ checkpoint on a fresh training batch, exactly as training does it) and a random 
 direction ``d`` of unit L2 norm over the policy parameters. On the grid
 ``theta_old + a Delta + b d`` evaluate
 
-* the algorithm's own surrogate objective on that training batch (PPO's clipped surrogate,
-  with the KL penalty for ppo-kl; TRPO's ``mean(ratio A)``), advantages normalized over the
-  batch when the agent normalizes them, and
+* the algorithm's own surrogate objective on that training batch, as the algorithm
+  defines it (:attr:`pgscope.algos.Algorithm.surrogate`: PPO's clipped surrogate, with the
+  KL penalty for ppo-kl; TRPO's ``mean(ratio A)``), advantages normalized over the batch
+  when the agent normalizes them, and
 * the true mean episode return of the policy at that point from fresh rollouts, at several
   sample counts: episodes are started until the count of env steps is reached and every
   started episode is run to its end (so short episodes are not favoured); the estimate at
@@ -24,9 +25,11 @@ Finding to look for: the surrogate can rise where the true return falls.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +37,12 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
-from pgscope.algos.ppo import clipped_surrogate_loss
+from pgscope.algos import algorithm
+from pgscope.config import Config
 from pgscope.envs import make_vector_env
 from pgscope.errors import ProbeError
-from pgscope.optimizations import clip_actions, normalize_advantages
+from pgscope.optimizations import clip_actions
+from pgscope.probes import Probe, ProbeInput, ProbeSettings, register_probe
 from pgscope.probes.trust_region import replay_update
 from pgscope.rollout import Batch
 
@@ -109,21 +114,6 @@ def nested_means(episodes: list[tuple[int, int, float]], counts: Sequence[int]
     return out
 
 
-def surrogate(agent: Agent, batch: Batch, state: dict) -> float:
-    cfg = agent.config
-    policy = agent.policy
-    with torch.no_grad():
-        dist = policy.dist(batch.obs)
-        ratio = (policy.log_prob(dist, batch.actions) - batch.logp).exp()
-        adv = normalize_advantages(batch.advantages, cfg.adv_norm)
-        if cfg.algo == "trpo":
-            return float((ratio * adv).mean())
-        if cfg.ppo_loss == "clip":
-            return -float(clipped_surrogate_loss(ratio, adv, cfg.clip_eps))
-        kl = policy.kl(state["old_policy"].dist(batch.obs), dist).mean()
-        return float((ratio * adv).mean() - state.get("kl_beta", cfg.kl_beta_init) * kl)
-
-
 def landscape_probe(run_dir: str | Path, iteration: int | None = None,
                     steps: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
                     directions: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
@@ -148,8 +138,8 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
     gen = torch.Generator().manual_seed(seed)
     d = torch.randn(delta.shape, generator=gen)
     d /= d.norm()
-    state = {"old_policy": captured["old_policy"], "kl_beta": captured["state_before"].get(
-        "kl_beta", agent.config.kl_beta_init)}
+    surrogate = algorithm(agent.config.algo).surrogate
+    old_policy, state = captured["old_policy"], captured["state_before"]
 
     shape = (len(steps), len(directions))
     surr = np.zeros(shape)
@@ -159,7 +149,7 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
     for i, a in enumerate(steps):
         for j, b in enumerate(directions):
             vector_to_parameters(theta_old + a * delta + b * d, params)
-            surr[i, j] = surrogate(agent, batch, state)
+            surr[i, j] = surrogate(agent.config, agent.policy, old_policy, batch, state)
             eps = episode_returns(agent, max(counts), seed=seed * 7919 + i * 101 + j,
                                   capped=capped)
             true[:, i, j] = nested_means(eps, counts)
@@ -181,3 +171,44 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
         "true_return": {str(c): true[k].tolist() for k, c in enumerate(counts)},
         "update_phase": replay["phase"],
     }
+
+
+def _check(settings: ProbeSettings, cfg: Config) -> None:
+    if not settings.landscape_counts or min(settings.landscape_counts) < 1:
+        raise ProbeError("--landscape-counts must be positive numbers of env steps.")
+    grid = settings.landscape_grid
+    if len(grid) < 2 or not all(math.isfinite(x) for x in grid):
+        raise ProbeError("--landscape-grid needs at least two finite multiples.")
+
+
+def _compute(p: ProbeInput) -> dict[str, Any]:
+    s = p.settings
+    return landscape_probe(p.run_dir, p.checkpoint, s.landscape_grid, s.landscape_grid,
+                           s.landscape_counts, p.seed, p.progress)
+
+
+def _headline(result: dict[str, Any]) -> str:
+    return (f"landscape: step norm {result['delta_norm']:.3g}, surrogate at the step "
+            f"{result['surrogate'][1][0]:.3g} vs {result['surrogate'][0][0]:.3g} at theta_old")
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    from pgscope.probes.plots import plot_landscape
+
+    plot_landscape(result, path)
+
+
+register_probe(Probe(
+    name="landscape",
+    description="surrogate on the training batch vs true mean return on the grid "
+                "theta + a*step + b*random direction",
+    compute=_compute, plot=_plot, headline=_headline, check=_check, order=40,
+    settings=("landscape_counts", "landscape_grid"),
+    schema={"settings": "steps, directions, counts, seed, env_id, preset, "
+                        "checkpoint_iteration",
+            "surrogate": "[step][direction] the algorithm's surrogate on the training batch",
+            "true_return": "per sample count: [step][direction] mean episode return",
+            "delta_norm, direction_norm": "norms of the update step and random direction",
+            "episodes_capped": "episodes cut at the episode cap",
+            "update_phase": "the replayed update's own metrics"},
+))

@@ -18,16 +18,17 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pgscope.algos.common import make_optimizer, ratio_stats, reference_clip_range
-from pgscope.algos.ppo import ppo_update
-from pgscope.algos.trpo import trpo_update
+from pgscope.algos import algorithm
+from pgscope.algos.common import make_optimizer, reference_clip_range, trust_region_stats
 from pgscope.config import Config
 from pgscope.metrics import metric_value
 from pgscope.networks import Policy
+from pgscope.probes import Probe, ProbeInput, register_probe
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch
 from pgscope.run import RunDir, load_agent, load_checkpoint, resolve_checkpoint
@@ -66,15 +67,16 @@ def from_metrics(run_dir: str | Path) -> dict:
     }
 
 
-@torch.no_grad()
+#: What a replay measures after each epoch (in this order), on the whole batch.
+MEASURED = ("ratio_max_after", "ratio_min_after", "clip_fraction_after", "kl_mean", "kl_max")
+
+
 def _measure(policy: Policy, old_policy: Policy, batch: Batch, clip: float) -> dict[str, float]:
-    """The :data:`KEYS` statistics of ``policy`` against ``old_policy`` on the whole batch
-    (as the update's own ``*_after`` metrics, but at any point of the update)."""
-    old, new = old_policy.dist(batch.obs), policy.dist(batch.obs)
-    kl = policy.kl(old, new)
-    ratio = (policy.log_prob(new, batch.actions) - batch.logp).exp()
-    return {**ratio_stats(ratio, clip, suffix="_after"),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+    """The :data:`KEYS` statistics of ``policy`` against ``old_policy`` on the whole batch:
+    the update's own ``*_after`` metrics (:func:`pgscope.algos.common.trust_region_stats`),
+    at any point of the update."""
+    stats = trust_region_stats(policy, old_policy, batch, clip)
+    return {key: stats[key] for key in MEASURED}
 
 
 def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int = 0,
@@ -98,16 +100,12 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
     if capture is not None:
         capture.update(agent=agent, batch=batch, old_policy=copy.deepcopy(agent.policy),
                        state_before=dict(state))
-    if cfg.algo == "ppo":
-        def record(epoch: int, old_policy: Policy) -> None:
-            epochs.append({"epoch": epoch, **_measure(agent.policy, old_policy, batch, clip)})
 
-        metrics = ppo_update(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state,
-                             epoch_callback=record)
-    else:
-        old_policy = copy.deepcopy(agent.policy)
-        metrics = trpo_update(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state)
-        epochs.append({"epoch": 1, **_measure(agent.policy, old_policy, batch, clip)})
+    def record(epoch: int, old_policy: Policy) -> None:
+        epochs.append({"epoch": epoch, **_measure(agent.policy, old_policy, batch, clip)})
+
+    metrics = algorithm(cfg.algo).update(cfg, agent.policy, agent.value_net, optimizer, batch,
+                                         gen, state, epoch_callback=record)
     return {"run": str(run_dir), "checkpoint_iteration": int(ckpt["iteration"]),
             "preset": cfg.preset, "clip_range": clip, "batch_pairs": len(batch),
             "per_epoch": epochs,
@@ -116,3 +114,31 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
 
 def save_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _compute(p: ProbeInput) -> dict[str, Any]:
+    return {"runs": [from_metrics(p.run_dir)] + [from_metrics(c) for c in p.settings.compare],
+            "replay": replay_update(p.run_dir, p.checkpoint, p.seed)}
+
+
+def _headline(result: dict[str, Any]) -> str:
+    phase = result["replay"]["phase"]
+    return (f"trust-region: replayed update: mean KL {phase['kl_mean']:.3g}, max ratio "
+            f"{phase.get('ratio_max_after', phase.get('ratio_max', float('nan'))):.3g}")
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    from pgscope.probes.plots import plot_trust_region
+
+    plot_trust_region(result["runs"], result["replay"], path)
+
+
+register_probe(Probe(
+    name="trust-region",
+    description="max/min ratio, mean/max KL, clip fraction per iteration (from metrics.jsonl, "
+                "several runs) and per epoch within a replayed update",
+    compute=_compute, plot=_plot, headline=_headline, order=50, settings=("compare",),
+    schema={"runs": "per run: the per-iteration series of KEYS and their extremes",
+            "replay": "the replayed update: per_epoch measures and the update's own metrics "
+                      "(phase)"},
+))

@@ -34,14 +34,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pgscope.agent import Agent
+from pgscope.config import Config
 from pgscope.envs import make_env
 from pgscope.errors import ProbeError
+from pgscope.probes import Probe, ProbeInput, ProbeSettings, interval, register_probe
 from pgscope.probes.bootstrap import summarize
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch
@@ -187,3 +190,40 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
         "value_mean": float(v.mean()),
         "true_return_mean": float(G[ok].mean()) if ok.any() else float("nan"),
     }
+
+
+def check_horizon(settings: ProbeSettings, cfg: Config) -> None:
+    """True returns need a time limit of at least the effective horizon (also the
+    baselines probe's check)."""
+    check_time_limit(cfg.env_id, effective_horizon(cfg.gamma, 0.01))
+
+
+def _compute(p: ProbeInput) -> dict:
+    return value_probe(p.agent, p.settings.value_pairs, p.seed, progress=p.progress)
+
+
+def _headline(result: dict) -> str:
+    return (f"values: relative error vs GAE targets "
+            f"{interval(result['vs_gae_targets']['relative_error'])}, vs true returns "
+            f"{interval(result['vs_true_returns']['relative_error'])}")
+
+
+def _plot(result: dict, path: Path) -> None:
+    from pgscope.probes.plots import plot_values
+
+    plot_values(result, path)
+
+
+register_probe(Probe(
+    name="values",
+    description="relative error of V against its GAE targets and against true discounted "
+                "returns on fresh rollouts",
+    compute=_compute, plot=_plot, headline=_headline, check=check_horizon, order=20,
+    settings=("value_pairs",),
+    schema={"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclusion rule",
+            "vs_gae_targets": "relative_error, mean_abs_error_ratio, explained_variance "
+                              "(each mean with a bootstrap CI over segments)",
+            "vs_true_returns": "the same against true discounted returns",
+            "states, states_with_true_return, states_excluded_cut_within_horizon": "counts",
+            "value_mean, true_return_mean": "means"},
+))
