@@ -48,13 +48,15 @@ def health(out: Path, seeds: list[int], envs: dict[str, int]) -> list[dict]:
                     train(cfg, run, progress=False)
             findings = diagnose(run)
             records = RunDir(run).read_metrics()
+            extremes = _extremes(records)
             returns = [r["return_mean"] for r in records if r["return_mean"] is not None]
             row = dict(env=env, seed=seed, steps=steps, iterations=len(records),
                        checks=len(ALARMS), alarms=sorted({f.alarm for f in findings}),
                        evidence=[f"{f.alarm}: {f.evidence}" for f in findings],
                        first_return=returns[0] if returns else None,
                        final_return=sum(returns[-10:]) / len(returns[-10:]) if returns
-                       else None, train_minutes=round((time.time() - t0) / 60, 1))
+                       else None, train_minutes=round((time.time() - t0) / 60, 1),
+                       extremes=extremes)
             with open(results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{env} seed {seed}: {row['alarms'] or 'no alarm'} "
@@ -62,6 +64,42 @@ def health(out: Path, seeds: list[int], envs: dict[str, int]) -> list[dict]:
                   flush=True)
             rows.append(row)
     return rows
+
+
+#: Healthy-run extremes reported next to the thresholds they must stay under (or above).
+EXTREMES = (("kl_mean", "max", "kl-above-target/kl-extreme: 2 x / 10 x target_kl 0.01"),
+            ("kl_max", "max", "kl-extreme: 10 nats"),
+            ("clip_fraction_after", "max", "clip-fraction-high: 0.5 (5 in a row)"),
+            ("action_saturation", "max", "actions-saturated: 0.8 (5 in a row)"),
+            ("value_target_absmax", "max", "values-out-of-scale: 100 (5 in a row)"),
+            ("advantage_absmax", "max", "values-out-of-scale: 100 (5 in a row)"),
+            ("approx_kl", "min", "negative-kl: -1e-6"),
+            ("ratio_first_minibatch_dev", "max", "ratio-not-one: 1e-5"))
+
+
+def _extremes(records: list[dict]) -> dict:
+    out = {}
+    for key, how, _ in EXTREMES:
+        v = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        out[key] = (max(v) if how == "max" else min(v)) if v else None
+    std = [r["policy_std"] for r in records if isinstance(r.get("policy_std"), (int, float))]
+    out["policy_std_min_over_first"] = min(std) / std[0] if std else None
+    return out
+
+
+def extremes_table(rows: list[dict]) -> str:
+    lines = ["| metric | " + " | ".join(dict.fromkeys(r["env"] for r in rows)) +
+             " | alarm: threshold |", "|---" * (2 + len({r["env"] for r in rows})) + "|"]
+    envs = list(dict.fromkeys(r["env"] for r in rows))
+    for key, how, alarm in (*EXTREMES, ("policy_std_min_over_first", "min",
+                                        "std-collapse: 0.1")):
+        cells = []
+        for env in envs:
+            vals = [r["extremes"][key] for r in rows if r["env"] == env
+                    and r.get("extremes", {}).get(key) is not None]
+            cells.append(f"{(max(vals) if how == 'max' else min(vals)):.3g}" if vals else "-")
+        lines.append(f"| {how} {key} | " + " | ".join(cells) + f" | {alarm} |")
+    return "\n".join(lines)
 
 
 def health_table(rows: list[dict]) -> str:
@@ -133,6 +171,8 @@ def main() -> None:
     rows = health(args.out, list(range(args.seeds)), envs)
     print()
     print(health_table(rows))
+    print()
+    print(extremes_table(rows))
     print(f"\n({stamp}; {sum(r['train_minutes'] for r in rows):.0f} training minutes "
           "this invocation)")
     fired = [r for r in rows if r["alarms"]]
