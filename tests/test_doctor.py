@@ -333,3 +333,15 @@ def test_cli_exit_status_json_and_study_table(runs, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in rows] == ["fine", "wide"]
     assert [f["alarm"] for f in rows[1]["findings"]] == ["negative-kl"]
+
+
+def test_kl_target_is_the_one_the_run_uses():
+    records = [{"iteration": i + 1, "kl_mean": 0.03} for i in range(6)]
+
+    def fired(config):
+        return "kl-above-target" in {f.alarm for f in check(RunData(records, config))}
+    assert not fired({"algo": "ppo", "ppo_loss": "clip", "target_kl": 0.01})  # bar 0.04
+    assert fired({"algo": "ppo", "ppo_loss": "clip", "kl_stop": True, "target_kl": 0.01})
+    assert fired({"algo": "ppo", "ppo_loss": "kl", "target_kl": 0.01})
+    assert fired({"algo": "trpo", "max_kl": 0.01})
+    assert not fired({"algo": "trpo", "max_kl": 0.13})

@@ -33,6 +33,9 @@ import numpy as np
 from pgscope.metrics import REGISTRY, metric_value
 from pgscope.run import RunDir
 
+#: The KL target of a run that uses none (clipped PPO without kl_stop): the upper end of
+#: the typical targets 0.01 to 0.02.
+TYPICAL_KL_TARGET = 0.02
 #: K: "persistently" = in each of K consecutive iterations.
 WINDOW = 5
 #: Iterations skipped by the checks that need a trained value net.
@@ -146,10 +149,15 @@ class RunData:
         return len(self.records)
 
     def kl_target(self) -> tuple[float, str]:
-        """The KL the update aims at: TRPO's ``max_kl``, else ``target_kl`` (0.01)."""
-        if self.config.get("algo") == "trpo":
-            return float(self.config.get("max_kl", 0.01)), "max_kl"
-        return float(self.config.get("target_kl", 0.01)), "target_kl"
+        """The KL the update aims at: TRPO's ``max_kl``; ``target_kl`` when the run uses
+        it (the ppo-kl penalty, or kl_stop); else, for a clipped PPO that has no KL
+        target, the upper end of the typical targets 0.01 to 0.02 (design.md section 5)."""
+        cfg = self.config
+        if cfg.get("algo") == "trpo":
+            return float(cfg.get("max_kl", 0.01)), "max_kl"
+        if cfg.get("ppo_loss") == "kl" or cfg.get("kl_stop"):
+            return float(cfg.get("target_kl", 0.01)), "target_kl"
+        return TYPICAL_KL_TARGET, "typical target (the run sets none)"
 
 
 @dataclass(frozen=True)
@@ -489,8 +497,9 @@ def _check_probe_baseline(data: RunData, alarm: Alarm) -> list[Finding]:
 
 ALARMS: tuple[Alarm, ...] = (
     Alarm("kl-above-target", "KL after the update persistently too large",
-          f"kl_mean > 2 x the KL target (target_kl, 0.01 by default; TRPO: max_kl) in each "
-          f"of {WINDOW} consecutive iterations",
+          f"kl_mean > 2 x the KL target in each of {WINDOW} consecutive iterations; the "
+          "target: TRPO's max_kl, target_kl when the run uses it (ppo-kl, kl_stop), else "
+          f"{TYPICAL_KL_TARGET:g} (the upper end of the typical 0.01 to 0.02)",
           f"{PPO_2017}; watch the KL of every update: {SCHULMAN_2016}",
           ("kl_mean", "kl_max"), _check_kl_above_target),
     Alarm("kl-extreme", "an update replaced the policy instead of adjusting it",
