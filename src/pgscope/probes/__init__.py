@@ -166,7 +166,8 @@ def interval(d: Mapping[str, float]) -> str:
     return f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}]"
 
 
-def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
+def run_probes(kind: str, run_dir: str | Path | None, out: str | Path | None, *,
+               agent: Agent | None = None,
                checkpoint: int | None = None, seed: int = 0, progress: bool = True,
                sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
                true_pairs: int = 1_000_000, value_pairs: int = 100_000,
@@ -179,8 +180,15 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
     finishes (each file atomically). Every setting is checked before anything is computed.
     Each JSON records what was measured: the run, the checkpoint's iteration and env
     steps, the pgscope version and every setting. ``log(line)`` (default: print to
-    stderr) receives one headline per finished probe. Returns the results by kind."""
+    stderr) receives one headline per finished probe. Returns the results by kind.
+
+    ``agent`` (any object of the agent protocol, :class:`pgscope.adapters.ProbeAgent`,
+    e.g. an SB3 or CleanRL model loaded by :mod:`pgscope.adapters`) replaces the run:
+    ``run_dir`` is then None, and the probes that read a run directory (a replayed update,
+    metrics) get a temporary one holding the agent as its iteration-0 checkpoint (see
+    :func:`agent_run_dir`). ``out`` None computes without writing files."""
     import sys
+    import tempfile
 
     from pgscope import __version__
     from pgscope.run import load_agent, load_checkpoint, resolve_checkpoint
@@ -189,41 +197,133 @@ def run_probes(kind: str, run_dir: str | Path, out: str | Path, *,
         kinds = parse_kinds(kind)
     except ValueError as exc:
         raise ProbeError(str(exc)) from None
-    run_dir, out = Path(run_dir), Path(out)
+    if (agent is None) == (run_dir is None):
+        raise ProbeError("give a run directory or an agent, not both or neither.")
     settings = ProbeSettings(tuple(sizes), k, true_pairs, value_pairs, fit_pairs,
                              tuple(str(c) for c in compare), tuple(landscape_counts),
                              tuple(landscape_grid))
-    cfg = _check_settings(kinds, run_dir, out, checkpoint, settings)
+    out = None if out is None else Path(out)
+    recorded = {"kinds": list(kinds), "checkpoint": checkpoint, "seed": seed,
+                **{key: list(value) if isinstance(value, tuple) else value
+                   for key, value in asdict(settings).items()}}
     if log is None:
         def log(line: str) -> None:
             print(line, file=sys.stderr)
 
+    if agent is not None:
+        cfg = agent.config
+        _check_shared(kinds, out, settings, cfg)
+        with tempfile.TemporaryDirectory(prefix="pgscope-agent-") as tmp:
+            request = ProbeInput(agent_run_dir(agent, Path(tmp) / "run"), None, cfg, agent,
+                                 settings, seed, progress)
+            measured = {"run": None, "agent": type(agent).__name__, "env_id": cfg.env_id,
+                        "iteration": None, "env_steps": None}
+            return _compute_all(kinds, request, out, measured, recorded, log, __version__)
+
+    assert run_dir is not None
+    run_dir = Path(run_dir)
+    cfg = _check_settings(kinds, run_dir, out, checkpoint, settings)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     measured = {"run": str(run_dir), "checkpoint_file": str(ckpt_path),
                 "iteration": int(ckpt["iteration"]), "env_steps": int(ckpt["env_steps"])}
-    recorded = {"kinds": list(kinds), "checkpoint": checkpoint, "seed": seed,
-                **{key: list(value) if isinstance(value, tuple) else value
-                   for key, value in asdict(settings).items()}}
     del ckpt
     request = ProbeInput(run_dir, checkpoint, cfg, load_agent(run_dir, checkpoint), settings,
                          seed, progress)
+    return _compute_all(kinds, request, out, measured, recorded, log, __version__)
+
+
+def _compute_all(kinds: tuple[str, ...], request: ProbeInput, out: Path | None,
+                 measured: dict[str, Any], recorded: dict[str, Any],
+                 log: Callable[[str], None], version: str) -> dict[str, Any]:
+    """Compute each probe of ``kinds`` and (with ``out``) write its JSON and PNG."""
     registry = probes()
     results: dict[str, Any] = {}
     for name in kinds:
         probe = registry.get(name)
         result = probe.compute(request)
         result["checkpoint"] = measured
-        result["pgscope_version"] = __version__
+        result["pgscope_version"] = version
         result["probe_settings"] = recorded
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / f"{name}.json", json.dumps(result, indent=2, default=float))
-        tmp = out / f".{name}.tmp.png"
-        probe.plot(result, tmp)
-        os.replace(tmp, out / f"{name}.png")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_text(out / f"{name}.json", json.dumps(result, indent=2, default=float))
+            tmp = out / f".{name}.tmp.png"
+            probe.plot(result, tmp)
+            os.replace(tmp, out / f"{name}.png")
         results[name] = result
         log(headline(name, result))
     return results
+
+
+def _check_shared(kinds: tuple[str, ...], out: Path | None, settings: ProbeSettings,
+                  cfg: Config) -> None:
+    """The checks of :func:`_check_settings` that need no run directory."""
+    from pgscope.run import RunDir
+
+    if not settings.sizes or min(settings.sizes) < 2 or settings.k < 2:
+        raise ProbeError("sample sizes and k must be at least 2.")
+    for name, value in (("--true-pairs", settings.true_pairs), ("--pairs", settings.value_pairs),
+                        ("--fit-pairs", settings.fit_pairs)):
+        if value < 1:
+            raise ProbeError(f"{name} must be a positive number of pairs, got {value}.")
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ProbeError(f"--out '{out}' is a file; probe results need a directory.")
+        parent = next((q for q in (out, *out.parents) if q.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise ProbeError(f"cannot write probe results under '{parent}'; choose another "
+                             "--out.")
+    for other in settings.compare:
+        RunDir.open(Path(other))
+    registry = probes()
+    for name in kinds:
+        check = registry.get(name).check
+        if check is not None:
+            check(settings, cfg)
+
+
+def agent_run_dir(agent: Agent, path: Path) -> Path:
+    """A run directory at ``path`` whose only checkpoint (iteration 0, 0 env steps, a fresh
+    optimizer) holds ``agent`` and whose metrics file is empty: what the probes that read
+    a run (the trust-region and landscape probes replay pgscope's update rule for the
+    agent's config from it) get for an agent that was not trained by pgscope."""
+    from pgscope.agent import spaces_signature
+    from pgscope.algos.common import make_optimizer
+    from pgscope.config import config_hash
+    from pgscope.envs import make_env
+    from pgscope.run import RunDir, atomic_write_json, save_checkpoint
+
+    cfg = agent.config
+    run = RunDir(path)
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.config_path, {"config": cfg.to_dict(),
+                                        "config_hash": config_hash(cfg)})
+    run.metrics_path.touch()
+    env = make_env(cfg.env_id)
+    try:
+        spaces = spaces_signature(env.observation_space, env.action_space)
+    finally:
+        env.close()
+    save_checkpoint(run.last_checkpoint, agent, iteration=0, env_steps=0,
+                    optimizer=make_optimizer(cfg, agent.policy, agent.value_net), extra={},
+                    spaces=spaces)
+    return path
+
+
+def run(kind: str, *, agent: Agent, env: str | None = None, out: str | Path | None = None,
+        **settings: Any) -> dict[str, Any]:
+    """Run probe ``kind`` (a registered probe, 'all', or a comma-separated list) on
+    ``agent``: any object of the agent protocol (:class:`pgscope.adapters.ProbeAgent`),
+    e.g. ``pgscope.adapters.load_sb3("model.zip", "Hopper-v5")``. ``env`` (default: the
+    agent's ``config.env_id``) is the env the fresh rollouts use; ``out`` a folder for
+    the JSON and PNG files (None: only return the results); ``settings`` are
+    :func:`run_probes`'s keywords (``sizes``, ``k``, ``true_pairs``, ``seed``, ...)."""
+    from dataclasses import replace
+
+    if env is not None and env != agent.config.env_id:
+        agent = replace(agent, config=replace(agent.config, env_id=env))
+    return run_probes(kind, None, out, agent=agent, **settings)
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -273,6 +373,7 @@ def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> P
 # the probe schedule: a training-event subscriber and the check of the probe_* config keys
 from pgscope.probes import schedule as schedule  # noqa: E402  (registers both)
 
-__all__ = ["HELPER_MODULES", "Probe", "ProbeInput", "ProbeSettings", "headline", "interval",
-           "parse_kinds", "probe_names", "probes", "register_probe", "run_probes",
+__all__ = ["HELPER_MODULES", "Probe", "ProbeInput", "ProbeSettings", "agent_run_dir",
+           "headline", "interval", "parse_kinds", "probe_names", "probes", "register_probe",
+           "run", "run_probes",
            "scheduled_probe_failures", "scheduled_probes"]
