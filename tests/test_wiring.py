@@ -617,6 +617,13 @@ def test_trpo_gradient_fisher_cg_and_step_scaling(monkeypatch, seed, adv_norm):
         pytest.approx(cfg.max_kl, rel=1e-4)
 
 
+def test_trpo_fisher_subset_has_at_least_one_state(monkeypatch):
+    """fisher_fraction * n below 1 still uses one state (not two, not none)."""
+    cfg = _config("trpo", fisher_fraction=0.005)
+    *_, tt, _, _ = _run_trpo(monkeypatch, cfg)
+    assert tt.fisher_obs and all(o.shape == (1, OBS_DIM) for o in tt.fisher_obs)
+
+
 def _check_line_search(cfg: Config, old_policy: nn.Module, batch: Batch, tt: _TrpoTrace,
                        agent: Agent, metrics: dict[str, Any]) -> list[tuple[float, float]]:
     """Trial k is theta_old + coef^k step; the accepted one is the first with mean KL <=
@@ -948,6 +955,66 @@ def test_collector_layout_gae_arguments_and_reward_reset_at_truncation(monkeypat
     assert stats.lengths == [3, 3, 3, 3]
     # after step 6 (1 step into the third episode) each env's return is just that reward
     np.testing.assert_allclose(agent.preprocessor.reward_scaler.ret, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("env_id,exact", [("CartPole-v1", True), (RECORD_ID, False)])
+def test_collector_state_continues_episodes_or_says_it_cannot(env_id, exact):
+    """A collector restored from another's state_dict draws the same samples; with an env
+    whose state can be saved (CartPole) it also continues the same episodes and says so
+    (True), with one that cannot (a test env) it restarts them and says so (False)."""
+    cfg = make_config("ppo", env_id, dict(num_envs=2, steps_per_iter=8, minibatches=2,
+                                          hidden=(8,)))
+    envs_a, envs_b = make_vector_env(env_id, 2), make_vector_env(env_id, 2)
+    torch.manual_seed(0)
+    agent = build_agent(cfg, envs_a.single_observation_space, envs_a.single_action_space)
+    a = RolloutCollector(cfg, envs_a, agent.preprocessor, seed=0)
+    a.collect(agent.policy, agent.value_net)
+    state = a.state_dict()
+    assert (state["envs"] is not None) is exact
+    b = RolloutCollector(cfg, envs_b, copy.deepcopy(agent.preprocessor), seed=99)
+    assert b.load_state_dict(state) is exact
+    batch_a, _ = a.collect(agent.policy, agent.value_net)
+    batch_b, _ = b.collect(agent.policy, agent.value_net)
+    envs_a.close()
+    envs_b.close()
+    if exact:
+        assert torch.equal(batch_a.obs, batch_b.obs)
+        assert torch.equal(batch_a.actions, batch_b.actions)
+    else:  # other episodes, the same sampling stream: equal noise, different states
+        assert not torch.equal(batch_a.obs, batch_b.obs)
+        with torch.no_grad():
+            noise_a = batch_a.actions - agent.policy.dist(batch_a.obs).mean
+            noise_b = batch_b.actions - agent.policy.dist(batch_b.obs).mean
+        np.testing.assert_allclose(noise_a.numpy(), noise_b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_helpers_keep_the_layout_or_refuse():
+    """The probes' batch helpers: head_index takes whole env segments first;
+    recompute_advantages with the agent's own value net gives the batch's advantages;
+    select and concat drop the layout, after which both refuse to run."""
+    cfg = make_config("ppo", RECORD_ID, dict(num_envs=2, steps_per_iter=12, minibatches=2,
+                                             hidden=(8,), gamma=0.9, gae_lambda=0.8))
+    envs = make_vector_env(RECORD_ID, 2)
+    torch.manual_seed(0)
+    agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
+    batch, _ = RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(
+        agent.policy, agent.value_net)
+    envs.close()
+    assert batch.head_index(8).tolist() == [0, 2, 4, 6, 8, 10, 1, 3]
+    adv = batch.recompute_advantages(agent.value_net, cfg.gamma, cfg.gae_lambda)
+    np.testing.assert_allclose(adv.numpy(), batch.advantages.numpy(), rtol=1e-5, atol=1e-6)
+    single = replace(batch, num_envs=1)  # one column: every pair in time order
+    assert single.head_index(3).tolist() == [0, 1, 2]
+    part = batch.select(torch.tensor([3, 0, 5]))
+    assert torch.equal(part.obs, batch.obs[[3, 0, 5]]) and part.num_envs == 0
+    both = Batch.concat([batch, part])
+    assert len(both) == 15 and both.num_envs == 0
+    assert torch.equal(both.actions, torch.cat([batch.actions, part.actions]))
+    for reordered in (part, both):
+        with pytest.raises(ValueError, match="time-major layout"):
+            reordered.head_index(2)
+        with pytest.raises(ValueError, match="time-major layout"):
+            reordered.recompute_advantages(agent.value_net, cfg.gamma, cfg.gae_lambda)
 
 
 # --- networks --------------------------------------------------------------------------------

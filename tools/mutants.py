@@ -315,6 +315,38 @@ MUTANTS: list[Mutant] = [
     M("update-seed-fixed", "train.py",
       "torch.Generator().manual_seed(cfg.seed + 1)", "torch.Generator().manual_seed(1)",
       "the update RNG ignores the seed"),
+    # --- found by the generic mutation run (mutmut, docs/testing.md) ---------------------------
+    M("fisher-at-least-two", "algos/trpo.py",
+      "fisher_n = max(1, int(cfg.fisher_fraction * len(batch)))",
+      "fisher_n = max(2, int(cfg.fisher_fraction * len(batch)))",
+      "at least two Fisher states where fisher_fraction asks for fewer"),
+    M("kl-stop-not-strict", "optimizations.py",
+      "return enabled and mean_kl > 1.5 * target_kl",
+      "return enabled and mean_kl >= 1.5 * target_kl",
+      "KL early stopping fires at exactly 1.5 x target"),
+    M("frozen-copy-without-reward-scaler", "rollout.py",
+      'if "reward_scaler" in state:', 'if "reward_scaler" not in state:',
+      "frozen statistics fail when reward scaling is off"),
+    M("collector-exact-with-unsaved-envs", "rollout.py",
+      "exact = bool(snapshots) and all(s is not None for s in snapshots)",
+      "exact = bool(snapshots) or all(s is not None for s in snapshots)",
+      "the collector claims exact env state when an env cannot be saved"),
+    M("collector-restart-reported-exact", "rollout.py",
+      '        if state["envs"] is None:\n            return False',
+      '        if state["envs"] is None:\n            return True',
+      "a resume that restarts the episodes reports them as continued"),
+    M("head-index-refuses-one-env", "rollout.py",
+      "        if self.num_envs < 1:\n            raise ValueError(\"head_index",
+      "        if self.num_envs <= 1:\n            raise ValueError(\"head_index",
+      "head_index refuses a one-env batch"),
+    M("select-keeps-layout", "rollout.py",
+      "getattr(self, f.name)[idx] for f in fields(self)\n"
+      "                                 if f.name not in _NOT_PER_PAIR}\n"
+      "        return Batch(**pairs, num_envs=0)",
+      "getattr(self, f.name)[idx] for f in fields(self)\n"
+      "                                 if f.name not in _NOT_PER_PAIR}\n"
+      "        return Batch(**pairs, num_envs=1)",
+      "a reordered batch claims the time-major layout"),
     # --- networks ---------------------------------------------------------------------------
     M("value-output-gain", "networks.py",
       "init_network(self.net, ortho_init, output_gain=1.0)",
