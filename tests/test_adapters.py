@@ -285,3 +285,35 @@ def test_cleanrl_refuses_other_layouts() -> None:
         from_cleanrl(DiscreteAgent(4, 2), "CartPole-v1", "continuous")
     with pytest.raises(AdapterError, match="outputs"):
         from_cleanrl(DiscreteAgent(4, 3), "CartPole-v1", "discrete")
+
+
+# --- command line ---------------------------------------------------------------------------
+def test_cli_probes_a_cleanrl_checkpoint(tmp_path: Path) -> None:
+    from pgscope.cli import main
+
+    torch.manual_seed(0)
+    torch.save(DiscreteAgent(4, 2).state_dict(), tmp_path / "agent.pt")
+    out = tmp_path / "out"
+    code = main(["probe", "gradients", "--cleanrl", str(tmp_path / "agent.pt"),
+                 "--cleanrl-arch", "discrete", "--env", "CartPole-v1", "--set", "gamma=0.97",
+                 "--out", str(out), "--sizes", "20", "40", "--k", "2", "--true-pairs", "400",
+                 "--quiet"])
+    assert code == 0
+    import json
+
+    result = json.loads((out / "gradients.json").read_text())
+    assert result["settings"]["env_id"] == "CartPole-v1" and result["settings"]["horizon"] == 128
+
+
+def test_cli_refuses_vecnormalize_without_trust(sb3_models, tmp_path: Path, capsys) -> None:
+    from pgscope.cli import main
+
+    (tmp_path / "vn.pkl").write_bytes(pickle.dumps({"not": "read"}))
+    code = main(["probe", "gradients", "--sb3", str(sb3_models["CartPole-v1"]), "--env",
+                 "CartPole-v1", "--vecnormalize", str(tmp_path / "vn.pkl"), "--out",
+                 str(tmp_path / "out")])
+    assert code != 0
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["probe", "gradients", "--sb3", str(sb3_models["CartPole-v1"]),
+                 "--out", str(tmp_path / "out")]) != 0  # no --env

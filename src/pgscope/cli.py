@@ -12,9 +12,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgscope.config import PRESETS, Config, make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
+
+if TYPE_CHECKING:
+    from pgscope.agent import Agent
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
@@ -136,10 +140,45 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _external_agent(args: argparse.Namespace) -> Agent | None:
+    """The agent of ``--sb3`` or ``--cleanrl`` (None for a pgscope run)."""
+    if args.sb3 is None and args.cleanrl is None:
+        if args.run_dir is None:
+            raise PgscopeError("give a run directory, --sb3 MODEL.zip or --cleanrl CHECKPOINT.")
+        if args.vecnormalize or args.obs_stats or args.set or args.env:
+            raise PgscopeError("--env, --vecnormalize, --obs-stats and --set apply to --sb3 "
+                               "and --cleanrl agents only.")
+        return None
+    if args.run_dir is not None or (args.sb3 is not None and args.cleanrl is not None):
+        raise PgscopeError("give one of a run directory, --sb3 and --cleanrl.")
+    if args.env is None:
+        raise PgscopeError("--sb3 and --cleanrl need --env ENV_ID (the env the agent was "
+                           "trained on).")
+    from pgscope.adapters import load_cleanrl, load_sb3
+
+    overrides = parse_overrides(args.set or [])
+    if args.sb3 is not None:
+        if args.obs_stats:
+            raise PgscopeError("--obs-stats is for --cleanrl; SB3 statistics come with "
+                               "--vecnormalize STATS.pkl --trust-pickle.")
+        return load_sb3(args.sb3, args.env, vecnormalize=args.vecnormalize,
+                        trust_pickle=args.trust_pickle, overrides=overrides,
+                        clip_range=overrides.get("clip_eps"))
+    if args.cleanrl_arch is None:
+        raise PgscopeError("--cleanrl needs --cleanrl-arch continuous|discrete.")
+    if args.vecnormalize:
+        raise PgscopeError("--vecnormalize is for --sb3; CleanRL statistics come with "
+                           "--obs-stats STATS.npz.")
+    return load_cleanrl(args.cleanrl, args.env, args.cleanrl_arch, obs_stats=args.obs_stats,
+                        overrides=overrides)
+
+
 def _probe(args: argparse.Namespace) -> int:
     from pgscope.probes import run_probes
 
-    run_probes(args.kind, args.run_dir, args.out, checkpoint=args.checkpoint, seed=args.seed,
+    agent = _external_agent(args)
+    run_probes(args.kind, args.run_dir, args.out, agent=agent, checkpoint=args.checkpoint,
+               seed=args.seed,
                progress=not args.quiet, sizes=tuple(args.sizes), k=args.k,
                true_pairs=args.true_pairs, value_pairs=args.pairs,
                compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs,
@@ -305,7 +344,35 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
     pb.add_argument("kind", choices=["gradients", "values", "baselines", "landscape",
                                      "trust-region", "all"])
-    pb.add_argument("run_dir", type=Path)
+    pb.add_argument("run_dir", type=Path, nargs="?",
+                    help="a pgscope run directory or checkpoint (or use --sb3 / --cleanrl)")
+    ext = pb.add_argument_group(
+        "agents trained elsewhere (docs/adapters.md)",
+        "probe an SB3 or CleanRL agent instead of a pgscope run; the landscape and "
+        "trust-region probes then replay pgscope's PPO update with the agent's "
+        "hyperparameters from a fresh optimizer, and have no training metrics")
+    ext.add_argument("--sb3", type=Path, metavar="MODEL.zip",
+                     help="a Stable-Baselines3 PPO or A2C model (MlpPolicy); its weights "
+                          "load without unpickling")
+    ext.add_argument("--vecnormalize", type=Path, metavar="STATS.pkl",
+                     help="the model's VecNormalize statistics (VecNormalize.save). This "
+                          "file is a pickle: loading it can run arbitrary code, so it is "
+                          "read only with --trust-pickle")
+    ext.add_argument("--trust-pickle", action="store_true",
+                     help="allow unpickling --vecnormalize (only for files you trust)")
+    ext.add_argument("--cleanrl", type=Path, metavar="CHECKPOINT",
+                     help="a CleanRL ppo / ppo_continuous_action agent saved with "
+                          "torch.save(agent.state_dict())")
+    ext.add_argument("--cleanrl-arch", choices=["continuous", "discrete"],
+                     help="CleanRL layout: continuous (critic, actor_mean, actor_logstd) or "
+                          "discrete (critic, actor)")
+    ext.add_argument("--obs-stats", type=Path, metavar="STATS.npz",
+                     help="CleanRL normalization statistics: mean, var, count (and "
+                          "optionally return_var, return_count)")
+    ext.add_argument("--env", help="the env the agent was trained on (gymnasium id)")
+    ext.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config value the agent's files do not hold (e.g. "
+                          "gamma, steps_per_iter, clip_eps); repeatable")
     pb.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
     pb.add_argument("--out", type=Path, required=True)
