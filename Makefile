@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Both create .venv and install what they need.
+# Two entry points: `make demo` and `make test` (ruff, mypy over src/pgscope as pyproject.toml
+# configures it, pytest). Both create .venv and install what they need.
 # torch is pinned to 2.13.0: a CPU build of that version installs quickly, while an
 # unpinned torch may pull a multi-GB CUDA build.
 PY ?= python3
@@ -35,6 +36,7 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench-deps: $(STAMP)

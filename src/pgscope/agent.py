@@ -4,6 +4,7 @@ config and an env's spaces, and restorable from a checkpoint."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -32,33 +33,41 @@ class Agent:
         if not deterministic:
             return self.policy.numpy_sampler()(x, rng or np.random.default_rng())
         policy = self.policy
-        return policy.mode(policy.dist(torch.from_numpy(x))).numpy()
+        actions: np.ndarray = policy.mode(policy.dist(torch.from_numpy(x))).numpy()
+        return actions
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
         """V(s) for a batch of raw observations, in the (possibly scaled) reward units the
         value net was trained on."""
         x = torch.from_numpy(self.preprocessor.obs(np.asarray(obs), update=False))
-        return self.value_net(x).numpy()
+        values: np.ndarray = self.value_net(x).numpy()
+        return values
 
 
-def spaces_signature(obs_space: gym.Space, act_space: gym.Space) -> dict[str, object]:
+def _shape(space: gym.Space[Any]) -> tuple[int, ...]:
+    return tuple(space.shape or ())
+
+
+def spaces_signature(obs_space: gym.Space[Any], act_space: gym.Space[Any]) -> dict[str, object]:
     """What a checkpoint must match to be loaded into an agent for these spaces."""
+    act: dict[str, object]
     if isinstance(act_space, gym.spaces.Discrete):
         act = {"type": "discrete", "n": int(act_space.n)}
     else:
-        act = {"type": "box", "shape": list(act_space.shape)}
-    return {"obs_shape": list(obs_space.shape), "action": act}
+        act = {"type": "box", "shape": list(_shape(act_space))}
+    return {"obs_shape": list(_shape(obs_space)), "action": act}
 
 
-def build_agent(cfg: Config, obs_space: gym.Space, act_space: gym.Space) -> Agent:
+def build_agent(cfg: Config, obs_space: gym.Space[Any], act_space: gym.Space[Any]) -> Agent:
     """Fresh networks (initialized from the global torch RNG) for the given spaces."""
-    obs_dim = int(np.prod(obs_space.shape))
+    obs_dim = int(np.prod(_shape(obs_space)))
+    policy: Policy
     if isinstance(act_space, gym.spaces.Discrete):
-        policy: Policy = CategoricalPolicy(obs_dim, int(act_space.n), cfg.hidden, cfg.activation,
-                                           cfg.ortho_init)
+        policy = CategoricalPolicy(obs_dim, int(act_space.n), cfg.hidden, cfg.activation,
+                                   cfg.ortho_init)
     else:
-        policy = GaussianPolicy(obs_dim, int(np.prod(act_space.shape)), cfg.hidden,
+        policy = GaussianPolicy(obs_dim, int(np.prod(_shape(act_space))), cfg.hidden,
                                 cfg.activation, cfg.ortho_init, cfg.init_log_std)
     value_net = ValueNet(obs_dim, cfg.hidden, cfg.activation, cfg.ortho_init)
-    return Agent(cfg, policy, value_net, Preprocessor(cfg, tuple(obs_space.shape)))
+    return Agent(cfg, policy, value_net, Preprocessor(cfg, _shape(obs_space)))

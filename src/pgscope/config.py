@@ -251,8 +251,8 @@ def parse_value(key: str, text: str) -> Any:
 
 
 def _check_type(key: str, value: Any) -> Any:
-    ftype = _FIELDS[key].type
-    expected = {"bool": bool, "int": int, "float": (int, float), "str": str}.get(ftype)
+    ftype = str(_FIELDS[key].type)
+    expected: Any = {"bool": bool, "int": int, "float": (int, float), "str": str}.get(ftype)
     if expected is None:  # tuple[int, ...]
         ok = isinstance(value, (tuple, list)) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

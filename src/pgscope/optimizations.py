@@ -187,7 +187,8 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> fl
     if not params:
         return 0.0
     if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        norms = [g.norm() for g in (p.grad for p in params) if g is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
@@ -215,11 +216,14 @@ def kl_early_stop(mean_kl: float, target_kl: float, enabled: bool) -> bool:
     return enabled and mean_kl > 1.5 * target_kl
 
 
-def clip_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray, enabled: bool
-                 ) -> np.ndarray:
+def clip_actions(actions: np.ndarray, low: np.ndarray | None, high: np.ndarray | None,
+                 enabled: bool) -> np.ndarray:
     """Clip sampled actions to the action bounds before they reach the env. The unclipped
-    sample is what the rollout stores and the update scores."""
-    return np.clip(actions, low, high) if enabled else actions
+    sample is what the rollout stores and the update scores. Without bounds (discrete
+    actions: ``None``) the actions pass unchanged."""
+    if not enabled or low is None or high is None:
+        return actions
+    return np.clip(actions, low, high)
 
 
 def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.vector import SyncVectorEnv
 
 from pgscope.config import Config
 from pgscope.envs.state import env_state, set_env_state
@@ -89,13 +90,15 @@ class Batch:
 
     def select(self, idx: torch.Tensor) -> Batch:
         """The pairs at ``idx`` (every tensor indexed alike; the layout is lost)."""
-        return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                        if f.name not in _NOT_PER_PAIR}, num_envs=0)
+        pairs: dict[str, Any] = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                 if f.name not in _NOT_PER_PAIR}
+        return Batch(**pairs, num_envs=0)
 
     @staticmethod
     def concat(parts: list[Batch]) -> Batch:
-        return Batch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
-                        for f in fields(Batch) if f.name not in _NOT_PER_PAIR}, num_envs=0)
+        pairs: dict[str, Any] = {f.name: torch.cat([getattr(p, f.name) for p in parts])
+                                 for f in fields(Batch) if f.name not in _NOT_PER_PAIR}
+        return Batch(**pairs, num_envs=0)
 
     def head_index(self, n: int) -> torch.Tensor:
         """Indices of the first ``n`` pairs in env-major order (whole env segments first),
@@ -225,7 +228,7 @@ class RolloutCollector:
     exactly (the current observations, the running episode returns and lengths, the
     sampling RNG and each env's own state, see :mod:`pgscope.envs.state`)."""
 
-    def __init__(self, cfg: Config, envs: gym.vector.VectorEnv, pre: Preprocessor,
+    def __init__(self, cfg: Config, envs: SyncVectorEnv, pre: Preprocessor,
                  seed: int) -> None:
         self.cfg = cfg
         self.envs = envs
@@ -234,10 +237,11 @@ class RolloutCollector:
         # np_random exactly like default_rng(seed + i))
         self.rng = np.random.default_rng([seed, 0x5A3D])
         space = envs.single_action_space
-        self.discrete = isinstance(space, gym.spaces.Discrete)
-        self.low = None if self.discrete else space.low
-        self.high = None if self.discrete else space.high
-        self.act_shape = () if self.discrete else space.shape
+        box = space if isinstance(space, gym.spaces.Box) else None  # else Discrete
+        self.discrete = box is None
+        self.low = None if box is None else box.low
+        self.high = None if box is None else box.high
+        self.act_shape: tuple[int, ...] = () if box is None else box.shape
         self.raw_obs, _ = envs.reset(seed=seed)
         check_finite_env_output(self.raw_obs, "observation", 0)
         self.ep_return = np.zeros(cfg.num_envs)
@@ -273,7 +277,7 @@ class RolloutCollector:
     @torch.no_grad()
     def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, FinishedEpisodes]:
         cfg, T, N = self.cfg, self.cfg.steps_per_env, self.cfg.num_envs
-        obs_dim = self.envs.single_observation_space.shape
+        obs_dim = self.envs.single_observation_space.shape or ()
         obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
         next_obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
         actions = np.zeros((T, N, *self.act_shape), dtype=np.int64 if self.discrete else np.float32)

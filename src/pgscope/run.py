@@ -85,13 +85,33 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    config_path = property(lambda self: self.path / "config.json")
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
-    status_path = property(lambda self: self.path / "status.json")
-    checkpoint_dir = property(lambda self: self.path / "checkpoints")
-    last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
-    lock_path = property(lambda self: self.path / LOCK_FILE)
-    events_path = property(lambda self: self.path / "events.log")
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.log"
 
     @classmethod
     def create(cls, path: Path, cfg: Config) -> tuple[RunDir, WriterLock]:
@@ -276,7 +296,8 @@ class RunDir:
         if not self.status_path.exists():
             return {"state": "unknown"}
         try:
-            return json.loads(self.status_path.read_text())
+            status: dict[str, Any] = json.loads(self.status_path.read_text())
+            return status
         except ValueError:
             return {"state": "unknown", "error": "status.json is not valid JSON"}
 
@@ -361,7 +382,8 @@ class WriterLock:
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
         try:
-            return json.loads(path.read_text() or "{}")
+            record: dict[str, Any] = json.loads(path.read_text() or "{}")
+            return record
         except (OSError, ValueError):
             return {}
 

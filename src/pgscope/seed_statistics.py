@@ -198,7 +198,7 @@ def curve_ci(curves: np.ndarray, *, reps: int = 2000, level: float = 0.95, seed:
 
 
 def seed_lottery(scores: np.ndarray, *, splits: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0) -> dict[str, Any]:
     """Split runs of *one* configuration into two equal halves at random and test them
     against each other with Welch's t-test (Henderson et al., 2018): how often does the
     seed alone give a 'significant' difference? All distinct splits are used when there

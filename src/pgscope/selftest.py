@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch.distributions import Categorical
 
 from pgscope.agent import Agent
 from pgscope.config import make_config
@@ -32,7 +34,9 @@ DISCOUNT = 0.5
 @torch.no_grad()
 def _p_action1(agent: Agent, obs: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(agent.preprocessor.obs(obs, update=False))
-    return agent.policy.dist(x).probs[:, 1].numpy()
+    dist = cast(Categorical, agent.policy.dist(x))  # the sanity envs' discrete policies
+    probs: np.ndarray = dist.probs[:, 1].numpy()
+    return probs
 
 
 def _close(name: str, got: float, want: float, tol: float) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
@@ -29,7 +30,7 @@ def _suggest(env_id: str) -> str:
     return f" Did you mean {', '.join(close)}?" if close else ""
 
 
-def make_env(env_id: str, **kwargs) -> gym.Env:
+def make_env(env_id: str, **kwargs: Any) -> gym.Env[Any, Any]:
     """``gymnasium.make(env_id)`` with clear errors for unknown ids and missing modules."""
     if not env_id or env_id.startswith(":") or env_id.endswith(":"):
         raise EnvError(f"env id '{env_id}' is malformed: use a gymnasium id such as "
@@ -46,7 +47,7 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         ) from None
 
 
-def check_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> None:
+def check_spaces(env_id: str, obs_space: gym.Space[Any], act_space: gym.Space[Any]) -> None:
     """pgscope's networks are MLPs: a flat Box observation and a Discrete or flat Box
     action space. Anything else gets one clear error naming the space."""
     if not isinstance(act_space, (gym.spaces.Box, gym.spaces.Discrete)) or (
@@ -73,7 +74,7 @@ def check_env_id(env_id: str) -> None:
         env.close()
 
 
-def make_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, num_envs: int) -> SyncVectorEnv:
     """``num_envs`` copies in a SyncVectorEnv with same-step autoreset, so that
     ``info["final_obs"]`` holds the last observation of a truncated episode (needed to
     bootstrap at time limits)."""

@@ -94,14 +94,16 @@ def env_state(env: gym.Env) -> dict[str, Any] | None:
     if _is_mujoco(base):
         import mujoco
 
+        sim: Any = base  # a MujocoEnv: its model and data
+
         kind = mujoco.mjtState.mjSTATE_INTEGRATION
-        buf = np.empty(mujoco.mj_stateSize(base.model, kind))
-        mujoco.mj_getState(base.model, base.data, buf, kind)
+        buf = np.empty(mujoco.mj_stateSize(sim.model, kind))
+        mujoco.mj_getState(sim.model, sim.data, buf, kind)
         state["mujoco"] = torch.from_numpy(buf)
         state["mujoco_arrays"] = {
             name: torch.from_numpy(np.array(value))
-            for name in dir(base.data) if not name.startswith("_")
-            and isinstance(value := getattr(base.data, name), np.ndarray) and value.size}
+            for name in dir(sim.data) if not name.startswith("_")
+            and isinstance(value := getattr(sim.data, name), np.ndarray) and value.size}
     else:
         state["attributes"] = _plain_attributes(base)
     return state
@@ -123,11 +125,13 @@ def set_env_state(env: gym.Env, state: dict[str, Any]) -> None:
     if "mujoco" in state:
         import mujoco
 
+        sim: Any = base  # a MujocoEnv: its model and data
+
         for name, value in state["mujoco_arrays"].items():
-            target = getattr(base.data, name, None)
+            target = getattr(sim.data, name, None)
             if isinstance(target, np.ndarray) and target.shape == tuple(value.shape):
                 target[...] = value.numpy()  # arrays sized by this step's contacts: skipped
-        mujoco.mj_setState(base.model, base.data, state["mujoco"].numpy(),
+        mujoco.mj_setState(sim.model, sim.data, state["mujoco"].numpy(),
                            mujoco.mjtState.mjSTATE_INTEGRATION)
     else:
         _set_plain_attributes(base, state["attributes"])

@@ -86,11 +86,15 @@ class GradientAccumulator:
         return mean, float(np.sqrt(max(var, 0.0))) + 1e-8
 
     def policy_gradient(self) -> np.ndarray:
+        if self.sum_glogp_a is None or self.sum_glogp is None:
+            raise ValueError("no samples added yet")
         mean, std = self._norm()
         g = (self.sum_glogp_a - mean * self.sum_glogp) / (std * self.n)
         return g.numpy()
 
     def value_gradient(self) -> np.ndarray:
+        if self.sum_value_grad is None:
+            raise ValueError("no samples added yet")
         return (self.sum_value_grad / self.n).numpy()
 
     def per_sample_variance(self) -> float:
@@ -106,6 +110,7 @@ def per_sample_logp_grad_sqnorms(agent: Agent, batch: Batch, chunk: int = 2048
     """||grad_theta log pi(a_i|s_i)||^2 for every pair, via ``torch.func`` (vmap of grad;
     no Python loop over samples), in chunks to bound memory."""
     policy = agent.policy
+    assert isinstance(policy, torch.nn.Module)  # every Policy is a module
     params = {k: v.detach() for k, v in policy.named_parameters()}
 
     def logp_one(p: dict[str, torch.Tensor], obs: torch.Tensor, act: torch.Tensor
@@ -185,7 +190,7 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000, 100_
         result["true"][f"{net}_cosine_to_reference"] = float(
             cosine_matrix(np.vstack([ref, true[net]]))[0, 1])
     for i, n in enumerate(sizes):
-        ests = {"policy": [], "value": []}
+        ests: dict[str, list[np.ndarray]] = {"policy": [], "value": []}
         for j in range(k):
             acc = estimate(agent, n, seed=_seed(seed, i, j))
             ests["policy"].append(acc.policy_gradient())

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -69,7 +70,8 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
     sample = agent.policy.numpy_sampler()
     rng = np.random.default_rng([seed, 0xE7A1])
     space = envs.single_action_space
-    discrete = not hasattr(space, "low")
+    box = space if isinstance(space, gym.spaces.Box) else None
+    low, high = (None, None) if box is None else (box.low, box.high)  # no bounds: discrete
     n_capped = 0
     try:
         raw, _ = envs.reset(seed=seed)
@@ -80,8 +82,7 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
         episodes: list[tuple[int, int, float]] = []
         while active.any():
             action = sample(pre.obs(raw, update=False), rng)
-            if not discrete:
-                action = clip_actions(action, space.low, space.high, agent.config.action_clip)
+            action = clip_actions(action, low, high, agent.config.action_clip)
             raw, r, term, trunc, _ = envs.step(action)
             used += int(active.sum())
             ret += r

@@ -92,7 +92,7 @@ def final_scores(spec: StudySpec, data: pd.DataFrame) -> pd.DataFrame:
         planned = r.config.num_iterations
         window = spec.score.window(planned)
         score = math.nan
-        if state == "complete":
+        if g is not None and state == "complete":
             tail = g[g["iteration"] > planned - window]["return_mean"].astype(float)
             score = float(tail.mean()) if tail.notna().any() else math.nan
         rows.append(dict(label=r.label, env=r.env_id, seed=r.seed, state=state,
@@ -253,8 +253,9 @@ def lottery(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     for (label, env), g in with_outcomes(scores).groupby(["label", "env"], sort=False):
         done = g[g["outcome"] == "complete"]
         if len(done) >= 4:
-            res = stats.seed_lottery(done["score"].to_numpy(), splits=st.lottery_splits,
-                                     alpha=st.alpha, seed=st.seed)
+            res: dict[str, Any] = stats.seed_lottery(
+                done["score"].to_numpy(), splits=st.lottery_splits, alpha=st.alpha,
+                seed=st.seed)
             seeds = done["seed"].to_numpy()
             res["worst_split_seeds"] = [int(seeds[i]) for i in res.pop("worst_split")]
             rows.append(dict(label=label, env=env, **_counts(g), **res))

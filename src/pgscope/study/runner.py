@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -225,7 +226,7 @@ def ray_backend(tasks: dict[str, Task], workers: int, max_retries: int,
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, num_cpus=None if address else workers,
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1, max_retries=max_retries)(execute_run)
         refs = {remote.remote(*tasks[key]): key for key in tasks}

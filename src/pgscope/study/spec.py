@@ -232,14 +232,14 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
     name = data["name"]
     _need(isinstance(name, str) and bool(name.strip()), f"{source}: 'name' must be a text.")
     envs = data["envs"]
-    _need(isinstance(envs, list) and envs and all(isinstance(e, str) for e in envs),
+    _need(isinstance(envs, list) and bool(envs) and all(isinstance(e, str) for e in envs),
           f"{source}: 'envs' must be a non-empty list of env ids.")
     _need(len(set(envs)) == len(envs), f"{source}: 'envs' lists an env twice.")
     seeds = data["seeds"]
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         _need(seeds >= 1, f"{source}: 'seeds' must be >= 1, got {seeds}.")
         seeds = list(range(seeds))
-    _need(isinstance(seeds, list) and seeds and all(
+    _need(isinstance(seeds, list) and bool(seeds) and all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
         f"{source}: 'seeds' must be a count or a list of seeds >= 0.")
     _need(len(set(seeds)) == len(seeds), f"{source}: 'seeds' lists a seed twice.")
