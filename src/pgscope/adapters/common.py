@@ -90,7 +90,8 @@ def build_external_agent(env_id: str, config: Mapping[str, Any], pi: list[Layer]
     obs_space, act_space = env_spaces(env_id)
     obs_dim = int(np.prod(obs_space.shape or ()))
     discrete = isinstance(act_space, gym.spaces.Discrete)
-    out_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape or ()))
+    out_dim = int(act_space.n) if isinstance(act_space, gym.spaces.Discrete) \
+        else int(np.prod(act_space.shape or ()))
     pi_hidden = check_chain(pi, obs_dim, out_dim, f"{what} policy")
     vf_hidden = check_chain(vf, obs_dim, 1, f"{what} value net")
     cfg: Config = make_config("ppo", env_id, {"hidden": pi_hidden, **config})

@@ -121,36 +121,48 @@ def parse_kinds(kind: str) -> tuple[str, ...]:
     return kinds
 
 
-def _check_settings(kinds: tuple[str, ...], run_dir: Path, out: Path,
+def _check_settings(kinds: tuple[str, ...], run_dir: Path, out: Path | None,
                     checkpoint: int | None, settings: ProbeSettings) -> Config:
     """Every check that can fail, before any rollout or directory is made: the settings
     all probes share, then each probe's own. Returns the checkpoint's config."""
     from pgscope.config import Config
     from pgscope.run import RunDir, load_checkpoint, resolve_checkpoint
 
-    if not settings.sizes or min(settings.sizes) < 2 or settings.k < 2:
-        raise ProbeError("sample sizes and k must be at least 2.")
-    for name, value in (("--true-pairs", settings.true_pairs), ("--pairs", settings.value_pairs),
-                        ("--fit-pairs", settings.fit_pairs)):
-        if value < 1:
-            raise ProbeError(f"{name} must be a positive number of pairs, got {value}.")
-    if out.exists() and not out.is_dir():
-        raise ProbeError(f"--out '{out}' is a file; probe results need a directory.")
-    parent = next((q for q in (out, *out.parents) if q.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ProbeError(f"cannot write probe results under '{parent}'; choose another --out.")
+    _check_common(out, settings)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)  # a run directory or a file
     for other in settings.compare:
         RunDir.open(Path(other))
         if not RunDir(Path(other)).read_metrics():
             raise ProbeError(f"--compare '{other}' has no metrics lines yet.")
     cfg = Config.from_dict(load_checkpoint(ckpt_path)["config"])
+    _check_each(kinds, settings, cfg)
+    return cfg
+
+
+def _check_common(out: Path | None, settings: ProbeSettings) -> None:
+    """The settings every probe shares and the output folder (None: nothing written)."""
+    if not settings.sizes or min(settings.sizes) < 2 or settings.k < 2:
+        raise ProbeError("sample sizes and k must be at least 2.")
+    for name, value in (("--true-pairs", settings.true_pairs), ("--pairs", settings.value_pairs),
+                        ("--fit-pairs", settings.fit_pairs)):
+        if value < 1:
+            raise ProbeError(f"{name} must be a positive number of pairs, got {value}.")
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out '{out}' is a file; probe results need a directory.")
+    parent = next((q for q in (out, *out.parents) if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ProbeError(f"cannot write probe results under '{parent}'; choose another --out.")
+
+
+def _check_each(kinds: tuple[str, ...], settings: ProbeSettings, cfg: Config) -> None:
+    """Each probe's own check of the settings against the agent's config."""
     registry = probes()
     for name in kinds:
         check = registry.get(name).check
         if check is not None:
             check(settings, cfg)
-    return cfg
 
 
 def headline(kind: str, result: dict[str, Any]) -> str:
@@ -211,13 +223,19 @@ def run_probes(kind: str, run_dir: str | Path | None, out: str | Path | None, *,
             print(line, file=sys.stderr)
 
     if agent is not None:
+        from pgscope.run import RunDir
+
         cfg = agent.config
-        _check_shared(kinds, out, settings, cfg)
+        _check_common(out, settings)
+        for other in settings.compare:
+            RunDir.open(Path(other))
+        _check_each(kinds, settings, cfg)
         with tempfile.TemporaryDirectory(prefix="pgscope-agent-") as tmp:
             request = ProbeInput(agent_run_dir(agent, Path(tmp) / "run"), None, cfg, agent,
                                  settings, seed, progress)
-            measured = {"run": None, "agent": type(agent).__name__, "env_id": cfg.env_id,
-                        "iteration": None, "env_steps": None}
+            measured: dict[str, Any] = {"run": None, "agent": type(agent).__name__,
+                                        "env_id": cfg.env_id, "iteration": None,
+                                        "env_steps": None}
             return _compute_all(kinds, request, out, measured, recorded, log, __version__)
 
     assert run_dir is not None
@@ -254,33 +272,6 @@ def _compute_all(kinds: tuple[str, ...], request: ProbeInput, out: Path | None,
         results[name] = result
         log(headline(name, result))
     return results
-
-
-def _check_shared(kinds: tuple[str, ...], out: Path | None, settings: ProbeSettings,
-                  cfg: Config) -> None:
-    """The checks of :func:`_check_settings` that need no run directory."""
-    from pgscope.run import RunDir
-
-    if not settings.sizes or min(settings.sizes) < 2 or settings.k < 2:
-        raise ProbeError("sample sizes and k must be at least 2.")
-    for name, value in (("--true-pairs", settings.true_pairs), ("--pairs", settings.value_pairs),
-                        ("--fit-pairs", settings.fit_pairs)):
-        if value < 1:
-            raise ProbeError(f"{name} must be a positive number of pairs, got {value}.")
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ProbeError(f"--out '{out}' is a file; probe results need a directory.")
-        parent = next((q for q in (out, *out.parents) if q.exists()), Path("."))
-        if not os.access(parent, os.W_OK):
-            raise ProbeError(f"cannot write probe results under '{parent}'; choose another "
-                             "--out.")
-    for other in settings.compare:
-        RunDir.open(Path(other))
-    registry = probes()
-    for name in kinds:
-        check = registry.get(name).check
-        if check is not None:
-            check(settings, cfg)
 
 
 def agent_run_dir(agent: Agent, path: Path) -> Path:
