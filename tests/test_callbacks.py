@@ -222,3 +222,17 @@ def test_csv_equals_metrics_jsonl_across_a_resume(tmp_path):
 def test_sinks_are_off_unless_asked_for(tmp_path):
     run = train(make_config("ppo", "CartPole-v1", _tiny(1)), tmp_path / "run", progress=False)
     assert not (run / "tensorboard").exists() and not (run / "metrics.csv").exists()
+
+
+def test_tensorboard_flag_of_the_command_line(tmp_path, capsys):
+    from pgscope.cli import EXIT_ERROR, main
+
+    out = tmp_path / "run"
+    sets = [a for k, v in dict(steps_per_iter=64, minibatches=2, epochs=1, hidden=8).items()
+            for a in ("--set", f"{k}={v}")]
+    assert main(["train", "--algo", "trpo", "--env", "CartPole-v1", "--steps", "128", "--out",
+                 str(out), "--quiet", "--tensorboard", *sets]) == 0
+    assert RunDir(out).read_config().tensorboard
+    assert _tensorboard(out) == _expected_tensorboard(_lines(out))
+    assert main(["train", "--resume", str(out), "--tensorboard"]) == EXIT_ERROR
+    assert "--tensorboard cannot be combined with --resume" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pgscope.config import PRESETS, Config, make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
+from pgscope.probes import probe_names
 
 if TYPE_CHECKING:
     from pgscope.agent import Agent
@@ -43,7 +44,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         given = [flag for flag, value in (("--algo", args.algo), ("--env", args.env),
                                           ("--seed", args.seed), ("--set", args.set),
-                                          ("--out", args.out)) if value]
+                                          ("--out", args.out),
+                                          ("--tensorboard", args.tensorboard)) if value]
         if given:
             raise PgscopeError(
                 f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps "
@@ -59,6 +61,8 @@ def _train(args: argparse.Namespace) -> int:
         for key, value in (("seed", args.seed), ("total_steps", args.steps)):
             if value is not None:
                 overrides[key] = value
+        if args.tensorboard:
+            overrides["tensorboard"] = True
         cfg = make_config(args.algo or "ppo", args.env or "Hopper-v5", overrides)
         out = train(cfg, args.out, progress=not args.quiet)
     print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
@@ -326,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config key (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard/ (SB3 tag "
+                        "names; the same as --set tensorboard=true)")
     t.set_defaults(func=_train)
 
     stp = sub.add_parser("status", help="state of a run or of every run of a study")
@@ -342,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
-    pb.add_argument("kind", choices=["gradients", "values", "baselines", "landscape",
-                                     "trust-region", "all"])
+    pb.add_argument("kind", choices=[*probe_names(), "all"])
     pb.add_argument("run_dir", type=Path, nargs="?",
                     help="a pgscope run directory or checkpoint (or use --sb3 / --cleanrl)")
     ext = pb.add_argument_group(
