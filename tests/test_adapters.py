@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 sb3 = pytest.importorskip("stable_baselines3")
 
@@ -162,6 +163,18 @@ def test_gradient_estimate_equals_sb3_ppo_loss_gradient(sb3_models, tmp_path: Pa
     ours = torch.from_numpy(acc.policy_gradient())
     assert ours.norm() > 1e-3
     torch.testing.assert_close(-sb3_policy, ours, atol=1e-5, rtol=1e-4)
+    # the same as the mean of per-sample gradients (torch.func, as the probe takes them)
+    params = {k: v.detach() for k, v in agent.policy.named_parameters()}
+
+    def logp_one(p, o, a):
+        return functional_call(agent.policy, p, (o[None], a[None])).sum()
+
+    per_sample = vmap(grad(logp_one), in_dims=(None, 0, 0))(params, batch.obs, batch.actions)
+    adv = batch.advantages.double()
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    mean = torch.cat([(g.double() * adv.reshape(-1, *[1] * (g.ndim - 1))).mean(0).reshape(-1)
+                      for g in per_sample.values()])
+    torch.testing.assert_close(-sb3_policy, mean, atol=1e-5, rtol=1e-4)
     value_hidden = len([m for m in agent.value_net.net if isinstance(m, nn.Linear)]) - 1
     hidden = value_hidden
     sb3_value = torch.cat([captured[sb3_name(k, "value_net", "mlp_extractor.value_net")]
