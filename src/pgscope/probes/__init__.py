@@ -310,10 +310,12 @@ def run(kind: str, *, agent: Agent, env: str | None = None, out: str | Path | No
     agent's ``config.env_id``) is the env the fresh rollouts use; ``out`` a folder for
     the JSON and PNG files (None: only return the results); ``settings`` are
     :func:`run_probes`'s keywords (``sizes``, ``k``, ``true_pairs``, ``seed``, ...)."""
+    import copy
     from dataclasses import replace
 
     if env is not None and env != agent.config.env_id:
-        agent = replace(agent, config=replace(agent.config, env_id=env))
+        agent = copy.copy(agent)  # the caller's agent keeps its env
+        agent.config = replace(agent.config, env_id=env)
     return run_probes(kind, None, out, agent=agent, **settings)
 
 
