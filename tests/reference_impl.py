@@ -1,5 +1,5 @@
-"""An independent, plain-torch reference of one training iteration of PPO and of TRPO, and
-of the rollout-side preprocessing and GAE, written from the equations.
+"""An independent, plain-torch reference of one training iteration of PPO, of TRPO and of
+A2C, and of the rollout-side preprocessing and GAE, written from the equations.
 
 Nothing here imports pgscope: ``tests/test_reference_updates.py`` feeds the same inputs
 (weights, batch, seed) to pgscope and to these functions and checks that both end with the
@@ -552,6 +552,57 @@ def trpo_update(hp: Hyper, policy: Params, value: Params, data: Data,
         "step_norm": float((_flat(new) - theta_old).norm()),
     }
     return UpdateResult(new, value, metrics, None, trace, None, value_adam)
+
+
+# ---------------------------------------------------------------------------------------
+# A2C
+# ---------------------------------------------------------------------------------------
+def a2c_update(hp: Hyper, policy: Params, value: Params, data: Data, iteration: int,
+               heldout_obs: Tensor | None = None, policy_adam: Adam | None = None,
+               value_adam: Adam | None = None) -> UpdateResult:
+    """One A2C iteration (synchronous advantage actor-critic): a single Adam step per
+    network on the whole batch. The policy's loss is the policy-gradient loss
+    -mean(log pi(a|s) A), A normalized over the batch when adv_norm is on, minus the
+    entropy bonus; the value net's is the value loss (clipped around V_old when value_clip
+    is on); each network's gradient is clipped by its own norm. Nothing is random.
+
+    Logged as pgscope defines ``policy_loss``: the loss in its importance-ratio form
+    -mean(r A), r = pi / pi_old, whose gradient at theta_old (r = 1, grad r = grad log pi)
+    is the same policy gradient; ``ratio_first_minibatch_dev`` is max |r - 1| there."""
+    lr = annealed_lr(hp.policy_lr, iteration, hp.num_iterations, hp.lr_anneal)
+    value_lr = annealed_lr(hp.value_lr, iteration, hp.num_iterations, hp.lr_anneal)
+    policy_adam = policy_adam or Adam(hp.adam_eps)
+    value_adam = value_adam or Adam(hp.adam_eps)
+    max_norm = hp.max_grad_norm if hp.grad_clip else None
+    v_clip = hp.value_clip_range if hp.value_clip else None
+    adv = normalize(data.advantages, hp.adv_norm)
+    old = detach(policy)
+    seen: dict[str, Tensor] = {}
+
+    def policy_objective(p: Params) -> Tensor:
+        d = policy_dist(p, data.obs, hp.activation)
+        logp = log_prob(d, data.actions)
+        r = torch.exp(logp - data.logp).detach()
+        seen.update(ratio=r, logged_loss=-(r * adv).mean())
+        loss = -(logp * adv).mean()
+        bonus = hp.ent_coef * entropy(d).mean() if hp.ent_coef else 0.0
+        return loss - bonus
+
+    policy, _, p_norm, _ = gradient_step(policy, policy_objective, policy_adam, lr, max_norm)
+    value, v_loss, v_norm, _ = gradient_step(
+        value, lambda p: value_loss(value_forward(p, data.obs, hp.activation), data.values,
+                                    data.returns, v_clip),
+        value_adam, value_lr, max_norm)
+    metrics = {
+        "policy_loss": float(seen["logged_loss"]),
+        "policy_grad_norm": p_norm,
+        "value_loss": float(v_loss),
+        "value_grad_norm": v_norm,
+        "ratio_first_minibatch_dev": float((seen["ratio"] - 1).abs().max()),
+        **_after_update_metrics(hp, old, policy, data, heldout_obs),
+        "lr": lr, "value_lr": value_lr,
+    }
+    return UpdateResult(policy, value, metrics, None, {}, policy_adam, value_adam)
 
 
 # ---------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_variant_presets():
     for key in ("reward_scale", "obs_norm", "ortho_init", "grad_clip"):
         assert getattr(plus, key) is True, key
     assert plus.lr_anneal is False and plus.value_clip is False
-    assert set(PRESETS) == {"ppo", "ppo-m", "ppo-noclip", "ppo-kl", "trpo", "trpo+"}
+    assert set(PRESETS) == {"ppo", "ppo-m", "ppo-noclip", "ppo-kl", "a2c", "trpo", "trpo+"}
 
 
 # errors ---------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_wrong_type_errors_name_key_and_type():
         ({"hidden": (64, 0)}, "'hidden' needs at least one positive layer width"),
         ({"seed": -1}, "'seed' must be >= 0"),
         ({"activation": "sigmoid"}, "'activation' must be one of tanh, relu; got 'sigmoid'"),
-        ({"algo": "a2c"}, "'algo' must be one of ppo, trpo"),
+        ({"algo": "sac"}, "'algo' must be one of ppo, a2c, trpo; got 'sac'"),
     ],
 )
 def test_out_of_range_and_bad_choice(overrides, message):

@@ -87,7 +87,7 @@ def test_metrics_for_conditions():
     # a setting left open keeps the metrics that depend on it: everything PPO may log
     assert names("ppo") == {m.name for m in METRICS if "ppo" in m.algorithms}
     with pytest.raises(ValueError, match="unknown algorithm"):
-        metrics_for("a2c")
+        metrics_for("a3c")
 
 
 def test_registry_is_well_formed():

@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from pgscope.agent import Agent, build_agent
+from pgscope.algos import algorithm
 from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
-from pgscope.algos.ppo import ppo_update
-from pgscope.algos.trpo import trpo_update
 from pgscope.config import Config, make_config
 from pgscope.rollout import Batch, FinishedEpisodes, RolloutCollector
 from pgscope.train import set_learning_rates
@@ -280,8 +279,7 @@ def run_case(preset: str, env_id: str, overrides: dict | None = None,
     optimizer = make_optimizer(cfg, policy, value_net)
     set_learning_rates(optimizer, cfg, ITERATION)
     state = {} if kl_beta is None else {"kl_beta": kl_beta}
-    update = ppo_update if cfg.algo == "ppo" else trpo_update
-    m = update(cfg, policy, value_net, optimizer, batch,
+    m = algorithm(cfg.algo).update(cfg, policy, value_net, optimizer, batch,
                torch.Generator().manual_seed(cfg.seed + 1), state, heldout_obs)
     metrics = iteration_metrics(m, optimizer, batch)
 
@@ -292,13 +290,20 @@ def run_case(preset: str, env_id: str, overrides: dict | None = None,
     init_value = {k: v.double() for k, v in init_value.items()}
     h_obs = None if heldout_obs is None else heldout_obs.double()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    if cfg.algo == "ppo":
-        result = ref.ppo_update(hyper(cfg), init_policy, init_value, data, gen, ITERATION,
-                                kl_beta=kl_beta, heldout_obs=h_obs)
-    else:
-        result = ref.trpo_update(hyper(cfg), init_policy, init_value, data, gen, ITERATION,
-                                 heldout_obs=h_obs)
+    result = REFERENCE[cfg.algo](hyper(cfg), init_policy, init_value, data, gen, h_obs, kl_beta)
     return Outcome(cfg, first, policy, value_net, metrics, state, result)
+
+
+#: The reference update of each algorithm: (hyper, policy, value, data, generator,
+#: held-out states, kl_beta) -> ref.UpdateResult.
+REFERENCE = {
+    "ppo": lambda hp, p, v, d, gen, h, beta: ref.ppo_update(
+        hp, p, v, d, gen, ITERATION, kl_beta=beta, heldout_obs=h),
+    "trpo": lambda hp, p, v, d, gen, h, beta: ref.trpo_update(
+        hp, p, v, d, gen, ITERATION, heldout_obs=h),
+    "a2c": lambda hp, p, v, d, gen, h, beta: ref.a2c_update(hp, p, v, d, ITERATION,
+                                                            heldout_obs=h),
+}
 
 
 def check_outcome(out: Outcome, **tol: float) -> None:
