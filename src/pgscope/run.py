@@ -79,39 +79,34 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+LOCK_FILE = "writer.lock"
+
+
+class _InRun:
+    """A read-only attribute: the path ``parts`` inside the run directory."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, run: RunDir | None, owner: type | None = None) -> Path:
+        if run is None:
+            raise AttributeError(f"{'/'.join(self.parts)} is a path of a RunDir instance")
+        return run.path.joinpath(*self.parts)
+
+
 class RunDir:
     """A run directory on disk."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def status_path(self) -> Path:
-        return self.path / "status.json"
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.path / "checkpoints" / "last.pt"
-
-    @property
-    def lock_path(self) -> Path:
-        return self.path / LOCK_FILE
-
-    @property
-    def events_path(self) -> Path:
-        return self.path / "events.log"
+    config_path = _InRun("config.json")
+    metrics_path = _InRun("metrics.jsonl")
+    status_path = _InRun("status.json")
+    checkpoint_dir = _InRun("checkpoints")
+    last_checkpoint = _InRun("checkpoints", "last.pt")
+    lock_path = _InRun(LOCK_FILE)
+    events_path = _InRun("events.log")
 
     @classmethod
     def create(cls, path: Path, cfg: Config) -> tuple[RunDir, WriterLock]:
@@ -345,8 +340,6 @@ def _numbers(numbers: list[int], limit: int = 10) -> str:
     shown = ", ".join(map(str, numbers[:limit]))
     return shown + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
 
-
-LOCK_FILE = "writer.lock"
 
 
 class WriterLock:

@@ -95,6 +95,10 @@ class Metric:
 _RUN, _UPDATE, _CHANGE, _POLICY, _VALUE, _TIME = GROUPS
 #: ``every_algorithm=EVERY``: a key the training loop logs whatever the algorithm.
 EVERY = True
+#: The conditions shared by several keys (words and tags, see Metric).
+_HELDOUT: dict[str, Any] = dict(condition="from iteration 2, when heldout_kl",
+                                requires=("heldout",))
+_GAUSSIAN: dict[str, Any] = dict(condition="Gaussian policies only", requires=("gaussian",))
 _EPS_REF = ("eps_ref = clip_eps for the clipped PPO loss with clip_eps < 1 (ppo, ppo-m), "
             "else the nominal 0.2 (every other preset)")
 
@@ -187,11 +191,9 @@ METRICS: tuple[Metric, ...] = (
            "after the update.", "nats", _CHANGE),
     Metric("kl_heldout_mean", "Mean analytic KL(old || new) after the update on the states "
            "of the previous iteration's batch (states this update did not train on).",
-           "nats", _CHANGE, condition="from iteration 2, when heldout_kl",
-           requires=("heldout",)),
+           "nats", _CHANGE, **_HELDOUT),
     Metric("kl_heldout_max", "Largest analytic KL(old || new) after the update on the "
-           "previous iteration's states.", "nats", _CHANGE,
-           condition="from iteration 2, when heldout_kl", requires=("heldout",)),
+           "previous iteration's states.", "nats", _CHANGE, **_HELDOUT),
     Metric("approx_kl", "The k3 estimator mean((r - 1) - log r) of KL(old || new), with r = "
            "pi_new / pi_old of the batch actions after the update.", "nats", _CHANGE,
            aliases=("kl_k3", "train/approx_kl", "losses/approx_kl"), legacy="kl_k3",
@@ -206,14 +208,13 @@ METRICS: tuple[Metric, ...] = (
            requires=("discrete",)),
     Metric("policy_std", "Mean over action dimensions of exp(log_std) of the "
            "data-collecting policy (before the update).", "action units", _POLICY,
-           condition="Gaussian policies only", requires=("gaussian",),
-           aliases=("train/std",),
+           aliases=("train/std",), **_GAUSSIAN,
            tensorboard="train/std"),
     Metric("action_saturation", "Fraction of the action components sampled in this "
            "iteration's rollout that lie outside the action space's bounds (the env gets "
            "them clipped to the bound when action_clip is on): near 1, the policy acts at "
            "the bounds almost always.", "fraction", _POLICY,
-           condition="Gaussian policies only", requires=("gaussian",)),
+           **_GAUSSIAN),
     # --- the value function -------------------------------------------------------------
     Metric("value_loss", "Mean over the value net's gradient steps (every minibatch of every "
            "epoch) of the value loss, the clipped one when value_clip is on.", "loss",

@@ -94,6 +94,25 @@ def register_probe(probe: Probe) -> Probe:
     return _PROBES.register(probe.name, probe)
 
 
+def probe(name: str, *, order: int, settings: tuple[str, ...],
+          plot: str | Callable[[dict[str, Any], Path], None],
+          headline: Callable[[dict[str, Any]], str], schema: Mapping[str, str],
+          check: Callable[[ProbeSettings, Config], None] | None = None
+          ) -> Callable[[Callable[[ProbeInput], dict[str, Any]]],
+                        Callable[[ProbeInput], dict[str, Any]]]:
+    """Register the decorated ``compute(input)`` as probe ``name`` (its docstring is the
+    description; ``plot`` may name a function of :mod:`pgscope.probes.plots`)."""
+    def register(compute: Callable[[ProbeInput], dict[str, Any]]
+                 ) -> Callable[[ProbeInput], dict[str, Any]]:
+        description = " ".join((compute.__doc__ or name).split())
+        plotter = plots_function(plot) if isinstance(plot, str) else plot
+        register_probe(Probe(name, description, compute, plotter, headline, schema, settings,
+                             check, order))
+        return compute
+
+    return register
+
+
 def probes() -> Registry[Probe]:
     """The probe registry, after importing every probe module of this package."""
     import importlib
@@ -171,6 +190,17 @@ def headline(kind: str, result: dict[str, Any]) -> str:
         return probes().get(kind).headline(result)
     except (KeyError, IndexError, TypeError, UnknownNameError):
         return f"{kind}: done"
+
+
+def plots_function(name: str) -> Callable[[dict[str, Any], Path], None]:
+    """``plot(result, path)`` calling :mod:`pgscope.probes.plots`'s function ``name``, which
+    is imported on the first call (matplotlib loads only when a probe plots)."""
+    def plot(result: dict[str, Any], path: Path) -> None:
+        from pgscope.probes import plots
+
+        getattr(plots, name)(result, path)
+
+    return plot
 
 
 def interval(d: Mapping[str, float]) -> str:
@@ -367,6 +397,7 @@ def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> P
 from pgscope.probes import schedule as schedule  # noqa: E402  (registers both)
 
 __all__ = ["HELPER_MODULES", "Probe", "ProbeInput", "ProbeSettings", "agent_run_dir",
-           "headline", "interval", "parse_kinds", "probe_names", "probes", "register_probe",
+           "headline", "interval", "parse_kinds", "plots_function", "probe", "probe_names",
+           "probes", "register_probe",
            "run", "run_probes",
            "scheduled_probe_failures", "scheduled_probes"]

@@ -18,7 +18,6 @@ returns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from pgscope.agent import Agent
 from pgscope.errors import ProbeError
 from pgscope.networks import ValueNet
-from pgscope.probes import Probe, ProbeInput, interval, register_probe
+from pgscope.probes import ProbeInput, interval, probe
 from pgscope.probes.bootstrap import pairwise_summary
 from pgscope.probes.gradients import GradientAccumulator, _seed
 from pgscope.probes.sampling import batch_chunks
@@ -113,9 +112,11 @@ def baseline_probe(agent: Agent, sizes: Iterable[int] = (100, 1000, 10_000), k: 
     return result
 
 
-def _compute(p: ProbeInput) -> dict:
-    s = p.settings
-    return baseline_probe(p.agent, s.sizes, s.k, s.fit_pairs, p.seed, p.progress)
+#: What the result's top-level keys hold.
+SCHEMA = {"settings": "sizes, k, fit_pairs, seed, env_id, adv_norm",
+          "true_value_fit": "held-out error of the value net fit to MC returns",
+          "rows": "per size n and baseline (agent, true, zero): pairwise_cosine and "
+                  "covariance_trace with bootstrap CIs"}
 
 
 def _headline(result: dict) -> str:
@@ -125,20 +126,10 @@ def _headline(result: dict) -> str:
     return f"baselines: at {row['n']} pairs, pairwise cosine: " + ", ".join(parts)
 
 
-def _plot(result: dict, path: Path) -> None:
-    from pgscope.probes.plots import plot_baselines
-
-    plot_baselines(result, path)
-
-
-register_probe(Probe(
-    name="baselines",
-    description="gradient variance with advantages from the agent's value net, a 'true' "
-                "value net fit to Monte Carlo returns, and no baseline, on the same samples",
-    compute=_compute, plot=_plot, headline=_headline, check=check_horizon, order=30,
-    settings=("sizes", "k", "fit_pairs"),
-    schema={"settings": "sizes, k, fit_pairs, seed, env_id, adv_norm",
-            "true_value_fit": "held-out error of the value net fit to MC returns",
-            "rows": "per size n and baseline (agent, true, zero): pairwise_cosine and "
-                    "covariance_trace with bootstrap CIs"},
-))
+@probe("baselines", order=30, settings=("sizes", "k", "fit_pairs"), plot="plot_baselines",
+       headline=_headline, schema=SCHEMA, check=check_horizon)
+def _compute(p: ProbeInput) -> dict:
+    """Gradient variance with advantages from the agent's value net, a 'true' value net
+    fit to Monte Carlo returns, and no baseline, on the same samples."""
+    s = p.settings
+    return baseline_probe(p.agent, s.sizes, s.k, s.fit_pairs, p.seed, p.progress)

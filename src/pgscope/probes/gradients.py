@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from pgscope.agent import Agent
 from pgscope.algos.common import flat_grad
 from pgscope.config import Config
 from pgscope.errors import ProbeError
-from pgscope.probes import Probe, ProbeInput, ProbeSettings, interval, register_probe
+from pgscope.probes import ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.probes.sampling import batch_chunks
 from pgscope.rollout import Batch
@@ -217,9 +216,12 @@ def _check(settings: ProbeSettings, cfg: Config) -> None:
                          f"({max(settings.sizes)}).")
 
 
-def _compute(p: ProbeInput) -> dict:
-    s = p.settings
-    return gradient_probe(p.agent, s.sizes, s.k, s.true_pairs, p.seed, p.progress)
+#: What the result's top-level keys hold.
+SCHEMA = {"settings": "sizes, k, true_pairs, seed, adv_norm, env_id, horizon",
+          "true": "norms of the 'true' policy and value gradients, per-pair variance",
+          "policy": "per size n: pairwise_cosine, covariance_trace, cosine_to_true, "
+                    "mean_norm (each mean with a bootstrap CI)",
+          "value": "the same for the value net's gradient"}
 
 
 def _headline(result: dict) -> str:
@@ -228,21 +230,10 @@ def _headline(result: dict) -> str:
             f", cosine to the 'true' gradient {interval(row['cosine_to_true'])}")
 
 
-def _plot(result: dict, path: Path) -> None:
-    from pgscope.probes.plots import plot_gradients
-
-    plot_gradients(result, path)
-
-
-register_probe(Probe(
-    name="gradients",
-    description="K independent estimates of the algorithm's own gradient at each sample "
-                "size: pairwise cosine, covariance trace, cosine to a 'true' gradient",
-    compute=_compute, plot=_plot, headline=_headline, check=_check, order=10,
-    settings=("sizes", "k", "true_pairs"),
-    schema={"settings": "sizes, k, true_pairs, seed, adv_norm, env_id, horizon",
-            "true": "norms of the 'true' policy and value gradients, per-pair variance",
-            "policy": "per size n: pairwise_cosine, covariance_trace, cosine_to_true, "
-                      "mean_norm (each mean with a bootstrap CI)",
-            "value": "the same for the value net's gradient"},
-))
+@probe("gradients", order=10, settings=("sizes", "k", "true_pairs"), plot="plot_gradients",
+       headline=_headline, schema=SCHEMA, check=_check)
+def _compute(p: ProbeInput) -> dict:
+    """K independent estimates of the algorithm's own gradient at each sample size:
+    pairwise cosine, covariance trace, cosine to a 'true' gradient."""
+    s = p.settings
+    return gradient_probe(p.agent, s.sizes, s.k, s.true_pairs, p.seed, p.progress)

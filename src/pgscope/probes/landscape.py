@@ -43,7 +43,7 @@ from pgscope.config import Config
 from pgscope.envs import make_vector_env
 from pgscope.errors import ProbeError
 from pgscope.optimizations import clip_actions
-from pgscope.probes import Probe, ProbeInput, ProbeSettings, register_probe
+from pgscope.probes import ProbeInput, ProbeSettings, probe
 from pgscope.probes.trust_region import replay_update
 from pgscope.rollout import Batch
 
@@ -182,10 +182,14 @@ def _check(settings: ProbeSettings, cfg: Config) -> None:
         raise ProbeError("--landscape-grid needs at least two finite multiples.")
 
 
-def _compute(p: ProbeInput) -> dict[str, Any]:
-    s = p.settings
-    return landscape_probe(p.run_dir, p.checkpoint, s.landscape_grid, s.landscape_grid,
-                           s.landscape_counts, p.seed, p.progress)
+#: What the result's top-level keys hold.
+SCHEMA = {"settings": "steps, directions, counts, seed, env_id, preset, "
+                      "checkpoint_iteration",
+          "surrogate": "[step][direction] the algorithm's surrogate on the training batch",
+          "true_return": "per sample count: [step][direction] mean episode return",
+          "delta_norm, direction_norm": "norms of the update step and random direction",
+          "episodes_capped": "episodes cut at the episode cap",
+          "update_phase": "the replayed update's own metrics"}
 
 
 def _headline(result: dict[str, Any]) -> str:
@@ -193,23 +197,11 @@ def _headline(result: dict[str, Any]) -> str:
             f"{result['surrogate'][1][0]:.3g} vs {result['surrogate'][0][0]:.3g} at theta_old")
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
-    from pgscope.probes.plots import plot_landscape
-
-    plot_landscape(result, path)
-
-
-register_probe(Probe(
-    name="landscape",
-    description="surrogate on the training batch vs true mean return on the grid "
-                "theta + a*step + b*random direction",
-    compute=_compute, plot=_plot, headline=_headline, check=_check, order=40,
-    settings=("landscape_counts", "landscape_grid"),
-    schema={"settings": "steps, directions, counts, seed, env_id, preset, "
-                        "checkpoint_iteration",
-            "surrogate": "[step][direction] the algorithm's surrogate on the training batch",
-            "true_return": "per sample count: [step][direction] mean episode return",
-            "delta_norm, direction_norm": "norms of the update step and random direction",
-            "episodes_capped": "episodes cut at the episode cap",
-            "update_phase": "the replayed update's own metrics"},
-))
+@probe("landscape", order=40, settings=("landscape_counts", "landscape_grid"),
+       plot="plot_landscape", headline=_headline, schema=SCHEMA, check=_check)
+def _compute(p: ProbeInput) -> dict:
+    """The surrogate on the training batch vs the true mean return on the grid
+    theta + a step + b random direction."""
+    s = p.settings
+    return landscape_probe(p.run_dir, p.checkpoint, s.landscape_grid, s.landscape_grid,
+                           s.landscape_counts, p.seed, p.progress)

@@ -28,7 +28,7 @@ from pgscope.algos.common import make_optimizer, reference_clip_range, trust_reg
 from pgscope.config import Config
 from pgscope.metrics import metric_value
 from pgscope.networks import Policy
-from pgscope.probes import Probe, ProbeInput, register_probe
+from pgscope.probes import ProbeInput, probe
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch
 from pgscope.run import RunDir, load_agent, load_checkpoint, resolve_checkpoint
@@ -116,9 +116,10 @@ def save_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def _compute(p: ProbeInput) -> dict[str, Any]:
-    return {"runs": [from_metrics(p.run_dir)] + [from_metrics(c) for c in p.settings.compare],
-            "replay": replay_update(p.run_dir, p.checkpoint, p.seed)}
+#: What the result's top-level keys hold.
+SCHEMA = {"runs": "per run: the per-iteration series of KEYS and their extremes",
+          "replay": "the replayed update: per_epoch measures and the update's own metrics "
+                    "(phase)"}
 
 
 def _headline(result: dict[str, Any]) -> str:
@@ -133,12 +134,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plot_trust_region(result["runs"], result["replay"], path)
 
 
-register_probe(Probe(
-    name="trust-region",
-    description="max/min ratio, mean/max KL, clip fraction per iteration (from metrics.jsonl, "
-                "several runs) and per epoch within a replayed update",
-    compute=_compute, plot=_plot, headline=_headline, order=50, settings=("compare",),
-    schema={"runs": "per run: the per-iteration series of KEYS and their extremes",
-            "replay": "the replayed update: per_epoch measures and the update's own metrics "
-                      "(phase)"},
-))
+@probe("trust-region", order=50, settings=("compare",), plot=_plot, headline=_headline,
+       schema=SCHEMA)
+def _compute(p: ProbeInput) -> dict[str, Any]:
+    """Max/min ratio, mean/max KL and clip fraction per iteration (from metrics.jsonl, of
+    several runs) and per epoch within a replayed update."""
+    return {"runs": [from_metrics(p.run_dir)] + [from_metrics(c) for c in p.settings.compare],
+            "replay": replay_update(p.run_dir, p.checkpoint, p.seed)}

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from pgscope.agent import Agent
 from pgscope.config import Config
 from pgscope.envs import make_env
 from pgscope.errors import ProbeError
-from pgscope.probes import Probe, ProbeInput, ProbeSettings, interval, register_probe
+from pgscope.probes import ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import summarize
 from pgscope.probes.sampling import sample_batch
 from pgscope.rollout import Batch
@@ -198,8 +197,13 @@ def check_horizon(settings: ProbeSettings, cfg: Config) -> None:
     check_time_limit(cfg.env_id, effective_horizon(cfg.gamma, 0.01))
 
 
-def _compute(p: ProbeInput) -> dict:
-    return value_probe(p.agent, p.settings.value_pairs, p.seed, progress=p.progress)
+#: What the result's top-level keys hold.
+SCHEMA = {"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclusion rule",
+          "vs_gae_targets": "relative_error, mean_abs_error_ratio, explained_variance "
+                            "(each mean with a bootstrap CI over segments)",
+          "vs_true_returns": "the same against true discounted returns",
+          "states, states_with_true_return, states_excluded_cut_within_horizon": "counts",
+          "value_mean, true_return_mean": "means"}
 
 
 def _headline(result: dict) -> str:
@@ -208,22 +212,9 @@ def _headline(result: dict) -> str:
             f"{interval(result['vs_true_returns']['relative_error'])}")
 
 
-def _plot(result: dict, path: Path) -> None:
-    from pgscope.probes.plots import plot_values
-
-    plot_values(result, path)
-
-
-register_probe(Probe(
-    name="values",
-    description="relative error of V against its GAE targets and against true discounted "
-                "returns on fresh rollouts",
-    compute=_compute, plot=_plot, headline=_headline, check=check_horizon, order=20,
-    settings=("value_pairs",),
-    schema={"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclusion rule",
-            "vs_gae_targets": "relative_error, mean_abs_error_ratio, explained_variance "
-                              "(each mean with a bootstrap CI over segments)",
-            "vs_true_returns": "the same against true discounted returns",
-            "states, states_with_true_return, states_excluded_cut_within_horizon": "counts",
-            "value_mean, true_return_mean": "means"},
-))
+@probe("values", order=20, settings=("value_pairs",), plot="plot_values",
+       headline=_headline, schema=SCHEMA, check=check_horizon)
+def _compute(p: ProbeInput) -> dict:
+    """Relative error of V against its GAE targets and against true discounted returns
+    on fresh rollouts."""
+    return value_probe(p.agent, p.settings.value_pairs, p.seed, progress=p.progress)

@@ -8,6 +8,7 @@ sizes show the machinery and the size of seed noise, not the papers' conclusions
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 from pgscope.errors import ConfigError
@@ -17,76 +18,71 @@ MUJOCO3 = ["Hopper-v5", "Walker2d-v5", "Humanoid-v5"]
 _FAILURE = {"Hopper-v5": 1000.0, "Walker2d-v5": 1000.0, "Humanoid-v5": 500.0}
 
 
-def _implementation_matters(quick: bool) -> dict[str, Any]:
-    """Engstrom et al. (2020): PPO, PPO-M, TRPO, TRPO+ on three MuJoCo tasks."""
-    return dict(
-        name="implementation-matters" + ("-quick" if quick else ""),
+def _score(quick: bool, failures: bool = False) -> dict[str, Any]:
+    """Final scores over the last 20% of iterations of a quick study (10% of a full one);
+    with ``failures``, the full MuJoCo studies' failure thresholds."""
+    score: dict[str, Any] = dict(last_fraction=0.2 if quick else 0.1)
+    if failures:
+        score["failure_threshold"] = {} if quick else _FAILURE
+    return score
+
+
+#: Each built-in study; ``(quick, full)`` pairs where the two sizes differ.
+_STUDIES: dict[str, dict[str, Any]] = {
+    # Engstrom et al. (2020): PPO, PPO-M, TRPO, TRPO+ on three MuJoCo tasks
+    "implementation-matters": dict(
         description="PPO vs PPO-M vs TRPO vs TRPO+ (Engstrom et al., 'Implementation "
                     "Matters in Deep Policy Gradients', 2020)",
-        envs=MUJOCO3, seeds=2 if quick else 10,
-        total_steps=10_240 if quick else 1_000_000,
+        envs=(MUJOCO3, MUJOCO3), seeds=(2, 10), total_steps=(10_240, 1_000_000),
         configs=[dict(label=p, preset=p) for p in ("ppo", "ppo-m", "trpo", "trpo+")],
-        score=dict(last_fraction=0.2 if quick else 0.1,
-                   failure_threshold={} if quick else _FAILURE),
-        statistics=dict(baseline="ppo", compare="all"),
-    )
-
-
-def _code_level_ablation(quick: bool) -> dict[str, Any]:
-    """The 2^4 factorial of Engstrom et al. over four of PPO's optimizations."""
-    return dict(
-        name="code-level-ablation" + ("-quick" if quick else ""),
+        failures=True, statistics=dict(baseline="ppo", compare="all")),
+    # the 2^4 factorial of Engstrom et al. over four of PPO's optimizations
+    "code-level-ablation": dict(
         description="2^4 factorial over value clipping, reward scaling, orthogonal init and "
                     "Adam lr annealing on top of PPO ('Implementation Matters', section 3)",
-        envs=["Hopper-v5"] if quick else MUJOCO3, seeds=3 if quick else 10,
-        total_steps=20_480 if quick else 1_000_000,
+        envs=(["Hopper-v5"], MUJOCO3), seeds=(3, 10), total_steps=(20_480, 1_000_000),
         factorial=dict(base="ppo", factors=dict(value_clip=[True, False],
                                                 reward_scale=[True, False],
                                                 ortho_init=[True, False],
                                                 lr_anneal=[True, False])),
-        score=dict(last_fraction=0.2 if quick else 0.1,
-                   failure_threshold={} if quick else _FAILURE),
-        statistics=dict(compare="baseline"),
-    )
-
-
-def _reward_scale(quick: bool) -> dict[str, Any]:
-    """Henderson et al. (2018): rewards multiplied by 0.01 ... 100, with and without PPO's
-    reward scaling (which should make the multiplier irrelevant)."""
-    return dict(
-        name="reward-scale" + ("-quick" if quick else ""),
+        failures=True, statistics=dict(compare="baseline")),
+    # Henderson et al. (2018): rewards multiplied by 0.01 ... 100, with and without PPO's
+    # reward scaling (which should make the multiplier irrelevant)
+    "reward-scale": dict(
         description="Rewards multiplied by 0.01..100 (Henderson et al., 'Deep RL that "
                     "Matters', 2018), with PPO's reward scaling on and off",
-        envs=["Hopper-v5"] if quick else ["Hopper-v5", "Walker2d-v5"],
-        seeds=2 if quick else 10, total_steps=20_480 if quick else 1_000_000,
+        envs=(["Hopper-v5"], ["Hopper-v5", "Walker2d-v5"]), seeds=(2, 10),
+        total_steps=(20_480, 1_000_000),
         factorial=dict(base="ppo", factors=dict(reward_scale=[True, False],
                                                 reward_multiplier=[0.01, 0.1, 1.0, 10.0,
                                                                    100.0])),
-        score=dict(last_fraction=0.2 if quick else 0.1),
-        statistics=dict(baseline="ppo+rs.rm=1", compare="baseline"),
-    )
-
-
-def _seed_lottery(quick: bool) -> dict[str, Any]:
-    """Henderson et al. (2018): one config, many seeds, split into two groups at random."""
-    return dict(
-        name="seed-lottery" + ("-quick" if quick else ""),
+        statistics=dict(baseline="ppo+rs.rm=1", compare="baseline")),
+    # Henderson et al. (2018): one config, many seeds, split into two groups at random
+    "seed-lottery": dict(
         description="One config, seeds split into two groups at random: how often do seeds "
                     "alone give a 'significant' difference? (Henderson et al., 2018)",
-        envs=["Hopper-v5"], seeds=10 if quick else 20,
-        total_steps=40_960 if quick else 1_000_000,
+        envs=(["Hopper-v5"], ["Hopper-v5"]), seeds=(10, 20), total_steps=(40_960, 1_000_000),
         configs=[dict(label="ppo", preset="ppo")],
-        score=dict(last_fraction=0.2 if quick else 0.1),
-        statistics=dict(lottery_splits=1000),
-    )
-
-
-BUILTIN_STUDIES = {
-    "implementation-matters": _implementation_matters,
-    "code-level-ablation": _code_level_ablation,
-    "reward-scale": _reward_scale,
-    "seed-lottery": _seed_lottery,
+        statistics=dict(lottery_splits=1000)),
 }
+
+
+def study_dict(name: str, quick: bool) -> dict[str, Any]:
+    """The TOML-shaped dict of built-in study ``name`` in its quick or full size."""
+    study = _STUDIES[name]
+    size = 0 if quick else 1
+    out: dict[str, Any] = dict(name=name + ("-quick" if quick else ""),
+                               description=study["description"],
+                               envs=list(study["envs"][size]), seeds=study["seeds"][size],
+                               total_steps=study["total_steps"][size])
+    out.update({key: study[key] for key in ("configs", "factorial") if key in study})
+    out.update(score=_score(quick, study.get("failures", False)),
+               statistics=dict(study["statistics"]))
+    return out
+
+
+#: name -> ``f(quick)``: the built-in study's dict (see :func:`study_dict`).
+BUILTIN_STUDIES = {name: functools.partial(study_dict, name) for name in _STUDIES}
 
 
 def builtin_study(name: str, quick: bool = False) -> StudySpec:
