@@ -99,6 +99,7 @@ def test_sb3_a2c_and_relu(tmp_path: Path) -> None:
     assert (cfg.gamma, cfg.gae_lambda, cfg.steps_per_env, cfg.activation) == \
         (0.95, 1.0, 8, "relu")
     assert not cfg.adv_norm and cfg.epochs == 1 and cfg.minibatches == 1
+    assert cfg.algo == "a2c"
     obs = _random_obs(model)
     with torch.no_grad():
         v_sb3 = model.policy.predict_values(torch.as_tensor(obs)).numpy().ravel()

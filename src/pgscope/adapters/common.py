@@ -82,11 +82,12 @@ def env_spaces(env_id: str) -> tuple[gym.Space[Any], gym.Space[Any]]:
 def build_external_agent(env_id: str, config: Mapping[str, Any], pi: list[Layer],
                          vf: list[Layer], log_std: torch.Tensor | None,
                          preprocessor_state: Mapping[str, Mapping[str, torch.Tensor]],
-                         what: str) -> Agent:
+                         what: str, preset: str = "ppo") -> Agent:
     """A pgscope :class:`Agent` for ``env_id`` whose policy and value net hold the given
     layers (``log_std`` for Box actions), with ``config`` (keys of :class:`Config`) and the
     frozen normalization statistics ``preprocessor_state`` (keys ``obs_norm`` and/or
-    ``reward_scaler``, as :meth:`Preprocessor.load_state_dict` reads them)."""
+    ``reward_scaler``, as :meth:`Preprocessor.load_state_dict` reads them); ``preset``
+    names the pgscope algorithm whose surrogate and update the probes use."""
     obs_space, act_space = env_spaces(env_id)
     obs_dim = int(np.prod(obs_space.shape or ()))
     discrete = isinstance(act_space, gym.spaces.Discrete)
@@ -94,7 +95,7 @@ def build_external_agent(env_id: str, config: Mapping[str, Any], pi: list[Layer]
         else int(np.prod(act_space.shape or ()))
     pi_hidden = check_chain(pi, obs_dim, out_dim, f"{what} policy")
     vf_hidden = check_chain(vf, obs_dim, 1, f"{what} value net")
-    cfg: Config = make_config("ppo", env_id, {"hidden": pi_hidden, **config})
+    cfg: Config = make_config(preset, env_id, {"hidden": pi_hidden, **config})
     policy: Policy
     if discrete:
         if log_std is not None:

@@ -125,8 +125,8 @@ def sb3_config(data: Mapping[str, Any], clip_range: float | None = None) -> dict
             vf_eps = constant_schedule(vf, "clip_range_vf")
             if vf_eps is not None:
                 values.update(value_clip=True, value_clip_range=vf_eps)
-    else:  # A2C: one gradient step on the whole rollout; no ratio clip (nominal eps)
-        values.update(clip_eps=1e32, epochs=1, minibatches=1)
+    else:  # A2C (pgscope's a2c preset): one gradient step on the whole rollout, no clip
+        values.update(epochs=1, minibatches=1)
     return values
 
 
@@ -192,7 +192,9 @@ def from_sb3(state: Mapping[str, torch.Tensor], data: Mapping[str, Any], env_id:
         config.update(vecnormalize[0])
         pre_state = vecnormalize[1]
     config.update(overrides or {})
-    return build_external_agent(env_id, config, pi, vf, state.get("log_std"), pre_state, "SB3")
+    preset = "ppo" if "clip_range" in data else "a2c"
+    return build_external_agent(env_id, config, pi, vf, state.get("log_std"), pre_state, "SB3",
+                                preset)
 
 
 def load_sb3(model: str | Path, env_id: str, *, vecnormalize: str | Path | None = None,
