@@ -93,8 +93,8 @@ def intervals_html(agg: Any, envs: list[str], col: dict[str, str], level: float)
     names = {"iqm": "IQM", "median": "median", "mean": "mean (complete runs)"}
     for i, env in enumerate(envs):
         e = agg[agg["env"] == env]
-        fig = make_subplots(rows=1, cols=3, shared_yaxes=True,
-                            subplot_titles=[names[m] for m in names])
+        fig = make_subplots(rows=1, cols=3, shared_yaxes=True, subplot_titles=[
+            esc(f"{env}: {names[m]}, {100 * level:g}% CI") for m in names])
         for j, m in enumerate(names, start=1):
             if m not in e:
                 continue
@@ -113,9 +113,7 @@ def intervals_html(agg: Any, envs: list[str], col: dict[str, str], level: float)
                     row=1, col=j)
             fig.update_xaxes(title_text="final score (env units)", row=1, col=j)
         fig.update_yaxes(autorange="reversed")
-        fig.update_layout(title=dict(text=esc(f"{env}: final score, {100 * level:g}% "
-                                              "stratified bootstrap CIs"), font=dict(size=14)),
-                          height=140 + 28 * len(e))
+        fig.update_layout(height=140 + 28 * len(e))
         parts.append(figure(fig, f"study-intervals-{i}"))
     return "".join(parts)
 
