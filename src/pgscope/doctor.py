@@ -213,6 +213,7 @@ def _persistent(data: RunData, alarm: Alarm, key: str, above: float | None = Non
     hit = np.concatenate([x[a:b + 1] for a, b in ranges])
     worst = float(hit.max() if above is not None else hit.min())
     bound = above if above is not None else below
+    assert bound is not None, "give a bound: above or below"
     side = ">" if above is not None else "<"
     n = sum(b - a + 1 for a, b in ranges)
     return [alarm.finding(_iters(data, ranges),

@@ -59,10 +59,11 @@ def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
+    images: list[Any] = list(frames)
     if suffix == ".gif":
-        imageio.mimwrite(path, frames, duration=1000 / fps, loop=0)
+        imageio.mimwrite(path, images, duration=1000 / fps, loop=0)
     elif suffix == ".mp4":
-        imageio.mimwrite(path, frames, fps=fps, codec="libx264", quality=6,
+        imageio.mimwrite(path, images, fps=fps, codec="libx264", quality=6,
                          macro_block_size=16)
     else:
         raise PgscopeError(f"--video '{path}': write a .mp4 or a .gif file.")
