@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -102,6 +103,11 @@ def plot_trust_region(runs: list[dict], replay: dict | None, path: Path) -> None
         axes[0].axhline(1 + clip, color="k", ls="--", lw=1,
                         label=f"1 + eps = {1 + clip:g} (PPO clip)")
     axes[0].set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 1.5, not 1.5 x 10^0
+    axes[0].yaxis.set_major_formatter(plain)
+    low, high = axes[0].get_ylim()
+    axes[0].yaxis.set_minor_formatter(plain if high < 10 * low else
+                                      matplotlib.ticker.NullFormatter())
     axes[0].set_title("max ratio pi_new / pi_old after each update", fontsize=10)
     axes[0].set_ylabel("max ratio over the batch (log scale)")
     axes[1].set_title("mean KL(old || new) after each update", fontsize=10)
