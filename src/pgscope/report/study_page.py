@@ -49,30 +49,40 @@ def colours(labels: list[str]) -> dict[str, str]:
     return {label: pal[i % len(pal)] for i, label in enumerate(labels)}
 
 
-def curves_html(curves: Any, envs: list[str], col: dict[str, str], level: float) -> str:
+def _band_figures(frame: Any, envs: list[str], col: dict[str, str], x_key: str,
+                  y_key: str, alpha: float, name: Any, shape: str = "linear") -> list[Any]:
+    """One figure per env: each config's line (``y_key`` over ``x_key``, named
+    ``name(label, first_row)``) over its shaded interval ``low``..``high``, which toggles
+    with the line (same legend group)."""
     import plotly.graph_objects as go
 
+    figs = []
+    for env in envs:
+        fig = go.Figure()
+        for label, g in frame[frame["env"] == env].groupby("label", sort=False):
+            c, x, group = col[str(label)], list(g[x_key]), esc(label)
+            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
+                                     fill="toself", mode="lines", fillcolor=rgba(c, alpha),
+                                     line=dict(width=0), hoverinfo="skip", showlegend=False,
+                                     legendgroup=group, name=f"{group} CI"))
+            fig.add_trace(go.Scatter(
+                x=x, y=list(g[y_key]), mode="lines", line=dict(color=c, width=2, shape=shape),
+                legendgroup=group, name=esc(name(label, g.iloc[0])),
+                hovertemplate=group + ": %{y:.4g}<br>%{x:.4g}<extra></extra>"))
+        figs.append(fig)
+    return figs
+
+
+def curves_html(curves: Any, envs: list[str], col: dict[str, str], level: float) -> str:
     if curves.empty:
         return '<p class="note">No complete run yet: no learning curves.</p>'
     parts = []
-    for i, env in enumerate(envs):
-        e = curves[curves["env"] == env]
-        fig = go.Figure()
-        for label, g in e.groupby("label", sort=False):
-            c = col[str(label)]
-            x = list(g["env_steps"])
-            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
-                                     fill="toself", mode="lines", fillcolor=rgba(c, 0.15),
-                                     line=dict(width=0),
-                                     hoverinfo="skip", legendgroup=esc(label), showlegend=False,
-                                     name=esc(f"{label} CI")))
-            r0 = g.iloc[0]
-            fig.add_trace(go.Scatter(
-                x=x, y=list(g["mean"]), mode="lines", line=dict(color=c, width=2),
-                legendgroup=esc(label),
-                name=esc(f"{label} (complete {int(r0.get('n_complete', r0['runs']))} of "
-                         f"{int(r0.get('n', r0['runs']))})"),
-                hovertemplate=esc(label) + ": %{y:.1f}<br>env steps %{x}<extra></extra>"))
+
+    def name(label: str, r0: Any) -> str:
+        return (f"{label} (complete {int(r0.get('n_complete', r0['runs']))} of "
+                f"{int(r0.get('n', r0['runs']))})")
+    for i, (env, fig) in enumerate(zip(envs, _band_figures(
+            curves, envs, col, "env_steps", "mean", 0.15, name), strict=True)):
         fig.update_layout(title=dict(text=esc(env), font=dict(size=14)),
                           xaxis_title="env steps",
                           yaxis_title="mean episode return (env units)", height=460,
@@ -119,25 +129,12 @@ def intervals_html(agg: Any, envs: list[str], col: dict[str, str], level: float)
 
 
 def profiles_html(prof: Any, envs: list[str], col: dict[str, str], level: float) -> str:
-    import plotly.graph_objects as go
-
     if prof.empty:
         return ""
     parts = []
-    for i, env in enumerate(envs):
-        e = prof[prof["env"] == env]
-        fig = go.Figure()
-        for label, g in e.groupby("label", sort=False):
-            c = col[str(label)]
-            x = list(g["tau"])
-            fig.add_trace(go.Scatter(x=x + x[::-1], y=list(g["high"]) + list(g["low"])[::-1],
-                                     fill="toself", mode="lines", fillcolor=rgba(c, 0.12),
-                                     line=dict(width=0),
-                                     hoverinfo="skip", showlegend=False,
-                                     legendgroup=esc(label)))
-            fig.add_trace(go.Scatter(x=x, y=list(g["fraction"]), mode="lines",
-                                     line=dict(color=c, width=2, shape="hv"),
-                                     name=esc(label), legendgroup=esc(label)))
+    for i, (env, fig) in enumerate(zip(envs, _band_figures(
+            prof, envs, col, "tau", "fraction", 0.12, lambda label, _: label, shape="hv"),
+            strict=True)):
         fig.update_layout(title=dict(text=esc(f"{env}: performance profile"),
                                      font=dict(size=14)),
                           xaxis_title="final score tau (env units)",
@@ -157,12 +154,9 @@ def improvement_html(comp: Any, level: float, anchor: str) -> str:
     c = comp.dropna(subset=["prob_improvement"])
     if c.empty:
         return ""
-    if "factor" in c:
-        names = [f"P({f}={lv} > {f}={ref}) [{env}]" for f, lv, ref, env in
-                 zip(c["factor"], c["level"], c["reference"], c["env"], strict=True)]
-    else:
-        names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
-                                                            strict=True)]
+    from pgscope.study.plots import improvement_names
+
+    names = improvement_names(c)
     mid = c["prob_improvement"].to_numpy(float)
     lo, hi = c["prob_improvement_low"].to_numpy(float), c["prob_improvement_high"].to_numpy(float)
     fig = go.Figure(go.Scatter(x=mid, y=[esc(n) for n in names], mode="markers",

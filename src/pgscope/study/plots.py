@@ -196,18 +196,23 @@ def plot_profiles(prof: pd.DataFrame, envs: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def improvement_names(c: pd.DataFrame) -> list[str]:
+    """'P(a > b) [env]' per comparison row, or 'P(f=level > f=reference) [env]' per main
+    effect row."""
+    if "factor" in c:
+        return [f"P({f}={lv} > {f}={ref}) [{env}]" for f, lv, ref, env in
+                zip(c["factor"], c["level"], c["reference"], c["env"], strict=True)]
+    return [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
+                                                         strict=True)]
+
+
 def plot_improvement(comp: pd.DataFrame, path: Path, level: float) -> Path | None:
     """P(a > b) with CIs, for config comparisons (a, b) or main effects (level vs
     reference)."""
     if comp.empty or "prob_improvement" not in comp:
         return None
     c = comp.dropna(subset=["prob_improvement"]).reset_index(drop=True)
-    if "factor" in c:
-        names = [f"P({f}={lv} > {f}={ref}) [{env}]" for f, lv, ref, env in
-                 zip(c["factor"], c["level"], c["reference"], c["env"], strict=True)]
-    else:
-        names = [f"P({a} > {b}) [{env}]" for a, b, env in zip(c["a"], c["b"], c["env"],
-                                                              strict=True)]
+    names = improvement_names(c)
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(c) + 1.5))
     y = range(len(c))
     mid, lo, hi = (c[k].to_numpy(float) for k in ("prob_improvement", "prob_improvement_low",
