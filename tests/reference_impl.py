@@ -259,6 +259,16 @@ class Hyper:
         clipped = self.algo == "ppo" and self.ppo_loss == "clip" and self.clip_eps < 1.0
         return self.clip_eps if clipped else 0.2
 
+    @property
+    def max_norm(self) -> float | None:
+        """The gradient-norm bound of each network, None when grad_clip is off."""
+        return self.max_grad_norm if self.grad_clip else None
+
+    @property
+    def v_clip(self) -> float | None:
+        """The value-clipping range, None when value_clip is off."""
+        return self.value_clip_range if self.value_clip else None
+
 
 @dataclass
 class Data:
@@ -333,8 +343,7 @@ def ppo_update(hp: Hyper, policy: Params, value: Params, data: Data,
     value_lr = annealed_lr(hp.value_lr, iteration, hp.num_iterations, hp.lr_anneal)
     policy_adam = policy_adam or Adam(hp.adam_eps)
     value_adam = value_adam or Adam(hp.adam_eps)
-    max_norm = hp.max_grad_norm if hp.grad_clip else None
-    v_clip = hp.value_clip_range if hp.value_clip else None
+    max_norm, v_clip = hp.max_norm, hp.v_clip
     beta = hp.kl_beta_init if kl_beta is None else kl_beta
     old = detach(policy)
     with torch.no_grad():
@@ -524,8 +533,7 @@ def trpo_update(hp: Hyper, policy: Params, value: Params, data: Data,
 
     # value fit
     value_adam = value_adam or Adam(hp.adam_eps)
-    max_norm = hp.max_grad_norm if hp.grad_clip else None
-    v_clip = hp.value_clip_range if hp.value_clip else None
+    max_norm, v_clip = hp.max_norm, hp.v_clip
     v_losses, v_norms = [], []
     for _ in range(hp.epochs):
         for idx in epoch_minibatches(n, hp.minibatches, generator):
@@ -573,8 +581,7 @@ def a2c_update(hp: Hyper, policy: Params, value: Params, data: Data, iteration: 
     value_lr = annealed_lr(hp.value_lr, iteration, hp.num_iterations, hp.lr_anneal)
     policy_adam = policy_adam or Adam(hp.adam_eps)
     value_adam = value_adam or Adam(hp.adam_eps)
-    max_norm = hp.max_grad_norm if hp.grad_clip else None
-    v_clip = hp.value_clip_range if hp.value_clip else None
+    max_norm, v_clip = hp.max_norm, hp.v_clip
     adv = normalize(data.advantages, hp.adv_norm)
     old = detach(policy)
     seen: dict[str, Tensor] = {}

@@ -97,14 +97,6 @@ if DRIFT not in gym.registry:
     gym.register(DRIFT, entry_point=Drift, max_episode_steps=40)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def flipped(cfg: Config, switch: str) -> object:
     """The switch's value flipped from ``cfg``'s (ent_coef: 0 <-> 0.01)."""
     value = getattr(cfg, switch)

@@ -25,16 +25,6 @@ from pgscope.rollout import Batch
 OBS_DIM, ACT_DIM = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Training runs with cfg.torch_threads = 1; intra-op threading only slows these tiny
-    # tensors down (by orders of magnitude on small machines).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spaces():
     obs_space = gym.spaces.Box(-np.inf, np.inf, shape=(OBS_DIM,), dtype=np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, shape=(ACT_DIM,), dtype=np.float32)

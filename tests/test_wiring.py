@@ -49,14 +49,6 @@ train_mod = importlib.import_module("pgscope.train")
 OBS_DIM, ACT_DIM, N = 3, 2, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- small helpers ----------------------------------------------------------------------------
 def _metric(metrics: dict[str, Any], *names: str) -> Any:
     """The first of ``names`` that ``metrics`` holds (the metric keys were renamed once:
