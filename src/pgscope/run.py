@@ -217,10 +217,11 @@ class RunDir:
 
     def scan_metrics(self) -> MetricsScan:
         """Every metrics line parsed, and the line numbers (1-based) of damaged ones."""
-        scan = MetricsScan([], [])
+        scan = MetricsScan([], [], [])
         if not self.metrics_path.exists():
             return scan
-        for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+        scan.lines = self.metrics_path.read_text().splitlines()
+        for number, line in enumerate(scan.lines, start=1):
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
@@ -274,7 +275,7 @@ class RunDir:
             backup = self.metrics_path.with_name(f"metrics.jsonl.bak-{stamp}")
             shutil.copy2(self.metrics_path, backup)
             self.log(f"repair: {'; '.join(problems)}; backup {backup.name}")
-        lines = self.metrics_path.read_text().splitlines() if kept else []
+        lines = scan.lines
         keep_numbers = set(seen.values())
         text = "".join(lines[n - 1] + "\n" for n, _ in kept if n in keep_numbers)
         atomic_write_bytes(self.metrics_path, text.encode())
@@ -330,10 +331,12 @@ class RunDir:
 
 @dataclass
 class MetricsScan:
-    """``metrics.jsonl`` parsed: (line number, record) pairs and damaged line numbers."""
+    """``metrics.jsonl`` parsed: (line number, record) pairs, damaged line numbers, and
+    the raw lines (so a rewrite keeps intact lines byte for byte)."""
 
     records: list[tuple[int, dict[str, Any]]]
     damaged: list[int]
+    lines: list[str]
 
 
 def _numbers(numbers: list[int], limit: int = 10) -> str:
