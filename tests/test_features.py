@@ -1,0 +1,73 @@
+"""Critic-feature statistics (pgscope.features) against hand-computed cases, the value net's
+features, the ``features`` probe, the per-iteration feature metrics and the DR3 switch."""
+
+import math
+
+import pytest
+import torch
+
+from pgscope.features import feature_cosine, feature_dot, feature_norm, srank
+
+
+# -- the pure functions ------------------------------------------------------------------
+def test_feature_dot_cosine_norm_hand_computed():
+    phi = torch.tensor([[1.0, 2.0, 2.0], [3.0, 0.0, 4.0], [0.0, 0.0, 0.0]])
+    nxt = torch.tensor([[2.0, 0.0, 1.0], [-3.0, 0.0, -4.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(feature_dot(phi, nxt), torch.tensor([4.0, -25.0, 0.0]))
+    torch.testing.assert_close(feature_norm(phi), torch.tensor([3.0, 5.0, 0.0]))
+    # 4 / (3 sqrt 5); exactly opposite; a zero vector has cosine 0
+    torch.testing.assert_close(feature_cosine(phi, nxt),
+                               torch.tensor([4.0 / (3.0 * math.sqrt(5.0)), -1.0, 0.0]))
+
+
+def test_feature_functions_keep_leading_dimensions():
+    phi, nxt = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    assert feature_dot(phi, nxt).shape == (3, 5)
+    assert feature_cosine(phi, nxt).shape == (3, 5)
+    assert feature_norm(phi).shape == (3, 5)
+    torch.testing.assert_close(feature_dot(phi, nxt)[1, 2], phi[1, 2] @ nxt[1, 2])
+
+
+def test_feature_pair_shapes_must_match():
+    with pytest.raises(ValueError, match="same shape"):
+        feature_dot(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        feature_cosine(torch.zeros(4, 3), torch.zeros(3, 3))
+
+
+def test_srank_orthonormal_rows_is_full_rank():
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    assert srank(q[:5]) == 5  # five orthonormal rows: five equal singular values
+    assert srank(torch.eye(6)) == 6
+
+
+def test_srank_rank_deficient():
+    # Phi = U diag(3, 2, 1) V^T: 50 x 16 of rank 3; cumulative shares 1/2, 5/6, 1
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(50, 3, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(16, 3, generator=gen, dtype=torch.float64))
+    low = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ v.T
+    assert srank(low) == 3                   # rounding directions carry ~1e-16 of the mass
+    assert srank(low, delta=0.2) == 2        # 5/6 >= 0.8
+    assert srank(low, delta=0.6) == 1        # 1/2 >= 0.4
+    assert srank(torch.ones(10, 4)) == 1
+    assert srank(torch.zeros(10, 4)) == 0
+
+
+def test_srank_threshold_hit_exactly_and_just_missed():
+    # singular values 3 and 1: the first carries 3/4 of the mass
+    phi = torch.diag(torch.tensor([3.0, 1.0]))
+    assert srank(phi, delta=0.25) == 1       # 3/4 >= 1 - 0.25: hit exactly
+    assert srank(phi, delta=0.2499) == 2     # 3/4 <  0.7501: just missed
+    # 98, 1, 1 of 100: delta 0.01 needs 99% of the mass
+    phi = torch.diag(torch.tensor([98.0, 1.0, 1.0]))
+    assert srank(phi) == 2                   # 99/100 >= 0.99 exactly
+    assert srank(phi, delta=0.02) == 1       # 98/100 >= 0.98 exactly
+    assert srank(phi, delta=0.0099) == 3     # 99/100 < 0.9901
+
+
+def test_srank_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(n, d\)"):
+        srank(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="delta"):
+        srank(torch.eye(3), delta=1.0)
