@@ -1,8 +1,9 @@
 """Configuration: one flat, typed dataclass; presets are nothing but sets of its values.
 
 Resolution order (later wins): dataclass defaults -> preset -> per-env defaults (learning
-rates, TRPO KL limit; docs/design.md section 1.4) -> the user's overrides. :func:`make_config`
-does all of it and validates the result, so every error names the key and what is allowed.
+rates, TRPO KL limit; docs/design.md section 1.4) -> the preset's own per-env values
+(:class:`ByEnv`) -> the user's overrides. :func:`make_config` does all of it and validates
+the result, so every error names the key and what is allowed.
 
 The presets belong to the algorithms (each algorithm module registers its own, see
 :mod:`pgscope.algos`); :data:`PRESETS` is a read-only view of them. Keys marked
@@ -64,6 +65,8 @@ class Config:
     kl_beta_init: float = 1.0  # ppo-kl initial penalty coefficient
     # TRPO
     max_kl: float = 0.13
+    max_kl_final: float = 0.0  # KL limit of the last iteration, reached linearly from
+    # max_kl (algos.trpo.kl_limit); 0 keeps max_kl throughout
     cg_iters: int = 10
     cg_damping: float = 0.1
     fisher_fraction: float = 0.1
@@ -181,11 +184,39 @@ ENV_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+def env_base_name(env_id: str) -> str:
+    """'Hopper-v5' -> 'Hopper', 'my_module:ns/Thing-v0' -> 'Thing'."""
+    return re.sub(r"-v\d+$", "", env_id.split(":")[-1].split("/")[-1])
+
+
 def env_family(env_id: str) -> str | None:
     """'Hopper-v5' -> 'Hopper'; None when the env has no per-env defaults."""
-    base = env_id.split(":")[-1].split("/")[-1]
-    name = re.sub(r"-v\d+$", "", base)
+    name = env_base_name(env_id)
     return name if name in ENV_DEFAULTS else None
+
+
+class ByEnv(dict[str, Any]):
+    """A preset value that depends on the env family: ``ByEnv(Hopper=2e-4, Walker2d=3e-4)``.
+
+    :func:`make_config` picks the value of the env's family (the env id without its
+    version, as :func:`env_base_name` gives it) after :data:`ENV_DEFAULTS`, so it wins over
+    them; for an env of another family every such key must be given as an override."""
+
+
+def resolve_by_env(preset: str, values: Mapping[str, Any], env_id: str,
+                   given: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``preset``'s :class:`ByEnv` keys for ``env_id``; a key the preset has
+    no value of for this env must be in ``given`` (the user's overrides)."""
+    family = env_base_name(env_id)
+    per_env = {k: v for k, v in values.items() if isinstance(v, ByEnv)}
+    missing = [k for k, v in per_env.items() if family not in v and k not in given]
+    if missing:
+        known = sorted({f for v in per_env.values() for f in v})
+        raise ConfigError(
+            f"preset '{preset}' sets {', '.join(missing)} per env, for {', '.join(known)} "
+            f"only; for '{env_id}' give {'it' if len(missing) == 1 else 'each'} yourself "
+            f"(e.g. --set {missing[0]}=...).")
+    return {k: v[family] for k, v in per_env.items() if family in v}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -308,6 +339,8 @@ def validate(cfg: Config) -> None:
     need(cfg.backtrack_coef < 1, f"backtrack_coef must be < 1, got {cfg.backtrack_coef}.")
     need(cfg.ent_coef >= 0, f"config key 'ent_coef' must be >= 0, got {cfg.ent_coef}.")
     need(cfg.cg_damping >= 0, f"config key 'cg_damping' must be >= 0, got {cfg.cg_damping}.")
+    need(cfg.max_kl_final >= 0,
+         f"config key 'max_kl_final' must be >= 0 (0 = no annealing), got {cfg.max_kl_final}.")
     need(len(cfg.hidden) >= 1 and all(h >= 1 for h in cfg.hidden),
          f"config key 'hidden' needs at least one positive layer width, got {cfg.hidden}.")
     need(bool(cfg.env_id), "an env id is required.")
@@ -357,10 +390,12 @@ def make_config(
         if key in user:
             raise ConfigError(f"'{key}' is chosen by the preset/env arguments (--algo/--env), "
                               "not by an override.")
-    values: dict[str, Any] = dict(PRESETS[preset])
+    preset_values = PRESETS[preset]
+    values = {k: v for k, v in preset_values.items() if not isinstance(v, ByEnv)}
     family = env_family(env_id)
     if family:
         values.update(ENV_DEFAULTS[family])
+    values.update(resolve_by_env(preset, preset_values, env_id, user))
     for key, value in user.items():
         values[key] = parse_value(key, value) if isinstance(value, str) and \
             _FIELDS[key].type != "str" else value
@@ -399,12 +434,14 @@ __all__ = [
     "Config",
     "PRESETS",
     "ENV_DEFAULTS",
+    "ByEnv",
     "make_config",
     "parse_overrides",
     "parse_value",
     "validate",
     "config_hash",
     "env_family",
+    "env_base_name",
     "OBSERVER_KEYS",
     "OPTIMIZATIONS_OFF",
     "register_check",
