@@ -71,3 +71,17 @@ def test_srank_rejects_bad_input():
         srank(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="delta"):
         srank(torch.eye(3), delta=1.0)
+
+
+# -- the value net's features ------------------------------------------------------------
+@pytest.mark.parametrize("hidden, act", [((64, 64), "tanh"), ((8,), "relu"), ((), "tanh")])
+def test_value_net_forward_is_last_layer_of_features(hidden, act):
+    from pgscope.networks import ValueNet
+
+    net = ValueNet(5, hidden, act, ortho_init=True)
+    obs = torch.randn(7, 5)
+    phi = net.features(obs)
+    assert phi.shape == (7, hidden[-1] if hidden else 5)
+    torch.testing.assert_close(net.last_layer(phi).squeeze(-1), net(obs), rtol=0, atol=0)
+    if hidden and act == "tanh":
+        assert phi.abs().max() <= 1.0  # after the activation, not before it

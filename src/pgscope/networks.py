@@ -238,3 +238,14 @@ class ValueNet(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations phi(s), ``(..., hidden[-1])``: the input of the last
+        linear layer, so ``forward(obs) == last_layer(features(obs)).squeeze(-1)``
+        (pgscope.features, docs/dr3.md)."""
+        return cast(torch.Tensor, self.net[:-1](obs))
+
+    @property
+    def last_layer(self) -> nn.Linear:
+        """The output layer ``V(s) = w . phi(s) + b``."""
+        return cast(nn.Linear, self.net[-1])
