@@ -69,7 +69,9 @@ def nominal_clip_range(cfg: Config) -> float:
 class Algorithm:
     """An on-policy algorithm as the rest of pgscope sees it.
 
-    ``presets`` maps preset names to the config values each sets (``algo`` is added);
+    ``presets`` maps preset names to the config values each sets (``algo`` is added; a
+    value may be a :class:`pgscope.config.ByEnv`, resolved per env family; more presets
+    can come from another module through :func:`add_presets`);
     ``logs`` lists the metric keys the algorithm's runs log besides the ones the training
     loop logs for every algorithm (``Metric.every_algorithm``); ``policy_optimizer`` says
     whether the policy is trained by the Adam optimizer (a parameter group ``policy``,
@@ -109,6 +111,16 @@ def register_algorithm(algo: Algorithm) -> Algorithm:
     return ALGORITHMS.register(algo.name, algo)
 
 
+def add_presets(name: str, new: Mapping[str, Mapping[str, Any]]) -> None:
+    """Give the registered algorithm ``name`` more presets (e.g. a module of faithful
+    reproductions of a paper, for several algorithms); their names must be new."""
+    algo = algorithm(name)
+    taken = set(new) & set(presets())
+    if taken:
+        raise ValueError(f"preset(s) {', '.join(sorted(taken))} already exist.")
+    algo.presets = {**algo.presets, **new}
+
+
 def algorithm(name: str) -> Algorithm:
     """The registered algorithm ``name`` (:class:`pgscope.registry.UnknownNameError`
     otherwise)."""
@@ -131,4 +143,5 @@ def _import_algorithm_modules() -> None:
 _import_algorithm_modules()
 
 __all__ = ["ALGORITHMS", "Algorithm", "EpochCallback", "NOMINAL_CLIP_RANGE", "SurrogateFn",
-           "UpdateFn", "algorithm", "nominal_clip_range", "presets", "register_algorithm"]
+           "UpdateFn", "add_presets", "algorithm", "nominal_clip_range", "presets",
+           "register_algorithm"]
