@@ -200,6 +200,19 @@ class Preprocessor:
             self.reward_scaler.load_state_dict(state["reward_scaler"])
 
 
+@dataclass
+class RolloutBuffers:
+    """The arrays one rollout fills, time-major ``(steps, envs, ...)``."""
+
+    obs: np.ndarray
+    next_obs: np.ndarray  # the state after each step (final obs at truncation)
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    done: np.ndarray
+    episodes: FinishedEpisodes
+
+
 class NonFiniteEnvError(DivergenceError):
     """The env itself returned a NaN or infinite reward or observation."""
 
@@ -276,43 +289,67 @@ class RolloutCollector:
 
     @torch.no_grad()
     def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, FinishedEpisodes]:
-        cfg, T, N = self.cfg, self.cfg.steps_per_env, self.cfg.num_envs
-        obs_dim = self.envs.single_observation_space.shape or ()
-        obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
-        next_obs = np.zeros((T, N, *obs_dim), dtype=np.float32)
-        actions = np.zeros((T, N, *self.act_shape), dtype=np.int64 if self.discrete else np.float32)
-        rewards = np.zeros((T, N))
-        terminated = np.zeros((T, N))
-        done = np.zeros((T, N))
-        episodes = FinishedEpisodes()
+        """One rollout of ``steps_per_env`` steps of every env with ``policy``."""
+        buffers = self.start_rollout()
         sample = policy.numpy_sampler()
+        for t in range(self.cfg.steps_per_env):
+            self.step(buffers, t, sample(self.observe(buffers, t), self.rng))
+        return self.finish_rollout(buffers, policy, value_net)
 
-        for t in range(T):
-            obs[t] = self.pre.obs(self.raw_obs, update=True)
-            action = sample(obs[t], self.rng)
-            actions[t] = action
-            env_action = action if self.discrete else clip_actions(
-                action, self.low, self.high, cfg.action_clip)
-            self.raw_obs, r, term, trunc, info = self.envs.step(env_action)
-            self.steps_taken += 1
-            check_finite_env_output(r, "reward", self.steps_taken)
-            check_finite_env_output(self.raw_obs, "observation", self.steps_taken)
-            ended = term | trunc
-            rewards[t] = self.pre.reward(np.asarray(r), ended)
-            terminated[t], done[t] = term, ended
-            self.ep_return += r
-            self.ep_length += 1
-            for i in np.flatnonzero(ended):
-                episodes.returns.append(float(self.ep_return[i]))
-                episodes.lengths.append(int(self.ep_length[i]))
-                self.ep_return[i], self.ep_length[i] = 0.0, 0
-                if trunc[i]:  # bootstrap from the true final state, not the reset one
-                    check_finite_env_output(info["final_obs"][i], "observation",
-                                            self.steps_taken)
-                    next_obs[t, i] = self.pre.obs(info["final_obs"][i][None], update=False)[0]
-            if t > 0:
-                still = ~done[t - 1].astype(bool)
-                next_obs[t - 1, still] = obs[t, still]
+    def start_rollout(self) -> RolloutBuffers:
+        """Empty arrays for one rollout (:meth:`collect` in pieces: :meth:`observe` and
+        :meth:`step` per step, then :meth:`finish_rollout`; the seed-batched engine
+        interleaves several collectors' steps this way)."""
+        T, N = self.cfg.steps_per_env, self.cfg.num_envs
+        obs_dim = self.envs.single_observation_space.shape or ()
+        return RolloutBuffers(
+            obs=np.zeros((T, N, *obs_dim), dtype=np.float32),
+            next_obs=np.zeros((T, N, *obs_dim), dtype=np.float32),
+            actions=np.zeros((T, N, *self.act_shape),
+                             dtype=np.int64 if self.discrete else np.float32),
+            rewards=np.zeros((T, N)), terminated=np.zeros((T, N)), done=np.zeros((T, N)),
+            episodes=FinishedEpisodes())
+
+    def observe(self, buffers: RolloutBuffers, t: int) -> np.ndarray:
+        """The preprocessed observation of step ``t`` (statistics updated), stored."""
+        buffers.obs[t] = self.pre.obs(self.raw_obs, update=True)
+        return buffers.obs[t]
+
+    def step(self, buffers: RolloutBuffers, t: int, action: np.ndarray) -> None:
+        """Step the envs with the sampled ``action`` of step ``t`` and store the outcome."""
+        cfg, obs, next_obs, done = self.cfg, buffers.obs, buffers.next_obs, buffers.done
+        buffers.actions[t] = action
+        env_action = action if self.discrete else clip_actions(
+            action, self.low, self.high, cfg.action_clip)
+        self.raw_obs, r, term, trunc, info = self.envs.step(env_action)
+        self.steps_taken += 1
+        check_finite_env_output(r, "reward", self.steps_taken)
+        check_finite_env_output(self.raw_obs, "observation", self.steps_taken)
+        ended = term | trunc
+        buffers.rewards[t] = self.pre.reward(np.asarray(r), ended)
+        buffers.terminated[t], done[t] = term, ended
+        self.ep_return += r
+        self.ep_length += 1
+        for i in np.flatnonzero(ended):
+            buffers.episodes.returns.append(float(self.ep_return[i]))
+            buffers.episodes.lengths.append(int(self.ep_length[i]))
+            self.ep_return[i], self.ep_length[i] = 0.0, 0
+            if trunc[i]:  # bootstrap from the true final state, not the reset one
+                check_finite_env_output(info["final_obs"][i], "observation",
+                                        self.steps_taken)
+                next_obs[t, i] = self.pre.obs(info["final_obs"][i][None], update=False)[0]
+        if t > 0:
+            still = ~done[t - 1].astype(bool)
+            next_obs[t - 1, still] = obs[t, still]
+
+    @torch.no_grad()
+    def finish_rollout(self, buffers: RolloutBuffers, policy: Policy, value_net: ValueNet
+                       ) -> tuple[Batch, FinishedEpisodes]:
+        """The :class:`Batch` of a rollout whose steps are all taken: values,
+        log-probabilities and GAE in one batched pass each."""
+        cfg, T, N = self.cfg, self.cfg.steps_per_env, self.cfg.num_envs
+        obs, next_obs, actions = buffers.obs, buffers.next_obs, buffers.actions
+        rewards, terminated, done = buffers.rewards, buffers.terminated, buffers.done
         next_obs[T - 1, ~done[T - 1].astype(bool)] = self.pre.obs(
             self.raw_obs, update=False)[~done[T - 1].astype(bool)]
 
@@ -338,4 +375,4 @@ class RolloutCollector:
             num_envs=N,
             action_saturation=action_saturation(actions, self.low, self.high),
         )
-        return batch, episodes
+        return batch, buffers.episodes
