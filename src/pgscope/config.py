@@ -92,6 +92,8 @@ class Config:
     # --- further switches --------------------------------------------------------------
     adv_norm: bool = True  # per-minibatch advantage normalization
     ent_coef: float = 0.0  # entropy bonus; 0 switches it off
+    value_dr3_coef: float = 0.0  # DR3 feature co-adaptation penalty on the value loss,
+    # c x mean phi(s) . phi(s') over within-episode pairs (docs/dr3.md); 0 switches it off
     kl_stop: bool = False  # stop the epochs once mean KL > 1.5 * target_kl
     action_clip: bool = True  # clip actions to the bounds before env.step
     reward_multiplier: float = 1.0  # the learner sees k x reward (Henderson et al.'s
@@ -104,6 +106,8 @@ class Config:
     probe_k: int = field(default=5, metadata=OBSERVES)
     probe_true_pairs: int = field(default=100_000, metadata=OBSERVES)
     probe_value_pairs: int = field(default=20_000, metadata=OBSERVES)
+    # critic-feature metrics (feature_dot, ...) on the batch every K iterations; 0 = never
+    features_every: int = field(default=1, metadata=OBSERVES)
     # --- bookkeeping and logging -------------------------------------------------------
     # keep checkpoints/iter_XXXXXX.pt every K iterations
     checkpoint_every: int = field(default=10, metadata=OBSERVES)
@@ -338,6 +342,10 @@ def validate(cfg: Config) -> None:
              f"config key '{key}' must be a positive finite number, got {v}.")
     need(cfg.backtrack_coef < 1, f"backtrack_coef must be < 1, got {cfg.backtrack_coef}.")
     need(cfg.ent_coef >= 0, f"config key 'ent_coef' must be >= 0, got {cfg.ent_coef}.")
+    need(cfg.value_dr3_coef >= 0,
+         f"config key 'value_dr3_coef' must be >= 0 (0 = off), got {cfg.value_dr3_coef}.")
+    need(cfg.features_every >= 0,
+         f"config key 'features_every' must be >= 0 (0 = never), got {cfg.features_every}.")
     need(cfg.cg_damping >= 0, f"config key 'cg_damping' must be >= 0, got {cfg.cg_damping}.")
     need(cfg.max_kl_final >= 0,
          f"config key 'max_kl_final' must be >= 0 (0 = no annealing), got {cfg.max_kl_final}.")
