@@ -1,7 +1,8 @@
 """The TRPO update (Schulman et al. 2015): a natural-gradient step found by conjugate
 gradient on Fisher-vector products, scaled to the KL limit, then a backtracking line search
 that accepts a step only if KL(old||new) <= max_kl *and* the surrogate improves. The value
-net is fit separately with Adam."""
+net is fit separately with Adam. With ``max_kl_final`` the KL limit moves linearly from
+``max_kl`` to it over the run (:func:`kl_limit`)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,19 @@ def conjugate_gradient(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
     return x
 
 
+def kl_limit(cfg: Config, update: int) -> float:
+    """The KL limit of TRPO update ``update`` (0-based) of the run's ``num_iterations``:
+    ``max_kl``, or with ``max_kl_final`` > 0 the linear schedule
+    ``max_kl + (max_kl_final - max_kl) * (update + 1) / num_iterations``, which ends at
+    ``max_kl_final`` on the last update (Engstrom et al.'s code raises its limit by one
+    increment before each policy step: MadryLab/implementation-matters,
+    src/policy_gradients/agent.py)."""
+    if cfg.max_kl_final <= 0:
+        return cfg.max_kl
+    done = min(update + 1, cfg.num_iterations)
+    return cfg.max_kl + (cfg.max_kl_final - cfg.max_kl) * done / cfg.num_iterations
+
+
 def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer, batch: Batch,
               generator: torch.Generator) -> dict[str, float]:
     """Regress the value net on the batch's GAE targets: epochs x minibatches of Adam."""
@@ -83,7 +97,11 @@ def trpo_update(cfg: Config, policy: Policy, value_net: ValueNet,
                 epoch_callback: EpochCallback | None = None) -> dict[str, float]:
     """One TRPO iteration on ``batch``; returns the update's metrics (each key is defined
     in :mod:`pgscope.metrics`). ``epoch_callback(1, old_policy)`` runs once, after the
-    policy step (the trust-region probe watches the update)."""
+    policy step (the trust-region probe watches the update). ``state["updates"]`` counts
+    the updates done, for the KL limit's schedule (:func:`kl_limit`)."""
+    updates = int(state.get("updates", 0))
+    max_kl = kl_limit(cfg, updates)
+    state["updates"] = updates + 1
     old_policy = copy.deepcopy(policy)
     params = list(policy.parameters())
     adv = normalize_advantages(batch.advantages, cfg.adv_norm)
@@ -107,7 +125,7 @@ def trpo_update(cfg: Config, policy: Policy, value_net: ValueNet,
     g = flat_grad(surr_old, params)
     direction = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
     shs = float(direction @ fisher_vector_product(direction))
-    step = math.sqrt(2 * cfg.max_kl / max(shs, 1e-12)) * direction
+    step = math.sqrt(2 * max_kl / max(shs, 1e-12)) * direction
 
     theta_old = parameters_to_vector(params).detach()
     step_fraction, steps_tried = 0.0, cfg.backtrack_iters
@@ -115,7 +133,7 @@ def trpo_update(cfg: Config, policy: Policy, value_net: ValueNet,
         for k in range(cfg.backtrack_iters):
             fraction = cfg.backtrack_coef ** k
             vector_to_parameters(theta_old + fraction * step, params)
-            if mean_kl(batch.obs) <= cfg.max_kl and surrogate() > surr_old:
+            if mean_kl(batch.obs) <= max_kl and surrogate() > surr_old:
                 step_fraction, steps_tried = fraction, k + 1
                 break
         else:
