@@ -211,8 +211,14 @@ def _study_run(args: argparse.Namespace) -> int:
     n_runs = len(spec.configs) * len(spec.envs) * len(spec.seeds)
     print(f"study {spec.name}: {len(spec.configs)} configs x {len(spec.envs)} envs x "
           f"{len(spec.seeds)} seeds = {n_runs} runs of {spec.total_steps} steps -> {out}")
+    for flag, value in (("--batch-size", args.batch_size), ("--ship-every", args.ship_every)):
+        if value is not None and value < 1:
+            raise PgscopeError(f"{flag} must be >= 1.")
+    if args.ship_every is not None and args.backend != "ray":
+        raise PgscopeError("--ship-every needs --backend ray.")
     outcome = run_study(spec, out, backend=args.backend, workers=args.workers,
-                        address=args.address, progress=not args.quiet)
+                        address=args.address, progress=not args.quiet,
+                        batch_size=args.batch_size, ship_every=args.ship_every or 1)
     print(f"{outcome.runs} runs: {outcome.skipped} already finished, "
           f"{len(outcome.complete)} completed now, {len(outcome.diverged)} diverged, "
           f"{len(outcome.failed)} failed")
@@ -408,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--backend", choices=["local", "ray"], default="local")
     sr.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     sr.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
+    sr.add_argument("--batch-size", type=int,
+                    help="at most this many seeds of a config trained as one batch (default: "
+                         "the spec's batch_size, else 8; 1: every run alone)")
+    sr.add_argument("--ship-every", type=int, help="Ray: ship each run to the study "
+                    "directory after every N-th checkpoint (default 1)")
     sr.add_argument("--quiet", action="store_true")
     sr.set_defaults(func=_study_run)
     ss = st_sub.add_parser("summary", help="tables (CSV, JSON) and plots (PNG) of a study")
