@@ -20,16 +20,23 @@ updates call these pieces; none of the switches is re-implemented anywhere else.
 | kl_stop         | :func:`kl_early_stop`          |
 | action_clip     | :func:`clip_actions`           |
 | reward_multiplier | :func:`multiply_rewards`     |
+| value_dr3_coef  | :func:`dr3_penalty`            |
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+from pgscope.features import feature_dot
+
+if TYPE_CHECKING:
+    from pgscope.networks import ValueNet
 
 
 class RunningMeanStd:
@@ -234,3 +241,16 @@ def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:
     if mean_kl < target_kl / 1.5:
         return beta / 2.0
     return beta
+
+
+def dr3_penalty(value_net: ValueNet, obs: torch.Tensor, next_obs: torch.Tensor,
+                valid: torch.Tensor, coef: float) -> torch.Tensor:
+    """The DR3 regularizer (Kumar et al. 2021) added to the value loss:
+    ``coef * mean_i phi(s_i) . phi(s'_i)`` over the pairs with ``valid[i]`` (no episode end
+    between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi`` is
+    :meth:`ValueNet.features`; the gradient flows through both features. Exactly 0 (no
+    forward pass) when ``coef`` is 0 or no pair is valid."""
+    if coef == 0 or not bool(valid.any()):
+        return torch.zeros((), dtype=obs.dtype)
+    dots = feature_dot(value_net.features(obs[valid]), value_net.features(next_obs[valid]))
+    return coef * dots.mean()
