@@ -25,6 +25,7 @@ same message as on the ``pgscope train`` command line. The TOML format::
     [score]                      # the final score of a run (recorded with the results)
     last_fraction = 0.1          # mean return over the last 10% of iterations
     # last_iterations = 10       # ... or over the last 10 iterations
+    # rule = "paper"             # ... or a named rule (SCORE_RULES); score = "paper" too
     failure_threshold = { "Hopper-v5" = 1000.0 }
 
     [statistics]
@@ -67,6 +68,15 @@ PROBE_KEYS = {"every": "probe_every", "kinds": "probe_kinds", "sizes": "probe_si
               "value_pairs": "probe_value_pairs"}
 
 
+#: Named score rules (``score = "paper"`` in a spec, ``pgscope study summary --score
+#: paper``): the [score] values each one fixes, and its description.
+SCORE_RULES: dict[str, tuple[dict[str, Any], str]] = {
+    "paper": (dict(last_fraction=None, last_iterations=10),
+              "the papers' rule (Engstrom et al., 2020): each run's mean episode return over "
+              "its last 10 iterations, then the mean over runs with its CI (column mean)"),
+}
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
     """How a run's final score is computed from its learning curve."""
@@ -74,6 +84,19 @@ class ScoreSpec:
     last_fraction: float | None = 0.1
     last_iterations: int | None = None
     failure_threshold: dict[str, float] = field(default_factory=dict)
+    rule: str | None = None  # the name in SCORE_RULES this score follows, if any
+
+    @classmethod
+    def named(cls, rule: str, failure_threshold: dict[str, float] | None = None
+              ) -> ScoreSpec:
+        """The score of rule ``rule`` of :data:`SCORE_RULES`."""
+        if rule not in SCORE_RULES:
+            close = difflib.get_close_matches(str(rule), list(SCORE_RULES), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown score rule '{rule}'.{hint} Rules: "
+                              f"{', '.join(SCORE_RULES)}.")
+        return cls(**SCORE_RULES[rule][0], failure_threshold=dict(failure_threshold or {}),
+                   rule=rule)
 
     def window(self, num_iterations: int) -> int:
         """How many of the last iterations are averaged."""
@@ -82,6 +105,8 @@ class ScoreSpec:
         return max(1, round(float(self.last_fraction or 0.1) * num_iterations))
 
     def describe(self) -> str:
+        if self.rule is not None:
+            return SCORE_RULES[self.rule][1]
         if self.last_iterations is not None:
             return (f"mean of the per-iteration mean episode return over the last "
                     f"{self.last_iterations} iterations")
@@ -285,12 +310,18 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
               f"{source}: label '{label}' may only use letters, digits and _ . + = - "
               "(and not start with . or -).")
 
-    score_data = dict(data.get("score", {}))
-    _check_table_keys(score_data, ("last_fraction", "last_iterations", "failure_threshold"),
-                      f"{source} [score]")
+    score_data = data.get("score", {})
+    score_data = {"rule": score_data} if isinstance(score_data, str) else dict(score_data)
+    _check_table_keys(score_data, ("last_fraction", "last_iterations", "failure_threshold",
+                                   "rule"), f"{source} [score]")
     _need(not ("last_fraction" in score_data and "last_iterations" in score_data),
           f"{source} [score]: give last_fraction or last_iterations, not both.")
-    if "last_iterations" in score_data:
+    _need("rule" not in score_data or set(score_data) <= {"rule", "failure_threshold"},
+          f"{source} [score]: rule '{score_data.get('rule')}' fixes the window; drop "
+          "last_fraction and last_iterations.")
+    if "rule" in score_data:
+        score = ScoreSpec.named(score_data["rule"], score_data.get("failure_threshold"))
+    elif "last_iterations" in score_data:
         n = score_data["last_iterations"]
         _need(isinstance(n, int) and n >= 1, f"{source} [score]: last_iterations must be >= 1.")
         score = ScoreSpec(last_fraction=None, last_iterations=n,
