@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_evaluate)
 
+    from pgscope.dr3.commands import add_dr3_parser  # pgscope dr3 dataset | train | summary
+
+    add_dr3_parser(sub)
+
     pr = sub.add_parser("presets", help="list presets and what they switch")
     pr.set_defaults(func=_presets)
     return p
@@ -483,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         again = "re-run the same 'pgscope study run' command" if args.command == "study" \
+            else "re-run the same 'pgscope dr3 train' command" if args.command == "dr3" \
             else "run 'pgscope train --resume DIR'"
         print(f"interrupted; to resume, {again}.", file=sys.stderr)
         return 130
