@@ -6,8 +6,10 @@
 :func:`write_summary` writes them as CSV and JSON (plus PNG plots) and returns them.
 
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
-output). Every planned run has one of four outcomes (:data:`OUTCOME_RULE`, stated in every
-summary):
+output), or by a named rule (:data:`pgscope.study.spec.SCORE_RULES`) given to
+:func:`summarize`: ``"paper"`` is the papers' score, each run's mean return over its last 10
+iterations and the mean over runs with its CI. Every planned run has one of four outcomes
+(:data:`OUTCOME_RULE`, stated in every summary):
 
 - **complete**: finished, with a score;
 - **diverged**: stopped by NaN/Inf (``status.json`` "diverged");
@@ -30,6 +32,7 @@ a comparison). ``summary.json`` and the CSV files keep full float precision.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -41,7 +44,7 @@ import pandas as pd
 from pgscope import seed_statistics as stats
 from pgscope.run import RunDir, atomic_write_json
 from pgscope.study.runner import FAILED, FINISHED, open_study, run_state
-from pgscope.study.spec import StudySpec
+from pgscope.study.spec import ScoreSpec, StudySpec
 
 RUN_COLUMNS = ["label", "env", "seed", "preset", "state"]
 
@@ -349,10 +352,15 @@ def profiles(spec: StudySpec, scores: pd.DataFrame, points: int = 41) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
-    """Every table of a study as DataFrames, plus the settings they were computed with."""
+def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
+    """Every table of a study as DataFrames, plus the settings they were computed with;
+    ``score`` names a score rule (:data:`pgscope.study.spec.SCORE_RULES`, e.g. "paper")
+    to use instead of the spec's ``[score]`` (its failure thresholds are kept)."""
     path = Path(path)
     spec = open_study(path)
+    if score is not None:
+        spec = dataclasses.replace(spec, score=ScoreSpec.named(
+            score, spec.score.failure_threshold))
     data = _load(spec, path)
     scores = final_scores(spec, data)
     tables = dict(scores=scores, aggregates=aggregates(spec, scores),
@@ -407,12 +415,13 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
             for rec in df.to_dict(orient="records")]
 
 
-def write_summary(path: str | Path, out: str | Path | None = None, plots: bool = True
-                  ) -> dict[str, Any]:
+def write_summary(path: str | Path, out: str | Path | None = None, plots: bool = True,
+                  score: str | None = None) -> dict[str, Any]:
     """Write every table as CSV and all of them as one JSON (and PNG plots) to ``out``
-    (default ``DIR/summary``); returns what :func:`summarize` returns plus the files."""
+    (default ``DIR/summary``); returns what :func:`summarize` returns plus the files
+    (``score``: a named score rule, as for :func:`summarize`)."""
     path = Path(path)
-    result = summarize(path)
+    result = summarize(path, score)
     out = Path(out) if out is not None else path / "summary"
     out.mkdir(parents=True, exist_ok=True)
     files = []
