@@ -57,13 +57,16 @@ def plot_gradients(result: dict, path: Path) -> None:
 
 
 def plot_values(result: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = ["vs GAE targets", "vs true returns"]
-    for i, key in enumerate(("vs_gae_targets", "vs_true_returns")):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = [("vs_gae_targets", "vs GAE targets"),
+            ("vs_true_returns", "vs true returns\n(pgscope: uncut only)"),
+            ("vs_cut_returns", "vs cut returns\n(the paper's)")]
+    bars = [(key, label) for key, label in bars if key in result]  # older results: two
+    for i, (key, _) in enumerate(bars):
         r = result[key]["relative_error"]
         ax.bar(i, r["mean"], yerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]],
                color=f"C{i}", capsize=6)
-    ax.set_xticks([0, 1], labels)
+    ax.set_xticks(range(len(bars)), [label for _, label in bars])
     ax.set_ylabel("mean relative error |V - y| / |y|")
     ax.set_title(f"value prediction ({result['settings']['env_id']}, "
                  f"{result['states_with_true_return']} states with true returns)")

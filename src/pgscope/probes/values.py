@@ -4,9 +4,20 @@ predict values? (docs/design.md section 3)
 On fresh held-out rollouts (collected as in training, statistics frozen), compare the
 agent's V(s) with
 
-* the targets it is trained on, ``V_old(s) + A_GAE(s)``, and
+* the targets it is trained on, ``V_old(s) + A_GAE(s)``, computed as training computes
+  them: GAE over a rollout of ``steps_per_env`` steps whose trace stops at the rollout end
+  and bootstraps from V there;
 * the true discounted return-to-go ``G_t`` of the same rollouts, in the value net's own
-  units (rewards after the agent's reward scaling/clipping).
+  units (rewards after the agent's reward scaling/clipping), by two definitions reported
+  side by side (:data:`DEFINITIONS`):
+
+  - ``vs_cut_returns`` (the paper's): ``G_t`` summed to the end of the episode or of the
+    rollout, whichever comes first. Every state counts, including those whose return the
+    rollout end or a time limit cut short, so the "true" returns of late states are
+    partial sums and the error is inflated by the cuts (for positive rewards V looks too
+    high);
+  - ``vs_true_returns`` (pgscope's, the truncation rule below): only states whose return
+    nothing cuts within the effective horizon count.
 
 A return-to-go is only *true* if nothing cuts it. Two things can: the end of a rollout
 segment and a time-limit truncation. Whether a state's return is counted must not depend
@@ -19,21 +30,22 @@ missing tail weighs at most ``gamma^H`` of the future. States that fail the rule
 **excluded** from the true-return comparison, and the probe reports how many.
 
 To have that lookahead, each segment runs ``steps_per_env + H`` steps from a reset and the
-first ``steps_per_env`` states are kept (their GAE targets differ from a training
-rollout's only by the bootstrap weight ``(gamma lambda)^H``). Starting from resets weights
-early-episode states more than training's continuing rollouts do.
+first ``steps_per_env`` states are kept; the cut returns and the GAE targets use those
+first ``steps_per_env`` steps only, as a training rollout would. Starting from resets
+weights early-episode states more than training's continuing rollouts do.
 
 Errors are real relative errors, mean ``|V - G| / |G|`` over states with ``|G|`` above a
-floor (``min_abs_return``), plus the scale-free ratio ``mean|V - G| / mean|G|`` and the
-explained variance. CIs bootstrap over rollout segments (one env's column of a chunk),
-since states within a segment are correlated.
+floor (``min_abs_return``), plus the scale-free ratio ``mean|V - G| / mean|G|``, the
+explained variance and the signed ``mean_error`` ``mean(V - G)``. CIs bootstrap over
+rollout segments (one env's column of a chunk), since states within a segment are
+correlated.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -73,24 +85,47 @@ def elapsed_steps(done: np.ndarray) -> np.ndarray:
     return elapsed
 
 
+#: The value error's targets, one key of the result each: whose definition it is and what
+#: it measures (recorded in the result's settings).
+DEFINITIONS = {
+    "vs_gae_targets": "the paper's and pgscope's: V_old + A_GAE as training computes them "
+                      "(GAE over the steps_per_env-step rollout, bootstrapped from V at its "
+                      "end)",
+    "vs_true_returns": "pgscope's: the discounted return-to-go over the rollout and H more "
+                       "steps; states whose return the segment end or a time limit could "
+                       "cut within the effective horizon H are excluded (counted)",
+    "vs_cut_returns": "the paper's: the discounted return-to-go summed to the end of the "
+                      "episode or of the steps_per_env-step rollout, whichever comes first; "
+                      "every state counts, returns cut by the rollout end or a time limit "
+                      "included",
+}
+
+
 def _errors(v: np.ndarray, target: np.ndarray, floor: float) -> dict[str, float]:
+    if len(v) == 0:
+        return dict.fromkeys(("relative_error", "mean_abs_error_ratio", "explained_variance",
+                              "mean_error"), float("nan"))
     mask = np.abs(target) > floor
     rel = float(np.mean(np.abs(v[mask] - target[mask]) / np.abs(target[mask]))) \
         if mask.any() else float("nan")
     ratio = float(np.mean(np.abs(v - target)) / max(np.mean(np.abs(target)), 1e-12))
     var = float(np.var(target))
     ev = 1.0 - float(np.var(target - v)) / var if var > 0 else float("nan")
-    return {"relative_error": rel, "mean_abs_error_ratio": ratio, "explained_variance": ev}
+    return {"relative_error": rel, "mean_abs_error_ratio": ratio, "explained_variance": ev,
+            "mean_error": float(np.mean(v - target))}
 
 
 @dataclass
 class Segments:
-    """One chunk of fresh segments: the first ``keep`` steps of each (time-major, flat),
-    their discounted returns-to-go ``G`` and whether each counts as a true return."""
+    """One chunk of fresh segments: the first ``keep`` steps of each (time-major, flat,
+    ``batch.num_envs`` columns), their discounted returns-to-go ``G`` over the whole
+    segment, whether each counts as a true return (the truncation rule), and ``G_cut``,
+    the returns-to-go cut at the end of the ``keep`` steps (the paper's)."""
 
     batch: Batch
     G: np.ndarray
     true: np.ndarray
+    G_cut: np.ndarray
     n_envs: int
     keep: int
     time_limit: int | None
@@ -127,12 +162,16 @@ def true_return_segments(agent: Agent, n_pairs: int, seed: int, horizon_tol: flo
         batch = sample_batch(agent, shape[0] * n_envs, seed=seed * 10**8 + chunk * 1000,
                              horizon=shape[0], max_envs=n_envs)
         done = batch.done.numpy().reshape(shape)
-        G = returns_to_go(batch.rewards.numpy().reshape(shape), done, cfg.gamma)
+        rewards = batch.rewards.numpy().reshape(shape)
+        G = returns_to_go(rewards, done, cfg.gamma)
+        G_cut = returns_to_go(rewards[:keep], done[:keep], cfg.gamma)
         ok = np.ones(shape, dtype=bool)
         if limit is not None:
             ok &= (limit - elapsed_steps(done)) >= H
-        kept = batch.select(torch.arange(keep * n_envs))  # time-major: the first rows
-        yield Segments(kept, G[:keep].reshape(-1), ok[:keep].reshape(-1), n_envs, keep, limit)
+        # time-major: the first rows, still in the (steps, envs) layout
+        kept = replace(batch.select(torch.arange(keep * n_envs)), num_envs=n_envs)
+        yield Segments(kept, G[:keep].reshape(-1), ok[:keep].reshape(-1), G_cut.reshape(-1),
+                       n_envs, keep, limit)
         bar.update(keep * n_envs)
     bar.close()
 
@@ -146,8 +185,9 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
     parts = list(true_return_segments(agent, n_pairs, seed + 7, horizon_tol,
                                       "value probe" if progress else None))
     v = np.concatenate([p.batch.values.numpy() for p in parts]).astype(np.float64)
-    tgt = np.concatenate([p.batch.returns.numpy() for p in parts]).astype(np.float64)
+    tgt = np.concatenate([training_targets(p.batch, agent) for p in parts])
     G = np.concatenate([p.G for p in parts])
+    G_cut = np.concatenate([p.G_cut for p in parts])
     ok = np.concatenate([p.true for p in parts])
     seg = np.concatenate([np.tile(np.arange(p.n_envs), p.keep) + i * p.n_envs
                           for i, p in enumerate(parts)])
@@ -173,6 +213,7 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
 
     vs_targets = with_ci(lambda i: _errors(v[i], tgt[i], min_abs_return))
     vs_true = with_ci(lambda i: _errors(v[i][ok[i]], G[i][ok[i]], min_abs_return))
+    vs_cut = with_ci(lambda i: _errors(v[i], G_cut[i], min_abs_return))
     return {
         "settings": {"n_pairs": int(len(v)), "seed": seed, "gamma": cfg.gamma,
                      "gae_lambda": cfg.gae_lambda, "effective_horizon": H,
@@ -180,15 +221,26 @@ def value_probe(agent: Agent, n_pairs: int = 100_000, seed: int = 0,
                      "states_kept_per_segment": keep, "segment_length": keep + H,
                      "time_limit": limit,
                      "reward_units": "scaled" if cfg.reward_scale else "raw",
-                     "env_id": cfg.env_id},
+                     "env_id": cfg.env_id, "definitions": DEFINITIONS},
         "states": int(len(v)),
         "states_with_true_return": int(ok.sum()),
         "states_excluded_cut_within_horizon": int((~ok).sum()),
         "vs_gae_targets": vs_targets,
         "vs_true_returns": vs_true,
+        "vs_cut_returns": vs_cut,
         "value_mean": float(v.mean()),
         "true_return_mean": float(G[ok].mean()) if ok.any() else float("nan"),
+        "cut_return_mean": float(G_cut.mean()),
     }
+
+
+def training_targets(batch: Batch, agent: Agent) -> np.ndarray:
+    """``V_old + A_GAE`` of a time-major batch of rollout segments, as training computes
+    them: GAE over each segment with the agent's value net, the trace stopping at the
+    segment's end and bootstrapping from V of the next observation there."""
+    cfg = agent.config
+    adv = batch.recompute_advantages(agent.value_net, cfg.gamma, cfg.gae_lambda)
+    return (adv.double() + batch.values.double()).numpy()
 
 
 def check_horizon(settings: ProbeSettings, cfg: Config) -> None:
@@ -198,23 +250,32 @@ def check_horizon(settings: ProbeSettings, cfg: Config) -> None:
 
 
 #: What the result's top-level keys hold.
-SCHEMA = {"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclusion rule",
-          "vs_gae_targets": "relative_error, mean_abs_error_ratio, explained_variance "
-                            "(each mean with a bootstrap CI over segments)",
-          "vs_true_returns": "the same against true discounted returns",
+SCHEMA = {"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclusion rule, "
+                      "definitions (whose definition each vs_* key follows)",
+          "vs_gae_targets": "relative_error, mean_abs_error_ratio, explained_variance, "
+                            "mean_error (each mean with a bootstrap CI over segments)",
+          "vs_true_returns": "the same against true discounted returns (pgscope's "
+                             "truncation rule)",
+          "vs_cut_returns": "the same against returns cut at the rollout end or a time limit "
+                            "(the paper's definition)",
           "states, states_with_true_return, states_excluded_cut_within_horizon": "counts",
-          "value_mean, true_return_mean": "means"}
+          "value_mean, true_return_mean, cut_return_mean": "means"}
 
 
 def _headline(result: dict) -> str:
-    return (f"values: relative error vs GAE targets "
+    line = (f"values: relative error vs GAE targets "
             f"{interval(result['vs_gae_targets']['relative_error'])}, vs true returns "
             f"{interval(result['vs_true_returns']['relative_error'])}")
+    if "vs_cut_returns" in result:
+        line += (f", vs cut returns (the paper's) "
+                 f"{interval(result['vs_cut_returns']['relative_error'])}")
+    return line
 
 
 @probe("values", order=20, settings=("value_pairs",), plot="plot_values",
        headline=_headline, schema=SCHEMA, check=check_horizon)
 def _compute(p: ProbeInput) -> dict:
     """Relative error of V against its GAE targets and against true discounted returns
-    on fresh rollouts."""
+    on fresh rollouts (pgscope's truncation rule and the paper's cut returns, side by
+    side)."""
     return value_probe(p.agent, p.settings.value_pairs, p.seed, progress=p.progress)

@@ -1,0 +1,203 @@
+"""The probes' two definitions where the paper's and pgscope's differ (docs/design.md
+section 3), each against exact answers on tabular MDPs:
+
+* value error: the paper's returns cut at the rollout end or a time limit, and pgscope's
+  truncation rule, on deterministic chains where every return is known in closed form and
+  on the stochastic default MDP through the expectations of finite-horizon dynamic
+  programming;
+* baselines: 'zero' (discounted returns, the paper's no-baseline estimator) against the
+  exact policy gradient, 'zero-gae' (GAE with V = 0) against its own formula;
+* landscape: env seeds disjoint across grid points and random directions, intervals over
+  the directions that cover the exact return.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from pgscope.agent import Agent, build_agent
+from pgscope.config import make_config
+from pgscope.envs.tabular import (
+    ENV_ID,
+    TabularEnv,
+    TabularMDP,
+    default_mdp,
+    exact_values,
+    policy_matrix,
+)
+from pgscope.probes.values import effective_horizon, value_probe
+
+GAMMA = 0.5  # effective horizon H = 7 at horizon_tol 0.01: short chains suffice
+FLAT = dict(reward_scale=False, reward_clip=False, obs_norm=False, obs_clip=False,
+            adv_norm=False, hidden=(8,), num_envs=1, minibatches=1)
+
+
+class TableValue(torch.nn.Module):
+    """A value net that returns ``V[s]`` for the one-hot observation of state ``s`` (and 0
+    for the all-zero observation after termination)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("v", torch.as_tensor(values, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.float() @ self.v
+
+
+def chain_mdp(n: int) -> TabularMDP:
+    """A deterministic chain with one action: 0 -> 1 -> ... -> n-1 -> terminate, reward
+    ``1 + i / 10`` in state ``i``. Every return is then a known number."""
+    P = np.zeros((n, 1, n))
+    for i in range(n - 1):
+        P[i, 0, i + 1] = 1.0
+    rho = np.zeros(n)
+    rho[0] = 1.0
+    return TabularMDP(P=P, R=(1.0 + np.arange(n) / 10.0)[:, None], rho=rho)
+
+
+def register_chain(n: int, limit: int | None) -> str:
+    env_id = f"pgscope-test/Chain{n}-L{limit}-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=lambda: TabularEnv(chain_mdp(n)),
+                     max_episode_steps=limit, disable_env_checker=True)
+    return env_id
+
+
+def tabular_agent(env_id: str, **overrides) -> Agent:
+    cfg = make_config("ppo", env_id, dict(FLAT, **overrides))
+    env = gym.make(env_id)
+    torch.manual_seed(0)
+    agent = build_agent(cfg, env.observation_space, env.action_space)
+    env.close()
+    return agent
+
+
+def finite_horizon_values(mdp: TabularMDP, pi: np.ndarray, gamma: float, m: int
+                          ) -> np.ndarray:
+    """``V_m[s] = E[sum_{k < m} gamma^k r_k | s_0 = s]``: the value of a return cut after
+    ``m`` steps (or at termination), by ``m`` Bellman backups from 0."""
+    P_pi = np.einsum("sa,sat->st", pi, mdp.P)
+    r_pi = (pi * mdp.R).sum(-1)
+    v = np.zeros(mdp.n_states)
+    for _ in range(m):
+        v = r_pi + gamma * P_pi @ v
+    return v
+
+
+def state_distributions(mdp: TabularMDP, pi: np.ndarray, steps: int) -> np.ndarray:
+    """``d[t, s]``: the probability of state ``s`` at step ``t`` of a rollout that starts at
+    a reset and resets (``s ~ rho``) in the same step an episode terminates."""
+    P_pi = np.einsum("sa,sat->st", pi, mdp.P)
+    K = P_pi + (1.0 - P_pi.sum(1))[:, None] * mdp.rho[None, :]
+    d = [mdp.rho]
+    for _ in range(steps - 1):
+        d.append(d[-1] @ K)
+    return np.array(d)
+
+
+# --- value error: the paper's cut returns and pgscope's truncation rule --------------------
+@pytest.mark.parametrize("n, limit, keep", [(5, None, 13), (30, 12, 16)])
+def test_value_error_definitions_on_a_deterministic_chain(n, limit, keep):
+    """Rollouts of ``keep`` steps cut some returns (and a time limit of 12 steps cuts the
+    30-state chain's episodes): the paper's error counts those partial sums as true
+    returns, so even the exact value function has a large error; pgscope's rule leaves them
+    out, and the exact value function errs only by the tail beyond H (gamma^H)."""
+    mdp = chain_mdp(n)
+    agent = tabular_agent(register_chain(n, limit), gamma=GAMMA, steps_per_iter=keep)
+    pi = np.ones((n, 1))
+    V = exact_values(mdp, pi, GAMMA)
+    agent.value_net = TableValue(V)  # the true value function
+    H = effective_horizon(GAMMA, 0.01)
+    result = value_probe(agent, n_pairs=2 * keep, seed=0, n_boot=20, progress=False)
+
+    # every step is known: state i = steps since the reset; an episode ends after
+    # n steps (termination) or `limit` steps (truncation), and resets in the same step
+    length = n if limit is None else min(n, limit)
+    Vm = [finite_horizon_values(mdp, pi, GAMMA, m) for m in range(keep + H + 1)]
+    paper, pgscope = [], []
+    for t in range(keep):
+        i = t % length
+        to_end = length - i  # steps until the episode ends
+        paper.append(abs(V[i] - Vm[min(to_end, keep - t)][i]) / Vm[min(to_end, keep - t)][i])
+        if limit is None or limit - i >= H:  # pgscope's rule: no cut within H steps
+            g = Vm[min(to_end, keep + H - t)][i]
+            pgscope.append(abs(V[i] - g) / g)
+    assert result["states"] == 2 * keep
+    assert result["states_with_true_return"] == 2 * len(pgscope)
+    cut = result["vs_cut_returns"]["relative_error"]["mean"]
+    true = result["vs_true_returns"]["relative_error"]["mean"]
+    assert cut == pytest.approx(np.mean(paper), rel=1e-5)
+    assert true == pytest.approx(np.mean(pgscope), rel=1e-4, abs=1e-6)
+    assert true < GAMMA**H  # ~0: only the tail beyond H is missing
+    assert cut > 0.05  # the documented difference: cut returns count as true
+    # the targets it is trained on: GAE(lambda) with the true V is exact except where the
+    # rollout end bootstraps (exactly, since V is true) or a time limit truncates (same)
+    assert result["vs_gae_targets"]["relative_error"]["mean"] < 1e-5
+    assert result["settings"]["definitions"]["vs_cut_returns"].startswith("the paper's")
+    assert result["settings"]["definitions"]["vs_true_returns"].startswith("pgscope's")
+
+
+def positive_mdp() -> TabularMDP:
+    """The default MDP with every reward raised by 1 (rewards in [0, 2]), so that values are
+    large and a cut return is clearly smaller than the full one."""
+    base = default_mdp()
+    return TabularMDP(P=base.P, R=base.R + 1.0, rho=base.rho)
+
+
+def test_signed_value_errors_match_finite_horizon_expectations():
+    """On a stochastic MDP the signed error mean(V - G) of the exact value function has an
+    exact expectation for both definitions: the mean over the kept steps t of
+    ``sum_s d_t(s) (V(s) - V_m(s))``, with ``m`` the steps left before the cut
+    (``keep - t`` for the paper's returns, ``keep + H - t`` for pgscope's). The probe's
+    intervals cover both; the paper's excludes 0, pgscope's is ~0."""
+    mdp, gamma, keep = positive_mdp(), 0.9, 32
+    env_id = "pgscope-test/TabularPlus-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=lambda: TabularEnv(positive_mdp()),
+                     max_episode_steps=None, disable_env_checker=True)
+    agent = tabular_agent(env_id, gamma=gamma, steps_per_iter=keep)
+    pi = policy_matrix(agent.policy, mdp)
+    V = exact_values(mdp, pi, gamma)
+    agent.value_net = TableValue(V)
+    H = effective_horizon(gamma, 0.01)
+    result = value_probe(agent, n_pairs=64 * keep * 3, seed=1, n_boot=200, progress=False)
+
+    d = state_distributions(mdp, pi, keep)
+    expected = {
+        "vs_cut_returns": np.mean([d[t] @ (V - finite_horizon_values(mdp, pi, gamma, keep - t))
+                                   for t in range(keep)]),
+        "vs_true_returns": np.mean([d[t] @ (V - finite_horizon_values(mdp, pi, gamma,
+                                                                      keep + H - t))
+                                    for t in range(keep)]),
+    }
+    assert expected["vs_cut_returns"] > 0.5  # measured 0.69: the cut biases the paper's
+    assert abs(expected["vs_true_returns"]) < 1e-3  # gamma^H: pgscope's is ~0
+    for key, exact in expected.items():
+        err = result[key]["mean_error"]
+        assert err["ci_low"] <= exact <= err["ci_high"], (key, err, exact)
+    assert result["vs_cut_returns"]["mean_error"]["ci_low"] > 0  # the difference exists
+
+
+def test_gae_targets_are_those_of_a_training_rollout():
+    """The value probe's segments run H steps past the kept ones; its GAE targets must still
+    be a training rollout's: the same first steps collected as a rollout of exactly
+    ``steps_per_env`` steps give the same V_old + A_GAE (the trace stops at the end)."""
+    from pgscope.probes.sampling import sample_batch
+    from pgscope.probes.values import training_targets, true_return_segments
+
+    keep, n_envs = 16, 4
+    agent = tabular_agent(ENV_ID, gamma=0.9, gae_lambda=0.95, steps_per_iter=keep)
+    H = effective_horizon(0.9, 0.01)
+    seg = next(true_return_segments(agent, keep * n_envs, seed=3))
+    # true_return_segments draws chunk 0 with seed * 10**8 (the seed it was given)
+    short = sample_batch(agent, keep * n_envs, seed=3 * 10**8, horizon=keep, max_envs=n_envs)
+    torch.testing.assert_close(seg.batch.obs, short.obs)  # the same first steps
+    np.testing.assert_allclose(training_targets(seg.batch, agent), short.returns.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    long = sample_batch(agent, (keep + H) * n_envs, seed=3 * 10**8, horizon=keep + H,
+                        max_envs=n_envs)
+    full_trace = long.returns.numpy()[:keep * n_envs]  # GAE whose trace runs on
+    assert np.abs(full_trace - short.returns.numpy()).max() > 1e-2  # the check has power
