@@ -242,7 +242,7 @@ def _study_run(args: argparse.Namespace) -> int:
 def _study_summary(args: argparse.Namespace) -> int:
     from pgscope.study.analysis import format_summary, write_summary
 
-    result = write_summary(args.dir, args.out, plots=not args.no_plots)
+    result = write_summary(args.dir, args.out, plots=not args.no_plots, score=args.score)
     print(format_summary(result))
     print(f"\nwritten: {', '.join(p.name for p in result['files'])} in "
           f"{Path(result['files'][0]).parent}")
@@ -263,10 +263,14 @@ def _study_presets(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    base = Config()
-    for name, values in PRESETS.items():
-        changed = {k: v for k, v in values.items() if getattr(base, k) != v}
-        print(f"{name:12s} {changed}")
+    from pgscope.presets_view import format_preset_list, format_presets
+
+    if not args.names:
+        if args.diff:
+            raise PgscopeError("--diff compares two presets: pgscope presets A B --diff.")
+        print(format_preset_list())
+        return 0
+    print(format_presets(args.names, args.env, diff_only=args.diff))
     return 0
 
 
@@ -425,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("dir", type=Path)
     ss.add_argument("--out", type=Path, help="where to write (default DIR/summary)")
     ss.add_argument("--no-plots", action="store_true")
+    ss.add_argument("--score", metavar="RULE", help="a named score rule instead of the "
+                    "spec's [score]: 'paper' = each run's mean return over its last 10 "
+                    "iterations, then the mean over runs with a CI")
     ss.set_defaults(func=_study_summary)
     sp = st_sub.add_parser("presets", help="list the built-in studies")
     sp.set_defaults(func=_study_presets)
@@ -463,7 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dr3_parser(sub)
 
-    pr = sub.add_parser("presets", help="list presets and what they switch")
+    pr = sub.add_parser("presets", help="list presets and what they switch; with NAME every "
+                        "key of that preset, with two names both side by side")
+    pr.add_argument("names", nargs="*", metavar="NAME", help="one or two presets")
+    pr.add_argument("--env", default="Hopper-v5", help="resolve for this env (default "
+                    "Hopper-v5): per-env values differ")
+    pr.add_argument("--diff", action="store_true", help="only the keys where two presets "
+                    "differ")
     pr.set_defaults(func=_presets)
     return p
 
