@@ -7,19 +7,24 @@ Layout::
 
 Re-running the same command resumes: finished runs are skipped, killed runs continue from
 their last checkpoint (``pgscope.train.train(resume=True)``), so nothing is run twice.
-Two executors run the same unit of work, :func:`execute_run`: local worker processes (one
-per core) and a Ray cluster (``backend="ray"``). Both retry a run whose worker died; the
-retry resumes from the run's checkpoint.
+The pending runs are packed into batches of runs that differ only in their seed
+(:mod:`pgscope.study.batching`); one batch is one unit of work, :func:`execute_batch`,
+trained by the seed-batched engine (runs it refuses are trained one by one). Two
+executors run the units: local worker processes (one per core) and a Ray cluster
+(``backend="ray"``, :mod:`pgscope.study.ray_backend`: workers train in node-local storage
+and ship the runs back to the study directory). Both retry a unit whose worker died; the
+retry resumes each run from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import logging
 import multiprocessing
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,10 +33,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pgscope.callbacks import Callback
 from pgscope.config import Config
-from pgscope.errors import DivergenceError, PgscopeError, RunDirError
+from pgscope.errors import ConfigError, DivergenceError, PgscopeError, RunDirError
 from pgscope.run import RunDir, atomic_write_json, library_versions
-from pgscope.study.spec import StudySpec
+from pgscope.study.batching import DEFAULT_BATCH_SIZE, Task, pack_batches, resume_point
+from pgscope.study.spec import StudySpec, safe_name
 
 STUDY_FILE = "study.json"
 STUDY_FORMAT = "pgscope-study"
@@ -40,7 +47,6 @@ FINISHED = ("complete", "diverged")
 #: the next ``pgscope study run`` resumes it, but the summary counts it as a failure.
 FAILED = "failed"
 
-Task = tuple[str, dict[str, Any]]  # (run directory, config dict)
 Event = tuple[str, Any] | None  # (task key, result dict or exception); None: nothing yet
 
 
@@ -133,7 +139,8 @@ def steps_done(path: Path) -> int:
 
 
 # --- the unit of work ---------------------------------------------------------------------
-def execute_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+def execute_run(run_dir: str, config: dict[str, Any],
+                callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train one run to completion, resuming it if it was started. Idempotent: this is what
     a worker executes, and what a retry after a dead worker executes again."""
     from pgscope.train import train
@@ -145,13 +152,82 @@ def execute_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     cfg = Config.from_dict(config)
     try:
         if state in ("partial", FAILED):
-            train(cfg, path, resume=True, progress=False)
+            train(cfg, path, resume=True, progress=False, callbacks=callbacks)
         else:
             _remove_empty_tree(path)  # a kill between mkdir and config.json leaves one
-            train(cfg, path, progress=False)
+            train(cfg, path, progress=False, callbacks=callbacks)
     except DivergenceError as exc:
         return {"state": "diverged", "error": str(exc)}
     return {"state": "complete"}
+
+
+def execute_batch(tasks: Sequence[Task], callbacks: Sequence[Callback] = ()
+                  ) -> list[dict[str, Any]]:
+    """Train a batch of runs (as :func:`pack_batches` groups them) to completion; one
+    result per run, in order: ``{"state": "complete" | "diverged" | "failed", "error"?}``.
+    Idempotent like :func:`execute_run`. Runs that start at the same point go to the
+    seed-batched engine together; runs it refuses (:class:`ConfigError`), and runs left
+    alone, are trained one by one. An error of one run fails that run only."""
+    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    pending = {}
+    for i, (run_dir, config) in enumerate(tasks):
+        state = run_state(Path(run_dir))
+        if state in FINISHED:
+            results[i] = {"state": state}
+        else:
+            pending[str(i)] = (run_dir, config)
+    # a retry may find the members at different checkpoints: regroup by start point
+    for group in pack_batches(pending, batch_size=max(1, len(pending))):
+        members = [int(k) for k in group]
+        if len(members) > 1:
+            batched = _train_batched([tasks[i] for i in members], callbacks)
+            if batched is not None:
+                for i, result in zip(members, batched, strict=True):
+                    results[i] = result
+                continue
+        for i in members:
+            results[i] = _train_alone(tasks[i], callbacks)
+    return [r if r is not None else {"state": FAILED, "error": "not trained"} for r in results]
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    return {"state": FAILED, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _train_alone(task: Task, callbacks: Sequence[Callback]) -> dict[str, Any]:
+    try:
+        return execute_run(*task, callbacks=callbacks)
+    except Exception as exc:  # noqa: BLE001 - reported per run
+        return _failure(exc)
+
+
+def _train_batched(tasks: list[Task], callbacks: Sequence[Callback]
+                   ) -> list[dict[str, Any]] | None:
+    """The members trained together by the seed-batched engine, or None when it is not
+    available or refuses them (they are then trained one by one)."""
+    try:
+        from pgscope.batched import train_batch  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    resume = run_state(Path(tasks[0][0])) != "new"
+    if not resume:
+        for run_dir, _ in tasks:
+            _remove_empty_tree(Path(run_dir))
+    try:
+        members = train_batch([Config.from_dict(c) for _, c in tasks],
+                              [Path(d) for d, _ in tasks], resume=resume, progress=False,
+                              callbacks=callbacks)
+    except ConfigError:
+        return None
+    out = []
+    for member in members:
+        if member.state in (*FINISHED, FAILED):
+            out.append({"state": member.state, **({"error": member.error}
+                                                  if member.error else {})})
+        else:
+            out.append({"state": FAILED, "error": member.error or
+                        f"the batched engine ended the run as '{member.state}'"})
+    return out
 
 
 def _remove_empty_tree(path: Path) -> None:
@@ -162,18 +238,19 @@ def _remove_empty_tree(path: Path) -> None:
 
 
 # --- executors ----------------------------------------------------------------------------
-def local_backend(tasks: dict[str, Task], workers: int, max_retries: int,
-                  poll: float = 1.0) -> Iterator[Event]:
-    """Worker processes (spawned, one run at a time each). A dead worker breaks the pool:
-    the runs it held are resubmitted to a fresh pool and resume from their checkpoints."""
+def local_backend(tasks: dict[str, Task], batches: list[list[str]], workers: int,
+                  max_retries: int, poll: float = 1.0) -> Iterator[Event]:
+    """Worker processes (spawned, one batch at a time each). A dead worker breaks the pool:
+    the batches it held are resubmitted to a fresh pool and resume from their checkpoints."""
     ctx = multiprocessing.get_context("spawn")
-    attempts = dict.fromkeys(tasks, 0)
-    todo = list(tasks)
+    attempts = [0] * len(batches)
+    todo = list(range(len(batches)))
     with _single_threaded_blas():
         while todo:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
                                      mp_context=ctx) as pool:
-                futures = {pool.submit(execute_run, *tasks[key]): key for key in todo}
+                futures = {pool.submit(execute_batch, [tasks[key] for key in batches[b]]): b
+                           for b in todo}
                 todo = []
                 pending = set(futures)
                 while pending:
@@ -181,17 +258,18 @@ def local_backend(tasks: dict[str, Task], workers: int, max_retries: int,
                     if not done:
                         yield None
                     for fut in done:
-                        key = futures[fut]
+                        b = futures[fut]
                         try:
-                            yield key, fut.result()
+                            yield from zip(batches[b], fut.result(), strict=True)
                         except BrokenProcessPool:
-                            attempts[key] += 1
-                            if attempts[key] > max_retries:
-                                yield key, RuntimeError(f"worker died {attempts[key]} times")
+                            attempts[b] += 1
+                            if attempts[b] > max_retries:
+                                error = RuntimeError(f"worker died {attempts[b]} times")
+                                yield from ((key, error) for key in batches[b])
                             else:
-                                todo.append(key)
+                                todo.append(b)
                         except Exception as exc:  # noqa: BLE001 - reported per run
-                            yield key, exc
+                            yield from ((key, exc) for key in batches[b])
 
 
 @contextlib.contextmanager
@@ -213,49 +291,29 @@ def _single_threaded_blas() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def ray_backend(tasks: dict[str, Task], workers: int, max_retries: int,
-                address: str | None = None, poll: float = 1.0) -> Iterator[Event]:
-    """The same work as Ray tasks. Ray re-executes a task whose worker died (``max_retries``);
-    :func:`execute_run` then resumes from the checkpoint. On a multi-node cluster the study
-    directory must be on storage that every node sees at the same path."""
-    try:
-        import ray
-    except ImportError:
-        raise PgscopeError("--backend ray needs the 'ray' package: pip install 'pgscope[ray]' "
-                          "(or pip install ray).") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, num_cpus=None if address else workers,
-                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1, max_retries=max_retries)(execute_run)
-        refs = {remote.remote(*tasks[key]): key for key in tasks}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=poll)
-            if not ready:
-                yield None
-            for ref in ready:
-                key = refs.pop(ref)
-                try:
-                    yield key, ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    yield key, exc
-    finally:
-        if started:
-            ray.shutdown()
-
-
 # --- the driver ---------------------------------------------------------------------------
 def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
               workers: int | None = None, address: str | None = None,
-              progress: bool = True, max_retries: int = 3) -> StudyOutcome:
+              progress: bool = True, max_retries: int = 3, batch_size: int | None = None,
+              ship_every: int = 1) -> StudyOutcome:
     """Run (or resume) every run of ``spec`` under ``out``; returns what happened.
+
+    Pending runs that differ only in their seed are trained in batches of at most
+    ``batch_size`` (default: the spec's ``batch_size``, else
+    :data:`~pgscope.study.batching.DEFAULT_BATCH_SIZE`; 1 trains every run alone). With
+    ``backend="ray"`` the workers train in node-local storage and ship each run to ``out``
+    at its start, after every ``ship_every``-th checkpoint and at its end.
 
     A run that raises is reported in ``failed`` and the others go on; a diverged run
     (NaN/Inf) is finished, with its cause in its ``status.json``.
     """
     if backend not in ("local", "ray"):
         raise PgscopeError(f"unknown backend '{backend}'; use 'local' or 'ray'.")
+    batch_size = batch_size or spec.batch_size or DEFAULT_BATCH_SIZE
+    for name, value, least in (("batch_size", batch_size, 1), ("ship_every", ship_every, 1),
+                               ("workers", workers, 1), ("max_retries", max_retries, 0)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise PgscopeError(f"{name} must be a whole number >= {least}, got {value!r}.")
     out = Path(out)
     runs = spec.runs()  # validates every config before anything is written
     from pgscope.envs import check_env_id
@@ -267,6 +325,8 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     budget = {r.rel_path: r.config.num_iterations * r.config.steps_per_iter for r in runs}
     tasks = {r.rel_path: (str(out / r.rel_path), r.config.to_dict()) for r in runs
              if run_state(out / r.rel_path) not in FINISHED}
+    batches = pack_batches(tasks, batch_size, workers,
+                           {key: resume_point(task[0]) for key, task in tasks.items()})
     outcome = StudyOutcome(out, len(runs), skipped=len(runs) - len(tasks))
     running = set(tasks)  # runs of this call not yet reported back
 
@@ -277,8 +337,14 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     bar = tqdm(total=sum(budget.values()), initial=done_steps(), unit="step",
                desc=f"study {spec.name}", disable=not progress, dynamic_ncols=True)
     bar.set_postfix_str(f"runs {outcome.skipped}/{len(runs)} done")
-    events = (local_backend(tasks, workers, max_retries) if backend == "local"
-              else ray_backend(tasks, workers, max_retries, address))
+    if backend == "local":
+        events = local_backend(tasks, batches, workers, max_retries)
+    else:
+        from pgscope.study.ray_backend import ray_backend
+
+        events = ray_backend({key: task[1] for key, task in tasks.items()}, batches, out,
+                             study_key(out, spec), workers=workers, max_retries=max_retries,
+                             address=address, ship_every=ship_every)
     try:
         for event in events:
             if event is not None:
@@ -286,6 +352,9 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
                 running.discard(key)
                 if isinstance(result, BaseException):
                     outcome.failed[key] = f"{type(result).__name__}: {result}"
+                    bar.write(f"run {key} failed: {outcome.failed[key]}")
+                elif result["state"] == FAILED:
+                    outcome.failed[key] = result.get("error", "failed")
                     bar.write(f"run {key} failed: {outcome.failed[key]}")
                 elif result["state"] == "diverged":
                     outcome.diverged.append(key)
@@ -299,3 +368,10 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     finally:
         bar.close()
     return outcome
+
+
+def study_key(out: Path, spec: StudySpec) -> str:
+    """A name for this study directory that is the same on every node (its node-local
+    storage is named after it) and says nothing of the driver's paths."""
+    text = f"{socket.gethostname()}:{out.resolve()}:{spec.hash()}"
+    return f"{safe_name(spec.name)[:40]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"

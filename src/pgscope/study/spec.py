@@ -9,6 +9,7 @@ same message as on the ``pgscope train`` command line. The TOML format::
     seeds = 5                    # or a list: [0, 1, 2, 3, 4]
     total_steps = 200_000
     set = { num_envs = 1 }       # optional overrides for every config
+    batch_size = 8               # optional: at most this many seeds trained as one batch
 
     [[configs]]
     label = "ppo"                # a unique name; also the run directories' name
@@ -62,7 +63,7 @@ from pgscope.errors import ConfigError
 
 LABEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 TOP_KEYS = ("name", "description", "envs", "seeds", "total_steps", "set", "configs",
-            "factorial", "score", "statistics", "probes")
+            "factorial", "score", "statistics", "probes", "batch_size")
 PROBE_KEYS = {"every": "probe_every", "kinds": "probe_kinds", "sizes": "probe_sizes",
               "k": "probe_k", "true_pairs": "probe_true_pairs",
               "value_pairs": "probe_value_pairs"}
@@ -161,6 +162,7 @@ class StudySpec:
     statistics: StatsSpec = StatsSpec()
     factors: tuple[str, ...] = ()  # keys varied factorially (main-effect tables)
     description: str = ""
+    batch_size: int | None = None  # runs per batch of seeds (None: the runner's default)
 
     @property
     def labels(self) -> list[str]:
@@ -192,7 +194,8 @@ class StudySpec:
             configs=tuple(ConfigSpec(c["label"], c["preset"], dict(c["overrides"]))
                           for c in data["configs"]),
             score=ScoreSpec(**data["score"]), statistics=StatsSpec(**data["statistics"]),
-            factors=tuple(data.get("factors", ())), description=data.get("description", ""))
+            factors=tuple(data.get("factors", ())), description=data.get("description", ""),
+            batch_size=data.get("batch_size"))
 
     def hash(self) -> str:
         """Identity of what is run (name, envs, seeds, budget and configs); the analysis
@@ -358,10 +361,16 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
           f"{source} [statistics]: baseline '{stats.baseline}' is not a config label "
           f"({', '.join(labels)}).")
 
+    batch_size = data.get("batch_size")
+    _need(batch_size is None or (isinstance(batch_size, int) and not isinstance(
+        batch_size, bool) and batch_size >= 1),
+        f"{source}: 'batch_size' must be a whole number >= 1 (runs trained together), got "
+        f"{batch_size!r}.")
+
     spec = StudySpec(name=name.strip(), envs=tuple(envs), seeds=tuple(seeds),
                      total_steps=steps, configs=tuple(configs), score=score,
                      statistics=stats, factors=factors,
-                     description=str(data.get("description", "")))
+                     description=str(data.get("description", "")), batch_size=batch_size)
     spec.runs()  # resolves every (config, env): unknown keys and bad values fail here
     return spec
 
