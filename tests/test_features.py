@@ -132,3 +132,72 @@ def test_dr3_penalty_is_exactly_zero_when_off_or_without_pairs():
     assert float(dr3_penalty(net, obs, obs, torch.zeros(5, dtype=torch.bool), 1.0)) == 0.0
     # phi(s) . phi(s) = |phi(s)|^2 > 0
     assert float(dr3_penalty(net, obs, obs, torch.ones(5, dtype=torch.bool), 1.0).detach()) > 0
+
+
+# -- value_dr3_coef in the updates -------------------------------------------------------
+@pytest.fixture(scope="module")
+def cartpole_batch():
+    """A CartPole agent and one collected batch (two envs, episode ends inside)."""
+    from pgscope import make_config
+    from pgscope.agent import build_agent
+    from pgscope.envs import make_vector_env
+    from pgscope.rollout import RolloutCollector
+
+    cfg = make_config("ppo", "CartPole-v1", dict(num_envs=2, steps_per_iter=128,
+                                                  hidden=(16, 16), total_steps=1280))
+    envs = make_vector_env("CartPole-v1", 2)
+    torch.manual_seed(0)
+    agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
+    batch, _ = RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(
+        agent.policy, agent.value_net)
+    envs.close()
+    assert batch.done.any() and not batch.done.all()
+    return agent, batch
+
+
+def _update(agent, batch, preset, coef):
+    """One update of a copy of ``agent``; returns the copy."""
+    import copy
+
+    from pgscope import make_config
+    from pgscope.algos import algorithm
+    from pgscope.algos.common import make_optimizer
+
+    overrides = dict(num_envs=2, steps_per_iter=128, hidden=(16, 16), total_steps=1280,
+                     value_dr3_coef=coef, value_lr=3e-3)
+    overrides.update(dict(epochs=1, minibatches=1) if preset == "a2c" else
+                     dict(epochs=2, minibatches=4))
+    cfg = make_config(preset, "CartPole-v1", overrides)
+    agent = copy.deepcopy(agent)
+    optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
+    algorithm(cfg.algo).update(cfg, agent.policy, agent.value_net, optimizer, batch,
+                               torch.Generator().manual_seed(1), {})
+    return agent
+
+
+def _mean_dot(agent, batch):
+    valid = ~batch.done
+    with torch.no_grad():
+        return float(feature_dot(agent.value_net.features(batch.obs[valid]),
+                                 agent.value_net.features(batch.next_obs[valid])).mean())
+
+
+@pytest.mark.parametrize("preset", ["ppo", "trpo", "a2c"])
+def test_value_dr3_coef_moves_only_the_value_net_down_the_feature_dot(
+        cartpole_batch, preset, monkeypatch):
+    agent, batch = cartpole_batch
+    off, on = _update(agent, batch, preset, 0.0), _update(agent, batch, preset, 1.0)
+    for a, b in zip(off.policy.parameters(), on.policy.parameters(), strict=True):
+        assert torch.equal(a, b)  # the penalty is on the value loss only
+    assert not all(torch.equal(a, b) for a, b in zip(off.value_net.parameters(),
+                                                      on.value_net.parameters(), strict=True))
+    assert _mean_dot(on, batch) < _mean_dot(off, batch)  # it pushes phi(s).phi(s') down
+    # coef 0 is exactly the update without the term
+    import pgscope.algos.ppo
+    import pgscope.algos.trpo
+
+    for module in (pgscope.algos.ppo, pgscope.algos.trpo):
+        monkeypatch.setattr(module, "dr3_penalty", lambda *args: 0.0)
+    without = _update(agent, batch, preset, 0.0)
+    for a, b in zip(off.value_net.parameters(), without.value_net.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -33,6 +33,7 @@ from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
     adapt_kl_beta,
     clip_gradients,
+    dr3_penalty,
     entropy_bonus,
     kl_early_stop,
     normalize_advantages,
@@ -85,9 +86,11 @@ def ppo_update(cfg: Config, policy: Policy, value_net: ValueNet,
             bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
             values = value_net(obs)
             v_loss = value_loss(values, batch.values[idx], batch.returns[idx], value_clip)
+            dr3 = dr3_penalty(value_net, obs, batch.next_obs[idx], ~batch.done[idx],
+                              cfg.value_dr3_coef)
 
             optimizer.zero_grad(set_to_none=True)
-            (loss - bonus + v_loss).backward()
+            (loss - bonus + v_loss + dr3).backward()
             # the networks share no parameters: each norm is of its own loss's gradient
             policy_grad_norm = clip_gradients(policy.parameters(), grad_limit)  # pre-clip
             value_grad_norm = clip_gradients(value_net.parameters(), grad_limit)

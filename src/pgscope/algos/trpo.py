@@ -26,7 +26,12 @@ from pgscope.algos.common import (
 )
 from pgscope.config import OPTIMIZATIONS_OFF, Config
 from pgscope.networks import Policy, ValueNet
-from pgscope.optimizations import clip_gradients, normalize_advantages, value_loss
+from pgscope.optimizations import (
+    clip_gradients,
+    dr3_penalty,
+    normalize_advantages,
+    value_loss,
+)
 from pgscope.rollout import Batch
 
 
@@ -82,8 +87,10 @@ def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer
         for idx in minibatches(len(batch), cfg, generator):
             v_loss = value_loss(value_net(batch.obs[idx]), batch.values[idx],
                                 batch.returns[idx], value_clip)
+            dr3 = dr3_penalty(value_net, batch.obs[idx], batch.next_obs[idx], ~batch.done[idx],
+                              cfg.value_dr3_coef)
             optimizer.zero_grad(set_to_none=True)
-            v_loss.backward()
+            (v_loss + dr3).backward()
             grad_norm = clip_gradients(value_net.parameters(),
                                        cfg.max_grad_norm if cfg.grad_clip else None)
             optimizer.step()
