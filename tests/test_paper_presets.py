@@ -1,0 +1,303 @@
+"""The authors' configurations as presets (ppo-paper, ppo-m-paper, trpo-paper, trpo+-paper),
+the per-env preset values behind them, ``pgscope presets``, the papers' score rule and the
+annealed TRPO KL limit.
+
+The table below is the citation check: every value was read from the authors' released
+code, MadryLab/implementation-matters (Engstrom et al., 2020): the base file src/MuJoCo.json
+overridden by configs/{hopper,walker,humanoid}_{ppo,ppom,trpo,trpo_plus}.py, and for keys
+their code hard-wires, src/policy_gradients/{agent,models,steps,torch_utils}.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pgscope.algos.trpo as trpo_mod
+from pgscope.agent import build_agent
+from pgscope.algos.common import make_optimizer
+from pgscope.cli import main
+from pgscope.config import ENV_DEFAULTS, PRESETS, make_config
+from pgscope.errors import ConfigError
+from pgscope.presets_view import format_presets
+from pgscope.rollout import Batch
+from pgscope.run import RunDir
+from pgscope.study import builtin_study, parse_spec
+from pgscope.study.analysis import aggregates, final_scores, load_study
+from pgscope.study.runner import prepare_study_dir
+from pgscope.train import train
+
+FAMILIES = ("Hopper", "Walker2d", "Humanoid")
+
+#: Read from src/MuJoCo.json and the code; the same in all four presets.
+COMMON = {
+    "total_steps": 488 * 2048,  # MuJoCo.json: train_steps 488 x t 2048
+    "steps_per_iter": 2048,  # MuJoCo.json: t
+    "num_envs": 1,  # MuJoCo.json: num_actors
+    "gamma": 0.99,  # MuJoCo.json: gamma
+    "epochs": 10,  # MuJoCo.json: ppo_epochs 10, val_epochs 10
+    "minibatches": 32,  # MuJoCo.json: num_minibatches
+    "adam_eps": 1e-5,  # MuJoCo.json: adam_eps; agent.py: value Adam eps 1e-5
+    "value_clip_range": 0.2,  # MuJoCo.json: clip_val_eps
+    "hidden": (64, 64),  # models.py: HIDDEN_SIZES, ValueDenseNet hidden_sizes
+    "activation": "tanh",  # models.py: ACTIVATION
+    "init_log_std": 0.0,  # models.py: log_stdev = zeros
+    "obs_norm": True,  # MuJoCo.json: norm_states true (never overridden)
+    "reward_clip_bound": 10.0,  # MuJoCo.json: clip_rewards 10
+    "obs_clip_bound": 10.0,  # MuJoCo.json: clip_observations 10
+    "adv_norm": True,  # steps.py: surrogate_reward -> adv_normalize
+    "action_clip": False,  # agent.py: multi_actor_step, the raw sample to env.step
+    "torch_threads": 1,  # configs: cpu True -> torch.set_num_threads(1)
+}
+PPO = {**COMMON, "algo": "ppo", "ppo_loss": "clip", "clip_eps": 0.2, "ent_coef": 0.0,
+       "kl_stop": False, "grad_clip": False, "gae_lambda": 0.95}
+TRPO = {**COMMON, "algo": "trpo", "fisher_fraction": 0.1, "cg_iters": 10, "cg_damping": 0.1,
+        "backtrack_iters": 10, "backtrack_coef": 0.5, "lr_anneal": False, "grad_clip": False}
+
+#: preset -> key -> value, or (Hopper, Walker2d, Humanoid) where the env decides.
+EXPECTED: dict[str, dict[str, object]] = {
+    "ppo-paper": {  # configs/{hopper,walker,humanoid}_ppo.py
+        **PPO,
+        "policy_lr": (3e-4, 4e-4, 1.5e-4),  # ppo_lr_adam
+        "value_lr": (2.5e-4, 3e-4, 1e-4),  # val_lr
+        "value_clip": (False, True, True),  # value_clipping
+        "reward_scale": True,  # norm_rewards "returns"
+        "reward_clip": True,  # clip_rewards 10 (base)
+        "obs_clip": True,  # clip_observations 10 (base)
+        "ortho_init": True,  # initialization "orthogonal"
+        "lr_anneal": True,  # anneal_lr True
+    },
+    "ppo-m-paper": {  # configs/{hopper,walker,humanoid}_ppom.py
+        **PPO,
+        "policy_lr": (1.7e-4, 1e-4, 9e-5),  # ppo_lr_adam
+        "value_lr": (4e-4, 2e-4, 4e-4),  # val_lr
+        "value_clip": False,  # value_clipping False
+        "reward_scale": False,  # norm_rewards "none"
+        "reward_clip": False,  # clip_rewards -1
+        "obs_clip": False,  # clip_observations -1
+        "ortho_init": False,  # initialization "xavier"
+        "lr_anneal": False,  # anneal_lr False
+    },
+    "trpo-paper": {  # configs/{hopper,walker,humanoid}_trpo.py
+        **TRPO,
+        "gae_lambda": 0.95,
+        "max_kl": (0.13, 0.04, 0.07),  # max_kl
+        "max_kl_final": (0.13, 0.04, 0.07),  # max_kl_final
+        "value_lr": (2e-4, 3e-4, 3e-4),  # val_lr
+        "value_clip": False, "reward_scale": False, "reward_clip": False,
+        "obs_clip": False, "ortho_init": False,
+    },
+    "trpo+-paper": {  # configs/{hopper,walker,humanoid}_trpo_plus.py
+        **TRPO,
+        "gae_lambda": (0.95, 0.95, 0.85),  # lambda (humanoid_trpo_plus.py: 0.85)
+        "max_kl": (0.04, 0.07, 0.1),  # max_kl
+        "max_kl_final": (0.07, 0.04, 0.05),  # max_kl_final
+        "value_lr": (2e-4, 1e-4, 5e-5),  # val_lr
+        "value_clip": (False, False, True),  # value_clipping
+        "ortho_init": (True, True, False),  # initialization
+        "max_grad_norm": (1.0, 1.0, 0.5),  # clip_grad_norm (read by ppo_step only)
+        "reward_scale": True, "reward_clip": True, "obs_clip": True,
+    },
+}
+
+
+def _expected(preset: str, family: str) -> dict[str, object]:
+    i = FAMILIES.index(family)
+    return {k: v[i] if isinstance(v, tuple) and k != "hidden" else v
+            for k, v in EXPECTED[preset].items()}
+
+
+# --- the presets --------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_every_value_of_the_paper_presets_is_the_cited_one(preset, family):
+    cfg = make_config(preset, f"{family}-v5")
+    wrong = {k: (getattr(cfg, k), v) for k, v in _expected(preset, family).items()
+             if getattr(cfg, k) != v}
+    assert not wrong, wrong  # key: (resolved, cited)
+    assert cfg.num_iterations == 488
+    # nothing the preset sets escapes the table
+    assert set(PRESETS[preset]) <= set(EXPECTED[preset])
+
+
+def test_per_env_preset_values_win_over_env_defaults_and_lose_to_overrides():
+    assert ENV_DEFAULTS["Hopper"]["policy_lr"] == 3e-4
+    assert make_config("ppo-m-paper", "Hopper-v4").policy_lr == 1.7e-4  # any Hopper version
+    assert make_config("trpo-paper", "Hopper-v5", {"value_lr": 1e-3}).value_lr == 1e-3
+    # pgscope's own presets keep the per-env defaults
+    assert make_config("ppo-m", "Hopper-v5").policy_lr == 3e-4
+
+
+def test_a_paper_preset_on_another_env_names_the_per_env_keys_to_give():
+    with pytest.raises(ConfigError, match="preset 'trpo-paper' sets max_kl, max_kl_final, "
+                                          "value_lr per env, for Hopper, Humanoid, Walker2d"):
+        make_config("trpo-paper", "Pendulum-v1")
+    cfg = make_config("trpo-paper", "Pendulum-v1", {"max_kl": 0.02, "max_kl_final": 0.02,
+                                                    "value_lr": 1e-3})
+    assert (cfg.max_kl, cfg.obs_norm, cfg.ortho_init) == (0.02, True, False)
+
+
+# --- pgscope presets ----------------------------------------------------------------------
+def test_side_by_side_marks_exactly_the_differing_keys():
+    text = format_presets(["ppo", "ppo-paper"], "Hopper-v5")
+    rows = {line.split()[-3]: line for line in text.splitlines()[3:]}
+    keys = [k for k in make_config("ppo").to_dict() if k not in ("preset", "env_id")]
+    assert sorted(rows) == sorted(keys)  # every key, once
+    marked = {k for k, line in rows.items() if line.startswith("*")}
+    assert marked == {"total_steps", "value_clip", "grad_clip", "action_clip"}
+    assert rows["value_clip"].split()[-2:] == ["true", "false"]
+    assert f"4 of {len(keys)} keys differ" in text.splitlines()[0]
+    diff = format_presets(["ppo", "ppo-paper"], "Walker2d-v5", diff_only=True)
+    assert {line.split()[1] for line in diff.splitlines()[3:]} == {
+        "total_steps", "grad_clip", "action_clip"}  # Walker2d: their PPO clips values
+
+
+def test_presets_command_one_preset_two_presets_and_the_list(capsys):
+    assert main(["presets", "trpo+-paper", "--env", "Humanoid-v5"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
+    assert rows["gae_lambda"] == ["0.85", "preset,", "per", "env"]
+    assert rows["policy_lr"] == ["0.00015", "env"] and rows["seed"] == ["0", "default"]
+    assert rows["max_kl_final"][0] == "0.05" and rows["ortho_init"][0] == "false"
+    assert main(["presets", "trpo", "trpo-paper", "--diff"]) == 0
+    out = capsys.readouterr().out
+    assert "obs_norm" in out and "max_kl_final" in out and "gamma" not in out
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    assert "value_lr={Hopper: 0.0002, Walker2d: 0.0003, Humanoid: 0.0003}" in listing
+    assert main(["presets", "ppo", "ppo-m", "trpo"]) == 2  # EXIT_ERROR
+    assert main(["presets", "ppo", "--diff"]) == 2
+    assert "--diff compares two presets" in capsys.readouterr().err
+
+
+# --- the papers' score rule ---------------------------------------------------------------
+def _hand_study(tmp_path, score):
+    """One config, three CartPole seeds of 15 iterations with hand-written returns."""
+    spec = parse_spec(dict(name="hand", envs=["CartPole-v1"], seeds=3, total_steps=15 * 256,
+                           set=dict(steps_per_iter=256, minibatches=4),
+                           configs=[dict(label="a", preset="ppo")], score=score))
+    returns = {0: [0.0] * 5 + [100.0] * 10,
+               1: [0.0] * 5 + [10.0 * k for k in range(1, 11)],
+               2: [0.0] * 5 + [300.0] * 4 + [None] + [300.0] * 5}  # no episode ended in 10
+    out = tmp_path / "study"
+    prepare_study_dir(out, spec)
+    for r in spec.runs():
+        run, _lock = RunDir.create(out / r.rel_path, r.config)
+        for i, ret in enumerate(returns[r.seed]):
+            run.append_metrics(dict(iteration=i + 1, env_steps=256 * (i + 1), return_mean=ret))
+        run.write_status("complete")
+    return spec, out
+
+
+def test_paper_score_is_the_mean_of_the_last_10_iterations_then_the_mean_over_runs(tmp_path):
+    spec, out = _hand_study(tmp_path, "paper")
+    assert spec.score == parse_spec({**_spec_dict(), "score": {"rule": "paper"}}).score
+    scores = final_scores(spec, load_study(out)).set_index("seed")["score"]
+    assert list(scores) == [100.0, 55.0, 300.0]  # by hand: 100; (10+...+100)/10; 300
+    row = aggregates(spec, final_scores(spec, load_study(out))).iloc[0]
+    assert row["mean"] == pytest.approx(455.0 / 3)
+    assert row["mean_low"] < row["mean"] < row["mean_high"]
+    assert spec.statistics.level == 0.95
+    # the default score (last 10% = 2 iterations) gives seed 1 another score
+    default, _ = _hand_study(tmp_path / "d", {})
+    assert final_scores(default, load_study(out)).set_index("seed")["score"][1] == 95.0
+
+
+def _spec_dict():
+    return dict(name="x", envs=["CartPole-v1"], seeds=1, total_steps=512,
+                configs=[dict(label="a", preset="ppo")])
+
+
+def test_score_rule_by_name_in_the_spec_and_on_the_summary_command(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown score rule 'papr'. Did you mean paper"):
+        parse_spec({**_spec_dict(), "score": "papr"})
+    with pytest.raises(ConfigError, match="fixes the window"):
+        parse_spec({**_spec_dict(), "score": {"rule": "paper", "last_iterations": 5}})
+    _, out = _hand_study(tmp_path, {})  # the spec's own score: last 10%
+    assert main(["study", "summary", str(out), "--no-plots", "--score", "paper"]) == 0
+    text = capsys.readouterr().out
+    assert "the papers' rule (Engstrom et al., 2020)" in text and "151.7" in text
+    scores = pd.read_csv(out / "summary" / "scores.csv")
+    assert list(scores["score"]) == [100.0, 55.0, 300.0] and set(scores["window"]) == {10}
+
+
+def test_builtin_implementation_matters_hopper_study():
+    spec = builtin_study("implementation-matters-hopper")
+    assert spec.labels == ["ppo-paper", "ppo-m-paper", "trpo-paper", "trpo+-paper"]
+    assert spec.envs == ("Hopper-v5",) and len(spec.seeds) == 10
+    assert spec.total_steps == 488 * 2048 and spec.score.rule == "paper"
+    assert {r.config.preset for r in spec.runs()} == set(spec.labels)
+    assert spec.statistics.compare == "all"
+
+
+# --- the annealed KL limit ----------------------------------------------------------------
+def test_kl_limit_schedule_first_last_and_linear():
+    cfg = make_config("trpo+-paper", "Hopper-v5")  # 0.04 -> 0.07 over 488 updates
+    limits = np.array([trpo_mod.kl_limit(cfg, k) for k in range(488)])
+    assert limits[0] == pytest.approx(0.04 + 0.03 / 488)  # raised before the first update
+    assert limits[-1] == pytest.approx(0.07) and trpo_mod.kl_limit(cfg, 600) == limits[-1]
+    assert np.allclose(np.diff(limits), 0.03 / 488)
+    walker = make_config("trpo+-paper", "Walker2d-v5")  # downwards: 0.07 -> 0.04
+    assert trpo_mod.kl_limit(walker, 487) == pytest.approx(0.04)
+    for cfg in (make_config("trpo", "Hopper-v5"), make_config("trpo-paper", "Hopper-v5")):
+        assert {trpo_mod.kl_limit(cfg, k) for k in (0, 100, 487)} == {0.13}
+
+
+def _synthetic(cfg, seed=0):
+    obs_space = gym.spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+    torch.manual_seed(seed)
+    agent = build_agent(cfg, obs_space, act_space)
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg.steps_per_iter
+    obs = torch.randn(n, 3, generator=gen)
+    with torch.no_grad():
+        dist = agent.policy.dist(obs)
+        actions = dist.mean + dist.stddev * torch.randn(n, 2, generator=gen)
+        logp = agent.policy.log_prob(dist, actions)
+        values = agent.value_net(obs)
+    adv = torch.randn(n, generator=gen)
+    batch = Batch(obs=obs, actions=actions, logp=logp, values=values, advantages=adv,
+                  returns=values + adv, rewards=torch.zeros(n),
+                  terminated=torch.zeros(n, dtype=torch.bool),
+                  done=torch.zeros(n, dtype=torch.bool), next_obs=obs)
+    return agent, batch
+
+
+def test_trpo_steps_to_the_annealed_limit_of_each_update():
+    # Small limits, exact Fisher (all samples), little damping: the full step is accepted
+    # and its KL is just below the limit of that update.
+    cfg = make_config("trpo", "Hopper-v5", dict(
+        max_kl=1e-5, max_kl_final=4e-5, total_steps=4 * 256, steps_per_iter=256,
+        minibatches=4, epochs=1, hidden=(8,), fisher_fraction=1.0, cg_damping=1e-3))
+    kls = []
+    for update in range(4):
+        agent, batch = _synthetic(cfg)
+        old = copy.deepcopy(agent.policy)
+        state = {"updates": float(update)}
+        m = trpo_mod.trpo_update(cfg, agent.policy, agent.value_net,
+                                 make_optimizer(cfg, agent.policy, agent.value_net), batch,
+                                 torch.Generator().manual_seed(1), state)
+        assert m["step_fraction"] == 1.0 and state["updates"] == update + 1
+        with torch.no_grad():
+            kls.append(float(agent.policy.kl(old.dist(batch.obs),
+                                             agent.policy.dist(batch.obs)).mean()))
+    for update, kl in enumerate(kls):
+        limit = 1e-5 + 3e-5 * (update + 1) / 4
+        assert 0.9 * limit < kl <= limit, (update, kl, limit)
+
+
+def test_training_counts_the_updates_across_iterations(tmp_path, monkeypatch):
+    seen = []
+    real = trpo_mod.kl_limit
+    monkeypatch.setattr(trpo_mod, "kl_limit",
+                        lambda cfg, update: seen.append(update) or real(cfg, update))
+    cfg = make_config("trpo", "Pendulum-v1", dict(
+        max_kl=0.01, max_kl_final=0.02, total_steps=3 * 128, steps_per_iter=128,
+        minibatches=2, epochs=1, hidden=(8,)))
+    train(cfg, tmp_path / "run", progress=False)
+    assert seen == [0, 1, 2]
