@@ -201,3 +201,143 @@ def test_gae_targets_are_those_of_a_training_rollout():
                         max_envs=n_envs)
     full_trace = long.returns.numpy()[:keep * n_envs]  # GAE whose trace runs on
     assert np.abs(full_trace - short.returns.numpy()).max() > 1e-2  # the check has power
+
+
+# --- baselines: 'zero' (discounted returns, the paper's) and 'zero-gae' (GAE with V = 0) ---
+def delayed_reward_mdp() -> TabularMDP:
+    """State 0 chooses: action 0 pays nothing now but leads to state 1, which pays 1 per
+    step; action 1 pays 1 now and leads to state 2, which pays nothing. States 1 and 2
+    last 1/0.2 = 5 steps on average (both actions alike), then the episode ends. The return
+    favours action 0, short-sighted sums of rewards favour action 1."""
+    P = np.zeros((3, 2, 3))
+    P[0, 0, 1] = P[0, 1, 2] = 1.0
+    P[1, :, 1] = P[2, :, 2] = 0.8
+    R = np.array([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    return TabularMDP(P=P, R=R, rho=np.array([1.0, 0.0, 0.0]))
+
+
+def register_delayed() -> str:
+    env_id = "pgscope-test/Delayed-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=lambda: TabularEnv(delayed_reward_mdp()),
+                     max_episode_steps=None, disable_env_checker=True)
+    return env_id
+
+
+def test_zero_baselines_equal_their_formulas():
+    """On one chunk: 'zero' is sum_k gamma^k r_{t+k} to the episode's end over the whole
+    segment (H steps past the kept ones), 'zero-gae' is sum_k (gamma lambda)^k r_{t+k} to
+    the episode's end or the end of the kept steps, computed here by direct sums."""
+    from pgscope.probes.baselines import baseline_advantages, lookahead_chunks
+    from pgscope.probes.sampling import sample_batch
+
+    gamma, lam, keep, n_envs = 0.9, 0.8, 16, 4
+    agent = tabular_agent(ENV_ID, gamma=gamma, gae_lambda=lam, steps_per_iter=keep)
+    H = effective_horizon(gamma, 0.01)
+    batch, G = next(lookahead_chunks(agent, keep * n_envs, seed=4))
+    adv = baseline_advantages(batch, G, {}, gamma, lam)
+    assert set(adv) == {"zero", "zero-gae"} and batch.num_envs == n_envs
+    # the same segments again (same seed), all keep + H steps of them
+    full = sample_batch(agent, (keep + H) * n_envs, seed=4, horizon=keep + H, max_envs=n_envs)
+    r = full.rewards.numpy().reshape(keep + H, n_envs)
+    done = full.done.numpy().reshape(keep + H, n_envs)
+    np.testing.assert_array_equal(r[:keep].ravel(), batch.rewards.numpy())
+
+    def discounted(t: int, i: int, factor: float, end: int) -> float:
+        total = 0.0
+        for k in range(end - t):
+            total += factor**k * r[t + k, i]
+            if done[t + k, i]:
+                break
+        return total
+
+    zero = np.array([[discounted(t, i, gamma, keep + H) for i in range(n_envs)]
+                     for t in range(keep)]).ravel()
+    zero_gae = np.array([[discounted(t, i, gamma * lam, keep) for i in range(n_envs)]
+                         for t in range(keep)]).ravel()
+    np.testing.assert_allclose(adv["zero"].numpy(), zero, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adv["zero-gae"].numpy(), zero_gae, rtol=1e-5, atol=1e-6)
+    assert np.abs(zero - zero_gae).max() > 0.5  # the two are different quantities
+
+
+def test_zero_baseline_is_the_unbiased_policy_gradient():
+    """The mean of K 'zero' estimates agrees with the exact policy gradient
+    ``(1/T) sum_t sum_s d_t(s) sum_a pi(a|s) Q(s, a) grad log pi(a|s)`` (the
+    policy-gradient theorem under the sample's state distributions d_t), within sampling
+    error along the direction that separates it from 'zero-gae', whose own exact
+    expectation (lambda-discounted rewards cut at the rollout end) it matches in turn.
+    On this MDP the two point in opposite directions."""
+    from pgscope.envs.tabular import exact_q
+    from pgscope.probes.baselines import baseline_gradients
+
+    gamma, lam, keep, n_envs, K = 0.7, 0.5, 32, 16, 8
+    mdp = delayed_reward_mdp()
+    agent = tabular_agent(register_delayed(), gamma=gamma, gae_lambda=lam,
+                          steps_per_iter=keep)
+    pi = policy_matrix(agent.policy, mdp)
+    H = effective_horizon(gamma, 0.01)
+    d = state_distributions(mdp, pi, keep)  # one chunk: steps 0 .. keep - 1 from a reset
+
+    def expected_gradient(A: np.ndarray) -> np.ndarray:
+        """E of the estimator with advantages A[t, s, a] at step t."""
+        W = np.einsum("ts,sa,tsa->sa", d, pi, A) / keep
+        logp = agent.policy.dist(torch.as_tensor(mdp.observations())).logits
+        g = torch.autograd.grad((torch.as_tensor(W, dtype=logp.dtype) * logp).sum(),
+                                list(agent.policy.parameters()))
+        return torch.cat([x.reshape(-1) for x in g]).double().numpy()
+
+    def q_cut(factor: float, m: int) -> np.ndarray:  # E[sum_{k<m} factor^k r_k | s, a]
+        return mdp.R + factor * mdp.P @ finite_horizon_values(mdp, pi, factor, m - 1)
+
+    policy_gradient = expected_gradient(np.stack([exact_q(mdp, pi, gamma)] * keep))
+    exact = {"zero": expected_gradient(np.stack([q_cut(gamma, keep + H - t)
+                                                 for t in range(keep)])),
+             "zero-gae": expected_gradient(np.stack([q_cut(gamma * lam, keep - t)
+                                                     for t in range(keep)]))}
+    # H steps of lookahead leave 'zero' within gamma^H of the policy gradient
+    assert np.linalg.norm(exact["zero"] - policy_gradient) < 1e-3 * np.linalg.norm(
+        policy_gradient)
+    ests = [baseline_gradients(agent, keep * n_envs, seed=1000 * (j + 1), value_fns={})
+            for j in range(K)]
+    u = exact["zero"] - exact["zero-gae"]
+    u /= np.linalg.norm(u)
+    for name in ("zero", "zero-gae"):
+        g = np.stack([e[name] for e in ests])
+        along = g @ u
+        se = along.std(ddof=1) / np.sqrt(K)
+        assert abs(along.mean() - exact[name] @ u) < 4 * se, name  # measured |z| < 0.1
+        mean = g.mean(0)
+        assert mean @ exact[name] / np.linalg.norm(mean) / np.linalg.norm(exact[name]) > 0.8
+    # the check has power: 'zero' is 7 SE away from what 'zero-gae' estimates
+    along = np.stack([e["zero"] for e in ests]) @ u
+    assert along.mean() - exact["zero-gae"] @ u > 4 * along.std(ddof=1) / np.sqrt(K)
+    assert exact["zero"] @ exact["zero-gae"] < 0  # opposite directions on this MDP
+
+
+def test_monte_carlo_dataset_streams_the_true_returns_and_refuses_what_memory_cannot_hold(
+        monkeypatch):
+    """The data set of the 'true' value fit is the true-return states of every chunk, in
+    order (streamed into one array, not a list of chunks); a fit_pairs whose data set
+    would not fit in half the available memory is refused before sampling."""
+    from pgscope.errors import ProbeError
+    from pgscope.probes import ProbeSettings
+    from pgscope.probes import baselines as probe_baselines
+    from pgscope.probes.values import true_return_segments
+
+    agent = tabular_agent(register_chain(30, 12), gamma=GAMMA, steps_per_iter=8)
+    obs, returns = probe_baselines.monte_carlo_dataset(agent, 8 * 70, seed=2)
+    parts = list(true_return_segments(agent, 8 * 70, 2 + 13))
+    assert len(parts) == 2  # two chunks of 64 segments
+    torch.testing.assert_close(obs, torch.cat([p.batch.obs[torch.from_numpy(p.true)]
+                                               for p in parts]))
+    np.testing.assert_allclose(returns.numpy(), np.concatenate([p.G[p.true] for p in parts]),
+                               rtol=1e-6)
+    assert len(obs) == 2 * 64 * 6  # elapsed 0..5 (of 0..7) pass the rule: 12 - 5 >= H
+
+    settings = ProbeSettings(fit_pairs=5_000_000)
+    monkeypatch.setattr(probe_baselines, "available_memory", lambda: 2**40)
+    probe_baselines._check(settings, agent.config)  # 5e6 pairs, 1 TiB free: fine
+    monkeypatch.setattr(probe_baselines, "available_memory", lambda: 2**28)
+    with pytest.raises(ProbeError, match="fewer fit pairs"):
+        probe_baselines._check(settings, agent.config)
+    probe_baselines._check(ProbeSettings(fit_pairs=100_000), agent.config)

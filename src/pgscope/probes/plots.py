@@ -146,17 +146,19 @@ def plot_baselines(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rows = result["rows"]
     x = [r["n"] for r in rows]
-    for i, b in enumerate(("agent", "true", "zero")):
+    labels = {"agent": "agent's value net", "true": "'true' value (MC fit)",
+              "zero": "zero: discounted returns (paper)", "zero-gae": "zero-gae: GAE, V = 0"}
+    names = [b for b in labels if b in rows[0]]  # older results: no zero-gae
+    for i, b in enumerate(names):
         sub = [r[b] for r in rows]
-        _band(axes[0], x, sub, "covariance_trace", f"{b} value baseline", f"C{i}")
-        _band(axes[1], x, sub, "pairwise_cosine", f"{b} value baseline", f"C{i}")
+        _band(axes[0], x, sub, "covariance_trace", labels[b], f"C{i}")
+        _band(axes[1], x, sub, "pairwise_cosine", labels[b], f"C{i}")
     axes[0].set_yscale("log")
     axes[0].set_title("policy-gradient variance (trace of covariance)")
     axes[0].set_ylabel("trace of covariance (log scale)")
     axes[1].set_title("mean pairwise cosine")
     axes[1].set_ylabel("cosine similarity")
-    _cosine_limits(axes[1], [[r[b] for r in rows] for b in ("agent", "true", "zero")],
-                   ("pairwise_cosine",))
+    _cosine_limits(axes[1], [[r[b] for r in rows] for b in names], ("pairwise_cosine",))
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("state-action pairs per estimate")
