@@ -201,3 +201,49 @@ def test_value_dr3_coef_moves_only_the_value_net_down_the_feature_dot(
     without = _update(agent, batch, preset, 0.0)
     for a, b in zip(off.value_net.parameters(), without.value_net.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+# -- the per-iteration feature metrics ----------------------------------------------------
+def test_feature_metrics_logged_every_features_every_iteration(tmp_path):
+    import json
+
+    from pgscope import Callback, make_config, train
+    from pgscope.features import FEATURE_KEYS
+
+    seen = {}
+
+    class Watch(Callback):
+        def on_iteration_end(self, event):
+            net, b = event.agent.value_net, event.batch
+            with torch.no_grad():
+                phi, nxt = _direct_features(net, b.obs), _direct_features(net, b.next_obs)
+            keep = ~b.done
+            seen[event.iteration] = dict(
+                feature_dot=float((phi[keep] * nxt[keep]).sum(1).mean()),
+                feature_cosine=float(((phi[keep] * nxt[keep]).sum(1)
+                                      / phi[keep].norm(dim=1) / nxt[keep].norm(dim=1)).mean()),
+                feature_norm=float(phi.norm(dim=1).mean()))
+
+    tiny = dict(steps_per_iter=64, minibatches=2, epochs=1, hidden=(8, 8), total_steps=4 * 64)
+    cfg = make_config("ppo", "CartPole-v1", dict(tiny, features_every=2))
+    run = train(cfg, tmp_path / "run", progress=False, callbacks=[Watch()])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["iteration"] % 2:
+            assert not set(FEATURE_KEYS) & set(line)
+            continue
+        assert set(FEATURE_KEYS) <= set(line)
+        for key, want in seen[line["iteration"]].items():
+            assert line[key] == pytest.approx(want, rel=1e-5), key
+        assert 1 <= line["feature_srank"] <= 8
+    off = train(make_config("ppo", "CartPole-v1", dict(tiny, features_every=0)),
+                tmp_path / "off", progress=False)
+    for line in (off / "metrics.jsonl").read_text().splitlines():
+        assert not set(FEATURE_KEYS) & set(json.loads(line))
+
+
+def _direct_features(net, obs):
+    x = obs
+    for layer in list(net.net)[:-1]:
+        x = layer(x)
+    return x

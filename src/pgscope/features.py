@@ -15,8 +15,17 @@ training loop and the probes, which both use it.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pgscope.networks import ValueNet
+
+#: The per-iteration metric keys of :func:`feature_metrics` (:mod:`pgscope.metrics`).
+FEATURE_KEYS = ("feature_dot", "feature_cosine", "feature_norm", "feature_srank")
 
 
 def _check_pair(phi: torch.Tensor, phi_next: torch.Tensor) -> None:
@@ -73,3 +82,22 @@ def srank(phi: torch.Tensor, delta: float = 0.01) -> int:
     # the last share is exactly 1 only up to rounding: the full rank always qualifies
     reached[-1] = True
     return int(torch.nonzero(reached)[0, 0]) + 1
+
+
+@torch.no_grad()
+def feature_metrics(value_net: ValueNet, obs: torch.Tensor, next_obs: torch.Tensor,
+                    valid: torch.Tensor, delta: float = 0.01) -> dict[str, float]:
+    """The critic-feature metrics (:data:`FEATURE_KEYS`) of a batch: ``feature_dot`` and
+    ``feature_cosine``, means over the pairs ``(obs[i], next_obs[i])`` with ``valid[i]``
+    (NaN when there is none); ``feature_norm``, the mean ``|phi(s)|`` over every state of
+    ``obs``; ``feature_srank``, :func:`srank` of the states' feature matrix."""
+    phi = value_net.features(obs)
+    phi_next = value_net.features(next_obs[valid])
+    pairs = phi[valid]
+    nan = math.nan
+    return {
+        "feature_dot": float(feature_dot(pairs, phi_next).mean()) if len(pairs) else nan,
+        "feature_cosine": float(feature_cosine(pairs, phi_next).mean()) if len(pairs) else nan,
+        "feature_norm": float(feature_norm(phi).mean()),
+        "feature_srank": srank(phi, delta),
+    }

@@ -7,9 +7,12 @@ registration order:
 ============== ============================================ ===========================
 sink           writes                                       when
 ============== ============================================ ===========================
-metrics-file   ``metrics.jsonl``, one line per iteration    always (first: the line is
-                                                            on disk before anything
-                                                            else sees it)
+critic-        adds the ``feature_*`` keys to the metrics   config ``features_every``
+features       line (:func:`pgscope.features.               (first: it completes the
+               feature_metrics`)                            line before it is written)
+metrics-file   ``metrics.jsonl``, one line per iteration    always (the line is on disk
+                                                            before anything else sees
+                                                            it)
 progress       a tqdm progress bar on stderr                ``train(progress=True)``
 tensorboard    event files in ``tensorboard/`` (tags:       config ``tensorboard``
                :func:`pgscope.metrics.tensorboard_tag`)
@@ -36,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pgscope.callbacks import Callback, IterationEnd, RunEnd, RunStart
 from pgscope.config import Config
+from pgscope.features import feature_metrics
 from pgscope.metrics import GLOBAL_STEP, metrics_for, tensorboard_tag
 from pgscope.registry import Registry
 from pgscope.run import RunDir, atomic_write_bytes
@@ -56,6 +60,22 @@ def default_sinks(cfg: Config, run: RunDir, progress: bool) -> list[Callback]:
     """The sinks of every registered factory that this run asks for, in order."""
     made = (factory(cfg, run, progress) for factory in SINKS.values())
     return [sink for sink in made if sink is not None]
+
+
+class CriticFeatures(Callback):
+    """Adds the critic-feature metrics of the iteration's batch (feature_dot, ...; pairs
+    ``(obs, next_obs)`` without an episode end between) to every ``features_every``-th
+    metrics line, before the metrics file writes it. Reads the agent, changes nothing."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_iteration_end(self, event: IterationEnd) -> None:
+        if event.iteration % self.every:
+            return
+        batch = event.batch
+        values = feature_metrics(event.agent.value_net, batch.obs, batch.next_obs, ~batch.done)
+        event.metrics.update({k: v if math.isfinite(v) else None for k, v in values.items()})
 
 
 class MetricsFile(Callback):
@@ -174,11 +194,13 @@ class CsvWriter(Callback):
             self.file.close()
 
 
+register_sink("critic-features", lambda cfg, run, progress: CriticFeatures(cfg.features_every)
+              if cfg.features_every else None)
 register_sink("metrics-file", lambda cfg, run, progress: MetricsFile(run))
 register_sink("progress", lambda cfg, run, progress: ProgressBar() if progress else None)
 register_sink("tensorboard", lambda cfg, run, progress: TensorBoard(run)
               if cfg.tensorboard else None)
 register_sink("csv", lambda cfg, run, progress: CsvWriter(run) if cfg.csv else None)
 
-__all__ = ["CsvWriter", "MetricsFile", "ProgressBar", "SINKS", "SinkFactory", "TensorBoard",
-           "default_sinks", "register_sink"]
+__all__ = ["CriticFeatures", "CsvWriter", "MetricsFile", "ProgressBar", "SINKS", "SinkFactory",
+           "TensorBoard", "default_sinks", "register_sink"]

@@ -29,6 +29,7 @@ REQUIREMENTS = {
     "gaussian": "continuous (Gaussian) action spaces only",
     "ppo-kl": "the adaptive-KL-penalty loss only (ppo_loss = kl, preset ppo-kl)",
     "heldout": "from the second iteration on, when heldout_kl is on",
+    "features": "every features_every-th iteration, when features_every > 0",
 }
 
 GROUPS = (
@@ -78,7 +79,7 @@ class Metric:
                      if self.every_algorithm or self.name in a.logs)
 
     def logged(self, algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
-               heldout: bool | None = None) -> bool:
+               heldout: bool | None = None, features: bool | None = None) -> bool:
         """Whether ``algo`` logs this key in the given setting; a setting left ``None``
         counts as satisfying every condition that depends on it ("may be logged")."""
         if algo not in self.algorithms:
@@ -88,6 +89,7 @@ class Metric:
             "gaussian": discrete is None or not discrete,
             "ppo-kl": ppo_loss is None or ppo_loss == "kl",
             "heldout": heldout is None or heldout,
+            "features": features is None or features,
         }
         return all(checks[r] for r in self.requires)
 
@@ -99,6 +101,10 @@ EVERY = True
 _HELDOUT: dict[str, Any] = dict(condition="from iteration 2, when heldout_kl",
                                 requires=("heldout",))
 _GAUSSIAN: dict[str, Any] = dict(condition="Gaussian policies only", requires=("gaussian",))
+_FEATURES: dict[str, Any] = dict(condition="every features_every-th iteration (default: every)",
+                                 requires=("features",))
+_PHI = ("phi(s) = the value net's penultimate activations (ValueNet.features), after this "
+        "iteration's update, on the training batch's states; ")
 _EPS_REF = ("eps_ref = clip_eps for the clipped PPO loss with clip_eps < 1 (ppo, ppo-m), "
             "else the nominal 0.2 (every other preset)")
 
@@ -237,6 +243,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("value_lr", "The value net's Adam learning rate used in this iteration, after "
            "annealing (lr_anneal: value_lr x (1 - (iteration - 1) / iterations)).",
            "learning rate", _VALUE, every_algorithm=EVERY),
+    Metric("feature_dot", _PHI + "mean of phi(s_t) . phi(s_t+1) over the batch's "
+           "consecutive pairs within an episode (no termination or truncation between). "
+           "Growth means feature co-adaptation (DR3, Kumar et al. 2021; docs/dr3.md). Null "
+           "when the batch has no such pair.", "dot product", _VALUE,
+           every_algorithm=EVERY, **_FEATURES),
+    Metric("feature_cosine", _PHI + "mean cosine of phi(s_t) and phi(s_t+1) over the pairs "
+           "of feature_dot. Null when there is none.", "cosine", _VALUE,
+           every_algorithm=EVERY, **_FEATURES),
+    Metric("feature_norm", _PHI + "mean Euclidean norm |phi(s)| over the batch's states.",
+           "norm", _VALUE, every_algorithm=EVERY, **_FEATURES),
+    Metric("feature_srank", _PHI + "effective rank srank_0.01 of the batch's feature "
+           "matrix: the fewest singular values holding 99% of their sum (Kumar et al. "
+           "2020).", "dimensions", _VALUE, every_algorithm=EVERY, **_FEATURES),
     # --- wall-clock timing (excluded from determinism checks) ----------------------------
     Metric("sps", "Env steps of this iteration per wall-clock second of its rollout and "
            "update.", "env steps / second", _TIME, every_algorithm=EVERY, timing=True,
@@ -288,19 +307,22 @@ def tensorboard_tag(name: str) -> tuple[str, float]:
 
 
 def metrics_for(algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
-                heldout: bool | None = None) -> tuple[Metric, ...]:
+                heldout: bool | None = None, features: bool | None = None
+                ) -> tuple[Metric, ...]:
     """The metrics ``algo`` logs, in registry order.
 
     ``discrete`` selects the action space, ``ppo_loss`` the PPO loss (``"clip"`` or
     ``"kl"``) and ``heldout`` whether this iteration has held-out states (``heldout_kl`` on
-    and iteration >= 2). A setting left ``None`` keeps the metrics whose condition depends
-    on it, so ``metrics_for("ppo")`` lists every key PPO may log.
+    and iteration >= 2), ``features`` whether this iteration logs the critic-feature
+    metrics (``features_every``). A setting left ``None`` keeps the metrics whose condition
+    depends on it, so ``metrics_for("ppo")`` lists every key PPO may log.
     """
     names = algorithm_names()
     if algo not in names:
         raise ValueError(f"unknown algorithm {algo!r}; expected one of {names}")
     return tuple(m for m in METRICS
-                 if m.logged(algo, discrete=discrete, ppo_loss=ppo_loss, heldout=heldout))
+                 if m.logged(algo, discrete=discrete, ppo_loss=ppo_loss, heldout=heldout,
+                             features=features))
 
 
 def metric_value(record: Mapping[str, Any], name: str) -> Any:
