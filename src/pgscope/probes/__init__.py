@@ -44,6 +44,7 @@ class ProbeSettings:
     compare: tuple[str, ...] = ()
     landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000)
     landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0)
+    landscape_directions: int = 5
 
 
 @dataclass
@@ -216,6 +217,7 @@ def run_probes(kind: str, run_dir: str | Path | None, out: str | Path | None, *,
                compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000,
                landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000),
                landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0),
+               landscape_directions: int = 5,
                log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run probe ``kind`` (a registered probe, 'all', or a comma-separated list) on a
     run's checkpoint and write each probe's JSON and PNG into ``out`` as soon as that probe
@@ -243,7 +245,7 @@ def run_probes(kind: str, run_dir: str | Path | None, out: str | Path | None, *,
         raise ProbeError("give a run directory or an agent, not both or neither.")
     settings = ProbeSettings(tuple(sizes), k, true_pairs, value_pairs, fit_pairs,
                              tuple(str(c) for c in compare), tuple(landscape_counts),
-                             tuple(landscape_grid))
+                             tuple(landscape_grid), landscape_directions)
     out = None if out is None else Path(out)
     recorded = {"kinds": list(kinds), "checkpoint": checkpoint, "seed": seed,
                 **{key: list(value) if isinstance(value, tuple) else value

@@ -2,9 +2,9 @@
 (docs/design.md section 3).
 
 Take the agent's actual update step ``Delta = theta_new - theta_old`` (replayed from a
-checkpoint on a fresh training batch, exactly as training does it) and a random Gaussian
-direction ``d`` of unit L2 norm over the policy parameters. On the grid
-``theta_old + a Delta + b d`` evaluate
+checkpoint on a fresh training batch, exactly as training does it) and random Gaussian
+directions ``d_1 .. d_D`` of unit L2 norm over the policy parameters. On the grid
+``theta_old + a Delta + b d_k`` evaluate
 
 * the algorithm's own surrogate objective on that training batch, as the algorithm
   defines it (:attr:`pgscope.algos.Algorithm.surrogate`: PPO's clipped surrogate, with the
@@ -15,10 +15,13 @@ direction ``d`` of unit L2 norm over the policy parameters. On the grid
   started episode is run to its end (so short episodes are not favoured); the estimate at
   a smaller count uses the episodes that started first, nested inside the larger sample.
 
-An episode that does not end within the env's time limit (or within
-:data:`EPISODE_CAP` steps when the env has none) is cut there with a warning, and the count
-of cut episodes is recorded as ``episodes_capped``: an env whose episodes never end cannot
-stall the probe.
+The paper plots one random direction; pgscope draws ``D`` (default 5) and reports, per
+grid point, the mean over the directions and a 95% Student-t interval over them. Every
+grid point of every direction runs its own envs with their own seeds (:func:`grid_seeds`:
+no env seed is shared by two points), so the estimates along the step (``b = 0``, the same
+parameters for every direction) are independent repeats and their interval is a
+confidence interval for the true return there; away from it the interval also spans the
+choice of direction.
 
 Finding to look for: the surrogate can rise where the true return falls.
 """
@@ -34,6 +37,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from scipy import stats
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from tqdm.auto import tqdm
 
@@ -50,6 +54,42 @@ from pgscope.rollout import Batch
 #: Episode length cap for envs without a time limit (an episode that never ends would
 #: otherwise stall a landscape evaluation forever).
 EPISODE_CAP = 10_000
+#: Parallel envs of one grid point's rollouts (each with its own env seed).
+ENVS_PER_POINT = 32
+
+#: How the probe's definition differs from the paper's (recorded in the result's settings).
+DEFINITIONS = {
+    "directions": "the paper's: one random direction; pgscope's: random_directions of them, "
+                  "means and 95% Student-t intervals over the directions",
+    "env_seeds": "pgscope's: every grid point of every direction runs envs of its own seeds "
+                 "(disjoint ranges of envs_per_point seeds), so the points are independent",
+}
+
+
+def grid_seeds(seed: int, shape: tuple[int, ...], n_envs: int = ENVS_PER_POINT
+               ) -> np.ndarray:
+    """The first env seed of each grid point, an array of ``shape`` (random direction,
+    step multiple, direction multiple). Point ``p`` resets its ``n_envs`` envs with seeds
+    ``s_p .. s_p + n_envs - 1`` (gymnasium seeds env ``i`` of a vector env with
+    ``seed + i``); the ranges of distinct points never overlap, nor do those of distinct
+    probe seeds on the same grid."""
+    n_points = math.prod(shape)
+    return ((seed * n_points + np.arange(n_points)) * n_envs).reshape(shape)
+
+
+def direction_interval(values: np.ndarray, level: float = 0.95
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over the first axis (the random directions) and its Student-t interval,
+    ``mean -/+ t_{(1 + level) / 2, D - 1} sd / sqrt(D)``, elementwise; NaN bounds for a
+    single direction."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = values.mean(0)
+    D = values.shape[0]
+    if D < 2:
+        nan = np.full_like(mean, np.nan)
+        return mean, nan, nan
+    half = stats.t.ppf((1 + level) / 2, D - 1) * values.std(0, ddof=1) / math.sqrt(D)
+    return mean, mean - half, mean + half
 
 
 def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
@@ -119,15 +159,20 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
                     steps: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
                     directions: Sequence[float] = (0, 0.75, 1.5, 2.25, 3.0),
                     counts: Sequence[int] = (2_000, 20_000, 100_000), seed: int = 0,
-                    progress: bool = True) -> dict:
-    """Probe 5 (see module doc). Returns a JSON-ready dict with the grid, the surrogate and
-    the true-return surfaces (one per sample count), and the norms of Delta and d."""
+                    progress: bool = True, random_directions: int = 5) -> dict:
+    """Probe 5 (see module doc). ``steps`` and ``directions`` are the grid's multiples of
+    the step and of each of the ``random_directions`` random directions. Returns a
+    JSON-ready dict with the grid, the surrogate and the true-return surfaces (one per
+    sample count; means over the random directions, their intervals, and each direction's
+    own surface), the env seeds of every point, and the norms of Delta and d."""
     counts = sorted(int(c) for c in counts)
     if len(steps) < 2 or len(directions) < 1 or min(counts) < 1:
         raise ProbeError("the landscape grid needs at least two step multiples, one "
                          "direction multiple and positive sample counts.")
     if max(abs(x) for x in (*steps, *directions)) > 100:
         raise ProbeError("grid multiples beyond 100 leave any meaningful parameter range.")
+    if random_directions < 1:
+        raise ProbeError("the landscape needs at least one random direction.")
     captured: dict = {}
     replay = replay_update(run_dir, iteration, seed, capture=captured)
     agent: Agent = captured["agent"]
@@ -137,39 +182,54 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
     theta_old = parameters_to_vector(captured["old_policy"].parameters()).detach().clone()
     delta = theta_new - theta_old
     gen = torch.Generator().manual_seed(seed)
-    d = torch.randn(delta.shape, generator=gen)
-    d /= d.norm()
     surrogate = algorithm(agent.config.algo).surrogate
     old_policy, state = captured["old_policy"], captured["state_before"]
 
-    shape = (len(steps), len(directions))
+    shape = (random_directions, len(steps), len(directions))
+    seeds = grid_seeds(seed, shape)
     surr = np.zeros(shape)
     true = np.zeros((len(counts), *shape))
     capped: list[int] = []
     bar = tqdm(total=surr.size, desc="landscape", disable=not progress)
-    for i, a in enumerate(steps):
-        for j, b in enumerate(directions):
-            vector_to_parameters(theta_old + a * delta + b * d, params)
-            surr[i, j] = surrogate(agent.config, agent.policy, old_policy, batch, state)
-            eps = episode_returns(agent, max(counts), seed=seed * 7919 + i * 101 + j,
-                                  capped=capped)
-            true[:, i, j] = nested_means(eps, counts)
-            bar.update(1)
+    for k in range(random_directions):
+        d = torch.randn(delta.shape, generator=gen)
+        d /= d.norm()
+        for i, a in enumerate(steps):
+            for j, b in enumerate(directions):
+                vector_to_parameters(theta_old + a * delta + b * d, params)
+                surr[k, i, j] = surrogate(agent.config, agent.policy, old_policy, batch, state)
+                eps = episode_returns(agent, max(counts), seed=int(seeds[k, i, j]),
+                                      n_envs=ENVS_PER_POINT, capped=capped)
+                true[:, k, i, j] = nested_means(eps, counts)
+                bar.update(1)
     bar.close()
     if sum(capped):
         warnings.warn(f"landscape: {sum(capped)} episodes ran past the episode cap and were "
                       "cut there (the env has no time limit); their returns are partial.",
                       stacklevel=2)
     vector_to_parameters(theta_new, params)
+    surr_mean, surr_low, surr_high = direction_interval(surr)
+    true_stats = {str(c): direction_interval(true[n]) for n, c in enumerate(counts)}
     return {
         "settings": {"steps": list(steps), "directions": list(directions), "counts": counts,
-                     "seed": seed, "env_id": agent.config.env_id,
-                     "preset": agent.config.preset,
+                     "random_directions": random_directions, "seed": seed,
+                     "envs_per_point": ENVS_PER_POINT, "interval": "95% Student t over the "
+                     "random directions", "definitions": DEFINITIONS,
+                     "env_id": agent.config.env_id, "preset": agent.config.preset,
                      "checkpoint_iteration": replay["checkpoint_iteration"]},
         "episodes_capped": int(sum(capped)),
         "delta_norm": float(delta.norm()), "direction_norm": 1.0,
-        "surrogate": surr.tolist(),
-        "true_return": {str(c): true[k].tolist() for k, c in enumerate(counts)},
+        "surrogate": surr_mean.tolist(),
+        "true_return": {c: m.tolist() for c, (m, _, _) in true_stats.items()},
+        "intervals": {
+            "surrogate": {"ci_low": surr_low.tolist(), "ci_high": surr_high.tolist()},
+            "true_return": {c: {"ci_low": lo.tolist(), "ci_high": hi.tolist()}
+                            for c, (_, lo, hi) in true_stats.items()},
+        },
+        "per_direction": {"surrogate": surr.tolist(),
+                          "true_return": {str(c): true[n].tolist()
+                                          for n, c in enumerate(counts)}},
+        "env_seeds": seeds.tolist(),
         "update_phase": replay["phase"],
     }
 
@@ -177,16 +237,26 @@ def landscape_probe(run_dir: str | Path, iteration: int | None = None,
 def _check(settings: ProbeSettings, cfg: Config) -> None:
     if not settings.landscape_counts or min(settings.landscape_counts) < 1:
         raise ProbeError("--landscape-counts must be positive numbers of env steps.")
+    if settings.landscape_directions < 1:
+        raise ProbeError("--landscape-directions must be at least 1 (the paper used 1; "
+                         "intervals need 2 or more).")
     grid = settings.landscape_grid
     if len(grid) < 2 or not all(math.isfinite(x) for x in grid):
         raise ProbeError("--landscape-grid needs at least two finite multiples.")
 
 
 #: What the result's top-level keys hold.
-SCHEMA = {"settings": "steps, directions, counts, seed, env_id, preset, "
+SCHEMA = {"settings": "steps, directions (multiples), counts, random_directions, seed, "
+                      "envs_per_point, interval, definitions, env_id, preset, "
                       "checkpoint_iteration",
-          "surrogate": "[step][direction] the algorithm's surrogate on the training batch",
-          "true_return": "per sample count: [step][direction] mean episode return",
+          "surrogate": "[step][direction] the algorithm's surrogate on the training batch, "
+                       "mean over the random directions",
+          "true_return": "per sample count: [step][direction] mean episode return, mean "
+                         "over the random directions",
+          "intervals": "ci_low and ci_high of surrogate and true_return (95% t over the "
+                       "random directions)",
+          "per_direction": "surrogate and true_return of each random direction",
+          "env_seeds": "[random direction][step][direction] first env seed of each point",
           "delta_norm, direction_norm": "norms of the update step and random direction",
           "episodes_capped": "episodes cut at the episode cap",
           "update_phase": "the replayed update's own metrics"}
@@ -197,11 +267,12 @@ def _headline(result: dict[str, Any]) -> str:
             f"{result['surrogate'][1][0]:.3g} vs {result['surrogate'][0][0]:.3g} at theta_old")
 
 
-@probe("landscape", order=40, settings=("landscape_counts", "landscape_grid"),
+@probe("landscape", order=40,
+       settings=("landscape_counts", "landscape_grid", "landscape_directions"),
        plot="plot_landscape", headline=_headline, schema=SCHEMA, check=_check)
 def _compute(p: ProbeInput) -> dict:
     """The surrogate on the training batch vs the true mean return on the grid
-    theta + a step + b random direction."""
+    theta + a step + b random direction, over several random directions."""
     s = p.settings
     return landscape_probe(p.run_dir, p.checkpoint, s.landscape_grid, s.landscape_grid,
-                           s.landscape_counts, p.seed, p.progress)
+                           s.landscape_counts, p.seed, p.progress, s.landscape_directions)
