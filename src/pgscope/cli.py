@@ -187,7 +187,8 @@ def _probe(args: argparse.Namespace) -> int:
                true_pairs=args.true_pairs, value_pairs=args.pairs,
                compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs,
                landscape_counts=tuple(args.landscape_counts),
-               landscape_grid=tuple(args.landscape_grid))
+               landscape_grid=tuple(args.landscape_grid),
+               landscape_directions=args.landscape_directions)
     print(f"probe results: {Path(args.out).resolve()}")
     return 0
 
@@ -398,11 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--true-pairs", type=count, default=1_000_000)
     pb.add_argument("--pairs", type=count, default=100_000, help="pairs for the value probe")
     pb.add_argument("--fit-pairs", type=count, default=500_000,
-                    help="pairs of Monte Carlo returns for the 'true' value baseline")
+                    help="pairs of Monte Carlo returns for the 'true' value baseline (the "
+                         "paper used 5e6)")
     pb.add_argument("--landscape-counts", type=count, nargs="+", default=[2_000, 20_000, 100_000],
                     help="env steps of fresh rollouts per landscape grid point")
     pb.add_argument("--landscape-grid", type=float, nargs="+", default=[0, 0.75, 1.5, 2.25, 3],
                     help="multiples of the step and of the random direction")
+    pb.add_argument("--landscape-directions", type=count, default=5,
+                    help="random directions of the landscape (the paper used 1); means and "
+                         "95%% t-intervals over them")
     pb.add_argument("--compare", type=Path, nargs="*", help="more runs for trust-region plots")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--quiet", action="store_true")
