@@ -1,0 +1,155 @@
+"""The authors' four configurations on Hopper, scored as in the paper, next to the published
+numbers: the built-in study ``implementation-matters-hopper`` (ppo-paper, ppo-m-paper,
+trpo-paper, trpo+-paper; 488 iterations x 2,048 steps; 10 seeds; docs/presets.md).
+
+    .venv/bin/python bench/implementation_matters.py                  # the full study
+    .venv/bin/python bench/implementation_matters.py --steps 4096 --seeds 2 --out runs/im-tiny
+    .venv/bin/python bench/implementation_matters.py --summary-only   # tables of what ran
+
+The runs go through the study runner (``pgscope.study.run_study``), so re-running resumes
+unfinished runs and skips finished ones. The score is the papers' rule (each run's mean
+return over its last 10 iterations, then the mean over runs with a 95% stratified bootstrap
+CI). Writes ``OUT/implementation_matters.md``: the final scores next to the published ones
+of Engstrom et al. (2020), "Implementation Matters in Deep Policy Gradients" (the table in
+docs/design.md section 4.3: MuJoCo v2 envs, 95% CIs over 80 or more agents per cell), and
+the ranking of the configurations with the probability of improvement of each over the next.
+The full study is 40 runs of 999,424 steps, about an hour of both cores at pgscope's speed
+(docs/benchmarks.md); ``--steps``/``--seeds`` make a smaller one (a different study).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pgscope.config import env_family
+from pgscope.study import parse_spec, run_study
+from pgscope.study.analysis import write_summary
+from pgscope.study.presets import study_dict
+
+STUDY = "implementation-matters-hopper"
+
+#: Published final returns at 1M steps, mean [95% CI] (Engstrom et al., 2020; copied in
+#: docs/design.md section 4.3), by config label and env family.
+PUBLISHED: dict[str, dict[str, tuple[float, float, float]]] = {
+    "ppo-paper": {"Walker2d": (3292, 3157, 3426), "Hopper": (2513, 2391, 2632),
+                  "Humanoid": (806, 785, 827)},
+    "ppo-m-paper": {"Walker2d": (2735, 2602, 2866), "Hopper": (2142, 2008, 2279),
+                    "Humanoid": (674, 656, 695)},
+    "trpo-paper": {"Walker2d": (2791, 2709, 2873), "Hopper": (2043, 1948, 2136),
+                   "Humanoid": (586, 576, 596)},
+    "trpo+-paper": {"Walker2d": (3050, 2976, 3126), "Hopper": (2466, 2381, 2549),
+                    "Humanoid": (1030, 979, 1083)},
+}
+
+
+def study_spec(steps: int | None, seeds: int | None) -> Any:
+    """The built-in study, or a smaller one with ``steps`` per run / ``seeds`` seeds (its
+    name says its size, so it never mixes with the full one)."""
+    data = study_dict(STUDY, quick=False)
+    if steps is not None:
+        data["total_steps"] = steps
+    if seeds is not None:
+        data["seeds"] = seeds
+    if steps is not None or seeds is not None:
+        data["name"] = f"{STUDY}-{data['total_steps']}x{data['seeds']}"
+    return parse_spec(data, source=f"bench {STUDY}")
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    if any(isinstance(v, float) and math.isnan(v) for v in (mean, low, high)):
+        return "-"
+    return f"{mean:.0f} [{low:.0f}, {high:.0f}]"
+
+
+def score_table(aggregates: pd.DataFrame) -> list[str]:
+    """Markdown: per config and env, pgscope's mean [95% CI] next to the published one."""
+    lines = ["| config | env | runs complete | pgscope: mean [95% CI] | published: mean "
+             "[95% CI] | CIs overlap |", "|---|---|---|---|---|---|"]
+    for _, r in aggregates.iterrows():
+        ours = (r.get("mean", math.nan), r.get("mean_low", math.nan), r.get("mean_high", math.nan))
+        family = env_family(r["env"]) or r["env"]
+        published = PUBLISHED.get(r["label"], {}).get(family)
+        overlap = "-" if published is None or math.isnan(ours[0]) else \
+            ("yes" if ours[1] <= published[2] and published[1] <= ours[2] else "no")
+        lines.append(f"| {r['label']} | {r['env']} | {int(r['n_complete'])} of {int(r['n'])} | "
+                     f"{_interval(*ours)} | {_interval(*published) if published else '-'} | "
+                     f"{overlap} |")
+    return lines
+
+
+def improvement(comparisons: pd.DataFrame, a: str, b: str, env: str) -> str:
+    """P(a > b) [CI] from the study's all-pairs comparisons (stored once per pair)."""
+    for x, y, flip in ((a, b, False), (b, a, True)):
+        row = comparisons[(comparisons["a"] == x) & (comparisons["b"] == y)
+                          & (comparisons["env"] == env)]
+        if not row.empty and "prob_improvement" in row and not pd.isna(
+                row["prob_improvement"].iloc[0]):
+            p, lo, hi = (float(row[k].iloc[0]) for k in
+                         ("prob_improvement", "prob_improvement_low", "prob_improvement_high"))
+            if flip:
+                p, lo, hi = 1 - p, 1 - hi, 1 - lo
+            return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+    return "-"
+
+
+def ranking(aggregates: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
+    """Markdown: per env the configs by pgscope's mean score, the published order, and
+    P(config > the next one)."""
+    lines = []
+    for env, g in aggregates.groupby("env", sort=False):
+        family = env_family(env) or env
+        ours = list(g.sort_values("mean", ascending=False)["label"])
+        theirs = sorted((label for label in ours if family in PUBLISHED.get(label, {})),
+                        key=lambda label: -PUBLISHED[label][family][0])
+        lines += [f"{env}: pgscope's order {' > '.join(ours)}; published order "
+                  f"{' > '.join(theirs) or '-'}", "",
+                  "| rank | config | mean | P(config > next) [95% CI] |", "|---|---|---|---|"]
+        for i, label in enumerate(ours):
+            mean = float(g[g["label"] == label]["mean"].iloc[0])
+            nxt = improvement(comparisons, label, ours[i + 1], env) if i + 1 < len(ours) else ""
+            lines.append(f"| {i + 1} | {label} | {mean:.0f} | {nxt} |")
+        lines.append("")
+    return lines
+
+
+def report(out: Path) -> str:
+    result = write_summary(out, plots=False)
+    t, meta = result["tables"], result["meta"]
+    lines = [f"# {meta['study']}", "",
+             f"Final score: {meta['score_definition']}; {meta['complete']} of {meta['runs']} "
+             f"runs complete, {meta['diverged']} diverged, {meta['failed']} failed, "
+             f"{len(meta['missing'])} missing.",
+             "Published: Engstrom et al. (2020), 'Implementation Matters in Deep Policy "
+             "Gradients', 1M steps on the MuJoCo v2 envs, 95% CIs over 80 or more agents "
+             "(docs/design.md section 4.3).", "", *score_table(t["aggregates"]), "",
+             "## Ranking", "", *ranking(t["aggregates"], t["comparisons"])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, help="env steps per run (default: the study's)")
+    p.add_argument("--seeds", type=int, help="seeds per config (default: the study's 10)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
+    p.add_argument("--out", type=Path, help="study directory (default runs/<study name>)")
+    p.add_argument("--summary-only", action="store_true", help="only the tables")
+    args = p.parse_args()
+    spec = study_spec(args.steps, args.seeds)
+    out = args.out or Path("runs") / spec.name
+    if not args.summary_only:
+        outcome = run_study(spec, out, workers=args.workers)
+        print(f"{outcome.runs} runs: {outcome.skipped} already finished, "
+              f"{len(outcome.complete)} completed now, {len(outcome.diverged)} diverged, "
+              f"{len(outcome.failed)} failed")
+    text = report(out)
+    (out / "implementation_matters.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
