@@ -71,9 +71,17 @@ def srank(phi: torch.Tensor, delta: float = 0.01) -> int:
     matrix (no direction carries anything)."""
     if phi.dim() != 2:
         raise ValueError(f"srank takes one (n, d) feature matrix, got shape {tuple(phi.shape)}")
+    return srank_from_singular_values(torch.linalg.svdvals(phi.detach().to(torch.float64)),
+                                      delta)
+
+
+def srank_from_singular_values(sigma: torch.Tensor, delta: float = 0.01) -> int:
+    """:func:`srank` of a matrix with singular values ``sigma`` (any order): lets a caller
+    that has them another way (e.g. the square roots of a Gram matrix's eigenvalues, as the
+    features probe's bootstrap does) apply the same rule."""
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"srank's delta must lie in [0, 1), got {delta}")
-    sigma = torch.linalg.svdvals(phi.detach().to(torch.float64))
+    sigma = sigma.detach().to(torch.float64).flatten().sort(descending=True).values
     total = sigma.sum()
     if sigma.numel() == 0 or total <= 0:
         return 0
