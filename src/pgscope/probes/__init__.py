@@ -31,12 +31,17 @@ if TYPE_CHECKING:
     from pgscope.config import Config
 
 
+#: The gradient grid's default sample sizes (state-action pairs): the paper's log grid
+#: 1e2 .. 1e5 plus 2,048, the batch of one PPO update there (its "usual regime").
+DEFAULT_SIZES: tuple[int, ...] = (100, 1000, 2048, 10_000, 100_000)
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Every setting of a probe request (``pgscope probe`` options); each probe reads its
     own (:attr:`Probe.settings`)."""
 
-    sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000)
+    sizes: tuple[int, ...] = DEFAULT_SIZES
     k: int = 10
     true_pairs: int = 1_000_000
     value_pairs: int = 100_000
@@ -212,7 +217,7 @@ def interval(d: Mapping[str, float]) -> str:
 def run_probes(kind: str, run_dir: str | Path | None, out: str | Path | None, *,
                agent: Agent | None = None,
                checkpoint: int | None = None, seed: int = 0, progress: bool = True,
-               sizes: tuple[int, ...] = (100, 1000, 10_000, 100_000), k: int = 10,
+               sizes: tuple[int, ...] = DEFAULT_SIZES, k: int = 10,
                true_pairs: int = 1_000_000, value_pairs: int = 100_000,
                compare: tuple[str | Path, ...] = (), fit_pairs: int = 500_000,
                landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000),
