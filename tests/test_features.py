@@ -247,3 +247,95 @@ def _direct_features(net, obs):
     for layer in list(net.net)[:-1]:
         x = layer(x)
     return x
+
+
+def test_srank_from_gram_eigenvalues_equals_srank():
+    from pgscope.features import srank_from_singular_values
+
+    gen = torch.Generator().manual_seed(3)
+    phi = torch.randn(200, 12, generator=gen, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -3, 12, dtype=torch.float64))
+    sigma = torch.linalg.eigvalsh(phi.T @ phi).clamp(min=0).sqrt()  # ascending order
+    for delta in (0.0, 0.01, 0.1, 0.5):
+        assert srank_from_singular_values(sigma, delta) == srank(phi, delta)
+
+
+# -- the features probe ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tabular_run(tmp_path_factory):
+    """Two iterations on the tabular MDP (one-hot observations of 6 states), with
+    observation normalization so that frozen statistics matter."""
+    from pgscope import make_config, train
+    from pgscope.envs.tabular import ENV_ID
+
+    cfg = make_config("ppo", ENV_ID, dict(steps_per_iter=128, minibatches=2, epochs=1,
+                                         hidden=(16, 16), total_steps=256, obs_norm=True,
+                                         checkpoint_every=1))
+    return train(cfg, tmp_path_factory.mktemp("feat") / "run", progress=False)
+
+
+def test_features_probe_against_a_direct_computation(tabular_run):
+    from pgscope import load_agent
+    from pgscope.probes.features import features_probe
+    from pgscope.probes.sampling import batch_chunks
+
+    agent = load_agent(tabular_run)
+    before = {k: {n: t.clone() for n, t in v.items()}
+              for k, v in agent.preprocessor.state_dict().items()}
+    result = features_probe(agent, 600, seed=5, n_boot=200, progress=False)
+    # the same fresh samples, computed directly
+    parts = list(batch_chunks(agent, 600, 5 + 13, exact=False))
+    obs = torch.cat([b.obs for b in parts])
+    nxt = torch.cat([b.next_obs for b in parts])
+    done = torch.cat([b.done for b in parts])
+    with torch.no_grad():
+        phi, phi_next = _direct_features(agent.value_net, obs), _direct_features(
+            agent.value_net, nxt)
+    keep = ~done
+    dots = (phi[keep] * phi_next[keep]).sum(1)
+    assert result["states"] == len(obs) >= 600
+    assert result["pairs"] == int(keep.sum()) and result["pairs_excluded_episode_end"] == int(
+        done.sum()) > 0
+    assert result["feature_dot"]["mean"] == pytest.approx(float(dots.mean()), rel=1e-5)
+    cos = dots / phi[keep].norm(dim=1) / phi_next[keep].norm(dim=1)
+    assert result["feature_cosine"]["mean"] == pytest.approx(float(cos.mean()), rel=1e-5)
+    assert result["feature_norm"]["mean"] == pytest.approx(float(phi.norm(dim=1).mean()),
+                                                          rel=1e-5)
+    assert result["srank"]["mean"] == srank(phi)
+    assert 1 <= result["srank"]["mean"] <= 6  # one-hot observations of 6 states
+    for key in ("feature_dot", "feature_cosine", "feature_norm", "srank"):
+        r = result[key]
+        assert r["ci_low"] <= r["mean"] <= r["ci_high"], key
+    # the agent's frozen statistics were used and are unchanged
+    after = agent.preprocessor.state_dict()
+    for k, v in before.items():
+        for n, t in v.items():
+            assert torch.equal(after[k][n], t)
+
+
+def test_features_probe_command_and_schedule(tabular_run, tmp_path, capsys):
+    import json
+
+    from pgscope import make_config, train
+    from pgscope.cli import EXIT_ERROR, main
+    from pgscope.envs.tabular import ENV_ID
+
+    out = tmp_path / "probe"
+    assert main(["probe", "features", str(tabular_run), "--out", str(out), "--pairs", "300",
+                 "--quiet"]) == 0
+    data = json.loads((out / "features.json").read_text())
+    assert (out / "features.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["over_training"]["iteration"] == [1, 2]  # the run's feature metrics
+    assert data["settings"]["feature_dim"] == 16
+    assert "features: phi(s).phi(s')" in capsys.readouterr().err
+    # checked before anything is computed
+    assert main(["probe", "features", str(tabular_run), "--out", str(tmp_path / "bad"),
+                 "--pairs", "1", "--quiet"]) == EXIT_ERROR
+    assert not (tmp_path / "bad").exists()
+    # scheduled during training
+    run = train(make_config("ppo", ENV_ID, dict(
+        steps_per_iter=64, minibatches=2, epochs=1, hidden=(8,), total_steps=128,
+        probe_every=2, probe_kinds="features", probe_value_pairs=128)), tmp_path / "sched",
+        progress=False)
+    scheduled = json.loads((run / "probes" / "iter_000002" / "features.json").read_text())
+    assert scheduled["states"] >= 128 and scheduled["over_training"]["iteration"] == [1, 2]
