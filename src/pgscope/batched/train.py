@@ -1,0 +1,417 @@
+"""The seed-batched training loop: N seeds of one config trained in one process.
+
+Each seed is an ordinary run directory, written exactly as :func:`pgscope.train.train`
+writes it (writer lock, ``config.json``, ``status.json``, ``metrics.jsonl``, events to its
+own sinks and callbacks, checkpoints in the single-run format), so the single engine
+resumes it and probes, doctor, report and studies read it unchanged. What is shared is
+the work: the seeds' envs step in lockstep with one stacked forward pass per step
+(:mod:`pgscope.batched.rollout`) and the update is one batched pass per minibatch index
+(:mod:`pgscope.batched.ppo`, :mod:`pgscope.batched.trpo`). A seed that diverges or fails
+is recorded as a single run records it and leaves the batch; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from tqdm.auto import tqdm
+
+from pgscope.agent import build_agent, spaces_signature
+from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
+from pgscope.batched.common import BATCHED_UPDATES, SeedNets
+from pgscope.batched.rollout import collect_lockstep
+from pgscope.callbacks import (
+    Callback,
+    CallbackList,
+    CheckpointSaved,
+    Divergence,
+    IterationEnd,
+    RunEnd,
+    RunStart,
+)
+from pgscope.config import OBSERVER_KEYS, Config, training_dict
+from pgscope.envs import check_env_id, make_vector_env
+from pgscope.errors import ConfigError, DivergenceError, RunDirError
+from pgscope.rollout import RolloutCollector
+from pgscope.run import (
+    RunDir,
+    WriterLock,
+    atomic_write_bytes,
+    check_compatible,
+    load_checkpoint,
+    restore_agent,
+    save_checkpoint,
+)
+from pgscope.sinks import default_sinks
+from pgscope.train import (
+    _check_finite,
+    _env_seed,
+    _episode_metrics,
+    _json_safe,
+    set_learning_rates,
+)
+
+#: Config keys the batched engine implements beyond the default value; any other key must
+#: keep its default (a switch added later is refused until the engine supports it).
+SUPPORTED_KEYS = frozenset({
+    "preset", "env_id", "seed", "total_steps", "num_envs", "steps_per_iter", "algo",
+    "ppo_loss", "gamma", "gae_lambda", "epochs", "minibatches", "policy_lr", "value_lr",
+    "adam_eps", "clip_eps", "target_kl", "kl_beta_init", "max_kl", "max_kl_final",
+    "cg_iters", "cg_damping", "fisher_fraction", "backtrack_iters", "backtrack_coef",
+    "hidden", "init_log_std", "value_clip", "value_clip_range", "reward_scale",
+    "ortho_init", "lr_anneal", "reward_clip", "reward_clip_bound", "obs_norm", "obs_clip",
+    "obs_clip_bound", "activation", "grad_clip", "max_grad_norm", "adv_norm", "ent_coef",
+    "kl_stop", "action_clip", "reward_multiplier", "torch_threads", "heldout_kl",
+    *OBSERVER_KEYS})
+
+#: ``callbacks`` of :func:`train_batch`: one sequence for every member, or a function of
+#: the member's index giving its own.
+Callbacks = Sequence[Callback] | Callable[[int], Sequence[Callback]]
+
+
+@dataclass
+class BatchMember:
+    """How one member of a batch ended: ``state`` is ``complete``, ``diverged``,
+    ``failed`` or ``interrupted`` (as its ``status.json`` says), ``error`` the reason,
+    ``iteration`` its last completed (checkpointed) iteration."""
+
+    path: Path
+    state: str
+    error: str | None = None
+    iteration: int = 0
+
+
+def check_batchable(cfgs: Sequence[Config]) -> None:
+    """Refuse configs that cannot train as one batch, naming the key: they must differ
+    only in ``seed`` (and keys that only observe a run), the seeds must be distinct, the
+    algorithm must have a batched update and every other switch must be one the batched
+    engine implements."""
+    if not cfgs:
+        raise ConfigError("a batch needs at least one config.")
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"the seeds of a batch must be distinct, got {seeds}.")
+    first = training_dict(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = training_dict(cfg)
+        differ = sorted(k for k in first if k not in ("seed", "total_steps")
+                        and first[k] != other[k])
+        if cfg.total_steps != cfgs[0].total_steps:
+            differ.insert(0, "total_steps")
+        if differ:
+            raise ConfigError(
+                f"configs of one batch may differ only in 'seed'; seed {cfg.seed} differs "
+                f"from seed {cfgs[0].seed} in {', '.join(repr(k) for k in differ)}.")
+    cfg = cfgs[0]
+    if cfg.algo not in BATCHED_UPDATES:
+        raise ConfigError(f"config key 'algo': the seed-batched engine supports "
+                          f"{', '.join(BATCHED_UPDATES)}, not '{cfg.algo}'; train it with "
+                          "the single engine (one run per seed).")
+    default = Config()
+    for f in dataclasses.fields(Config):
+        if f.name not in SUPPORTED_KEYS and getattr(cfg, f.name) != getattr(default, f.name):
+            raise ConfigError(
+                f"config key '{f.name}' = {getattr(cfg, f.name)!r} is not supported by the "
+                f"seed-batched engine (only its default {getattr(default, f.name)!r}); "
+                "train it with the single engine (one run per seed).")
+
+
+class _Member:
+    """One seed of a batch: its run directory and everything :func:`pgscope.train.train`
+    keeps for a run (agent, optimizer, collector, generators, algorithm state)."""
+
+    def __init__(self, index: int, cfg: Config, run: RunDir, resume: bool, progress: bool,
+                 callbacks: Sequence[Callback]) -> None:
+        self.index, self.cfg, self.run = index, cfg, run
+        torch.manual_seed(cfg.seed)
+        self.envs = make_vector_env(cfg.env_id, cfg.num_envs)
+        if not isinstance(self.envs.single_action_space, gym.spaces.Box):
+            self.envs.close()
+            raise ConfigError(f"env '{cfg.env_id}' has discrete actions; the seed-batched "
+                              "engine trains Gaussian (Box-action) policies only.")
+        self.spaces = spaces_signature(self.envs.single_observation_space,
+                                       self.envs.single_action_space)
+        self.agent = build_agent(cfg, self.envs.single_observation_space,
+                                 self.envs.single_action_space)
+        self.optimizer = make_optimizer(cfg, self.agent.policy, self.agent.value_net)
+        self.update_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.algo_state: dict[str, float] = {}
+        self.heldout_obs: torch.Tensor | None = None
+        self.start, self.env_steps, self.elapsed = 0, 0, 0.0
+        ckpt: dict[str, Any] = {}
+        if resume and run.last_checkpoint.exists():
+            ckpt = load_checkpoint(run.last_checkpoint)
+            check_compatible(ckpt, run.last_checkpoint, self.spaces, cfg)
+            restore_agent(self.agent, ckpt, run.last_checkpoint)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.update_gen.set_state(ckpt["update_rng"])
+            self.algo_state = dict(ckpt["algo_state"])
+            self.heldout_obs = ckpt.get("heldout_obs")
+            self.start = ckpt["iteration"]
+            self.env_steps, self.elapsed = ckpt["env_steps"], ckpt["elapsed"]
+        self.ckpt = ckpt
+        self.completed = self.start
+        self.collector = RolloutCollector(cfg, self.envs, self.agent.preprocessor,
+                                          seed=_env_seed(cfg, self.start))
+        self.events = CallbackList([*default_sinks(cfg, run, progress), *callbacks])
+
+    def restore_collector(self, repair: bool) -> None:
+        """Drop metrics lines past the checkpoint and continue its episodes (resume)."""
+        self.run.truncate_metrics(self.start, repair=repair)
+        if self.start == 0:
+            return
+        if "collector" in self.ckpt:
+            exact = self.collector.load_state_dict(self.ckpt["collector"])
+        else:  # a checkpoint written before envs were saved
+            self.collector.rng.bit_generator.state = self.ckpt["sample_rng"]
+            exact = False
+        note = "episodes continue exactly" if exact else (
+            "WARNING: this env's state cannot be saved, so its episodes restart; metrics "
+            "after this point differ from an uninterrupted run")
+        self.run.log(f"resumed from the checkpoint of iteration {self.start} (seed-batched "
+                     f"engine): {note}")
+        if not exact:
+            print(f"warning: {self.run.path}: {note}.", file=sys.stderr)
+
+    def checkpoint(self, iteration: int) -> Path | None:
+        """``last.pt`` in the single-run format; a kept copy as ``train`` keeps one."""
+        extra = dict(update_rng=self.update_gen.get_state(),
+                     collector=self.collector.state_dict(), algo_state=self.algo_state,
+                     heldout_obs=self.heldout_obs, elapsed=self.elapsed)
+        save_checkpoint(self.run.last_checkpoint, self.agent, iteration=iteration,
+                        env_steps=self.env_steps, optimizer=self.optimizer, extra=extra,
+                        spaces=self.spaces)
+        if iteration % self.cfg.checkpoint_every == 0 or iteration == self.cfg.num_iterations:
+            kept = self.run.checkpoint_dir / f"iter_{iteration:06d}.pt"
+            atomic_write_bytes(kept, self.run.last_checkpoint.read_bytes())
+            return kept
+        return None
+
+    def status(self, state: str, iteration: int, **extra: Any) -> None:
+        self.run.write_status(state, iteration=iteration,
+                              total_iterations=self.cfg.num_iterations,
+                              env_steps=self.env_steps, engine="seed-batched", **extra)
+
+    def end(self, state: str, error: str | None = None) -> BatchMember:
+        """Record how the member ended (``status.json``, ``on_run_end``)."""
+        iteration = self.completed
+        if state == "diverged":
+            assert error is not None
+        elif state != "complete":
+            self.status(state, iteration, error=error)
+        else:
+            self.status(state, self.cfg.num_iterations)
+        try:
+            self.events.on_run_end(RunEnd(self.run.path, self.cfg, state, iteration, error))
+        except Exception as exc:
+            if state == "complete":
+                raise
+            print(f"warning: a subscriber failed at the end of {self.run.path}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        self.envs.close()
+        return BatchMember(self.run.path, state, error, iteration)
+
+    def diverged(self, exc: DivergenceError, iteration: int) -> BatchMember:
+        """Record a divergence exactly as ``train`` does (the last good checkpoint stays)."""
+        if exc.iteration < 0:  # raised by the env during this iteration's rollout
+            exc.iteration = iteration
+            exc.args = (f"{exc} (iteration {iteration})",)
+        self.status("diverged", exc.iteration, where=exc.where, error=str(exc),
+                    last_good_checkpoint=str(self.run.last_checkpoint))
+        try:
+            self.events.on_divergence(Divergence(self.run.path, self.cfg, exc.iteration,
+                                                 exc.where, str(exc)))
+        except Exception as error:  # noqa: BLE001 - the divergence is what gets recorded
+            print(f"warning: a subscriber failed on the divergence of {self.run.path}: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+        return self.end("diverged", str(exc))
+
+
+def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: bool = False,
+                progress: bool = True, total_steps: int | None = None, repair: bool = False,
+                callbacks: Callbacks = ()) -> list[BatchMember]:
+    """Train one config's seeds together, one run directory per seed; returns how each
+    member ended, in the order of ``outs``.
+
+    ``cfgs`` may differ only in ``seed`` (:func:`check_batchable`). With ``resume``, each
+    ``outs[i]`` is an existing run (``cfgs`` is then ignored for the saved configs; single
+    engine runs resume too) and every member's last checkpoint must be at the same
+    iteration; ``total_steps`` extends them all. A member that diverges or fails is
+    recorded as :func:`pgscope.train.train` records it and leaves the batch; SIGINT/SIGTERM
+    marks every member interrupted and re-raises."""
+    paths = [Path(p) for p in outs]
+    if not resume:
+        if total_steps is not None:
+            raise ValueError("total_steps extends a resumed run; set cfg.total_steps instead.")
+        if len(cfgs) != len(paths):
+            raise ConfigError(f"{len(cfgs)} configs for {len(paths)} run directories.")
+        check_batchable(cfgs)
+        check_env_id(cfgs[0].env_id)  # fail before anything is written
+    if len(set(p.resolve() for p in paths)) != len(paths):
+        raise RunDirError("the run directories of a batch must be distinct.")
+    runs: list[RunDir] = []
+    locks: list[WriterLock] = []
+    try:
+        for i, path in enumerate(paths):
+            if resume:
+                runs.append(RunDir.open(path))
+                locks.append(runs[-1].lock())
+            else:
+                run, lock = RunDir.create(path, cfgs[i])
+                runs.append(run)
+                locks.append(lock)
+        if resume:
+            cfgs = [run.read_config() for run in runs]
+            if total_steps is not None:
+                cfgs = [run.extend(c, total_steps) if total_steps != c.total_steps else c
+                        for run, c in zip(runs, cfgs, strict=True)]
+            check_batchable(cfgs)
+        return _train_batch(list(cfgs), runs, resume, progress, repair, callbacks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress: bool,
+                 repair: bool, callbacks: Callbacks) -> list[BatchMember]:
+    cfg = cfgs[0]
+    torch.set_num_threads(cfg.torch_threads)
+    own = callbacks if callable(callbacks) else (lambda _: callbacks)
+    members: list[_Member] = []
+    try:
+        for i, (c, run) in enumerate(zip(cfgs, runs, strict=True)):
+            members.append(_Member(i, c, run, resume, False, own(i)))
+    except BaseException:
+        for m in members:
+            m.envs.close()
+        raise
+    starts = {m.start for m in members}
+    if len(starts) > 1:
+        for m in members:
+            m.envs.close()
+        raise RunDirError(
+            "the members of a batch must resume from the same iteration; their last "
+            "checkpoints are at " + ", ".join(f"{m.run.path}: {m.start}" for m in members)
+            + ". Resume them in groups of equal iterations.")
+    start = starts.pop()
+    ended: dict[int, BatchMember] = {}
+    for m in members:
+        if resume:
+            m.restore_collector(repair)
+        if start == 0:
+            m.checkpoint(0)
+        m.status("running", start)
+    live = list(members)
+    nets = SeedNets(cfg, [m.agent.policy for m in live], [m.agent.value_net for m in live],
+                    [m.optimizer for m in live])
+    update = BATCHED_UPDATES[cfg.algo]
+    bar = tqdm(total=cfg.num_iterations * cfg.steps_per_iter * len(members),
+               initial=start * cfg.steps_per_iter * len(members), unit="step",
+               desc=f"{cfg.preset} {cfg.env_id} x{len(members)} seeds", disable=not progress,
+               dynamic_ncols=True)
+
+    def drop(gone: dict[int, BatchMember]) -> None:
+        """Members that ended leave the batch."""
+        nonlocal live
+        if gone:
+            ended.update(gone)
+            keep = [k for k, m in enumerate(live) if m.index not in gone]
+            live = [live[k] for k in keep]
+            if live:
+                nets.select(keep)
+
+    try:
+        gone: dict[int, BatchMember] = {}
+        for m in members:
+            try:
+                m.events.on_run_start(RunStart(m.run.path, m.cfg, m.agent, start,
+                                               m.env_steps, resume))
+            except Exception as exc:
+                gone[m.index] = m.end("failed", f"{type(exc).__name__}: {exc}")
+        drop(gone)
+        for it in range(start, cfg.num_iterations):
+            if not live:
+                break
+            for m in live:
+                set_learning_rates(m.optimizer, m.cfg, it)
+            nets.set_learning_rates(live[0].optimizer)
+            t0 = time.perf_counter()
+            collected = collect_lockstep([m.collector for m in live],
+                                         [m.agent.policy for m in live],
+                                         [m.agent.value_net for m in live])
+            gone = {}
+            for m, result in zip(live, collected, strict=True):
+                if isinstance(result, DivergenceError):
+                    gone[m.index] = m.diverged(result, it + 1)
+                elif isinstance(result, Exception):
+                    gone[m.index] = m.end("failed", f"{type(result).__name__}: {result}")
+            drop(gone)
+            if not live:
+                break
+            data = [r for r in collected if not isinstance(r, Exception)]
+            t1 = time.perf_counter()
+            all_metrics = update(cfg, nets, [b for b, _ in data],
+                                 [m.update_gen for m in live], [m.algo_state for m in live],
+                                 [m.heldout_obs for m in live])
+            t2 = time.perf_counter()
+            gone = {}
+            for m, (batch, episodes), metrics in zip(live, data, all_metrics, strict=True):
+                try:
+                    _check_finite(m.agent, metrics, it + 1)
+                except DivergenceError as exc:
+                    gone[m.index] = m.diverged(exc, it + 1)
+                    continue
+                m.heldout_obs = batch.obs if m.cfg.heldout_kl else None
+                m.env_steps += len(batch)
+                m.elapsed += t2 - t0
+                record = dict(iteration=it + 1, env_steps=m.env_steps,
+                              **_episode_metrics(episodes.returns, episodes.lengths),
+                              explained_variance=explained_variance(batch.values,
+                                                                    batch.returns),
+                              **learning_rates(m.optimizer), **metrics,
+                              sps=len(batch) / (t2 - t0), rollout_s=t1 - t0,
+                              update_s=t2 - t1, time_elapsed=m.elapsed)
+                record = _json_safe(record)
+                try:
+                    go_on = m.events.on_iteration_end(IterationEnd(
+                        m.run.path, m.cfg, m.agent, it + 1, m.env_steps, record, batch))
+                    kept = m.checkpoint(it + 1)
+                    m.completed = it + 1
+                    m.status("running", m.completed, return_mean=record["return_mean"])
+                    m.events.on_checkpoint(CheckpointSaved(m.run.path, m.cfg, m.completed,
+                                                           m.env_steps,
+                                                           m.run.last_checkpoint, kept))
+                except Exception as exc:
+                    gone[m.index] = m.end("failed", f"{type(exc).__name__}: {exc}")
+                    continue
+                if go_on is False:
+                    stop = (f"stopped by the callback {m.events.stopped_by} after "
+                            f"iteration {m.completed}")
+                    m.run.log(f"{stop}; resume with 'pgscope train --resume {m.run.path}'")
+                    gone[m.index] = m.end("interrupted", stop)
+            bar.update(sum(len(b) for b, _ in data))
+            drop(gone)
+    except KeyboardInterrupt:
+        for m in live:
+            m.end("interrupted", "interrupted by the user (SIGINT/SIGTERM)")
+        raise
+    except Exception as exc:  # the batch's shared work failed: every member with it
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+        for m in live:
+            ended[m.index] = m.end("failed", error)
+        live = []
+    finally:
+        bar.close()
+    for m in live:
+        ended[m.index] = m.end("complete")
+    return [ended[m.index] for m in members]
