@@ -292,10 +292,14 @@ def test_trpo_steps_to_the_annealed_limit_of_each_update():
 
 
 def test_training_counts_the_updates_across_iterations(tmp_path, monkeypatch):
-    seen = []
+    seen: list[int] = []
     real = trpo_mod.kl_limit
-    monkeypatch.setattr(trpo_mod, "kl_limit",
-                        lambda cfg, update: seen.append(update) or real(cfg, update))
+
+    def spy(cfg, update):
+        seen.append(update)
+        return real(cfg, update)
+
+    monkeypatch.setattr(trpo_mod, "kl_limit", spy)
     cfg = make_config("trpo", "Pendulum-v1", dict(
         max_kl=0.01, max_kl_final=0.02, total_steps=3 * 128, steps_per_iter=128,
         minibatches=2, epochs=1, hidden=(8,)))
