@@ -96,7 +96,8 @@ def test_variant_presets():
     for key in ("reward_scale", "obs_norm", "ortho_init", "grad_clip"):
         assert getattr(plus, key) is True, key
     assert plus.lr_anneal is False and plus.value_clip is False
-    assert set(PRESETS) == {"ppo", "ppo-m", "ppo-noclip", "ppo-kl", "a2c", "trpo", "trpo+"}
+    assert set(PRESETS) == {"ppo", "ppo-m", "ppo-noclip", "ppo-kl", "a2c", "trpo", "trpo+",
+                            "ppo-paper", "ppo-m-paper", "trpo-paper", "trpo+-paper"}
 
 
 # errors ---------------------------------------------------------------------------------------
