@@ -12,7 +12,8 @@ statistics (as the policy saw them in training). Per transition ``t``: ``obs`` a
 ``obs_raw``, ``action`` (what the env received: clipped to the bounds when the run clipped
 them), ``reward`` (the env's raw reward), ``next_obs`` / ``next_obs_raw`` (the true next
 observation; at a time-limit truncation the final one, not the reset one),
-``terminated``, ``truncated``, ``episode`` and ``step`` (index within the episode), and
+``terminated``, ``truncated`` (both true for a termination on the time limit's last step:
+termination wins, the backup stops), ``episode`` and ``step`` (index within the episode), and
 ``next_action``: the dataset's own ``a'`` (the action taken at ``t + 1``) while the
 episode goes on in the dataset; where it does not (termination, truncation, the end of
 the dataset) a sample of ``pi(.|s')`` drawn at collection, flagged in
@@ -192,21 +193,32 @@ def collect_transitions(policy: BehaviourPolicy, env_id: str, n: int, seed: int,
     }
 
 
-def _rollout_return(env: gym.Env[Any, Any], policy: BehaviourPolicy, action: np.ndarray,
-                    gamma: float, horizon: int, rng: np.random.Generator) -> float:
-    """Discounted return of taking ``action`` in ``env``'s current state, then following
+def _rollout_returns(envs: list[gym.Env[Any, Any]], policy: BehaviourPolicy,
+                     action: np.ndarray, gamma: float, horizon: int,
+                     rng: np.random.Generator) -> list[float]:
+    """Discounted returns of taking ``action`` in each env's current state, then following
     ``policy``, for at most ``horizon`` steps or until termination (the env's own time
-    limit is bypassed: the module doc's truncation rule)."""
-    base = env.unwrapped
-    total, discount = 0.0, 1.0
+    limit is bypassed: the module doc's truncation rule). The envs step side by side, the
+    policy sampling for all of them at once."""
+    totals = np.zeros(len(envs))
+    alive = list(range(len(envs)))
+    actions = np.stack([action] * len(envs))
+    discount = 1.0
     for _ in range(horizon):
-        obs, reward, terminated, _, _ = base.step(int(action) if policy.discrete else action)
-        total += discount * float(reward)
+        next_obs, still = [], []
+        for i in alive:
+            obs, reward, terminated, _, _ = envs[i].unwrapped.step(
+                int(actions[i]) if policy.discrete else actions[i])
+            totals[i] += discount * float(reward)
+            if not terminated:
+                still.append(i)
+                next_obs.append(np.asarray(obs))
         discount *= gamma
-        if terminated:
+        alive = still
+        if not alive:
             break
-        action = policy.sample(policy.preprocess(np.asarray(obs)[None]), rng)[0]
-    return total
+        actions[alive] = policy.sample(policy.preprocess(np.stack(next_obs)), rng)
+    return totals.tolist()
 
 
 def monte_carlo_reference(policy: BehaviourPolicy, env_id: str, *, episodes: int, stride: int,
@@ -219,7 +231,7 @@ def monte_carlo_reference(policy: BehaviourPolicy, env_id: str, *, episodes: int
     from pgscope.envs import make_env
     from pgscope.envs.state import env_state, savable, set_env_state
 
-    env, twin = make_env(env_id), make_env(env_id)
+    env, twins = make_env(env_id), [make_env(env_id) for _ in range(rollouts)]
     if not savable(env):
         raise OfflineError(f"env '{env_id}' cannot be saved exactly (pgscope.envs.state), so "
                            "the Monte Carlo Q reference cannot restore its states; use a "
@@ -232,7 +244,8 @@ def monte_carlo_reference(policy: BehaviourPolicy, env_id: str, *, episodes: int
     try:
         for k in range(episodes):
             raw, _ = env.reset(seed=seed + k)
-            twin.reset(seed=seed + k)
+            for twin in twins:
+                twin.reset(seed=seed + k)
             t, ret, done = 0, 0.0, False
             while not done:
                 obs = policy.preprocess(np.asarray(raw)[None])
@@ -240,13 +253,12 @@ def monte_carlo_reference(policy: BehaviourPolicy, env_id: str, *, episodes: int
                 if t % stride == 0:
                     snapshot = env_state(env)
                     assert snapshot is not None
-                    values = []
-                    for _ in range(rollouts):
+                    for twin in twins:
                         set_env_state(twin, snapshot)
                         # fresh env randomness per rollout (the snapshot restores the RNG)
                         twin.unwrapped.np_random = np.random.default_rng(
                             int(rng.integers(2**63)))
-                        values.append(_rollout_return(twin, policy, action, gamma, horizon, rng))
+                    values = _rollout_returns(twins, policy, action, gamma, horizon, rng)
                     rows["obs"].append(obs[0])
                     rows["action"].append(action)
                     rows["q"].append(float(np.mean(values)))
@@ -264,7 +276,8 @@ def monte_carlo_reference(policy: BehaviourPolicy, env_id: str, *, episodes: int
     finally:
         bar.close()
         env.close()
-        twin.close()
+        for twin in twins:
+            twin.close()
     return {"obs": torch.from_numpy(np.stack(rows["obs"])),
             "action": torch.from_numpy(np.stack(rows["action"])),
             **{key: torch.tensor(rows[key], dtype=torch.float64) for key in ("q", "q_se")},

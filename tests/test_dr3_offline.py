@@ -1,0 +1,282 @@
+"""The offline DR3 experiment (pgscope.dr3) against exact answers on the tabular MDP.
+
+A linear Q on the one-hot of (s, a) (encoding 'outer', no hidden layer) is a table, so
+offline SARSA and offline TD must both converge to the behaviour policy's exact Q^pi
+(dynamic programming, pgscope.envs.tabular) up to the dataset's sampling error. The MDP is
+played with a time limit of 6 steps, so the dataset holds terminations (about 10% a step)
+and truncations, which must not terminate the backup.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from pgscope.agent import build_agent
+from pgscope.config import make_config
+from pgscope.dr3 import TrainSettings, make_dataset, parse_variants, train_offline
+from pgscope.dr3.dataset import OfflineError, load_dataset, save_dataset
+from pgscope.dr3.summary import summarize
+from pgscope.dr3.trainer import encode, init_params, member_losses, q_forward
+from pgscope.envs.tabular import TabularEnv, default_mdp, exact_q, policy_matrix
+
+LIMITED = "pgscope-test/TabularLimited-v0"
+LIMIT = 6
+GAMMA = 0.9
+
+if LIMITED not in gym.registry:
+    gym.register(LIMITED, entry_point=TabularEnv, max_episode_steps=LIMIT,
+                 disable_env_checker=True)
+
+
+def behaviour_agent():
+    """A categorical policy on the tabular MDP, far enough from uniform to matter."""
+    cfg = make_config("ppo", LIMITED, dict(obs_norm=False, obs_clip=False, hidden=(8,)))
+    env = gym.make(LIMITED)
+    torch.manual_seed(0)
+    agent = build_agent(cfg, env.observation_space, env.action_space)
+    env.close()
+    with torch.no_grad():
+        for p in agent.policy.parameters():
+            p.mul_(30)
+    return agent
+
+
+@pytest.fixture(scope="module")
+def tabular():
+    agent = behaviour_agent()
+    data = make_dataset(agent, transitions=12_000, seed=0, gamma=GAMMA, heldout_episodes=10,
+                        reference_stride=1, reference_rollouts=30, horizon=150,
+                        progress=False)
+    mdp = default_mdp()
+    pi = policy_matrix(agent.policy, mdp)
+    return data, exact_q(mdp, pi, GAMMA)
+
+
+def table(params, members: int) -> np.ndarray:
+    """Q[s, a] of every member of a linear 'outer' network: ``(M, 6, 3)``."""
+    x = encode(torch.eye(6).repeat_interleave(3, 0), torch.eye(3).repeat(6, 1), "outer")
+    q, _ = q_forward(params, x.expand(members, *x.shape))
+    return q.double().numpy().reshape(members, 6, 3)
+
+
+def sampling_tolerance(data) -> np.ndarray:
+    """Per (s, a): 5 standard errors of a Monte Carlo estimate of Q from the dataset's own
+    episodes (the std of the discounted return-to-go over sqrt(visits)), plus 0.02 for
+    the optimizer's noise. TD and SARSA estimates are no noisier than Monte Carlo ones here
+    (tabular, same data). Returns are cut by the time limit, which makes their spread an
+    underestimate of the infinite-horizon one; hence 5, not 3, standard errors."""
+    t = data.tensors
+    s, a = t["obs"].argmax(1).numpy(), t["action"].numpy()
+    r = t["reward"].double().numpy()
+    ends = (t["terminated"] | t["truncated"]).numpy()
+    g = np.zeros(len(r))
+    running = 0.0
+    for i in range(len(r) - 1, -1, -1):
+        running = r[i] + (0.0 if ends[i] else GAMMA * running)
+        g[i] = running
+    tol = np.zeros((6, 3))
+    for si in range(6):
+        for ai in range(3):
+            sel = (s == si) & (a == ai)
+            tol[si, ai] = 5 * g[sel].std() / np.sqrt(sel.sum()) + 0.02
+    return tol
+
+
+def test_dataset_boundaries_and_truncation(tabular):
+    data, _ = tabular
+    t = data.tensors
+    n = len(data)
+    term, trunc = t["terminated"].numpy(), t["truncated"].numpy()
+    ends = term | trunc
+    assert term.sum() > 500 and trunc.sum() > 500  # both kinds of episode end occur
+    # both at once: a termination on the time limit's last step; termination wins
+    assert (term & trunc).sum() < 0.2 * trunc.sum()
+    # within an episode s' is the next row's s and a' the next row's a; ids and steps count
+    cont = ~ends[:-1]
+    assert torch.equal(t["next_obs"][:-1][cont], t["obs"][1:][cont])
+    assert torch.equal(t["next_action"][:-1][cont], t["action"][1:][cont])
+    assert (np.diff(t["episode"].numpy()) == ends[:-1]).all()
+    steps = t["step"].numpy()
+    assert (steps[1:][cont] == steps[:-1][cont] + 1).all() and (steps[1:][ends[:-1]] == 0).all()
+    assert (steps[trunc] == LIMIT - 1).all()
+    # a' is sampled exactly where the episode does not go on in the dataset
+    sampled = t["next_action_sampled"].numpy()
+    assert (sampled[:-1] == ends[:-1]).all() and sampled[-1]
+    # after a truncation s' is the true last state (one-hot), not the reset one; after a
+    # termination the env's all-zero observation
+    assert (t["next_obs_raw"][torch.from_numpy(trunc & ~term)].sum(1) == 1).all()
+    assert (t["next_obs_raw"][torch.from_numpy(term)].sum(1) == 0).all()
+    # the behaviour policy at s' is stored for TD's fresh samples
+    assert t["next_logits"].shape == (n, 3)
+
+
+def test_monte_carlo_reference_matches_dynamic_programming(tabular):
+    """The reference rollouts ignore the 6-step time limit (module doc's truncation rule),
+    so they estimate the infinite-horizon Q^pi: the errors in units of their standard
+    errors have a mean square near 1 (the returns are skewed, so a t statistic from 30
+    rollouts has heavier tails than a normal one) and a pooled mean within 3 pooled
+    standard errors of 0."""
+    data, q_exact = tabular
+    ref = data.reference
+    s, a = ref["obs"].argmax(1).numpy(), ref["action"].numpy()
+    err = ref["q"].numpy() - q_exact[s, a]
+    se = ref["q_se"].numpy()
+    assert len(err) > 30
+    assert ((err / se) ** 2).mean() < 2.5
+    assert abs(err.mean()) < 3 * np.sqrt((se ** 2).mean() / len(err))
+
+
+def test_sarsa_and_td_converge_to_exact_q(tabular):
+    """Both backups reach DP's Q^pi of the behaviour policy within sampling error; so does
+    DR3 here, whose term has no gradient when phi is the fixed one-hot input."""
+    data, q_exact = tabular
+    settings = TrainSettings(variants=("sarsa", "td", "dr3:0.1"), seeds=(0,), steps=500,
+                             hidden=(), lr=0.02, batch=512, target="polyak:0.2",
+                             encoding="outer", log_every=500, checkpoint_every=500,
+                             q_mean_pairs=64)
+    result = train_offline(data, settings, progress=False)
+    tol = sampling_tolerance(data)
+    assert tol.max() < 0.3  # the test means something: Q^pi spreads by ~1 per state
+    q = table(result.params, 3)
+    for i, member in enumerate(result.members):
+        err = np.abs(q[i] - q_exact)
+        assert (err <= tol).all(), (member.name, err.max(), tol[err > tol])
+    np.testing.assert_allclose(q[1], q[2], atol=1e-6)  # no DR3 gradient on one-hot phi
+
+
+def mlp_from(ws) -> torch.nn.Sequential:
+    """A plain torch.nn ReLU MLP holding one member's weights (``(in, out)`` stacked
+    layout -> ``nn.Linear``'s ``(out, in)``)."""
+    layers: list[torch.nn.Module] = []
+    for k in range(0, len(ws), 2):
+        linear = torch.nn.Linear(*ws[k].shape).double()
+        with torch.no_grad():
+            linear.weight.copy_(ws[k].T)
+            linear.bias.copy_(ws[k + 1][0])
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def direct_loss(net, target_net, x, x_next, reward, not_terminated, coef):
+    """The DR3 loss written out for one member: TD error against a no-gradient target,
+    plus coef * mean phi(s, a) . phi(s', a'), phi the input of the last layer."""
+    features = net[:-1]
+    with torch.no_grad():
+        y = reward + GAMMA * not_terminated * target_net(x_next).squeeze(-1)
+    td = ((net(x).squeeze(-1) - y) ** 2).mean()
+    return td + coef * (features(x) * features(x_next)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("coefs", [(0.0, 0.3, 1.5), (0.3, 1.5)])
+def test_dr3_gradient_equals_autograd_of_direct_loss(coefs):
+    torch.manual_seed(1)
+    M, B = len(coefs), 32
+    params = [p.double().requires_grad_() for p in init_params([5, 7, 6, 1], range(M))]
+    target = [(p.detach() + 0.1 * torch.randn_like(p)).double() for p in params]
+    x, x_next = torch.randn(M, B, 5).double(), torch.randn(M, B, 5).double()
+    reward, not_term = torch.randn(M, B).double(), (torch.rand(M, B) > 0.2).double()
+    loss, _, _ = member_losses(params, target, x, x_next, reward, not_term, GAMMA,
+                               torch.tensor(coefs, dtype=torch.float64))
+    grads = torch.autograd.grad(loss, params)
+    for m, c in enumerate(coefs):
+        net = mlp_from([p[m].detach() for p in params])
+        direct = direct_loss(net, mlp_from([p[m] for p in target]), x[m], x_next[m],
+                             reward[m], not_term[m], c)
+        expected = torch.autograd.grad(direct, list(net.parameters()))
+        for k, g in enumerate(grads):  # W (in, out) <-> weight (out, in); b (1, out)
+            e = expected[k].T if k % 2 == 0 else expected[k][None]
+            torch.testing.assert_close(g[m], e, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_members_equal_single_member_training(tabular):
+    """Each member of a batch trains exactly as it would alone (same seed): its weights and
+    log lines agree to 1e-5 whatever else is in the batch."""
+    data, _ = tabular
+    common = dict(steps=60, hidden=(16,), lr=3e-3, batch=64, target="polyak:0.05",
+                  encoding="concat", log_every=30, checkpoint_every=30, q_mean_pairs=64)
+    batched = train_offline(data, TrainSettings(variants=("sarsa", "td", "dr3:0.3"),
+                                                seeds=(0, 1), **common), progress=False)
+    names = [m.name for m in batched.members]
+    assert len(set(names)) == 6
+    for i, member in enumerate(batched.members):
+        alone = train_offline(data, TrainSettings(variants=(member.variant.name,),
+                                                  seeds=(member.seed,), **common),
+                              progress=False)
+        for p, q in zip(batched.params, alone.params, strict=True):
+            torch.testing.assert_close(p[i], q[0], rtol=1e-5, atol=1e-6)
+        for key in ("td_loss", "feature_dot", "q_abs_error", "q_mean"):
+            assert batched.last[member.name][key] == pytest.approx(
+                alone.last[member.name][key], rel=1e-5, abs=1e-7)
+    # distinct seeds and variants really differ (the comparison is not vacuous)
+    assert not torch.equal(batched.params[0][0], batched.params[0][1])
+    assert batched.last[names[0]]["td_loss"] != batched.last[names[2]]["td_loss"]
+
+
+def test_killed_experiment_resumes_to_the_uninterrupted_result(tabular, tmp_path):
+    data, _ = tabular
+    path = tmp_path / "data"
+    save_dataset(data, path)
+    settings = TrainSettings(variants=("sarsa", "dr3:0.3"), seeds=(0, 1), steps=40,
+                             hidden=(8,), lr=3e-3, batch=32, log_every=10,
+                             checkpoint_every=20, q_mean_pairs=64)
+    whole = train_offline(path, settings, tmp_path / "whole", progress=False)
+
+    def kill(step, lines):
+        if step == 30:  # after the checkpoint of step 20 and the log lines of step 30
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_offline(path, settings, tmp_path / "killed", progress=False, on_log=kill)
+    resumed = train_offline(path, settings, tmp_path / "killed", progress=False)
+    for p, q in zip(whole.params, resumed.params, strict=True):
+        assert torch.equal(p, q)
+    for m in whole.members:
+        a = (tmp_path / "whole" / "members" / f"{m.name}.jsonl").read_text().splitlines()
+        b = (tmp_path / "killed" / "members" / f"{m.name}.jsonl").read_text().splitlines()
+        strip = [{k: v for k, v in json.loads(x).items() if k != "steps_per_s"} for x in a]
+        assert strip == [{k: v for k, v in json.loads(x).items() if k != "steps_per_s"}
+                         for x in b]
+        assert [json.loads(x)["step"] for x in b] == [10, 20, 30, 40]
+    # another experiment in the same directory is refused
+    with pytest.raises(OfflineError, match="other settings"):
+        train_offline(path, TrainSettings(variants=("td",), seeds=(0, 1), steps=40,
+                                          log_every=10, checkpoint_every=20),
+                      tmp_path / "whole", progress=False)
+    result = summarize(tmp_path / "whole")
+    row = {r["variant"]: r for r in result["table"]}["dr3:0.3"]
+    assert row["seeds"] == 2 and row["step"] == 40
+    d = row["feature_dot"]
+    assert d["ci_low"] <= d["mean"] <= d["ci_high"]
+    assert (tmp_path / "whole" / "summary" / "dr3-offline.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("sarsa,q", "unknown variant 'q'"), ("dr3", "unknown variant 'dr3'"),
+    ("dr3:-1", "coefficient C > 0"), ("td,td", "repeat"), ("", "at least one")])
+def test_bad_variants_are_refused(variants, message):
+    with pytest.raises(OfflineError, match=message):
+        parse_variants(variants)
+
+
+def test_bad_input_fails_before_compute(tmp_path, capsys):
+    from pgscope.cli import main
+
+    assert main(["dr3", "train", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                 "--variants", "sarsa,dr3:0"]) == 2
+    assert "coefficient C > 0" in capsys.readouterr().err
+    assert main(["dr3", "train", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                 "--target", "polyak:2"]) == 2
+    assert "--target 'polyak:2'" in capsys.readouterr().err
+    assert main(["dr3", "train", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a DR3 dataset directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(OfflineError, match="not a DR3 dataset"):
+        load_dataset(tmp_path)
+    assert main(["dr3", "dataset", str(tmp_path / "norun"), "--out", str(tmp_path / "d"),
+                 "--transitions", "1"]) == 2
+    assert "--transitions must be at least 2" in capsys.readouterr().err
