@@ -41,6 +41,10 @@ def count(text: str) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pgscope.train import train
 
+    if args.seeds is not None:
+        return _train_seeds(args)
+    if args.batch_size is not None:
+        raise PgscopeError("--batch-size applies to --seeds only.")
     if args.resume:
         given = [flag for flag, value in (("--algo", args.algo), ("--env", args.env),
                                           ("--seed", args.seed), ("--set", args.set),
@@ -68,6 +72,37 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
           f"checkpoints: {out / 'checkpoints'})")
     return 0
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    """``train --seeds``: the seeds trained together by the seed-batched engine."""
+    from pgscope.batched import DEFAULT_BATCH_SIZE, parse_seeds, train_seeds
+
+    seeds = parse_seeds(args.seeds)
+    if args.seed is not None or args.repair:
+        raise PgscopeError("--seeds cannot be combined with --seed or --repair.")
+    size = args.batch_size or DEFAULT_BATCH_SIZE
+    if args.resume:
+        if args.algo or args.env or args.set or args.out or args.tensorboard:
+            raise PgscopeError("with --resume DIR --seeds, the runs keep their own configs "
+                               "(only --steps N, to extend them, is allowed).")
+        members = train_seeds(None, seeds, args.resume, batch_size=size, resume=True,
+                              progress=not args.quiet, total_steps=args.steps)
+    else:
+        if args.out is None:
+            raise PgscopeError("--out DIR is required: each seed trains into DIR/seed_<s>/.")
+        overrides = parse_overrides(args.set or [])
+        if args.steps is not None:
+            overrides["total_steps"] = args.steps
+        if args.tensorboard:
+            overrides["tensorboard"] = True
+        cfg = make_config(args.algo or "ppo", args.env or "Hopper-v5", overrides)
+        members = train_seeds(cfg, seeds, args.out, batch_size=size, progress=not args.quiet)
+    for m in members:
+        print(f"{m.path}: {m.state}" + (f" ({m.error})" if m.error else ""))
+    states = {m.state for m in members}
+    return 0 if states == {"complete"} else EXIT_DIVERGED if "diverged" in states \
+        else EXIT_ERROR
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -333,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=count,
                    help="total env steps (1e6 works); with --resume: extend the run to this")
     t.add_argument("--seed", type=int)
+    t.add_argument("--seeds", metavar="LIST",
+                   help="train these seeds together (e.g. 0-15 or 0,1,2) with the "
+                        "seed-batched engine, into OUT/seed_<s>/")
+    t.add_argument("--batch-size", type=int, metavar="N",
+                   help="with --seeds: seeds per batch (default 8)")
     t.add_argument("--out", type=Path, help="new run directory")
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue a killed or finished run from its last checkpoint")
