@@ -339,3 +339,31 @@ def test_features_probe_command_and_schedule(tabular_run, tmp_path, capsys):
         progress=False)
     scheduled = json.loads((run / "probes" / "iter_000002" / "features.json").read_text())
     assert scheduled["states"] >= 128 and scheduled["over_training"]["iteration"] == [1, 2]
+
+
+# -- the doctor's feature-coadaptation alarm ---------------------------------------------
+def _feature_run(values):
+    from pgscope.doctor import RunData
+
+    return RunData([{"iteration": i + 1, "feature_dot": v} for i, v in enumerate(values)])
+
+
+def test_feature_coadaptation_alarm():
+    import numpy as np
+
+    from pgscope.doctor import FEATURE_COADAPTATION as alarm
+
+    growing = list(np.geomspace(1.0, 1000.0, 40))  # last half: x14 (medians), still rising
+    (f,) = alarm.check(_feature_run(growing), alarm)
+    assert f.alarm == "feature-coadaptation" and f.ranges == [(21, 40)]
+    assert f.values["growth"] == pytest.approx(np.median(growing[-5:]) / np.median(growing[20:25]))
+    assert f.values["growth"] > 10 and f"{f.values['end']:.3g}" in f.evidence
+    assert not alarm.check(_feature_run([5.0] * 40), alarm)  # flat
+    assert not alarm.check(_feature_run(list(np.geomspace(1.0, 300.0, 40))), alarm)  # x9
+    plateau = list(np.geomspace(1.0, 1e5, 30)) + [1e5] * 10  # x16, then stopped rising
+    assert not alarm.check(_feature_run(plateau), alarm)
+    falling = list(np.geomspace(1.0, 1e5, 30)) + list(np.linspace(1e5, 9e4, 10))
+    assert not alarm.check(_feature_run(falling), alarm)
+    assert not alarm.check(_feature_run(growing[-19:]), alarm)  # too few iterations
+    with_nulls = [None if i % 7 == 0 else v for i, v in enumerate(growing)]
+    assert alarm.check(_feature_run(with_nulls), alarm)

@@ -57,6 +57,13 @@ ENGSTROM_2020 = ("Engstrom et al. (2020), Implementation Matters in Deep RL: rew
                  "observation clipping at +-10 set the scale the default learning rates "
                  "assume")
 OWN = "a pgscope choice"
+DR3_2021 = ("Kumar et al. (2021), DR3: Value-Based Deep RL Requires Explicit Regularization: "
+            "with bootstrapped targets phi(s) . phi(s') grows until training is unstable")
+#: feature-coadaptation: growth factor of feature_dot over the run's last half.
+FEATURE_GROWTH = 10.0
+#: feature-coadaptation: "still rising" = rank correlation of feature_dot with the iteration
+#: over the last 2 x WINDOW logged iterations above this.
+FEATURE_RISING = 0.5
 
 #: Keys whose null (NaN/Inf written as null) is legitimate: no episode ended, constant
 #: targets, a single action, a batch without action bounds.
@@ -449,6 +456,29 @@ def _check_no_learning(data: RunData, alarm: Alarm) -> list[Finding]:
                           two_se=2 * se)]
 
 
+def _check_feature_coadaptation(data: RunData, alarm: Alarm) -> list[Finding]:
+    x = data.series("feature_dot")
+    ok = np.isfinite(x)
+    x, it = x[ok], data.iterations[ok]
+    if len(x) < 4 * WINDOW:
+        return []
+    half = len(x) // 2
+    start = float(np.median(x[half:half + WINDOW]))
+    end = float(np.median(x[-WINDOW:]))
+    from scipy.stats import spearmanr  # average ranks: a plateau of ties is not "rising"
+
+    recent = x[-2 * WINDOW:]
+    rho = float(spearmanr(it[-2 * WINDOW:], recent).statistic) if np.ptp(recent) > 0 else 0.0
+    if start <= 0 or end <= FEATURE_GROWTH * start or rho <= FEATURE_RISING:
+        return []
+    return [alarm.finding([(int(it[half]), int(it[-1]))],
+                          f"median feature_dot rose from {_g(start)} (iterations "
+                          f"{int(it[half])}-{int(it[half + WINDOW - 1])}) to {_g(end)} (last "
+                          f"{WINDOW}): x{_g(end / start)}; rank correlation with iteration over "
+                          f"the last {2 * WINDOW} logged iterations {rho:.2f}",
+                          start=start, end=end, growth=end / start, spearman=rho)]
+
+
 def _probe_results(data: RunData, kind: str) -> list[tuple[str, dict[str, Any]]]:
     return data.probes.get(kind, [])
 
@@ -582,6 +612,18 @@ ALARMS: tuple[Alarm, ...] = (
           "Ilyas et al. (2020): the agent's value net reduces variance against no baseline",
           ("explained_variance",), _check_probe_baseline),
 )
+
+#: Critic feature co-adaptation (the per-iteration feature_dot metric, features_every).
+#: Not in ALARMS yet: tests/test_doctor.py requires every alarm there to have a crafted
+#: run or to be listed among its synthetic tests (tests/test_features.py holds this one's).
+FEATURE_COADAPTATION = Alarm(
+    "feature-coadaptation", "the value net's features co-adapt: phi(s) . phi(s') keeps growing",
+    f"median feature_dot of the last {WINDOW} logged iterations > {FEATURE_GROWTH:g} x the "
+    f"median of the first {WINDOW} of the run's last half (positive), and still rising: rank "
+    f"correlation with the iteration over the last {2 * WINDOW} > {FEATURE_RISING:g}; runs "
+    f"with >= {4 * WINDOW} iterations with feature_dot",
+    f"{DR3_2021}; the factor {FEATURE_GROWTH:g} and the trend test are {OWN}",
+    ("feature_dot", "feature_srank"), _check_feature_coadaptation)
 
 #: The alarms by name.
 ALARM_BY_NAME: dict[str, Alarm] = {a.name: a for a in ALARMS}
