@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,15 @@ def split_evenly(keys: list[str], parts: int) -> list[list[str]]:
 
 
 def pack_batches(tasks: dict[str, Task], batch_size: int, workers: int = 1,
-                 starts: dict[str, int | None] | None = None) -> list[list[str]]:
+                 starts: dict[str, int | None] | None = None,
+                 batchable: Callable[[Sequence[Task]], bool] | None = None
+                 ) -> list[list[str]]:
     """The keys of ``tasks`` in batches (lists of keys, in the tasks' order).
 
     ``starts`` gives each run's :func:`resume_point` (read from its directory when
     omitted). Each group of runs with the same :func:`batch_key` becomes
-    ``ceil(n / batch_size)`` batches of near-equal size; then, while there are fewer
+    ``ceil(n / batch_size)`` batches of near-equal size, or one batch per run when
+    ``batchable`` says the group cannot be trained together; then, while there are fewer
     batches than ``workers``, the largest is halved."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,7 +81,10 @@ def pack_batches(tasks: dict[str, Task], batch_size: int, workers: int = 1,
         groups.setdefault(batch_key(task, starts[key]), []).append(key)
     batches: list[list[str]] = []
     for keys in groups.values():
-        batches += split_evenly(keys, math.ceil(len(keys) / batch_size))
+        size = batch_size
+        if len(keys) > 1 and batchable is not None and not batchable([tasks[k] for k in keys]):
+            size = 1
+        batches += split_evenly(keys, math.ceil(len(keys) / size))
     while len(batches) < workers:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]), default=None)
         if largest is None or len(batches[largest]) < 2:

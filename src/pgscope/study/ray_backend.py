@@ -95,10 +95,11 @@ def ray_backend(configs: dict[str, dict[str, Any]], batches: list[list[str]], ou
     if started:
         ray.init(address=address, num_cpus=None if address else workers,
                  include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    store = None
+    store: Any = None
     try:
         here = ray.get_runtime_context().get_node_id()
-        store = ray.remote(StudyStore).options(
+        actor: Any = ray.remote(StudyStore)
+        store = actor.options(
             num_cpus=0, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         ).remote(str(out))

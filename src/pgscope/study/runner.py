@@ -177,7 +177,7 @@ def execute_batch(tasks: Sequence[Task], callbacks: Sequence[Callback] = ()
         else:
             pending[str(i)] = (run_dir, config)
     # a retry may find the members at different checkpoints: regroup by start point
-    for group in pack_batches(pending, batch_size=max(1, len(pending))):
+    for group in pack_batches(pending, batch_size=max(1, len(pending)), batchable=batchable):
         members = [int(k) for k in group]
         if len(members) > 1:
             batched = _train_batched([tasks[i] for i in members], callbacks)
@@ -201,12 +201,27 @@ def _train_alone(task: Task, callbacks: Sequence[Callback]) -> dict[str, Any]:
         return _failure(exc)
 
 
+def batchable(tasks: Sequence[Task]) -> bool:
+    """Whether the seed-batched engine takes these runs together (a cheap check, no env
+    made); False when the engine is not installed or refuses them."""
+    try:
+        from pgscope.batched import check_batchable
+    except ImportError:
+        return False
+    try:
+        check_batchable([Config.from_dict(config) for _, config in tasks])
+    except ConfigError:
+        return False
+    return True
+
+
 def _train_batched(tasks: list[Task], callbacks: Sequence[Callback]
                    ) -> list[dict[str, Any]] | None:
     """The members trained together by the seed-batched engine, or None when it is not
-    available or refuses them (they are then trained one by one)."""
+    available or refuses them before training (they are then trained one by one, which
+    reports any error of a run's own)."""
     try:
-        from pgscope.batched import train_batch  # type: ignore[import-not-found,unused-ignore]
+        from pgscope.batched import train_batch
     except ImportError:
         return None
     resume = run_state(Path(tasks[0][0])) != "new"
@@ -217,7 +232,7 @@ def _train_batched(tasks: list[Task], callbacks: Sequence[Callback]
         members = train_batch([Config.from_dict(c) for _, c in tasks],
                               [Path(d) for d, _ in tasks], resume=resume, progress=False,
                               callbacks=callbacks)
-    except ConfigError:
+    except PgscopeError:  # bad input is refused before anything is trained
         return None
     out = []
     for member in members:
@@ -326,7 +341,8 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     tasks = {r.rel_path: (str(out / r.rel_path), r.config.to_dict()) for r in runs
              if run_state(out / r.rel_path) not in FINISHED}
     batches = pack_batches(tasks, batch_size, workers,
-                           {key: resume_point(task[0]) for key, task in tasks.items()})
+                           {key: resume_point(task[0]) for key, task in tasks.items()},
+                           batchable)
     outcome = StudyOutcome(out, len(runs), skipped=len(runs) - len(tasks))
     running = set(tasks)  # runs of this call not yet reported back
 
