@@ -26,10 +26,11 @@ from torch.nn.utils import parameters_to_vector
 from pgscope.agent import Agent, build_agent
 from pgscope.algos import algorithm
 from pgscope.algos.common import make_optimizer
-from pgscope.batched import train_batch
+from pgscope.batched import parse_seeds, train_batch
 from pgscope.batched.adam import MaskedAdam
 from pgscope.batched.common import BATCHED_UPDATES, SeedNets
 from pgscope.callbacks import Callback, IterationEnd
+from pgscope.cli import EXIT_ERROR, main
 from pgscope.config import Config, make_config
 from pgscope.errors import ConfigError, RunDirError
 from pgscope.rollout import Batch
@@ -363,3 +364,29 @@ def test_algorithms_without_a_batched_update_are_refused(tmp_path):
     cfgs = [_run_config("a2c", s, epochs=1, minibatches=1) for s in SEEDS[:2]]
     with pytest.raises(ConfigError, match="seed-batched engine supports"):
         train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
+
+
+def test_discrete_action_spaces_are_refused_before_anything_is_written(tmp_path):
+    cfgs = [make_config("ppo", "CartPole-v1", dict(seed=s, hidden=(8,))) for s in SEEDS[:2]]
+    with pytest.raises(ConfigError, match="discrete actions"):
+        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_trains_seeds_as_batches_into_seed_directories(tmp_path, capsys):
+    out = tmp_path / "study"
+    code = main(["train", "--algo", "ppo", "--env", "Pendulum-v1", "--seeds", "0-1,5",
+                 "--batch-size", "2", "--out", str(out), "--steps", "64", "--quiet",
+                 "--set", "steps_per_iter=64", "--set", "hidden=8", "--set", "epochs=1"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["seed_0", "seed_1", "seed_5"]
+    for seed in (0, 1, 5):
+        run = RunDir(out / f"seed_{seed}")
+        assert run.read_config().seed == seed and run.read_status()["state"] == "complete"
+    assert parse_seeds("0-3,8") == [0, 1, 2, 3, 8]
+    for bad in ("1-", "0,0", "x"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    assert main(["train", "--seed", "0", "--batch-size", "2", "--out", str(tmp_path / "x")]
+                ) == EXIT_ERROR
+    assert "--batch-size applies to --seeds only" in capsys.readouterr().err

@@ -11,6 +11,15 @@ data streams, as a single run of seed i (``tests/test_batched.py``).
 
 from pgscope.batched import ppo as ppo  # noqa: F401 - each registers its batched update
 from pgscope.batched import trpo as trpo  # noqa: F401
-from pgscope.batched.train import BatchMember, check_batchable, train_batch
+from pgscope.batched.train import (
+    DEFAULT_BATCH_SIZE,
+    BatchMember,
+    check_batchable,
+    parse_seeds,
+    seed_run_dir,
+    train_batch,
+    train_seeds,
+)
 
-__all__ = ["BatchMember", "check_batchable", "train_batch"]
+__all__ = ["DEFAULT_BATCH_SIZE", "BatchMember", "check_batchable", "parse_seeds",
+           "seed_run_dir", "train_batch", "train_seeds"]

@@ -39,7 +39,7 @@ from pgscope.callbacks import (
     RunStart,
 )
 from pgscope.config import OBSERVER_KEYS, Config, training_dict
-from pgscope.envs import check_env_id, make_vector_env
+from pgscope.envs import check_env_id, make_env, make_vector_env
 from pgscope.errors import ConfigError, DivergenceError, RunDirError
 from pgscope.rollout import RolloutCollector
 from pgscope.run import (
@@ -125,6 +125,17 @@ def check_batchable(cfgs: Sequence[Config]) -> None:
                 "train it with the single engine (one run per seed).")
 
 
+def _check_action_space(env_id: str) -> None:
+    env = make_env(env_id)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise ConfigError(f"env '{env_id}' has discrete actions; the seed-batched "
+                              "engine trains Gaussian (Box-action) policies only; train it "
+                              "with the single engine (one run per seed).")
+    finally:
+        env.close()
+
+
 class _Member:
     """One seed of a batch: its run directory and everything :func:`pgscope.train.train`
     keeps for a run (agent, optimizer, collector, generators, algorithm state)."""
@@ -134,10 +145,6 @@ class _Member:
         self.index, self.cfg, self.run = index, cfg, run
         torch.manual_seed(cfg.seed)
         self.envs = make_vector_env(cfg.env_id, cfg.num_envs)
-        if not isinstance(self.envs.single_action_space, gym.spaces.Box):
-            self.envs.close()
-            raise ConfigError(f"env '{cfg.env_id}' has discrete actions; the seed-batched "
-                              "engine trains Gaussian (Box-action) policies only.")
         self.spaces = spaces_signature(self.envs.single_observation_space,
                                        self.envs.single_action_space)
         self.agent = build_agent(cfg, self.envs.single_observation_space,
@@ -256,6 +263,7 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
             raise ConfigError(f"{len(cfgs)} configs for {len(paths)} run directories.")
         check_batchable(cfgs)
         check_env_id(cfgs[0].env_id)  # fail before anything is written
+        _check_action_space(cfgs[0].env_id)
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise RunDirError("the run directories of a batch must be distinct.")
     runs: list[RunDir] = []
@@ -275,6 +283,7 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
                 cfgs = [run.extend(c, total_steps) if total_steps != c.total_steps else c
                         for run, c in zip(runs, cfgs, strict=True)]
             check_batchable(cfgs)
+            _check_action_space(cfgs[0].env_id)
         return _train_batch(list(cfgs), runs, resume, progress, repair, callbacks)
     finally:
         for lock in locks:
@@ -415,3 +424,45 @@ def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress:
     for m in live:
         ended[m.index] = m.end("complete")
     return [ended[m.index] for m in members]
+
+
+#: Seeds per batch when nobody says otherwise (docs/benchmarks.md, "Seed-batched training":
+#: the throughput per core against the batch size).
+DEFAULT_BATCH_SIZE = 8
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-15"``, ``"0,1,2"`` or a mix (``"0-3,8"``) as a list of distinct seeds."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            seeds.extend(range(int(low), int(high if dash else low) + 1))
+    except ValueError:
+        raise ConfigError(f"--seeds expects e.g. 0-15 or 0,1,2; got '{text}'.") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds needs distinct non-negative seeds; got '{text}'.")
+    return seeds
+
+
+def seed_run_dir(out: str | Path, seed: int) -> Path:
+    """The run directory of ``seed`` under ``out`` (named as a study names its runs)."""
+    return Path(out) / f"seed_{seed}"
+
+
+def train_seeds(cfg: Config | None, seeds: Sequence[int], out: str | Path, *,
+                batch_size: int = DEFAULT_BATCH_SIZE, resume: bool = False,
+                progress: bool = True, total_steps: int | None = None
+                ) -> list[BatchMember]:
+    """Train (or with ``resume`` continue) ``cfg`` for each seed into ``out/seed_<s>/``,
+    ``batch_size`` seeds per batch, one batch after the other."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+    members: list[BatchMember] = []
+    for start in range(0, len(seeds), batch_size):
+        group = list(seeds[start:start + batch_size])
+        outs = [seed_run_dir(out, s) for s in group]
+        cfgs = [] if cfg is None else [dataclasses.replace(cfg, seed=s) for s in group]
+        members += train_batch(cfgs, outs, resume=resume, progress=progress,
+                               total_steps=total_steps)
+    return members
