@@ -367,3 +367,22 @@ def test_feature_coadaptation_alarm():
     assert not alarm.check(_feature_run(growing[-19:]), alarm)  # too few iterations
     with_nulls = [None if i % 7 == 0 else v for i, v in enumerate(growing)]
     assert alarm.check(_feature_run(with_nulls), alarm)
+
+
+def test_run_report_has_a_features_panel_when_the_metrics_have_the_keys(tabular_run):
+    import json
+
+    from pgscope.report.run_page import run_page
+
+    html = run_page(tabular_run).render()
+    assert 'id="panel-features"' in html and 'id="panel-feature-rank"' in html
+    # the same run without the feature keys: no panel
+    lines = (tabular_run / "metrics.jsonl").read_text().splitlines()
+    stripped = [json.dumps({k: v for k, v in json.loads(x).items()
+                            if not k.startswith("feature_")}) for x in lines]
+    (tabular_run / "metrics.jsonl").write_text("\n".join(stripped) + "\n")
+    try:
+        html = run_page(tabular_run).render()
+    finally:
+        (tabular_run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert 'id="panel-features"' not in html

@@ -55,6 +55,12 @@ PANELS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      "log scale; learner units (after reward scaling)"),
     ("trpo", "TRPO line search", ("step_fraction", "linesearch_steps"), "linear", ""),
     ("epochs", "PPO epochs run", ("epochs_run", "kl_beta"), "linear", ""),
+    ("features", "Critic features (DR3 co-adaptation)", ("feature_dot", "feature_norm",
+                                                         "feature_cosine"), "linear",
+     "value net's penultimate features on the batch; a growing phi(s) . phi(s') is "
+     "co-adaptation (docs/dr3.md)"),
+    ("feature-rank", "Effective rank of the critic features", ("feature_srank",), "linear",
+     "srank_0.01: singular directions holding 99% of the singular-value sum"),
 )
 
 
