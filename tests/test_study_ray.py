@@ -174,9 +174,9 @@ def test_a_run_shipped_from_one_dir_and_restored_in_another_resumes_exactly(tmp_
     run = "runs/ppo/CartPole-v1/seed_0"
     sent: list[Shipment] = []
 
-    def send(shipment):
-        sent.append(shipment)
-        store.ship(shipment)
+    def send(shipments):
+        sent.extend(shipments)
+        store.ship_all(shipments)
 
     # attempt 1 on "node a": ships at the start and after every 2nd checkpoint, then is
     # lost after iteration 5 (no final shipment)
@@ -201,13 +201,13 @@ def test_a_run_shipped_from_one_dir_and_restored_in_another_resumes_exactly(tmp_
     lease2, files2 = store.restore(run, "node-b")
     assert lease2 == 2 and files2 == _files(study / run)
     with pytest.raises(ShippingError, match="superseded"):
-        store.ship(Shipment(run, lease, files={"status.json": b"{}"}))
+        store.ship_all([Shipment(run, lease, files={"status.json": b"{}"})])
     second = ShippedFiles(run, tmp_path / "b" / run, lease2)
     second.restore(files2)
     shipper2 = Shipper({second.local: second}, send, every=2)
     execute_run(str(second.local), cfg.to_dict(), callbacks=[shipper2])
-    final = shipper2.ship(second.local, compare_contents=True)  # as the Ray task does
-    assert json.loads(final.files["status.json"])["state"] == "complete"
+    final = shipper2.ship(compare_contents=True)  # as the Ray task does
+    assert json.loads(final[0].files["status.json"])["state"] == "complete"
     assert _files(study / run) == _files(second.local)  # the copy is the run, file by file
     events = copy.events_path.read_text()
     assert "sent to node node-b" in events and "the checkpoint of iteration 4; attempt 2" \
@@ -223,12 +223,13 @@ def test_a_run_shipped_from_one_dir_and_restored_in_another_resumes_exactly(tmp_
 def test_shipments_that_do_not_fit_the_copy_are_refused(tmp_path):
     store = StudyStore(tmp_path / "study")
     lease, _ = store.restore("runs/a/seed_0")
-    store.ship(Shipment("runs/a/seed_0", lease, files={"metrics.jsonl": b"line1\n"}))
+    store.ship_all([Shipment("runs/a/seed_0", lease, files={"metrics.jsonl": b"line1\n"})])
     with pytest.raises(ShippingError, match="at byte 3 refused.*has 6 bytes"):
-        store.ship(Shipment("runs/a/seed_0", lease, appends={"metrics.jsonl": (3, b"x")}))
+        store.ship_all([Shipment("runs/a/seed_0", lease,
+                                 appends={"metrics.jsonl": (3, b"x")})])
     for name in ("../escape", "/abs", "a/../../b"):
         with pytest.raises(ShippingError, match="refused file name"):
-            store.ship(Shipment("runs/a/seed_0", lease, files={name: b""}))
+            store.ship_all([Shipment("runs/a/seed_0", lease, files={name: b""})])
     with pytest.raises(ShippingError, match="refused file name"):
         store.restore("../outside")
     assert not (tmp_path / "escape").exists()
@@ -250,6 +251,38 @@ def test_changes_ship_only_what_changed(tmp_path):
     (local / "checkpoints/iter_1.pt").unlink()
     out = files.changes()
     assert out.files == {"metrics.jsonl": b"A\n"} and out.removed == ["checkpoints/iter_1.pt"]
+
+
+def test_a_batch_is_shipped_together_once_every_training_member_has_its_checkpoint(
+        tmp_path):
+    from pgscope.callbacks import CheckpointSaved, RunEnd
+
+    runs = {}
+    for name in ("a", "b", "c"):
+        runs[tmp_path / name] = ShippedFiles(name, tmp_path / name, 1)
+        runs[tmp_path / name].restore({})
+    sent: list[list[str]] = []
+    shipper = Shipper(runs, lambda shipments: sent.append([s.run for s in shipments]),
+                      every=2)
+
+    def saved(name, iteration):
+        (tmp_path / name / "metrics.jsonl").write_text(f"{iteration}\n")
+        shipper.on_checkpoint(CheckpointSaved(tmp_path / name, None, iteration, 0,
+                                              tmp_path / name / "last.pt", None))
+
+    for name in "abc":
+        saved(name, 1)  # not an iteration to ship
+    assert sent == []
+    saved("a", 2)
+    saved("b", 2)
+    assert sent == []  # c has not saved iteration 2 yet
+    saved("c", 2)
+    assert sent == [["a", "b", "c"]]
+    saved("a", 4)
+    shipper.on_run_end(RunEnd(tmp_path / "c", None, "diverged", 3))  # c leaves the batch
+    assert len(sent) == 1  # b has not saved iteration 4 yet
+    saved("b", 4)
+    assert sent[-1] == ["a", "b"] and len(sent) == 2
 
 
 # --- Ray: a cluster of three nodes on this machine ------------------------------------------
@@ -361,6 +394,11 @@ def test_ray_cluster_without_a_shared_filesystem_ships_runs_and_resumes_a_lost_n
         cluster.shutdown()
     assert sorted(outcome.complete) == sorted(r.rel_path for r in spec.runs())
     assert not outcome.failed and not outcome.diverged
+    runs = [r.rel_path for r in spec.runs()]
+    if batchable([("", r.config.to_dict()) for r in spec.runs()[:2]]):
+        assert outcome.batches == [runs[:2], runs[2:]]  # each config's seeds as one batch
+    else:  # no seed-batched engine: every run alone
+        assert outcome.batches == [[r] for r in runs]
 
     # the lost run resumed on the other node from its last shipped checkpoint
     events = (lost_run / "events.log").read_text()

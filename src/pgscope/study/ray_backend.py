@@ -52,8 +52,8 @@ def train_shipped(store: Any, study_key: str, items: list[tuple[str, dict[str, A
     node = ray.get_runtime_context().get_node_id()
     local = node_storage(study_key, node)
 
-    def send(shipment: Shipment) -> None:
-        ray.get(store.ship.remote(shipment))
+    def send(shipments: list[Shipment]) -> None:
+        ray.get(store.ship_all.remote(shipments))
 
     copies: dict[Path, ShippedFiles] = {}
     for run, _ in items:
@@ -66,8 +66,7 @@ def train_shipped(store: Any, study_key: str, items: list[tuple[str, dict[str, A
         results = execute_batch([(str(local / run), config) for run, config in items],
                                 callbacks=[shipper])
     finally:  # what changed after the last checkpoint: the final status, logs, sinks
-        for path in copies:
-            shipper.ship(path, compare_contents=True)
+        shipper.ship(compare_contents=True)
     for path in copies:
         shutil.rmtree(path, ignore_errors=True)
     return results

@@ -60,6 +60,7 @@ class StudyOutcome:
     complete: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    batches: list[list[str]] = field(default_factory=list)  # the units of work dispatched
 
 
 # --- the study directory ------------------------------------------------------------------
@@ -343,7 +344,7 @@ def run_study(spec: StudySpec, out: str | Path, *, backend: str = "local",
     batches = pack_batches(tasks, batch_size, workers,
                            {key: resume_point(task[0]) for key, task in tasks.items()},
                            batchable)
-    outcome = StudyOutcome(out, len(runs), skipped=len(runs) - len(tasks))
+    outcome = StudyOutcome(out, len(runs), skipped=len(runs) - len(tasks), batches=batches)
     running = set(tasks)  # runs of this call not yet reported back
 
     def done_steps() -> int:

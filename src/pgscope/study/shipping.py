@@ -13,8 +13,8 @@ The pieces, none of which needs Ray:
   the bytes appended to a file whose shipped content is still its prefix
   (``metrics.jsonl``, ``events.log``).
 - :class:`Shipper`, a :class:`pgscope.callbacks.Callback`, ships every ``every``
-  checkpoints (and when a run starts); the executor ships once more, comparing contents,
-  when training returns.
+  checkpoints (and when a run starts), the runs of a batch together; the executor ships
+  once more, comparing contents, when training returns.
 - :class:`StudyStore` (driver side) applies shipments atomically file by file, in an order
   that keeps the copy resumable at every instant (``config.json`` first, then logs and
   metrics, then kept checkpoints, ``last.pt``, and ``status.json`` last), and hands out
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pgscope.callbacks import Callback, CheckpointSaved, RunStart
+from pgscope.callbacks import Callback, CheckpointSaved, RunEnd, RunStart
 from pgscope.errors import PgscopeError
 from pgscope.run import LOCK_FILE, RunDir, WriterLock, atomic_write_bytes, load_checkpoint
 
@@ -184,10 +184,15 @@ class ShippedFiles:
 
 
 class Shipper(Callback):
-    """Ships runs' changes to a store when each starts and after every ``every``-th
+    """Ships runs' changes to a store when they start and after every ``every``-th
     checkpoint. ``runs`` maps each local run directory to its :class:`ShippedFiles`;
-    ``send`` delivers a :class:`Shipment` (to the Ray actor, or straight to a
-    :class:`StudyStore` in tests). One instance may serve the runs of a whole batch."""
+    ``send`` delivers a list of :class:`Shipment` in one call (to the Ray actor, or
+    straight to :meth:`StudyStore.ship_all` in tests).
+
+    One instance serves the runs of a whole batch, and ships them together: once every
+    member still training has saved the checkpoint of an iteration, so that the driver's
+    copies of a batch's runs always stand at the same iteration (a retry then resumes the
+    batch as one)."""
 
     def __init__(self, runs: dict[Path, ShippedFiles], send: Any, every: int = 1) -> None:
         if every < 1:
@@ -195,20 +200,35 @@ class Shipper(Callback):
         self.runs = {Path(p).resolve(): s for p, s in runs.items()}
         self.send = send
         self.every = every
+        self.training = set(self.runs)  # runs that have not ended
+        self.saved: dict[int, set[Path]] = {}  # iteration -> runs with its checkpoint
 
-    def ship(self, run_dir: Path, *, compare_contents: bool = False) -> Shipment:
-        shipment = self.runs[Path(run_dir).resolve()].changes(
-            compare_contents=compare_contents)
-        if shipment:
-            self.send(shipment)
-        return shipment
+    def ship(self, *, compare_contents: bool = False) -> list[Shipment]:
+        """Ship every run's changes now (in one call); returns what was sent."""
+        shipments = [s for s in (files.changes(compare_contents=compare_contents)
+                                 for files in self.runs.values()) if s]
+        if shipments:
+            self.send(shipments)
+        return shipments
 
     def on_run_start(self, event: RunStart) -> None:
-        self.ship(event.run_dir)
+        self.ship()
 
     def on_checkpoint(self, event: CheckpointSaved) -> None:
         if event.iteration % self.every == 0:
-            self.ship(event.run_dir)
+            self.saved.setdefault(event.iteration, set()).add(Path(event.run_dir).resolve())
+            self._ship_saved()
+
+    def on_run_end(self, event: RunEnd) -> None:
+        self.training.discard(Path(event.run_dir).resolve())
+        self._ship_saved()
+
+    def _ship_saved(self) -> None:
+        done = [it for it, runs in self.saved.items() if self.training <= runs]
+        if done:
+            for it in done:
+                del self.saved[it]
+            self.ship()
 
 
 def _checked(name: str) -> str:
@@ -258,14 +278,21 @@ class StudyStore:
         files = {name: (path / name).read_bytes() for name in shipped_names(path)}
         return lease, files
 
-    def ship(self, shipment: Shipment) -> int:
-        """Apply a shipment; returns the bytes written. Raises :class:`ShippingError` for a
-        stale lease or an append that does not continue the driver's copy."""
+    def ship_all(self, shipments: list[Shipment]) -> int:
+        """Apply shipments (of a batch's runs) in one call; returns the bytes written.
+        Raises :class:`ShippingError`, before writing anything, for a stale lease."""
+        for shipment in shipments:
+            if self.leases.get(shipment.run) != shipment.lease:
+                raise ShippingError(
+                    f"shipment for '{shipment.run}' under lease {shipment.lease} refused: "
+                    f"the run's current lease is {self.leases.get(shipment.run)} (this "
+                    "attempt was superseded).")
+        return sum(self._apply(shipment) for shipment in shipments)
+
+    def _apply(self, shipment: Shipment) -> int:
+        """Write one shipment; an append that does not continue the driver's copy raises
+        :class:`ShippingError`."""
         run = shipment.run
-        if self.leases.get(run) != shipment.lease:
-            raise ShippingError(
-                f"shipment for '{run}' under lease {shipment.lease} refused: the run's "
-                f"current lease is {self.leases.get(run)} (this attempt was superseded).")
         path = self._run_path(run)
         names = set(shipment.files) | set(shipment.appends)
         for name in write_order(names):
