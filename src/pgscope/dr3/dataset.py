@@ -328,7 +328,8 @@ def make_dataset(agent: Any, *, transitions: int = 200_000, seed: int = 0,
     finally:
         probe_env.close()
     horizon = horizon or limit or 1000
-    tensors = collect_transitions(policy, env_id, transitions, seed, progress)
+    tensors: dict[str, Any] = dict(collect_transitions(policy, env_id, transitions, seed,
+                                                       progress))
     reference = monte_carlo_reference(
         policy, env_id, episodes=heldout_episodes, stride=reference_stride,
         rollouts=reference_rollouts, gamma=gamma, horizon=horizon, seed=seed + 1_000_003,

@@ -106,8 +106,9 @@ def summarize(path: str | Path, out: str | Path | None = None, plots: bool = Tru
             row[key] = {"mean": point, "ci_low": low, "ci_high": high}
         table.append(row)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"experiment": str(path), "dataset": meta.get("dataset_meta"),
-              "settings": meta.get("settings"), "table": table, "files": []}
+    files: list[Path] = [out / "summary.csv", out / "summary.json"]
+    result: dict[str, Any] = {"experiment": str(path), "dataset": meta.get("dataset_meta"),
+                              "settings": meta.get("settings"), "table": table}
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "step", "seeds"] + [f"{k}{s}" for k, _, _ in METRICS
@@ -115,13 +116,11 @@ def summarize(path: str | Path, out: str | Path | None = None, plots: bool = Tru
         for row in table:
             writer.writerow([row["variant"], row["step"], row["seeds"]] + [
                 row[k][s] for k, _, _ in METRICS for s in ("mean", "ci_low", "ci_high")])
-    result["files"] = [out / "summary.csv", out / "summary.json"]
     if plots and data:
         plot_curves(data, out / "dr3-offline.png", title=_title(meta))
-        result["files"].append(out / "dr3-offline.png")
-    (out / "summary.json").write_text(json.dumps(
-        {k: v for k, v in result.items() if k != "files"}, indent=2, default=float) + "\n")
-    return result
+        files.append(out / "dr3-offline.png")
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return {**result, "files": files}
 
 
 def _title(meta: dict[str, Any]) -> str:
