@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sample sizes (state-action pairs) of the gradient grid")
     pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
     pb.add_argument("--true-pairs", type=count, default=1_000_000)
-    pb.add_argument("--pairs", type=count, default=100_000, help="pairs for the value probe")
+    pb.add_argument("--pairs", type=count, default=100_000,
+                    help="pairs for the values probe; states for the features probe")
     pb.add_argument("--fit-pairs", type=count, default=500_000,
                     help="pairs of Monte Carlo returns for the 'true' value baseline (the "
                          "paper used 5e6)")
