@@ -168,12 +168,53 @@ def plot_baselines(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _slice_panel(ax, result: dict, along_step: bool) -> None:
+    """The surrogate (left axis) and the true returns (right axis, one line per count) on
+    one line of the grid, with bands of the 95% intervals over the random directions where
+    the result has them."""
+    settings = result["settings"]
+    counts = settings["counts"]
+    x = settings["steps"] if along_step else settings["directions"]
+    intervals = result.get("intervals", {})
+
+    def line(z: list[list[float]]) -> list[float]:
+        return [row[0] for row in z] if along_step else list(z[0])
+
+    def band(ax, low_high: dict | None, color: str) -> None:
+        if low_high is not None:
+            ax.fill_between(x, line(low_high["ci_low"]), line(low_high["ci_high"]),
+                            color=color, alpha=0.2, lw=0)
+
+    ax.plot(x, line(result["surrogate"]), "k-o", label="surrogate")
+    band(ax, intervals.get("surrogate"), "k")
+    ax.set_ylabel("surrogate")
+    ax2 = ax.twinx()
+    for k, c in enumerate(counts):
+        ax2.plot(x, line(result["true_return"][str(c)]), "--s", color=f"C{k}",
+                 label=f"true return ({int(c):,})")
+        band(ax2, intervals.get("true_return", {}).get(str(c)), f"C{k}")
+    ax2.set_ylabel("true mean return")
+    if along_step:
+        ax.set_xlabel("multiples of the update step")
+        ax.set_title(f"along the step (|step| = {result['delta_norm']:.3g})", fontsize=9)
+    else:
+        ax.set_xlabel("multiples of the random direction (unit L2 norm)")
+        ax.set_title(f"along the random directions, step multiple {settings['steps'][0]:g}",
+                     fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="lower right", fontsize=7)
+
+
 def plot_landscape(result: dict, path: Path) -> None:
     counts = result["settings"]["counts"]
     a, b = result["settings"]["steps"], result["settings"]["directions"]
-    panels = [("surrogate on the training batch", result["surrogate"])] + [
-        (f"true mean return, {int(c):,} steps", result["true_return"][str(c)]) for c in counts]
-    n = len(panels) + 1
+    n_dirs = result["settings"].get("random_directions", 1)
+    over = f", mean of {n_dirs} directions" if n_dirs > 1 else ""
+    panels = [(f"surrogate on the training batch{over}", result["surrogate"])] + [
+        (f"true mean return, {int(c):,} steps{over}", result["true_return"][str(c)])
+        for c in counts]
+    slices = [True] + ([False] if len(b) > 1 else [])  # along the step, along directions
+    n = len(panels) + len(slices)
     ncols = min(3, n)
     nrows = -(-n // ncols)
     fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
@@ -192,19 +233,8 @@ def plot_landscape(result: dict, path: Path) -> None:
         ax.set_xlabel("random direction (unit L2 norm)")
         ax.set_ylabel("multiples of the update step")
         fig.colorbar(im, ax=ax)
-    ax = axes[n - 1]
-    col = 0  # b = the first direction multiple (0 by default): the 1-D slice along Delta
-    ax.plot(a, [row[col] for row in result["surrogate"]], "k-o", label="surrogate")
-    ax.set_xlabel("multiples of the update step")
-    ax.set_ylabel("surrogate")
-    ax2 = ax.twinx()
-    for k, c in enumerate(counts):
-        ax2.plot(a, [row[col] for row in result["true_return"][str(c)]], "--s",
-                 color=f"C{k}", label=f"true return ({int(c):,})")
-    ax2.set_ylabel("true mean return")
-    ax.set_title(f"slice along the step (|step| = {result['delta_norm']:.3g})", fontsize=9)
-    ax.legend(loc="upper left", fontsize=7)
-    ax2.legend(loc="lower right", fontsize=7)
+    for ax, along_step in zip(axes[len(panels):n], slices, strict=True):
+        _slice_panel(ax, result, along_step)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
