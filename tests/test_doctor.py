@@ -189,7 +189,7 @@ def _fired(path: Path) -> set[str]:
 
 
 def test_every_alarm_has_a_crafted_run_or_a_synthetic_test():
-    synthetic = {"probe-value-error", "probe-baseline-worse"}
+    synthetic = {"probe-value-error", "probe-baseline-worse", "feature-coadaptation"}
     assert set(DETECTION) | synthetic == {a.name for a in ALARMS}
     for a in ALARMS:
         assert a.threshold and a.source and a.sign and a.severity in ("bug", "warning")

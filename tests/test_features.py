@@ -351,7 +351,9 @@ def _feature_run(values):
 def test_feature_coadaptation_alarm():
     import numpy as np
 
-    from pgscope.doctor import FEATURE_COADAPTATION as alarm
+    from pgscope.doctor import ALARM_BY_NAME
+
+    alarm = ALARM_BY_NAME["feature-coadaptation"]
 
     growing = list(np.geomspace(1.0, 1000.0, 40))  # last half: x14 (medians), still rising
     (f,) = alarm.check(_feature_run(growing), alarm)

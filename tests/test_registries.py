@@ -125,7 +125,8 @@ def test_a_new_algorithm_trains_through_the_registry_alone(tmp_path, toy_algorit
 
 # --- the probe and sink registries -----------------------------------------------------------
 def test_probes_are_registered_with_everything_run_probes_needs():
-    assert probe_names() == ("gradients", "values", "baselines", "landscape", "trust-region")
+    assert probe_names() == ("gradients", "values", "baselines", "landscape", "trust-region",
+                             "features")
     for name in probe_names():
         probe = probes().get(name)
         assert probe.name == name and probe.description and probe.schema
@@ -135,14 +136,14 @@ def test_probes_are_registered_with_everything_run_probes_needs():
 
 
 def test_built_in_sinks_in_order():
-    assert SINKS.names() == ("metrics-file", "progress", "tensorboard", "csv",
-                             "scheduled-probes")
+    assert SINKS.names() == ("critic-features", "metrics-file", "progress", "tensorboard",
+                             "csv", "scheduled-probes")
 
 
 # --- identity ----------------------------------------------------------------------------------
 OBSERVING = dict(probe_every=5, probe_kinds="values", probe_sizes=(10, 20), probe_k=3,
                  probe_true_pairs=500, probe_value_pairs=100, checkpoint_every=3,
-                 tensorboard=True, csv=True)
+                 tensorboard=True, csv=True, features_every=0)
 
 
 def test_observer_keys_are_exactly_the_schedule_checkpoints_and_logging():

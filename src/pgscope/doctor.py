@@ -611,19 +611,16 @@ ALARMS: tuple[Alarm, ...] = (
           "entirely above the variance with no baseline",
           "Ilyas et al. (2020): the agent's value net reduces variance against no baseline",
           ("explained_variance",), _check_probe_baseline),
+    # critic feature co-adaptation (the per-iteration feature_dot metric, features_every)
+    Alarm(
+        "feature-coadaptation", "the value net's features co-adapt: phi(s) . phi(s') keeps growing",
+        f"median feature_dot of the last {WINDOW} logged iterations > {FEATURE_GROWTH:g} x the "
+        f"median of the first {WINDOW} of the run's last half (positive), and still rising: rank "
+        f"correlation with the iteration over the last {2 * WINDOW} > {FEATURE_RISING:g}; runs "
+        f"with >= {4 * WINDOW} iterations with feature_dot",
+        f"{DR3_2021}; the factor {FEATURE_GROWTH:g} and the trend test are {OWN}",
+        ("feature_dot", "feature_srank"), _check_feature_coadaptation),
 )
-
-#: Critic feature co-adaptation (the per-iteration feature_dot metric, features_every).
-#: Not in ALARMS yet: tests/test_doctor.py requires every alarm there to have a crafted
-#: run or to be listed among its synthetic tests (tests/test_features.py holds this one's).
-FEATURE_COADAPTATION = Alarm(
-    "feature-coadaptation", "the value net's features co-adapt: phi(s) . phi(s') keeps growing",
-    f"median feature_dot of the last {WINDOW} logged iterations > {FEATURE_GROWTH:g} x the "
-    f"median of the first {WINDOW} of the run's last half (positive), and still rising: rank "
-    f"correlation with the iteration over the last {2 * WINDOW} > {FEATURE_RISING:g}; runs "
-    f"with >= {4 * WINDOW} iterations with feature_dot",
-    f"{DR3_2021}; the factor {FEATURE_GROWTH:g} and the trend test are {OWN}",
-    ("feature_dot", "feature_srank"), _check_feature_coadaptation)
 
 #: The alarms by name.
 ALARM_BY_NAME: dict[str, Alarm] = {a.name: a for a in ALARMS}
