@@ -345,3 +345,7 @@ def test_kl_target_is_the_one_the_run_uses():
     assert fired({"algo": "ppo", "ppo_loss": "kl", "target_kl": 0.01})
     assert fired({"algo": "trpo", "max_kl": 0.01})
     assert not fired({"algo": "trpo", "max_kl": 0.13})
+    # an annealed limit (trpo+-paper: 0.04 -> 0.07) is judged against its larger end
+    records[:] = [{"iteration": i + 1, "kl_mean": 0.1} for i in range(6)]
+    assert not fired({"algo": "trpo", "max_kl": 0.04, "max_kl_final": 0.07})
+    assert fired({"algo": "trpo", "max_kl": 0.04, "max_kl_final": 0.0})

@@ -156,12 +156,15 @@ class RunData:
         return len(self.records)
 
     def kl_target(self) -> tuple[float, str]:
-        """The KL the update aims at: TRPO's ``max_kl``; ``target_kl`` when the run uses
+        """The KL the update aims at: TRPO's ``max_kl`` (the larger end when the limit is
+        annealed towards ``max_kl_final``); ``target_kl`` when the run uses
         it (the ppo-kl penalty, or kl_stop); else, for a clipped PPO that has no KL
         target, the upper end of the typical targets 0.01 to 0.02 (design.md section 5)."""
         cfg = self.config
         if cfg.get("algo") == "trpo":
-            return float(cfg.get("max_kl", 0.01)), "max_kl"
+            limit = float(cfg.get("max_kl", 0.01))
+            final = float(cfg.get("max_kl_final") or 0.0)
+            return (final, "max_kl_final") if final > limit else (limit, "max_kl")
         if cfg.get("ppo_loss") == "kl" or cfg.get("kl_stop"):
             return float(cfg.get("target_kl", 0.01)), "target_kl"
         return TYPICAL_KL_TARGET, "typical target (the run sets none)"
