@@ -1,0 +1,203 @@
+"""Seed-batched training speed on Hopper-v5 PPO (2,048 steps per iteration).
+
+    make bench-deps
+    flock /tmp/briefs2/bench.lock nice -n 5 .venv/bin/python bench/batched_speed.py \
+        --part a --rounds 3 --iterations 5
+    ... --part b --iterations 3         # throughput and memory against the batch size
+
+Part (a), side by side in alternating rounds (so that machine-load drift hits every kind
+alike), aggregate env steps per second of 16 seeds:
+
+- ``batched-2x8``: two processes of 8 seeds each, the seed-batched engine, at once;
+- ``batched-1x16``: one process of 16 seeds;
+- ``sb3-2at-a-time``: 16 stable-baselines3 PPO runs with the same hyperparameters (2,048
+  steps per rollout, minibatch 64, 10 epochs, one env, 64x64 tanh MLPs, Adam 3e-4, one
+  torch thread), two processes at once, each running its half one after the other;
+- ``single-2at-a-time``: the same with pgscope's single engine;
+- ``envs-2x8``: the env-only limit: the same envs (each seed's own one-env vector env, as
+  a run makes it) stepped with random actions, two processes of 8 seeds at once.
+
+Every process imports its libraries, signals that it is ready and waits; the parent starts
+all of a kind's processes together and the kind's time is from that start to the last
+process's end (set-up of envs, networks and optimizers included; for pgscope the metrics
+lines and checkpoints every iteration too).
+
+Part (b): one process of N seeds (1, 2, 4, 8, 16, 32) at a time, each with one torch thread:
+aggregate steps per second against N, and memory: the peak resident set size of the
+process and (peak - the size after imports) / N, the memory one more seed costs.
+
+Results go to ``bench/results/batched_speed.json`` after every measurement; a rerun skips
+the measurements already there (delete the file to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STEPS = 2048
+ENV = "Hopper-v5"
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _wait_for_go(go: Path | None) -> None:
+    if go is None:
+        return
+    go.with_suffix(f".ready{os.getpid()}").touch()
+    while not go.exists():
+        time.sleep(0.01)
+
+
+def child(kind: str, seeds: list[int], iterations: int, go: Path | None) -> dict[str, float]:
+    """One process's measurement (run in a subprocess)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    if kind == "sb3":
+        import gymnasium as gym
+        from stable_baselines3 import PPO
+    else:
+        from pgscope import make_config, train
+        from pgscope.batched import train_batch
+        from pgscope.envs import make_vector_env
+    baseline = _rss_mb()
+    _wait_for_go(go)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "batched":
+            cfgs = [make_config("ppo", ENV, dict(seed=s, total_steps=STEPS * iterations))
+                    for s in seeds]
+            train_batch(cfgs, [Path(tmp) / f"seed_{s}" for s in seeds], progress=False)
+        elif kind == "single":
+            for s in seeds:
+                train(make_config("ppo", ENV, dict(seed=s, total_steps=STEPS * iterations)),
+                      Path(tmp) / f"seed_{s}", progress=False)
+        elif kind == "sb3":
+            for s in seeds:
+                model = PPO("MlpPolicy", gym.make(ENV), n_steps=STEPS, batch_size=64,
+                            n_epochs=10, learning_rate=3e-4, device="cpu", seed=s, verbose=0)
+                model.learn(STEPS * iterations)
+        elif kind == "envs":
+            envs = [make_vector_env(ENV, 1) for _ in seeds]
+            for s, e in zip(seeds, envs, strict=True):
+                e.reset(seed=s * 1000)
+            rng = np.random.default_rng(0)
+            low, high = envs[0].action_space.low, envs[0].action_space.high
+            for _ in range(STEPS * iterations):
+                for e in envs:
+                    e.step(rng.uniform(low, high).astype(np.float32))
+        else:
+            raise ValueError(kind)
+    end = time.time()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(start=start, end=end, steps=STEPS * iterations * len(seeds),
+                peak_rss_mb=peak, baseline_rss_mb=baseline)
+
+
+def launch(kind: str, groups: list[list[int]], iterations: int) -> dict[str, float]:
+    """Run ``kind`` in one process per seed group, all started together; aggregate."""
+    with tempfile.TemporaryDirectory() as tmp:
+        go = Path(tmp) / "go"
+        procs = [subprocess.Popen(
+            [sys.executable, __file__, "--child", kind, "--seeds", ",".join(map(str, g)),
+             "--iterations", str(iterations), "--go", str(go)],
+            stdout=subprocess.PIPE, text=True) for g in groups]
+        while len(list(Path(tmp).glob("go.ready*"))) < len(procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError(f"a {kind} process failed before it was ready")
+            time.sleep(0.05)
+        t0 = time.time()
+        go.touch()
+        outs = []
+        for p in procs:
+            stdout, _ = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"a {kind} process failed (exit {p.returncode})")
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    seconds = max(o["end"] for o in outs) - t0
+    steps = sum(o["steps"] for o in outs)
+    return dict(steps=steps, seconds=seconds, steps_per_s=steps / seconds,
+                peak_rss_mb=max(o["peak_rss_mb"] for o in outs),
+                baseline_rss_mb=max(o["baseline_rss_mb"] for o in outs),
+                loadavg_1min=os.getloadavg()[0])
+
+
+#: Part (a): kind -> (child kind, seed groups, one process per group, run at once).
+PART_A = {
+    "batched-2x8": ("batched", [list(range(8)), list(range(8, 16))]),
+    "batched-1x16": ("batched", [list(range(16))]),
+    "sb3-2at-a-time": ("sb3", [list(range(8)), list(range(8, 16))]),
+    "single-2at-a-time": ("single", [list(range(8)), list(range(8, 16))]),
+    "envs-2x8": ("envs", [list(range(8)), list(range(8, 16))]),
+}
+SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["a", "b"], default="a")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--runs-per-process", type=int, default=8,
+                   help="part (a), sb3 and single: runs per process (8 = all 16 seeds; fewer "
+                        "measure the same per-process throughput in less time)")
+    p.add_argument("--kinds", default=",".join(PART_A))
+    p.add_argument("--out", type=Path, default=Path("bench/results/batched_speed.json"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--seeds", help=argparse.SUPPRESS)
+    p.add_argument("--go", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        print(json.dumps(child(args.child, seeds, args.iterations, args.go)))
+        return
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} cores, "
+                                  f"{platform.platform()}")
+    results.setdefault("env", ENV)
+    measurements = results.setdefault("measurements", [])
+
+    def done(key: dict[str, object]) -> bool:
+        return any(all(m.get(k) == v for k, v in key.items()) for m in measurements)
+
+    def record(key: dict[str, object], value: dict[str, float]) -> None:
+        measurements.append({**key, **value, "date": time.strftime("%Y-%m-%d %H:%M")})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(measurements[-1]), flush=True)
+
+    if args.part == "a":
+        for r in range(args.rounds):
+            for kind in args.kinds.split(","):
+                child_kind, groups = PART_A[kind]
+                if child_kind in ("sb3", "single"):
+                    groups = [g[:args.runs_per_process] for g in groups]
+                key = dict(part="a", kind=kind, round=r, iterations=args.iterations,
+                           runs=sum(len(g) for g in groups))
+                if not done(key):
+                    record(key, launch(child_kind, groups, args.iterations))
+    else:
+        for n in SIZES:
+            key = dict(part="b", kind="batched", seeds=n, iterations=args.iterations)
+            if not done(key):
+                record(key, launch("batched", [list(range(n))], args.iterations))
+
+
+if __name__ == "__main__":
+    main()
