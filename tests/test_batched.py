@@ -390,3 +390,12 @@ def test_cli_trains_seeds_as_batches_into_seed_directories(tmp_path, capsys):
     assert main(["train", "--seed", "0", "--batch-size", "2", "--out", str(tmp_path / "x")]
                 ) == EXIT_ERROR
     assert "--batch-size applies to --seeds only" in capsys.readouterr().err
+
+
+def test_a_taken_run_directory_refuses_the_whole_batch_before_anything_is_written(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("not a run")
+    cfgs = [_run_config("ppo", s) for s in SEEDS[:2]]
+    with pytest.raises(RunDirError, match="not a pgscope run"):
+        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not (tmp_path / "a").exists()

@@ -264,6 +264,8 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
         check_batchable(cfgs)
         check_env_id(cfgs[0].env_id)  # fail before anything is written
         _check_action_space(cfgs[0].env_id)
+        for cfg, path in zip(cfgs, paths, strict=True):
+            RunDir(path)._check_new(cfg)  # refuse before any member's directory is made
     if len(set(p.resolve() for p in paths)) != len(paths):
         raise RunDirError("the run directories of a batch must be distinct.")
     runs: list[RunDir] = []
