@@ -23,6 +23,11 @@ parameters for every direction) are independent repeats and their interval is a
 confidence interval for the true return there; away from it the interval also spans the
 choice of direction.
 
+An episode that does not end within the env's time limit (or within
+:data:`EPISODE_CAP` steps when the env has none) is cut there with a warning, and the count
+of cut episodes is recorded as ``episodes_capped``: an env whose episodes never end cannot
+stall the probe.
+
 Finding to look for: the surrogate can rise where the true return falls.
 """
 
