@@ -27,7 +27,9 @@ that continue episodes from one segment to the next, as training's rollouts do; 
 baselines are computed over those steps exactly as training computes them (the trace
 stops at the segment end and bootstraps from V there). With advantage normalization on
 (as the agent trains), every advantage set is normalized over the sample, so ``zero``
-then subtracts the sample mean of the returns.
+then subtracts the sample mean of the returns. The estimates leave out any entropy bonus
+(``ent_coef``), which does not depend on the baseline: they are the paper's policy-gradient
+estimator ``mean_t grad log pi(a_t|s_t) A_t``.
 
 Reports, per sample size and baseline: mean pairwise cosine and covariance trace of the K
 estimates with bootstrap CIs, and the fitted value net's error against its held-out MC
@@ -176,7 +178,7 @@ def baseline_gradients(agent: Agent, n: int, seed: int,
                        horizon_tol: float = 0.01) -> dict[str, np.ndarray]:
     """One policy-gradient estimate per baseline (``value_fns``' names, ``zero`` and
     ``zero-gae``), all from the same ``n`` fresh pairs: whole segments first, as
-    :meth:`Batch.head_index` orders them."""
+    :meth:`Batch.head_index` orders them; without the entropy bonus."""
     cfg = agent.config
     accs: dict[str, GradientAccumulator] = {}
     taken = 0
@@ -185,7 +187,8 @@ def baseline_gradients(agent: Agent, n: int, seed: int,
         part = batch.select(idx)
         for name, adv in baseline_advantages(batch, G, value_fns, cfg.gamma,
                                              cfg.gae_lambda).items():
-            accs.setdefault(name, GradientAccumulator(agent)).add(part, advantages=adv[idx])
+            acc = accs.setdefault(name, GradientAccumulator(agent, entropy_bonus=False))
+            acc.add(part, advantages=adv[idx])
         taken += len(idx)
         if taken >= n:
             break
