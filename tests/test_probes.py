@@ -97,7 +97,7 @@ def test_probe_command_writes_json_and_png_and_refuses_bad_settings(tabular_run,
                  "--k", "3", "--true-pairs", "4096", "--pairs", "2048", "--fit-pairs", "4096",
                  "--landscape-counts", "200", "--landscape-grid", "0", "1", "--quiet"])
     assert code == 0
-    for kind in ("gradients", "values", "baselines", "landscape", "trust-region"):
+    for kind in ("gradients", "values", "baselines", "landscape", "trust-region", "features"):
         data = json.loads((out / f"{kind}.json").read_text())
         assert data["checkpoint"]["run"] == str(tabular_run)
         assert (out / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
@@ -165,7 +165,7 @@ def test_episode_returns_run_every_started_episode_to_its_end(tabular_run):
 
 def test_landscape_probe_on_tabular(tabular_run):
     result = landscape_probe(tabular_run, steps=(0, 1, 2), directions=(0, 1), counts=(200, 800),
-                             progress=False)
+                             progress=False, random_directions=2)
     surr = np.array(result["surrogate"])
     assert surr.shape == (3, 2)
     assert surr[1, 0] > surr[0, 0]  # the actual step improves the surrogate it optimized

@@ -192,3 +192,22 @@ def test_report_cli_and_errors(sick_run, tmp_path, capsys):
     assert EVIL_DIR not in text  # the raw name never reaches the HTML
     assert main(["report", str(tmp_path)]) == 2  # neither run, study nor probes
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_probe_folder_shows_every_registered_probe_kind(tmp_path):
+    """A features.json (probe 7) gets its reading and table, like the five Closer-Look ones;
+    the paper's definitions appear beside pgscope's."""
+    from pgscope.report.probes import probe_folder_html
+
+    ci = dict(mean=12.5, ci_low=11.0, ci_high=14.0)
+    (tmp_path / "features.json").write_text(json.dumps(dict(
+        feature_dot=ci, feature_cosine=dict(mean=0.9, ci_low=0.8, ci_high=0.95),
+        feature_norm=ci, srank=dict(mean=30, ci_low=29, ci_high=31),
+        settings=dict(feature_dim=64))))
+    values = json.loads((PROBES / "values.json").read_text())
+    values["vs_cut_returns"] = values["vs_true_returns"]
+    (tmp_path / "values.json").write_text(json.dumps(values))
+    html = probe_folder_html(tmp_path, "probes", "p")
+    assert html.index("p-values") < html.index("p-features")  # registry order
+    assert "effective rank" in html and "12.5 [11, 14]" in html and "of 64" in html
+    assert "cut returns (the paper&#x27;s)" in html or "cut returns (the paper's)" in html

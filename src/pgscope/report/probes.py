@@ -10,13 +10,14 @@ from typing import Any
 
 from pgscope.report.page import ci_text, esc, fmt, image, table
 
-KINDS = ("gradients", "values", "baselines", "landscape", "trust-region")
-
 
 def probe_files(folder: Path) -> list[tuple[str, dict[str, Any], Path | None]]:
-    """(kind, result, png or None) of every probe result in ``folder``, in KINDS order."""
+    """(kind, result, png or None) of every probe result in ``folder``, in the probe
+    registry's order (:func:`pgscope.probes.probe_names`)."""
+    from pgscope.probes import probe_names
+
     out = []
-    for kind in KINDS:
+    for kind in probe_names():
         f = folder / f"{kind}.json"
         if f.exists():
             try:
@@ -89,6 +90,12 @@ def reading(kind: str, r: dict[str, Any]) -> str:
                     f"true return (from {int(counts[-1]):,} steps) by {fmt(t1 - t0, 3)}: the "
                     f"surrogate {'predicts' if agree else 'does not predict'} the direction of "
                     "the true change.")
+        if kind == "features":
+            return (f"The value net's features of consecutive states have mean dot product "
+                    f"{fmt(r['feature_dot']['mean'], 3)} (cosine "
+                    f"{fmt(r['feature_cosine']['mean'], 2)}) and effective rank "
+                    f"{fmt(r['srank']['mean'], 3)} of {r['settings']['feature_dim']}: "
+                    "watch the dot product grow over training (DR3 co-adaptation).")
         if kind == "trust-region":
             rep = r["replay"]
             phase, clip = rep["phase"], rep.get("clip_range", 0.2)
@@ -120,7 +127,9 @@ def numbers(kind: str, r: dict[str, Any]) -> str:
                      _iv(r[key].get("mean_abs_error_ratio")),
                      _iv(r[key].get("explained_variance"))]
                     for key, name in (("vs_gae_targets", "vs GAE targets"),
-                                      ("vs_true_returns", "vs true returns")) if key in r]
+                                      ("vs_true_returns", "vs true returns (pgscope)"),
+                                      ("vs_cut_returns", "vs cut returns (the paper's)"))
+                    if key in r]
             return table(["against", "relative error |V - y| / |y|", "mean |V - y| / mean |y|",
                           "explained variance"], rows) + (
                 f'<p class="note">{fmt(r.get("states"))} states, '
@@ -129,7 +138,8 @@ def numbers(kind: str, r: dict[str, Any]) -> str:
         if kind == "baselines":
             rows = [[row["n"], name, _iv(row[name].get("covariance_trace")),
                      _iv(row[name].get("pairwise_cosine"))]
-                    for row in r["rows"] for name in ("agent", "true", "zero") if name in row]
+                    for row in r["rows"] for name in ("agent", "true", "zero", "zero-gae")
+                    if name in row]
             return table(["pairs per estimate", "baseline", "trace of covariance",
                           "mean pairwise cosine"], rows, (0,))
         if kind == "landscape":
@@ -142,6 +152,11 @@ def numbers(kind: str, r: dict[str, Any]) -> str:
             return table(header, rows, tuple(range(len(header)))) + (
                 f'<p class="note">Random direction multiple 0 (the slice along the step); '
                 f'|step| = {fmt(r.get("delta_norm"), 3)}.</p>')
+        if kind == "features":
+            rows = [[name, _iv(r.get(key))] for key, name in (
+                ("feature_dot", "phi(s) . phi(s')"), ("feature_cosine", "cosine"),
+                ("feature_norm", "|phi(s)|"), ("srank", "effective rank (delta 0.01)"))]
+            return table(["statistic", "value"], rows)
         if kind == "trust-region":
             rep = r["replay"]
             rows = [[e["epoch"], fmt(e.get("ratio_max_after", e.get("ratio_max"))),
