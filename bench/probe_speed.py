@@ -1,7 +1,7 @@
 """The gradient probe's wall time against the env alone: the same number of env steps with
 random actions, through the same vector env with the same number of envs.
 
-    flock /tmp/LOCK nice -n 5 .venv/bin/python bench/probe_speed.py --env Hopper-v5 \
+    nice -n 5 .venv/bin/python bench/probe_speed.py --env Hopper-v5 \
         --run runs/hopper-ppo-s0 --true-pairs 1000000
 
 The probe runs its default grid (``pgscope.probes.DEFAULT_SIZES``, K = 10) unless
