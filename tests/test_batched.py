@@ -134,6 +134,38 @@ def test_one_batched_update_equals_single_updates(preset):
     _assert_same(*_single_and_batched(cfg))
 
 
+def test_value_dr3_coef_batched_equals_single_updates():
+    """The DR3 term (masked mean over pairs without an episode end) per seed, in PPO's
+    value loss and in TRPO's value fit."""
+    real = _batch
+
+    def batch(agent: Agent, seed: int, adv_scale: float = 1.0) -> Batch:
+        out = real(agent, seed, adv_scale)
+        done = torch.arange(PAIRS) % (5 + seed) == 0  # episode ends differ per seed
+        return replace(out, next_obs=torch.roll(out.obs, -1, 0) * 0.9, done=done)
+
+    globals()["_batch"] = batch
+    try:
+        for preset in ("ppo", "trpo"):
+            cfg = _config(preset, value_dr3_coef=0.3)
+            single, single_metrics, batched, batched_metrics = _single_and_batched(cfg)
+            _assert_same(single, single_metrics, batched, batched_metrics)
+            plain = _single_and_batched(_config(preset))[0]  # the term changes the update
+            assert _max_param_diff(single[0], plain[0]) > 1e-4
+    finally:
+        globals()["_batch"] = real
+
+
+def test_a_key_the_engine_does_not_implement_is_refused(tmp_path, monkeypatch):
+    import pgscope.batched.train as engine
+
+    monkeypatch.setattr(engine, "SUPPORTED_KEYS", engine.SUPPORTED_KEYS - {"ent_coef"})
+    cfgs = [_run_config("ppo", seed=s, ent_coef=0.01) for s in (0, 1)]
+    with pytest.raises(ConfigError, match="ent_coef"):
+        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_kl_stop_firing_for_some_seeds_only():
     cfg = _config("ppo", kl_stop=True, target_kl=0.001, epochs=6, policy_lr=3e-3)
     single, single_metrics, batched, batched_metrics = _single_and_batched(cfg)
@@ -350,7 +382,6 @@ def test_resume_needs_the_same_iteration(tmp_path):
 @pytest.mark.parametrize("first, second, message", [
     (dict(seed=0), dict(seed=0), "distinct"),
     (dict(seed=0), dict(seed=1, epochs=3), "'epochs'"),
-    (dict(seed=0, value_dr3_coef=0.1), dict(seed=1, value_dr3_coef=0.1), "value_dr3_coef"),
 ])
 def test_configs_that_cannot_batch_are_refused_before_anything_is_written(
         tmp_path, first, second, message):

@@ -111,7 +111,7 @@ def test_dr3_penalty_value_and_gradient_match_direct_implementation():
     obs, nxt = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
     params = list(net.parameters())
-    got = dr3_penalty(net, obs, nxt, valid, 0.3)
+    got = dr3_penalty(net.features, obs, nxt, valid, 0.3)
     want = _direct_dr3(net, obs, nxt, valid, 0.3)
     torch.testing.assert_close(got, want)
     for g, w in zip(torch.autograd.grad(got, params, allow_unused=True),
@@ -128,10 +128,11 @@ def test_dr3_penalty_is_exactly_zero_when_off_or_without_pairs():
 
     net = ValueNet(3, (4,), "tanh", ortho_init=True)
     obs = torch.randn(5, 3)
-    assert float(dr3_penalty(net, obs, obs, torch.ones(5, dtype=torch.bool), 0.0)) == 0.0
-    assert float(dr3_penalty(net, obs, obs, torch.zeros(5, dtype=torch.bool), 1.0)) == 0.0
+    every, none = torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)
+    assert float(dr3_penalty(net.features, obs, obs, every, 0.0)) == 0.0
+    assert float(dr3_penalty(net.features, obs, obs, none, 1.0)) == 0.0
     # phi(s) . phi(s) = |phi(s)|^2 > 0
-    assert float(dr3_penalty(net, obs, obs, torch.ones(5, dtype=torch.bool), 1.0).detach()) > 0
+    assert float(dr3_penalty(net.features, obs, obs, every, 1.0).detach()) > 0
 
 
 # -- value_dr3_coef in the updates -------------------------------------------------------

@@ -26,17 +26,13 @@ updates call these pieces; none of the switches is re-implemented anywhere else.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from pgscope.features import feature_dot
-
-if TYPE_CHECKING:
-    from pgscope.networks import ValueNet
 
 
 class RunningMeanStd:
@@ -243,14 +239,16 @@ def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:
     return beta
 
 
-def dr3_penalty(value_net: ValueNet, obs: torch.Tensor, next_obs: torch.Tensor,
-                valid: torch.Tensor, coef: float) -> torch.Tensor:
+def dr3_penalty(features: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
+                next_obs: torch.Tensor, valid: torch.Tensor, coef: float) -> torch.Tensor:
     """The DR3 regularizer (Kumar et al. 2021) added to the value loss:
     ``coef * mean_i phi(s_i) . phi(s'_i)`` over the pairs with ``valid[i]`` (no episode end
-    between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi`` is
-    :meth:`ValueNet.features`; the gradient flows through both features. Exactly 0 (no
-    forward pass) when ``coef`` is 0 or no pair is valid."""
-    if coef == 0 or not bool(valid.any()):
+    between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi = features``
+    (:meth:`ValueNet.features`); the gradient flows through both features. Exactly 0 (no
+    forward pass) when ``coef`` is 0, and 0 when no pair is valid. The mean is a masked
+    one (no data-dependent shapes), so the seed-batched engine can ``vmap`` it."""
+    if coef == 0:
         return torch.zeros((), dtype=obs.dtype)
-    dots = feature_dot(value_net.features(obs[valid]), value_net.features(next_obs[valid]))
-    return coef * dots.mean()
+    dots = feature_dot(features(obs), features(next_obs))
+    weight = valid.to(dots.dtype)
+    return coef * (dots * weight).sum() / weight.sum().clamp(min=1.0)

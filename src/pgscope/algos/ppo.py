@@ -86,8 +86,8 @@ def ppo_update(cfg: Config, policy: Policy, value_net: ValueNet,
             bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
             values = value_net(obs)
             v_loss = value_loss(values, batch.values[idx], batch.returns[idx], value_clip)
-            dr3 = dr3_penalty(value_net, obs, batch.next_obs[idx], ~batch.done[idx],
-                              cfg.value_dr3_coef)
+            dr3 = dr3_penalty(value_net.features, obs, batch.next_obs[idx],
+                              ~batch.done[idx], cfg.value_dr3_coef)
 
             optimizer.zero_grad(set_to_none=True)
             (loss - bonus + v_loss + dr3).backward()

@@ -87,8 +87,8 @@ def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer
         for idx in minibatches(len(batch), cfg, generator):
             v_loss = value_loss(value_net(batch.obs[idx]), batch.values[idx],
                                 batch.returns[idx], value_clip)
-            dr3 = dr3_penalty(value_net, batch.obs[idx], batch.next_obs[idx], ~batch.done[idx],
-                              cfg.value_dr3_coef)
+            dr3 = dr3_penalty(value_net.features, batch.obs[idx], batch.next_obs[idx],
+                              ~batch.done[idx], cfg.value_dr3_coef)
             optimizer.zero_grad(set_to_none=True)
             (v_loss + dr3).backward()
             grad_norm = clip_gradients(value_net.parameters(),

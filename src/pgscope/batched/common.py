@@ -82,12 +82,14 @@ class StackedBatch(NamedTuple):
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    next_obs: torch.Tensor  # for value_dr3_coef: each state's successor ...
+    valid: torch.Tensor  # ... and whether no episode end lies between them (not done)
 
     @staticmethod
     def stack(batches: Sequence[Batch]) -> StackedBatch:
-        names = ("obs", "actions", "logp", "values", "advantages", "returns")
-        return StackedBatch(**{k: torch.stack([getattr(b, k) for b in batches])
-                               for k in names})
+        names = ("obs", "actions", "logp", "values", "advantages", "returns", "next_obs")
+        stacked = {k: torch.stack([getattr(b, k) for b in batches]) for k in names}
+        return StackedBatch(**stacked, valid=torch.stack([~b.done for b in batches]))
 
     @property
     def pairs(self) -> int:

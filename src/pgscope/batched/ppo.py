@@ -28,6 +28,7 @@ from pgscope.batched.stacked import Params, clip_gradients_per_seed
 from pgscope.config import Config
 from pgscope.optimizations import (
     adapt_kl_beta,
+    dr3_penalty,
     entropy_bonus,
     kl_early_stop,
     normalize_advantages,
@@ -64,16 +65,18 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
         bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0 * loss
         v_loss = value_loss(nets.value.call(v, "forward", mb.obs), mb.values, mb.returns,
                             value_clip)
-        return loss, bonus, v_loss, ratio
+        dr3 = dr3_penalty(lambda x: nets.value.call(v, "features", x), mb.obs, mb.next_obs,
+                          mb.valid, cfg.value_dr3_coef)
+        return loss, bonus, v_loss, dr3, ratio
 
     seed_losses = vmap(losses)
     beta = torch.tensor(betas)
     for _ in range(cfg.epochs):
         for idx in seed_minibatches(batch.pairs, cfg, generators, active):
-            loss, bonus, v_loss, ratio = seed_losses(nets.policy.params, nets.value.params,
+            loss, bonus, v_loss, dr3, ratio = seed_losses(nets.policy.params, nets.value.params,
                                                      old, batch.select(idx), beta)
             nets.adam.zero_grad()
-            (loss - bonus + v_loss).sum().backward()  # each seed's gradient is its own
+            (loss - bonus + v_loss + dr3).sum().backward()  # each seed's gradient: its own
             policy_grad_norm = clip_gradients_per_seed(list(nets.policy.parameters()),
                                                        grad_limit)
             value_grad_norm = clip_gradients_per_seed(list(nets.value.parameters()),

@@ -71,6 +71,7 @@ SUPPORTED_KEYS = frozenset({
     "ortho_init", "lr_anneal", "reward_clip", "reward_clip_bound", "obs_norm", "obs_clip",
     "obs_clip_bound", "activation", "grad_clip", "max_grad_norm", "adv_norm", "ent_coef",
     "kl_stop", "action_clip", "reward_multiplier", "torch_threads", "heldout_kl",
+    "value_dr3_coef",
     *OBSERVER_KEYS})
 
 #: ``callbacks`` of :func:`train_batch`: one sequence for every member, or a function of

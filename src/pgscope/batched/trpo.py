@@ -34,7 +34,7 @@ from pgscope.batched.common import (
 )
 from pgscope.batched.stacked import Params, clip_gradients_per_seed
 from pgscope.config import Config
-from pgscope.optimizations import normalize_advantages, value_loss
+from pgscope.optimizations import dr3_penalty, normalize_advantages, value_loss
 from pgscope.rollout import Batch
 
 
@@ -70,16 +70,19 @@ def fit_value(cfg: Config, nets: SeedNets, batch: StackedBatch,
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     everyone = torch.ones(len(nets), dtype=torch.bool)
 
-    def loss(v: Params, mb: StackedBatch) -> torch.Tensor:
-        return value_loss(nets.value.call(v, "forward", mb.obs), mb.values, mb.returns,
-                          value_clip)
+    def loss(v: Params, mb: StackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        v_loss = value_loss(nets.value.call(v, "forward", mb.obs), mb.values, mb.returns,
+                            value_clip)
+        dr3 = dr3_penalty(lambda x: nets.value.call(v, "features", x), mb.obs, mb.next_obs,
+                          mb.valid, cfg.value_dr3_coef)
+        return v_loss, dr3
 
     seed_losses = vmap(loss)
     for _ in range(cfg.epochs):
         for idx in seed_minibatches(batch.pairs, cfg, generators, everyone):
-            v_loss = seed_losses(nets.value.params, batch.select(idx))
+            v_loss, dr3 = seed_losses(nets.value.params, batch.select(idx))
             nets.adam.zero_grad()
-            v_loss.sum().backward()
+            (v_loss + dr3).sum().backward()
             grad_norm = clip_gradients_per_seed(list(nets.value.parameters()),
                                                 cfg.max_grad_norm if cfg.grad_clip else None)
             nets.adam.step(everyone)
