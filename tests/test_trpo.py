@@ -19,6 +19,7 @@ from pgscope.algos.common import PhaseRecorder, make_optimizer
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.trpo import conjugate_gradient, trpo_update
 from pgscope.config import make_config
+from pgscope.errors import ConfigError
 from pgscope.optimizations import adapt_kl_beta, normalize_advantages
 from pgscope.rollout import Batch
 
@@ -301,3 +302,10 @@ def test_ppo_kl_adapts_beta():
     assert state["kl_beta"] == adapt_kl_beta(1.0, m["kl_mean"], cfg.target_kl)
     assert state["kl_beta"] in (0.5, 1.0, 2.0)
     assert m["ratio_first_minibatch_dev"] == 0.0
+
+
+@pytest.mark.parametrize("key, value", [("ent_coef", 0.01), ("kl_stop", True)])
+def test_switches_trpo_would_ignore_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key):
+        make_config("trpo", "Pendulum-v1", {key: value})
+    make_config("ppo", "Pendulum-v1", {key: value})  # PPO uses them

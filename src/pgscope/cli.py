@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pgscope.config import PRESETS, Config, make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
-from pgscope.probes import probe_names
+from pgscope.probes import DEFAULT_SIZES, probe_names
 
 if TYPE_CHECKING:
     from pgscope.agent import Agent
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
     pb.add_argument("--out", type=Path, required=True)
-    pb.add_argument("--sizes", type=count, nargs="+", default=[100, 1000, 10_000, 100_000],
+    pb.add_argument("--sizes", type=count, nargs="+", default=list(DEFAULT_SIZES),
                     help="sample sizes (state-action pairs) of the gradient grid")
     pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
     pb.add_argument("--true-pairs", type=count, default=1_000_000)

@@ -24,7 +24,8 @@ from pgscope.algos.common import (
     policy_change,
     reference_clip_range,
 )
-from pgscope.config import OPTIMIZATIONS_OFF, Config
+from pgscope.config import OPTIMIZATIONS_OFF, Config, register_check
+from pgscope.errors import ConfigError
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
     clip_gradients,
@@ -174,6 +175,24 @@ def surrogate(cfg: Config, policy: Policy, old_policy: Policy, batch: Batch,
 #: Keys a TRPO run logs besides the training loop's (:mod:`pgscope.metrics`).
 LOGS = ("policy_loss", "policy_grad_norm", "ratio_first_minibatch_dev", "step_fraction",
         "linesearch_steps", "step_norm", "value_loss", "value_grad_norm", *POLICY_CHANGE_KEYS)
+
+def check_unused_keys(cfg: Config) -> None:
+    """Refuse the switches TRPO's update would silently ignore: it has no entropy bonus
+    (``ent_coef``) and no epochs of policy steps to stop (``kl_stop``); its step is bounded
+    by ``max_kl`` and the line search instead."""
+    if cfg.algo != "trpo":
+        return
+    if cfg.ent_coef != 0:
+        raise ConfigError(f"ent_coef = {cfg.ent_coef:g}: TRPO has no entropy bonus (its step "
+                          "maximizes the surrogate within max_kl); set ent_coef=0, or use a "
+                          "ppo preset for an entropy bonus.")
+    if cfg.kl_stop:
+        raise ConfigError("kl_stop = true: TRPO takes one step per iteration, bounded by "
+                          "max_kl and the line search; there are no epochs to stop. Set "
+                          "kl_stop=false (or lower max_kl).")
+
+
+register_check(check_unused_keys)
 
 register_algorithm(Algorithm(
     name="trpo",
