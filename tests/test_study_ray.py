@@ -257,7 +257,7 @@ def test_changes_ship_only_what_changed(tmp_path):
 
 def test_a_batch_is_shipped_together_once_every_training_member_has_its_checkpoint(
         tmp_path):
-    from pgscope.callbacks import CheckpointSaved, RunEnd
+    from pgscope.callbacks import CheckpointSaved, RunEnd, RunStart
 
     runs = {}
     for name in ("a", "b", "c"):
@@ -272,6 +272,9 @@ def test_a_batch_is_shipped_together_once_every_training_member_has_its_checkpoi
         shipper.on_checkpoint(CheckpointSaved(tmp_path / name, None, iteration, 0,
                                               tmp_path / name / "last.pt", None))
 
+    for name in "abc":  # the batched engine starts every member before the first iteration
+        shipper.on_run_start(RunStart(tmp_path / name, None, None, 0, 0, False))
+    assert sent == []  # nothing had changed since the copies were restored
     for name in "abc":
         saved(name, 1)  # not an iteration to ship
     assert sent == []
@@ -285,6 +288,30 @@ def test_a_batch_is_shipped_together_once_every_training_member_has_its_checkpoi
     assert len(sent) == 1  # b has not saved iteration 4 yet
     saved("b", 4)
     assert sent[-1] == ["a", "b"] and len(sent) == 2
+
+
+def test_runs_trained_one_after_another_are_each_shipped_at_their_own_checkpoints(
+        tmp_path):
+    """A unit of work whose runs the engine refused trains them one by one: the run in
+    training is shipped at its checkpoints without waiting for runs not started yet (or
+    a lost node would lose all of its progress)."""
+    from pgscope.callbacks import CheckpointSaved, RunEnd, RunStart
+
+    runs = {}
+    for name in ("a", "b"):
+        runs[tmp_path / name] = ShippedFiles(name, tmp_path / name, 1)
+        runs[tmp_path / name].restore({})
+    sent: list[list[str]] = []
+    shipper = Shipper(runs, lambda shipments: sent.append([s.run for s in shipments]))
+    for name in "ab":
+        shipper.on_run_start(RunStart(tmp_path / name, None, None, 0, 0, False))
+        for iteration in (1, 2):
+            (tmp_path / name / "metrics.jsonl").write_text(f"{iteration}\n")
+            shipper.on_checkpoint(CheckpointSaved(tmp_path / name, None, iteration, 0,
+                                                  tmp_path / name / "last.pt", None))
+            assert sent[-1] == [name]  # shipped at once: the other run is not training
+        shipper.on_run_end(RunEnd(tmp_path / name, None, "complete", 2))
+    assert sent == [["a"], ["a"], ["b"], ["b"]]
 
 
 # --- Ray: a cluster of three nodes on this machine ------------------------------------------

@@ -189,10 +189,12 @@ class Shipper(Callback):
     ``send`` delivers a list of :class:`Shipment` in one call (to the Ray actor, or
     straight to :meth:`StudyStore.ship_all` in tests).
 
-    One instance serves the runs of a whole batch, and ships them together: once every
-    member still training has saved the checkpoint of an iteration, so that the driver's
-    copies of a batch's runs always stand at the same iteration (a retry then resumes the
-    batch as one)."""
+    One instance serves the runs of a whole unit of work, and ships the runs training
+    together: once every run that has started and not ended has saved the checkpoint of an
+    iteration, so that the driver's copies of a batch's runs always stand at the same
+    iteration (a retry then resumes the batch as one). Runs the engine refused, trained
+    one after the other, are each shipped at their own checkpoints: a run that has not
+    started yet is not waited for."""
 
     def __init__(self, runs: dict[Path, ShippedFiles], send: Any, every: int = 1) -> None:
         if every < 1:
@@ -200,7 +202,7 @@ class Shipper(Callback):
         self.runs = {Path(p).resolve(): s for p, s in runs.items()}
         self.send = send
         self.every = every
-        self.training = set(self.runs)  # runs that have not ended
+        self.training: set[Path] = set()  # runs that have started and not ended
         self.saved: dict[int, set[Path]] = {}  # iteration -> runs with its checkpoint
 
     def ship(self, *, compare_contents: bool = False) -> list[Shipment]:
@@ -212,6 +214,7 @@ class Shipper(Callback):
         return shipments
 
     def on_run_start(self, event: RunStart) -> None:
+        self.training.add(Path(event.run_dir).resolve())
         self.ship()
 
     def on_checkpoint(self, event: CheckpointSaved) -> None:
