@@ -130,16 +130,23 @@ def test_execute_batch_trains_seeds_together_and_refused_or_mismatched_runs_alon
         return real(cfgs, outs, **kw)
 
     monkeypatch.setattr(batched, "train_batch", spy)
-    cfg = lambda algo, seed: make_config(algo, "CartPole-v1", dict(  # noqa: E731
+    cfg = lambda algo, seed, env="Pendulum-v1": make_config(algo, env, dict(  # noqa: E731
         FAST if algo == "ppo" else dict(steps_per_iter=256), seed=seed,
         total_steps=512)).to_dict()
     tasks = [(str(tmp_path / f"ppo{s}"), cfg("ppo", s)) for s in (0, 1)]
     assert execute_batch(tasks) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
+    engines = {RunDir(Path(d)).read_status().get("engine") for d, _ in tasks}
+    assert engines == {"seed-batched"}  # trained by the engine, not after its refusal
     assert execute_batch(tasks) == [{"state": "complete"}] * 2 and calls == [[0, 1]]  # done
-    # the engine refuses a2c (check_batchable): each run alone, none lost
-    a2c = [(str(tmp_path / f"a2c{s}"), cfg("a2c", s)) for s in (0, 1)]
-    assert not batchable(a2c)
-    assert execute_batch(a2c) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
+    # the engine refuses a2c (check_batchable) and discrete actions (its env check): never
+    # packed together, each run alone, none lost
+    for name, refused in (("a2c", [cfg("a2c", s) for s in (0, 1)]),
+                          ("cartpole", [cfg("ppo", s, "CartPole-v1") for s in (0, 1)])):
+        alone = [(str(tmp_path / f"{name}{s}"), c) for s, c in enumerate(refused)]
+        assert not batchable(alone)
+        assert len(pack_batches({str(i): t for i, t in enumerate(alone)}, 8,
+                                batchable=batchable)) == 2
+        assert execute_batch(alone) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
     # members found at different checkpoints (a retry): regrouped by start point
     mixed = [(str(tmp_path / f"m{s}"), cfg("ppo", s)) for s in (0, 1, 2)]
     train(Config.from_dict(mixed[2][1]), mixed[2][0], progress=False, callbacks=[

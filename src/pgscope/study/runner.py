@@ -19,6 +19,7 @@ retry resumes each run from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -203,16 +204,32 @@ def _train_alone(task: Task, callbacks: Sequence[Callback]) -> dict[str, Any]:
 
 
 def batchable(tasks: Sequence[Task]) -> bool:
-    """Whether the seed-batched engine takes these runs together (a cheap check, no env
-    made); False when the engine is not installed or refuses them."""
+    """Whether the seed-batched engine takes these runs together: their configs
+    (``check_batchable``) and their env's action space (one env made per env id and
+    process); False when the engine is not installed or refuses them. Runs it would refuse
+    are never packed into one unit of work, which would train them one after another."""
     try:
         from pgscope.batched import check_batchable
     except ImportError:
         return False
     try:
-        check_batchable([Config.from_dict(config) for _, config in tasks])
+        cfgs = [Config.from_dict(config) for _, config in tasks]
+        check_batchable(cfgs)
     except ConfigError:
         return False
+    return _engine_takes_env(cfgs[0].env_id)
+
+
+@functools.cache
+def _engine_takes_env(env_id: str) -> bool:
+    """Whether the seed-batched engine trains ``env_id`` (Box actions only); the engine's
+    own check, so that the two cannot disagree."""
+    from pgscope.batched.train import _check_action_space
+
+    try:
+        _check_action_space(env_id)
+    except PgscopeError:  # discrete actions, or an env that cannot be made (reported
+        return False      # by the run trained alone)
     return True
 
 
