@@ -487,3 +487,45 @@ def cluster_head_id(seen: dict, workers: dict, lost: str) -> str:
     heads = [n for n in seen if n not in workers and n != lost]
     assert len(heads) == 1, heads
     return heads[0]
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_cli_study_run_batch_size_and_ship_every_reach_the_backend(tmp_path, monkeypatch,
+                                                                     capsys):
+    """``--batch-size`` sets the units of work and ``--ship-every`` the Ray shipping; the Ray
+    backend is replaced by one that records its arguments and trains the units here."""
+    pytest.importorskip("pgscope.batched")
+    from pgscope.cli import main
+    from pgscope.study import ray_backend
+
+    seen: list[dict] = []
+
+    def fake_ray(configs, batches, out, study_key, *, ship_every, **kw):
+        seen.append(dict(batches=batches, ship_every=ship_every))
+        for batch in batches:
+            yield from zip(batch, execute_batch([(str(out / key), configs[key])
+                                                 for key in batch]), strict=True)
+
+    monkeypatch.setattr(ray_backend, "ray_backend", fake_ray)
+    spec = tmp_path / "s.toml"
+    spec.write_text('name="cli"\nenvs=["Pendulum-v1"]\nseeds=2\ntotal_steps=512\n'
+                    'set={steps_per_iter=256, minibatches=4, epochs=2}\n'
+                    '[[configs]]\nlabel="ppo"\npreset="ppo"\n')
+    runs = ["runs/ppo/Pendulum-v1/seed_0", "runs/ppo/Pendulum-v1/seed_1"]
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"),
+                           (["--ship-every", "2"], "--ship-every needs --backend ray"),
+                           (["--backend", "ray", "--ship-every", "0"],
+                            "--ship-every must be >= 1")):
+        assert main(["study", "run", str(spec), "--out", str(tmp_path / "bad"), *flags]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert seen == []
+    base = ["study", "run", str(spec), "--backend", "ray", "--workers", "1", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "two"), "--batch-size", "2",
+                 "--ship-every", "3"]) == 0
+    assert seen == [dict(batches=[runs], ship_every=3)]
+    engines = {RunDir(tmp_path / "two" / r).read_status().get("engine") for r in runs}
+    assert engines == {"seed-batched"}
+    assert main([*base, "--out", str(tmp_path / "one"), "--batch-size", "1"]) == 0
+    assert seen[1] == dict(batches=[[r] for r in runs], ship_every=1)  # the default
+    engines = {RunDir(tmp_path / "one" / r).read_status().get("engine") for r in runs}
+    assert engines == {None}  # each run alone: the single engine
