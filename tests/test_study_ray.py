@@ -5,8 +5,10 @@ and how a run trained in one directory is shipped into a study directory and res
 elsewhere (:mod:`pgscope.study.shipping`). One test starts a Ray cluster of three nodes on
 this machine (``ray.cluster_utils.Cluster``): a head with the driver and no CPUs, and two
 worker nodes; every worker process records each path it opens, creates, renames or
-removes (a Python audit hook), the study runs, and one worker node is removed while it
-trains a run.
+removes (a Python audit hook), the study runs in batches of two seeds (Pendulum: the
+seed-batched engine trains Box-action envs only), and one worker node is removed while it
+trains a batch, once the batch's shipped checkpoints are past the first iteration and
+before the last.
 """
 
 from __future__ import annotations
@@ -373,15 +375,26 @@ def _wait(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_ray_cluster_without_a_shared_filesystem_ships_runs_and_resumes_a_lost_nodes_run(
+def _shipped_iteration(run: Path) -> int | None:
+    """The iteration of a run's last shipped checkpoint in the study directory (the store
+    replaces ``last.pt`` atomically), None before the first."""
+    last = RunDir(run).last_checkpoint
+    return int(load_checkpoint(last)["iteration"]) if last.exists() else None
+
+
+def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_lost_batch(
         tmp_path):
     ray = pytest.importorskip("ray")
+    pytest.importorskip("pgscope.batched")
     from ray.cluster_utils import Cluster
 
-    spec = parse_spec(dict(name="ray", envs=["CartPole-v1"], seeds=2, total_steps=256 * 16,
-                           set=dict(FAST, checkpoint_every=4),
+    iterations = 16
+    spec = parse_spec(dict(name="ray", envs=["Pendulum-v1"], seeds=2,
+                           total_steps=256 * iterations, set=dict(FAST, checkpoint_every=4),
                            configs=[dict(label="ppo", preset="ppo"),
                                     dict(label="small", preset="ppo", hidden=[16])]))
+    runs = [r.rel_path for r in spec.runs()]
+    batches = [runs[:2], runs[2:]]  # the two seeds of each config (batch_size=2)
     study, nodes, audit = tmp_path / "study", tmp_path / "nodes", tmp_path / "audit"
     audit.mkdir()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
@@ -400,69 +413,80 @@ def test_ray_cluster_without_a_shared_filesystem_ships_runs_and_resumes_a_lost_n
         def drive():
             try:
                 result["outcome"] = run_study(spec, study, backend="ray", progress=False,
-                                              batch_size=1)
+                                              batch_size=2, workers=2)
             except BaseException as exc:  # noqa: BLE001 - re-raised by the test
                 result["error"] = exc
 
         driver = threading.Thread(target=drive)
         driver.start()
 
-        def shipped_mid_run():
+        def batch_shipped_mid_run():
+            """A batch whose members' shipped checkpoints all lie strictly between the
+            first and the last iteration (with a margin: it is lost a moment later)."""
             assert driver.is_alive(), result
-            for status in study.glob("runs/*/*/*/status.json"):
-                run = status.parent
-                if len(RunDir(run).read_metrics()) >= 3 and json.loads(
-                        status.read_text()).get("state") == "running":
-                    return run
+            for batch in batches:
+                at = [_shipped_iteration(study / run) for run in batch]
+                if None not in at and 2 <= min(at) and max(at) <= iterations // 2:
+                    return batch, min(at)
             return None
 
-        lost_run = _wait(shipped_mid_run, 120, "a run shipped mid-way")
-        rel = lost_run.relative_to(study).as_posix()
-        node_id = next(i for i in workers if (nodes / f"node-{i[:12]}").is_dir()
-                       and any((nodes / f"node-{i[:12]}").glob(f"*/{rel}/metrics.jsonl")))
+        lost, seen_at = _wait(batch_shipped_mid_run, 150, "a batch shipped mid-way")
+        node_id = next(i for i in workers if any(
+            (nodes / f"node-{i[:12]}").glob(f"*/{lost[0]}/metrics.jsonl")))
         # a lost machine: its Ray workers die with it (remove_node stops only the raylet
         # and its services; a worker would train on until it notices)
         for log in audit.glob(f"{node_id}-*.log"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(log.stem.split("-")[1]), signal.SIGKILL)
         cluster.remove_node(workers.pop(node_id), allow_graceful=False)
-        before = (lost_run / "metrics.jsonl").read_bytes()
-        driver.join(180)
+        before = {run: (study / run / "metrics.jsonl").read_text().splitlines()
+                  for run in lost}
+        driver.join(240)
         assert not driver.is_alive() and "error" not in result, result
         outcome = result["outcome"]
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert sorted(outcome.complete) == sorted(r.rel_path for r in spec.runs())
+    assert sorted(outcome.complete) == sorted(runs)
     assert not outcome.failed and not outcome.diverged
-    runs = [r.rel_path for r in spec.runs()]
-    assert outcome.batches == [[r] for r in runs]  # batch_size=1: every run alone
+    assert outcome.batches == batches
 
-    # the lost run resumed on the other node from its last shipped checkpoint
-    events = (lost_run / "events.log").read_text()
+    # the lost batch resumed, as one batch, on the other node from the checkpoint last
+    # shipped (both members at the same iteration: they are shipped together)
     other = next(iter(workers))
-    assert f"sent to node {other[:12]}" in events, events
-    resumed = [line for line in events.splitlines() if "resumed from the checkpoint" in line]
-    assert len(resumed) == 1 and "episodes continue exactly" in resumed[0], events
-    at = int(resumed[0].split("iteration ")[1].split(":")[0])
-    lines_before = before.decode().splitlines()
-    assert at >= len(lines_before) - 1 >= 2
-    # its metrics up to that checkpoint are the lines shipped before the node was lost,
-    # byte for byte (timing included: nothing was recomputed)
-    assert (lost_run / "metrics.jsonl").read_text().splitlines()[:at] == lines_before[:at]
+    resumed_at = set()
+    for run in lost:
+        events = (study / run / "events.log").read_text()
+        assert f"sent to node {other[:12]}" in events, events
+        resumed = [line for line in events.splitlines() if "resumed from the checkpoint" in line]
+        assert len(resumed) == 1 and resumed[0].endswith(
+            "(seed-batched engine): episodes continue exactly"), events
+        at = int(resumed[0].split("iteration ")[1].split(" ")[0])
+        resumed_at.add(at)
+        # resumed, not restarted: from (at least) the checkpoint seen before the loss
+        assert seen_at <= at < iterations and at >= len(before[run]) - 1, (at, events)
+        # its metrics up to that checkpoint are the lines shipped before the node was
+        # lost, byte for byte (timing included: nothing was recomputed)
+        lines = (study / run / "metrics.jsonl").read_text().splitlines()
+        assert lines[:at] == before[run][:at]
+    assert len(resumed_at) == 1
 
-    # the study's runs are ordinary, complete runs equal to a local execution
-    local = run_study(spec, tmp_path / "local", workers=2, progress=False, batch_size=1)
-    assert len(local.complete) == 4
-    for r in spec.runs():
-        got = RunDir(study / r.rel_path)
-        assert got.read_status()["state"] == "complete" and got.writer() is None
-        mine, theirs = _metrics(study / r.rel_path), _metrics(tmp_path / "local" / r.rel_path)
-        assert mine == theirs, (r.rel_path, [
+    # the study's runs are ordinary, complete runs trained by the seed-batched engine and
+    # equal to a local execution in the same batches: the engine's resume is exact, and a
+    # member's numbers depend only on its batch, so they are compared exactly
+    local = run_study(spec, tmp_path / "local", workers=2, progress=False, batch_size=2)
+    assert len(local.complete) == 4 and local.batches == batches
+    for run in runs:
+        got = RunDir(study / run)
+        status = got.read_status()
+        assert status["state"] == "complete" and status["engine"] == "seed-batched"
+        assert got.writer() is None
+        mine, theirs = _metrics(study / run), _metrics(tmp_path / "local" / run)
+        assert mine == theirs, (run, [
             (a["iteration"], [k for k in a if a[k] != b.get(k)]) for a, b in zip(
-                mine, theirs, strict=True) if a != b][:3], events)
-        names = set(shipped_names(study / r.rel_path)) - {"events.log"}
-        assert names == set(shipped_names(tmp_path / "local" / r.rel_path))
+                mine, theirs, strict=True) if a != b][:3])
+        names = set(shipped_names(study / run)) - {"events.log"}
+        assert names == set(shipped_names(tmp_path / "local" / run))
 
     # worker nodes touched only their own storage; only the head (the store) wrote the study
     seen: dict[str, list] = {}
