@@ -26,6 +26,11 @@ Part (b): one process of N seeds (1, 2, 4, 8, 16, 32) at a time, each with one t
 aggregate steps per second against N, and memory: the peak resident set size of the
 process and (peak - the size after imports) / N, the memory one more seed costs.
 
+Part (update): the cost of one PPO minibatch forward/backward (policy and value losses) for
+16 seeds at once, as the engine does it (``torch.func.vmap`` over ``functional_call``)
+and written as batched matmuls (``torch.baddbmm``), against 16 single-seed passes; Hopper
+sizes (11 -> 64 -> 64 -> 3), minibatch 64, one thread.
+
 Results go to ``bench/results/batched_speed.json`` after every measurement; a rerun skips
 the measurements already there (delete the file to start over).
 """
@@ -148,9 +153,90 @@ PART_A = {
 SIZES = (1, 2, 4, 8, 16, 32)
 
 
+def update_costs(n: int = 16, batch: int = 64, reps: int = 30, rounds: int = 5
+                 ) -> dict[str, float]:
+    """Milliseconds per minibatch index for ``n`` seeds: vmap, baddbmm, n single passes
+    (best of ``rounds`` timings of ``reps`` calls each)."""
+    import torch
+    from torch.distributions import Normal
+    from torch.func import vmap
+
+    from pgscope.algos.common import make_optimizer
+    from pgscope.algos.ppo import clipped_surrogate_loss
+    from pgscope.batched.common import SeedNets
+    from pgscope.config import make_config
+    from pgscope.networks import GaussianPolicy, ValueNet
+    from pgscope.optimizations import normalize_advantages, value_loss
+
+    torch.set_num_threads(1)
+    cfg = make_config("ppo", ENV)
+    policies = [GaussianPolicy(11, 3, (64, 64), "tanh", True) for _ in range(n)]
+    values = [ValueNet(11, (64, 64), "tanh", True) for _ in range(n)]
+    nets = SeedNets(cfg, policies, values,
+                    [make_optimizer(cfg, p, v) for p, v in zip(policies, values, strict=True)])
+    g = torch.Generator().manual_seed(0)
+    obs, act = torch.randn(n, batch, 11, generator=g), torch.randn(n, batch, 3, generator=g)
+    logp, adv, old_v, ret = (torch.randn(n, batch, generator=g) for _ in range(4))
+
+    def losses(p, v, obs, act, logp, adv, old_v, ret):  # type: ignore[no-untyped-def]
+        dist = nets.bound(p).dist(obs)
+        ratio = (dist.log_prob(act).sum(-1) - logp).exp()
+        loss = clipped_surrogate_loss(ratio, normalize_advantages(adv, True), 0.2)
+        return loss + value_loss(nets.value.call(v, "forward", obs), old_v, ret, 0.2)
+
+    seed_losses = vmap(losses)
+
+    def with_vmap() -> None:
+        seed_losses(nets.policy.params, nets.value.params, obs, act, logp, adv, old_v,
+                    ret).sum().backward()
+
+    def stacked(prefix_nets, names):  # type: ignore[no-untyped-def]
+        return [torch.stack([dict(m.named_parameters())[k].detach() for m in prefix_nets])
+                .requires_grad_() for k in names]
+
+    lin = [f"net.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+    pw, vw = stacked(policies, lin), stacked(values, lin)
+    log_std = torch.stack([p.log_std.detach() for p in policies]).unsqueeze(1)
+    log_std.requires_grad_()
+
+    def mlp(x, w):  # type: ignore[no-untyped-def]
+        for i in range(0, len(w), 2):
+            x = torch.baddbmm(w[i + 1].unsqueeze(1), x, w[i].transpose(1, 2))
+            x = x.tanh() if i < len(w) - 2 else x
+        return x
+
+    def with_bmm() -> None:
+        mean = mlp(obs, pw)
+        ratio = (Normal(mean, log_std.exp().expand_as(mean)).log_prob(act).sum(-1)
+                 - logp).exp()
+        a = (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + 1e-8)
+        loss = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a).mean(-1)
+        v = mlp(obs, vw).squeeze(-1)
+        clipped = old_v + (v - old_v).clamp(-0.2, 0.2)
+        v_loss = torch.max((v - ret).pow(2), (clipped - ret).pow(2)).mean(-1)
+        (loss + v_loss).sum().backward()
+
+    def singles() -> None:
+        for i in range(n):
+            dist = policies[i].dist(obs[i])
+            ratio = (dist.log_prob(act[i]).sum(-1) - logp[i]).exp()
+            loss = clipped_surrogate_loss(ratio, normalize_advantages(adv[i], True), 0.2)
+            (loss + value_loss(values[i](obs[i]), old_v[i], ret[i], 0.2)).backward()
+
+    best = {"vmap": float("inf"), "baddbmm": float("inf"), "singles": float("inf")}
+    for _ in range(rounds):  # alternate, keep each one's best
+        for name, fn in (("vmap", with_vmap), ("baddbmm", with_bmm), ("singles", singles)):
+            fn()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / reps * 1e3)
+    return {f"{k}_ms": v for k, v in best.items()} | {"seeds": n, "minibatch": batch}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["a", "b"], default="a")
+    p.add_argument("--part", choices=["a", "b", "update"], default="a")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--runs-per-process", type=int, default=8,
@@ -192,6 +278,8 @@ def main() -> None:
                            runs=sum(len(g) for g in groups))
                 if not done(key):
                     record(key, launch(child_kind, groups, args.iterations))
+    elif args.part == "update":
+        record(dict(part="update"), dict(update_costs(), loadavg_1min=os.getloadavg()[0]))
     else:
         for n in SIZES:
             key = dict(part="b", kind="batched", seeds=n, iterations=args.iterations)
