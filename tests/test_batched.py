@@ -134,6 +134,17 @@ def test_one_batched_update_equals_single_updates(preset):
     _assert_same(*_single_and_batched(cfg))
 
 
+@pytest.mark.parametrize("preset", ["ppo", "ppo-kl", "trpo", "trpo+"])
+def test_one_batched_update_equals_single_updates_in_float64(preset):
+    """In float64 the only difference left is rounding: 1e-10, not 1e-5."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _assert_same(*_single_and_batched(_config(preset)), tol=1e-10)
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_value_dr3_coef_batched_equals_single_updates():
     """The DR3 term (masked mean over pairs without an episode end) per seed, in PPO's
     value loss and in TRPO's value fit."""
