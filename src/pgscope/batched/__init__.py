@@ -14,6 +14,7 @@ from pgscope.batched import trpo as trpo  # noqa: F401
 from pgscope.batched.train import (
     DEFAULT_BATCH_SIZE,
     BatchMember,
+    check_action_space,
     check_batchable,
     parse_seeds,
     seed_run_dir,
@@ -21,5 +22,5 @@ from pgscope.batched.train import (
     train_seeds,
 )
 
-__all__ = ["DEFAULT_BATCH_SIZE", "BatchMember", "check_batchable", "parse_seeds",
-           "seed_run_dir", "train_batch", "train_seeds"]
+__all__ = ["DEFAULT_BATCH_SIZE", "BatchMember", "check_action_space", "check_batchable",
+           "parse_seeds", "seed_run_dir", "train_batch", "train_seeds"]

@@ -126,7 +126,9 @@ def check_batchable(cfgs: Sequence[Config]) -> None:
                 "train it with the single engine (one run per seed).")
 
 
-def _check_action_space(env_id: str) -> None:
+def check_action_space(env_id: str) -> None:
+    """Raise :class:`ConfigError` unless ``env_id`` has a Box action space (the engine
+    trains Gaussian policies only); the study runner asks it before packing runs."""
     env = make_env(env_id)
     try:
         if not isinstance(env.action_space, gym.spaces.Box):
@@ -264,7 +266,7 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
             raise ConfigError(f"{len(cfgs)} configs for {len(paths)} run directories.")
         check_batchable(cfgs)
         check_env_id(cfgs[0].env_id)  # fail before anything is written
-        _check_action_space(cfgs[0].env_id)
+        check_action_space(cfgs[0].env_id)
         for cfg, path in zip(cfgs, paths, strict=True):
             RunDir(path)._check_new(cfg)  # refuse before any member's directory is made
     if len(set(p.resolve() for p in paths)) != len(paths):
@@ -286,7 +288,7 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
                 cfgs = [run.extend(c, total_steps) if total_steps != c.total_steps else c
                         for run, c in zip(runs, cfgs, strict=True)]
             check_batchable(cfgs)
-            _check_action_space(cfgs[0].env_id)
+            check_action_space(cfgs[0].env_id)
         return _train_batch(list(cfgs), runs, resume, progress, repair, callbacks)
     finally:
         for lock in locks:

@@ -224,10 +224,10 @@ def batchable(tasks: Sequence[Task]) -> bool:
 def _engine_takes_env(env_id: str) -> bool:
     """Whether the seed-batched engine trains ``env_id`` (Box actions only); the engine's
     own check, so that the two cannot disagree."""
-    from pgscope.batched.train import _check_action_space
+    from pgscope.batched import check_action_space
 
     try:
-        _check_action_space(env_id)
+        check_action_space(env_id)
     except PgscopeError:  # discrete actions, or an env that cannot be made (reported
         return False      # by the run trained alone)
     return True
