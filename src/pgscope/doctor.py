@@ -66,9 +66,11 @@ FEATURE_GROWTH = 10.0
 FEATURE_RISING = 0.5
 
 #: Keys whose null (NaN/Inf written as null) is legitimate: no episode ended, constant
-#: targets, a single action, a batch without action bounds.
+#: targets, a single action, a batch without action bounds, a batch without a pair of
+#: consecutive states (one-step episodes: no critic-feature pair statistics).
 NULLABLE = {"return_mean", "return_min", "return_max", "episode_length",
-            "explained_variance", "entropy_frac", "action_saturation"}
+            "explained_variance", "entropy_frac", "action_saturation",
+            "feature_dot", "feature_cosine"}
 
 
 @dataclass

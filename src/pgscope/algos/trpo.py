@@ -24,7 +24,7 @@ from pgscope.algos.common import (
     policy_change,
     reference_clip_range,
 )
-from pgscope.config import OPTIMIZATIONS_OFF, Config, register_check
+from pgscope.config import OPTIMIZATIONS_OFF, Config
 from pgscope.errors import ConfigError
 from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
@@ -179,9 +179,7 @@ LOGS = ("policy_loss", "policy_grad_norm", "ratio_first_minibatch_dev", "step_fr
 def check_unused_keys(cfg: Config) -> None:
     """Refuse the switches TRPO's update would silently ignore: it has no entropy bonus
     (``ent_coef``) and no epochs of policy steps to stop (``kl_stop``); its step is bounded
-    by ``max_kl`` and the line search instead."""
-    if cfg.algo != "trpo":
-        return
+    by ``max_kl`` and the line search instead (the registry's ``check`` of a TRPO config)."""
     if cfg.ent_coef != 0:
         raise ConfigError(f"ent_coef = {cfg.ent_coef:g}: TRPO has no entropy bonus (its step "
                           "maximizes the surrogate within max_kl); set ent_coef=0, or use a "
@@ -191,8 +189,6 @@ def check_unused_keys(cfg: Config) -> None:
                           "max_kl and the line search; there are no epochs to stop. Set "
                           "kl_stop=false (or lower max_kl).")
 
-
-register_check(check_unused_keys)
 
 register_algorithm(Algorithm(
     name="trpo",
@@ -208,4 +204,5 @@ register_algorithm(Algorithm(
     },
     logs=LOGS,
     policy_optimizer=False,
+    check=check_unused_keys,
 ))
