@@ -291,10 +291,10 @@ def _study_presets(args: argparse.Namespace) -> int:
     for name in BUILTIN_STUDIES:
         for quick in (False, True):
             spec = builtin_study(name, quick)
-            print(f"{name + (' --quick' if quick else ''):32s} {len(spec.configs):2d} configs x "
+            print(f"{name + (' --quick' if quick else ''):38s} {len(spec.configs):2d} configs x "
                   f"{len(spec.envs)} envs x {len(spec.seeds):2d} seeds x "
                   f"{spec.total_steps:>9,} steps  ({', '.join(spec.envs)})")
-        print(f"{'':32s} {spec.description}")
+        print(f"{'':38s} {spec.description}")
     return 0
 
 
