@@ -64,6 +64,16 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration:
     return annealed_lr(cfg.policy_lr, iteration, cfg.num_iterations, cfg.lr_anneal)
 
 
+def keep_checkpoint(run: RunDir, cfg: Config, iteration: int) -> Path | None:
+    """Copy ``last.pt`` to ``checkpoints/iter_XXXXXX.pt`` every ``checkpoint_every``
+    iterations and at the last one; return the copy (``None`` when none is kept)."""
+    if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
+        kept = run.checkpoint_dir / f"iter_{iteration:06d}.pt"
+        atomic_write_bytes(kept, run.last_checkpoint.read_bytes())
+        return kept
+    return None
+
+
 def _check_finite(agent: Agent, metrics: dict[str, Any], iteration: int) -> None:
     for key in ("policy_loss", "value_loss", "kl_mean", "policy_grad_norm"):
         if key in metrics and not math.isfinite(metrics[key]):
@@ -170,11 +180,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, progress: bool, repair: bool,
                      algo_state=algo_state, heldout_obs=heldout_obs, elapsed=elapsed)
         save_checkpoint(run.last_checkpoint, agent, iteration=iteration, env_steps=env_steps,
                         optimizer=optimizer, extra=extra, spaces=spaces)
-        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.num_iterations:
-            kept = run.checkpoint_dir / f"iter_{iteration:06d}.pt"
-            atomic_write_bytes(kept, run.last_checkpoint.read_bytes())
-            return kept
-        return None
+        return keep_checkpoint(run, cfg, iteration)
 
     def status(state: str, iteration: int, **extra: Any) -> None:
         run.write_status(state, iteration=iteration, total_iterations=cfg.num_iterations,

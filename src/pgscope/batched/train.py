@@ -45,7 +45,6 @@ from pgscope.rollout import RolloutCollector
 from pgscope.run import (
     RunDir,
     WriterLock,
-    atomic_write_bytes,
     check_compatible,
     load_checkpoint,
     restore_agent,
@@ -57,6 +56,7 @@ from pgscope.train import (
     _env_seed,
     _episode_metrics,
     _json_safe,
+    keep_checkpoint,
     set_learning_rates,
 )
 
@@ -200,11 +200,7 @@ class _Member:
         save_checkpoint(self.run.last_checkpoint, self.agent, iteration=iteration,
                         env_steps=self.env_steps, optimizer=self.optimizer, extra=extra,
                         spaces=self.spaces)
-        if iteration % self.cfg.checkpoint_every == 0 or iteration == self.cfg.num_iterations:
-            kept = self.run.checkpoint_dir / f"iter_{iteration:06d}.pt"
-            atomic_write_bytes(kept, self.run.last_checkpoint.read_bytes())
-            return kept
-        return None
+        return keep_checkpoint(self.run, self.cfg, iteration)
 
     def status(self, state: str, iteration: int, **extra: Any) -> None:
         self.run.write_status(state, iteration=iteration,
