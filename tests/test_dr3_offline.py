@@ -149,6 +149,83 @@ def test_sarsa_and_td_converge_to_exact_q(tabular):
     np.testing.assert_allclose(q[1], q[2], atol=1e-6)  # no DR3 gradient on one-hot phi
 
 
+def empirical_q(data, pi: np.ndarray) -> np.ndarray:
+    """Q of policy ``pi`` in the dataset's own (certainty-equivalent) MDP: the rewards and
+    transitions counted from its rows (a termination ends the backup, a truncation does
+    not). Offline TD on a table converges to this, not to the true MDP's Q."""
+    t = data.tensors
+    s, a = t["obs"].argmax(1).numpy(), t["action"].numpy()
+    s_next = t["next_obs_raw"].argmax(1).numpy()
+    live = ~t["terminated"].numpy().astype(bool)
+    n_s, n_a = pi.shape
+    counts = np.zeros((n_s, n_a))
+    np.add.at(counts, (s, a), 1)
+    reward = np.zeros((n_s, n_a))
+    np.add.at(reward, (s, a), t["reward"].double().numpy())
+    P = np.zeros((n_s, n_a, n_s))
+    np.add.at(P, (s[live], a[live], s_next[live]), 1)
+    assert counts.min() > 100  # every pair is covered
+    reward, P = reward / counts[..., None][..., 0], P / counts[..., None]
+    # Q = R + gamma P Pi Q, with (Pi Q)[s'] = sum_a' pi(a'|s') Q(s', a')
+    P_pi = np.einsum("sat,tb->satb", P, pi).reshape(n_s * n_a, n_s * n_a)
+    q = np.linalg.solve(np.eye(n_s * n_a) - GAMMA * P_pi, reward.reshape(-1))
+    return q.reshape(n_s, n_a)
+
+
+def test_td_from_another_policy_converges_to_that_policys_q(tabular):
+    """``td:K`` evaluates the behaviour policy with its temperature times K off-policy from
+    the same data: ``td:0`` the behaviour policy's argmax policy and ``td:0.25`` ``pi^4``
+    renormalized. A table trained by TD reaches the target policy's Q in the dataset's
+    own MDP (up to the minibatch noise), which lies within sampling error of DP's exact
+    Q of that policy and far from the behaviour policy's Q."""
+    data, q_behaviour = tabular
+    mdp = default_mdp()
+    pi = policy_matrix(behaviour_agent().policy, mdp)
+    greedy = np.eye(3)[pi.argmax(1)]
+    sharper = pi ** 4 / (pi ** 4).sum(1, keepdims=True)
+    settings = TrainSettings(variants=("td:0", "td:0.25", "td"), seeds=(0,), steps=500,
+                             hidden=(), lr=0.02, batch=512, target="polyak:0.2",
+                             encoding="outer", log_every=500, checkpoint_every=500,
+                             q_mean_pairs=64)
+    result = train_offline(data, settings, progress=False)
+    assert [m.name for m in result.members] == ["td0_s0", "td0.25_s0", "td_s0"]
+    q = table(result.params, 3)
+    tol = sampling_tolerance(data)
+    for i, target in enumerate((greedy, sharper, pi)):
+        q_dataset = empirical_q(data, target)
+        assert np.abs(q[i] - q_dataset).max() < 0.1, result.members[i].name
+        q_exact = exact_q(mdp, target, GAMMA)
+        assert (np.abs(q_dataset - q_exact) <= 1.5 * tol).all()
+        if i < 2:  # another answer than the behaviour policy's, by 3x the tolerance
+            assert np.abs(q_dataset - empirical_q(data, pi)).max() > 0.3
+
+
+def test_td_spread_scales_the_gaussian_noise():
+    """Continuous actions: ``a' = mean + K std noise`` (clipped to the bounds) with the
+    member's own generator, so K = 0 gives the mean and K = 2 twice K = 1's deviation."""
+    from pgscope.dr3.trainer import TrainingData
+
+    td = object.__new__(TrainingData)
+    td.discrete, td.n_actions = False, 2
+    td.behaviour = {"next_mean": torch.tensor([[0.1, -0.2], [0.3, 0.4]]),
+                    "std": torch.tensor([0.5, 0.2]),
+                    "low": torch.tensor([-5.0, -5.0]), "high": torch.tensor([5.0, 0.42])}
+    idx = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 1]] * 3)
+
+    def draw(spread):
+        gens = [torch.Generator().manual_seed(7) for _ in range(3)]
+        return td.sample_next_actions(idx, gens, torch.tensor(spread))
+
+    a = draw([0.0, 1.0, 2.0])
+    mean = td.behaviour["next_mean"][idx[0]]
+    torch.testing.assert_close(a[0], mean)
+    dev1, dev2 = a[1] - mean, a[2] - mean
+    free = a[2] < td.behaviour["high"]  # components the upper bound did not clip
+    assert free.any() and not free.all()
+    torch.testing.assert_close(dev2[free], 2 * dev1[free])
+    assert (a[2][~free] == td.behaviour["high"].expand_as(a[2])[~free]).all()
+
+
 def mlp_from(ws) -> torch.nn.Sequential:
     """A plain torch.nn ReLU MLP holding one member's weights (``(in, out)`` stacked
     layout -> ``nn.Linear``'s ``(out, in)``)."""
@@ -257,7 +334,8 @@ def test_killed_experiment_resumes_to_the_uninterrupted_result(tabular, tmp_path
 
 @pytest.mark.parametrize("variants, message", [
     ("sarsa,q", "unknown variant 'q'"), ("dr3", "unknown variant 'dr3'"),
-    ("dr3:-1", "coefficient C > 0"), ("td,td", "repeat"), ("", "at least one")])
+    ("dr3:-1", "coefficient C > 0"), ("td,td", "repeat"), ("td,td:1", "repeat"),
+    ("td:-0.5", "spread K >= 0"), ("td:x", "unknown variant 'td:x'"), ("", "at least one")])
 def test_bad_variants_are_refused(variants, message):
     with pytest.raises(OfflineError, match=message):
         parse_variants(variants)

@@ -90,7 +90,9 @@ def add_dr3_parser(sub: Any) -> None:
     t.add_argument("dataset", type=Path)
     t.add_argument("--out", type=Path, required=True, help="experiment directory")
     t.add_argument("--variants", default="sarsa,td,dr3:0.03",
-                   help="comma-separated: sarsa, td, dr3:C (default sarsa,td,dr3:0.03)")
+                   help="comma-separated: sarsa, td, td:K (TD from the behaviour policy "
+                        "with its spread times K; td:0 its mean action), dr3:C (default "
+                        "sarsa,td,dr3:0.03)")
     t.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     t.add_argument("--seed0", type=int, default=0, help="first seed (default 0)")
     t.add_argument("--steps", type=count, default=100_000, help="gradient steps")

@@ -14,7 +14,12 @@ tabular Q; the tests use it). Without hidden layers ``phi = x``.
     L   = mean (Q(s, a) - y)^2  +  c * mean phi(s, a) . phi(s', a')
 
 with ``a'`` the dataset's next action (``sarsa``) or a fresh sample of the behaviour policy
-at ``s'`` drawn at every step (``td``, ``dr3:c``); ``c = 0`` but for ``dr3:c``. Both
+at ``s'`` drawn at every step (``td``, ``dr3:c``); ``c = 0`` but for ``dr3:c``. ``td:K``
+backs up from another policy than the behaviour one, the behaviour policy with its spread
+scaled by ``K`` (Gaussian: ``a' = mean + K std noise``, clipped to the bounds as the
+behaviour policy's; categorical: logits divided by ``K``); ``td:0`` takes the behaviour
+policy's mean (argmax) action, so it evaluates that deterministic policy off-policy, and
+``td:1`` is ``td``. Both
 features of the DR3 term come from the online network and the gradient flows through
 both (the paper's explicit regularizer ``sum_i phi(s_i, a_i) . phi(s'_i, a'_i)``). A
 time-limit truncation does not terminate: ``y`` bootstraps from the true final state.
@@ -78,34 +83,42 @@ Params = list[torch.Tensor]
 @dataclass(frozen=True)
 class Variant:
     """How a member backs up: ``backup`` 'dataset' (SARSA) or 'policy' (TD, fresh
-    ``a' ~ pi``), and the DR3 coefficient ``coef`` (0 = none)."""
+    ``a' ~ pi``), the DR3 coefficient ``coef`` (0 = none) and the TD policy's ``spread``
+    (the behaviour policy's std or temperature times ``spread``; 1 = the behaviour policy)."""
 
     name: str
     backup: str
     coef: float = 0.0
+    spread: float = 1.0
 
 
 def parse_variants(text: str | Sequence[str]) -> tuple[Variant, ...]:
-    """``'sarsa,td,dr3:0.03'`` (or a list of such names) -> variants; ``dr3:c`` is TD plus
-    ``c * mean phi(s, a) . phi(s', a')`` and needs its ``c > 0``."""
+    """``'sarsa,td,td:0,dr3:0.03'`` (or a list of such names) -> variants; ``dr3:c`` is TD
+    plus ``c * mean phi(s, a) . phi(s', a')`` and needs its ``c > 0``; ``td:K`` is TD from
+    the behaviour policy with its spread scaled by ``K >= 0`` (module doc)."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
     if not names:
-        raise OfflineError("give at least one variant: sarsa, td or dr3:C (e.g. dr3:0.03).")
+        raise OfflineError("give at least one variant: sarsa, td, td:K or dr3:C (e.g. "
+                           "dr3:0.03).")
     out = []
     for name in names:
         if name in ("sarsa", "td"):
             out.append(Variant(name, "dataset" if name == "sarsa" else "policy"))
             continue
-        kind, _, coef = name.partition(":")
+        kind, _, value = name.partition(":")
         try:
-            c = float(coef) if kind == "dr3" else math.nan
+            x = float(value) if kind in ("dr3", "td") else math.nan
         except ValueError:
-            c = math.nan
-        if kind != "dr3" or not (c > 0 and math.isfinite(c)):
-            raise OfflineError(f"unknown variant '{name}': use sarsa, td or dr3:C with a "
-                               "coefficient C > 0 (e.g. dr3:0.03).")
-        out.append(Variant(f"dr3:{c:g}", "policy", c))
+            x = math.nan
+        if kind == "dr3" and x > 0 and math.isfinite(x):
+            out.append(Variant(f"dr3:{x:g}", "policy", x))
+        elif kind == "td" and x >= 0 and math.isfinite(x):
+            out.append(Variant("td" if x == 1 else f"td:{x:g}", "policy", spread=x))
+        else:
+            raise OfflineError(f"unknown variant '{name}': use sarsa, td, td:K with a spread "
+                               "K >= 0 (e.g. td:0) or dr3:C with a coefficient C > 0 (e.g. "
+                               "dr3:0.03).")
     if len({v.name for v in out}) < len(out):
         raise OfflineError(f"variants repeat: {', '.join(names)}.")
     return tuple(out)
@@ -281,20 +294,23 @@ class TrainingData:
             return F.one_hot(a.long(), self.n_actions).float()
         return a.float()
 
-    def sample_next_actions(self, idx: torch.Tensor, generators: Sequence[torch.Generator]
-                            ) -> torch.Tensor:
-        """Fresh ``a' ~ pi(.|s')`` at the rows ``idx`` (``(K, B)``), one generator per row
-        of members, encoded: ``(K, B, A)``."""
+    def sample_next_actions(self, idx: torch.Tensor, generators: Sequence[torch.Generator],
+                            spread: torch.Tensor) -> torch.Tensor:
+        """Fresh ``a' ~ pi(.|s')`` at the rows ``idx`` (``(K, B)``), one generator and one
+        ``spread`` (``(K,)``, :class:`Variant`) per row of members, encoded: ``(K, B, A)``."""
         b = self.behaviour
         if self.discrete:
             u = torch.stack([torch.rand(idx.shape[1], self.n_actions, generator=g)
                              for g in generators])
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-            choice = (b["next_logits"][idx] + gumbel).argmax(-1)
+            logits = b["next_logits"][idx]
+            k = spread[:, None, None]
+            sampled = (logits / k.clamp_min(1e-30) + gumbel).argmax(-1)
+            choice = torch.where(k[..., 0] > 0, sampled, logits.argmax(-1))
             return F.one_hot(choice, self.n_actions).float()
         noise = torch.stack([torch.randn(idx.shape[1], self.n_actions, generator=g)
                              for g in generators])
-        a = b["next_mean"][idx] + b["std"] * noise
+        a = b["next_mean"][idx] + b["std"] * (spread[:, None, None] * noise)
         if "low" in b:
             a = torch.maximum(torch.minimum(a, b["high"]), b["low"])
         return a
@@ -361,7 +377,8 @@ def _prepare_out(out: Path, dataset_path: Path | None, data: OfflineDataset,
                                                       "transitions", "gamma", "seed")},
         "settings": settings.identity(), "steps": settings.steps,
         "members": [{"name": m.name, "variant": m.variant.name, "backup": m.variant.backup,
-                     "coef": m.variant.coef, "seed": m.seed} for m in members],
+                     "coef": m.variant.coef, "spread": m.variant.spread, "seed": m.seed}
+                    for m in members],
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     })
 
@@ -401,6 +418,7 @@ def train_offline(dataset: str | Path | OfflineDataset, settings: TrainSettings,
     M = len(members)
     kind, value = parse_target(settings.target)
     coef = torch.tensor([m.variant.coef for m in members])
+    spread = torch.tensor([m.variant.spread for m in members])
     sarsa_idx = [i for i, m in enumerate(members) if m.variant.backup == "dataset"]
     td_idx = [i for i, m in enumerate(members) if m.variant.backup == "policy"]
     gamma = data.gamma
@@ -421,7 +439,8 @@ def train_offline(dataset: str | Path | OfflineDataset, settings: TrainSettings,
                 next_a[sarsa_idx] = td.next_action[idx[sarsa_idx]]
             if td_idx:
                 next_a[td_idx] = td.sample_next_actions(idx[td_idx],
-                                                        [action_gens[i] for i in td_idx])
+                                                        [action_gens[i] for i in td_idx],
+                                                        spread[td_idx])
             x_next = encode(td.next_obs[idx], next_a, settings.encoding)
             loss, td_loss, phi = member_losses(params, target, x, x_next, td.reward[idx],
                                                td.not_terminated[idx], gamma, coef)
