@@ -24,7 +24,7 @@ def stacked_numpy_forward(nets: Sequence[nn.Sequential]) -> Callable[[np.ndarray
     for modules in zip(*nets, strict=True):
         first = modules[0]
         if isinstance(first, nn.Linear):
-            w = np.stack([m.weight.detach().numpy().T for m in modules])
+            w = np.stack([m.weight.detach().numpy().T.copy() for m in modules])
             b = np.stack([m.bias.detach().numpy()[None] for m in modules])
             layers.append((nn.Linear, w, b))
         elif isinstance(first, (nn.Tanh, nn.ReLU)):

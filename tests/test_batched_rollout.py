@@ -1,0 +1,189 @@
+"""The seed-batched rollout (:mod:`pgscope.batched.rollout`) computes, for each seed, exactly
+what that seed's own :meth:`pgscope.rollout.RolloutCollector.collect` computes: every field
+of its ``Batch`` and ``FinishedEpisodes`` bit-identical (``torch.equal``), over consecutive
+rollouts (episodes running across rollout boundaries, time-limit truncations, terminations),
+and the collectors' and preprocessors' states (normalizer statistics, reward scaler,
+sampling RNG, env state) bit-identical afterwards. A seed whose env returns a non-finite
+value gets the single run's exception and the other seeds go on unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from pgscope.agent import Agent, build_agent
+from pgscope.batched.rollout import collect_lockstep
+from pgscope.config import Config, make_config
+from pgscope.envs import make_vector_env
+from pgscope.rollout import Batch, FinishedEpisodes, NonFiniteEnvError, RolloutCollector
+
+ROLLOUTS = 3
+
+
+def _setup(cfg: Config, seeds: tuple[int, ...]) -> tuple[list[Agent], list[RolloutCollector]]:
+    agents, collectors = [], []
+    for seed in seeds:
+        envs = make_vector_env(cfg.env_id, cfg.num_envs)
+        torch.manual_seed(seed)
+        agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
+        agents.append(agent)
+        collectors.append(RolloutCollector(cfg, envs, agent.preprocessor, seed=seed * 1000))
+    return agents, collectors
+
+
+def _assert_equal_tree(a: Any, b: Any, where: str) -> None:
+    """Bit-identical nested containers of tensors, arrays and plain values."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {set(a) ^ set(b)}"
+        for key in a:
+            _assert_equal_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length"
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal_tree(x, y, f"{where}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype} vs {b.dtype}"
+        assert torch.equal(a, b), f"{where}: values differ"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), f"{where}: values differ"
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), f"{where}: NaN vs {b}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def _assert_same_rollout(got: tuple[Batch, FinishedEpisodes],
+                         want: tuple[Batch, FinishedEpisodes], where: str) -> None:
+    (batch, episodes), (want_batch, want_episodes) = got, want
+    for f in fields(Batch):
+        _assert_equal_tree(getattr(batch, f.name), getattr(want_batch, f.name),
+                           f"{where} batch.{f.name}")
+    _assert_equal_tree(episodes.returns, want_episodes.returns, f"{where} episode returns")
+    _assert_equal_tree(episodes.lengths, want_episodes.lengths, f"{where} episode lengths")
+
+
+def _assert_same_state(got: RolloutCollector, want: RolloutCollector, where: str) -> None:
+    _assert_equal_tree(got.state_dict(), want.state_dict(), f"{where} collector")
+    _assert_equal_tree(got.pre.state_dict(), want.pre.state_dict(), f"{where} preprocessor")
+
+
+def _compare(cfg: Config, seeds: tuple[int, ...], rollouts: int = ROLLOUTS
+             ) -> list[tuple[Batch, FinishedEpisodes]]:
+    """Lockstep rollouts against each seed's own collector; the rollouts seen."""
+    agents, collectors = _setup(cfg, seeds)
+    single_agents, single_collectors = _setup(cfg, seeds)
+    seen = []
+    for r in range(rollouts):
+        got = collect_lockstep(collectors, [a.policy for a in agents],
+                               [a.value_net for a in agents])
+        for i, seed in enumerate(seeds):
+            result = got[i]
+            assert not isinstance(result, Exception), result
+            want = single_collectors[i].collect(single_agents[i].policy,
+                                                single_agents[i].value_net)
+            _assert_same_rollout(result, want, f"seed {seed} rollout {r}")
+            _assert_same_state(collectors[i], single_collectors[i], f"seed {seed} rollout {r}")
+            seen.append(result)
+    for c in collectors + single_collectors:
+        c.envs.close()
+    return seen
+
+
+def test_hopper_ppo_seeds_equal_their_single_rollouts():
+    cfg = make_config("ppo", "Hopper-v5", dict(steps_per_iter=256, hidden=(8,)))
+    seen = _compare(cfg, (0, 1))
+    assert sum(len(e.returns) for _, e in seen) >= 4  # terminations inside and across
+
+
+def test_pendulum_two_envs_with_every_preprocessing_switch_equal_single_rollouts():
+    """Reward multiplier, scaling and clipping, observation normalization and clipping,
+    action clipping (a wide policy samples out of bounds) and time-limit truncations of
+    two envs per seed (Pendulum's 200 steps, crossed inside the second rollout)."""
+    cfg = make_config("ppo", "Pendulum-v1", dict(
+        steps_per_iter=256, num_envs=2, hidden=(8,), init_log_std=1.0,
+        reward_multiplier=3.0, reward_clip_bound=0.5, obs_clip_bound=1.5))
+    assert cfg.reward_scale and cfg.obs_norm and cfg.action_clip and cfg.reward_clip
+    seen = _compare(cfg, (3, 4))
+    assert sum(len(e.returns) for _, e in seen) == 2 * 2  # each seed's two envs truncate
+    assert all(b.action_saturation > 0.1 for b, _ in seen)  # the clipping matters
+
+
+def test_pendulum_without_preprocessing_equals_single_rollouts():
+    cfg = make_config("ppo", "Pendulum-v1", dict(
+        steps_per_iter=128, hidden=(8,), reward_scale=False, reward_clip=False,
+        obs_norm=False, obs_clip=False, action_clip=False), num_envs=4)
+    _compare(cfg, (0, 5), rollouts=2)
+
+
+class _NanAfter(gym.Env):
+    """Finite observations, then NaN from env step 30 on, for the env reset with seed
+    1000 only (seed 1's first env); others run on."""
+
+    def __init__(self) -> None:
+        self.observation_space = gym.spaces.Box(-10, 10, shape=(3,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1, 1, shape=(2,), dtype=np.float32)
+        self.doomed, self.steps = False, 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.doomed = seed == 1000
+        return self.np_random.normal(size=3).astype(np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        obs = self.np_random.normal(size=3).astype(np.float32)
+        if self.doomed and self.steps >= 30:
+            obs[1] = np.nan
+        return obs, float(-np.sum(np.square(action))), False, self.steps % 25 == 0, {}
+
+
+if "test_batched_rollout/NanAfter-v0" not in gym.registry:
+    gym.register("test_batched_rollout/NanAfter-v0", entry_point=_NanAfter)
+
+
+def test_a_seed_whose_env_turns_nan_gets_the_single_runs_error_and_the_others_go_on():
+    cfg = make_config("ppo", "test_batched_rollout/NanAfter-v0",
+                      dict(steps_per_iter=64, num_envs=2, hidden=(8,)))
+    seeds = (0, 1, 2)
+    agents, collectors = _setup(cfg, seeds)
+    single_agents, single_collectors = _setup(cfg, seeds)
+    got = collect_lockstep(collectors, [a.policy for a in agents],
+                           [a.value_net for a in agents])
+    assert isinstance(got[1], NonFiniteEnvError)
+    with pytest.raises(NonFiniteEnvError) as single_error:
+        single_collectors[1].collect(single_agents[1].policy, single_agents[1].value_net)
+    assert str(got[1]) == str(single_error.value)
+    assert got[1].where == single_error.value.where
+    for i in (0, 2):
+        result = got[i]
+        assert not isinstance(result, Exception)
+        want = single_collectors[i].collect(single_agents[i].policy, single_agents[i].value_net)
+        _assert_same_rollout(result, want, f"seed {seeds[i]}")
+        _assert_same_state(collectors[i], single_collectors[i], f"seed {seeds[i]}")
+
+
+def test_the_seeds_collectors_go_on_alone_after_lockstep_rollouts():
+    """After a lockstep rollout each collector is an ordinary collector again: its own
+    ``collect`` continues exactly as an uninterrupted single collector's."""
+    cfg = make_config("ppo", "Pendulum-v1", dict(steps_per_iter=128, num_envs=2,
+                                                 hidden=(8,)))
+    seeds = (0, 1)
+    agents, collectors = _setup(cfg, seeds)
+    single_agents, single_collectors = _setup(cfg, seeds)
+    collect_lockstep(collectors, [a.policy for a in agents], [a.value_net for a in agents])
+    for i, seed in enumerate(seeds):
+        policy, value_net = single_agents[i].policy, single_agents[i].value_net
+        single_collectors[i].collect(policy, value_net)
+        for r in range(2):
+            _assert_same_rollout(collectors[i].collect(agents[i].policy, agents[i].value_net),
+                                 single_collectors[i].collect(policy, value_net),
+                                 f"seed {seed} rollout {r}")
+        _assert_same_state(collectors[i], single_collectors[i], f"seed {seed}")
