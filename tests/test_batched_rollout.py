@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from pgscope.agent import Agent, build_agent
+from pgscope.batched.lockstep import StackedRunningMeanStd, step_envs
 from pgscope.batched.rollout import collect_lockstep
 from pgscope.config import Config, make_config
 from pgscope.envs import make_vector_env
+from pgscope.optimizations import RunningMeanStd
 from pgscope.rollout import Batch, FinishedEpisodes, NonFiniteEnvError, RolloutCollector
 
 ROLLOUTS = 3
@@ -187,3 +189,75 @@ def test_the_seeds_collectors_go_on_alone_after_lockstep_rollouts():
                                  single_collectors[i].collect(policy, value_net),
                                  f"seed {seed} rollout {r}")
         _assert_same_state(collectors[i], single_collectors[i], f"seed {seed}")
+
+
+# --- the stacked pieces, each against the single code it replaces ---------------------------
+@pytest.mark.parametrize("num_envs", [1, 2, 3, 8, 9, 16, 33])
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_stacked_running_mean_std_equals_each_seeds_own(num_envs, shape):
+    """Per seed bit-identical to RunningMeanStd.update, also where numpy's reductions sum
+    pairwise (8 envs and more)."""
+    rng = np.random.default_rng(num_envs)
+    singles = [RunningMeanStd(shape) for _ in range(3)]
+    stacked = StackedRunningMeanStd(singles)
+    for _ in range(4):
+        x = rng.normal(size=(3, num_envs, *shape)) * np.array([1.0, 30.0, 1e-3])[
+            (slice(None), None, *(None,) * len(shape))] + 7.0
+        for single, xi in zip(singles, x, strict=True):
+            single.update(xi)
+        stacked.update(x)
+    want = [s.state_dict() for s in singles]
+    stacked.write_back()
+    _assert_equal_tree([s.state_dict() for s in singles], want, "statistics")
+
+
+class _EndsOften(gym.Env):
+    """Float64 observations for a float32 space; terminates with probability 0.08 per
+    step (the time limit of 20 steps truncates the others)."""
+
+    observation_space = gym.spaces.Box(-10, 10, shape=(3,), dtype=np.float32)
+    action_space = gym.spaces.Box(-1, 1, shape=(2,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return self.np_random.normal(size=3), {}
+
+    def step(self, action):
+        obs = self.np_random.normal(size=3) + float(action.sum())
+        return obs, float(self.np_random.normal()), self.np_random.random() < 0.08, False, {}
+
+
+if "test_batched_rollout/EndsOften-v0" not in gym.registry:
+    gym.register("test_batched_rollout/EndsOften-v0", entry_point=_EndsOften,
+                 max_episode_steps=20)
+
+
+@pytest.mark.filterwarnings("ignore:.*not within the observation space")
+def test_step_envs_equals_the_vector_envs_own_step():
+    """Observations (cast to the space's dtype), rewards, terminations, truncations, final
+    observations and the envs' random streams as ``SyncVectorEnv.step`` with same-step
+    autoreset, on a schedule of terminations and time-limit truncations."""
+    mine = [make_vector_env("test_batched_rollout/EndsOften-v0", 3) for _ in range(2)]
+    theirs = [make_vector_env("test_batched_rollout/EndsOften-v0", 3) for _ in range(2)]
+    for k, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        a.reset(seed=10 * k)
+        b.reset(seed=10 * k)
+    rng = np.random.default_rng(0)
+    ends = {"terminated": 0, "truncated": 0}
+    for _ in range(80):
+        actions = rng.uniform(-1, 1, size=(2, 3, 2)).astype(np.float32)
+        obs, rewards, term, trunc, final, failed = step_envs(mine, actions)
+        assert not failed
+        for i, envs in enumerate(theirs):
+            want_obs, want_r, want_term, want_trunc, info = envs.step(actions[i])
+            _assert_equal_tree([obs[i], rewards[i], term[i], trunc[i]],
+                               [want_obs, want_r, want_term, want_trunc], f"seed {i}")
+            for j in range(3):
+                if want_term[j] or want_trunc[j]:
+                    ends["terminated" if want_term[j] else "truncated"] += 1
+                    _assert_equal_tree(final[i, j], info["final_obs"][j], f"final obs {i} {j}")
+                else:
+                    assert (i, j) not in final
+    assert min(ends.values()) >= 5 and trunc.dtype == np.bool_, ends
+    for envs in mine + theirs:
+        envs.close()

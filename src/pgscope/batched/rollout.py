@@ -1,17 +1,35 @@
-"""Rollouts of N seeds in lockstep: each seed's own :class:`pgscope.rollout.RolloutCollector`
-(its envs, preprocessor and sampling generator, made exactly as a single run makes them)
-steps in turn, and one stacked NumPy forward pass per env step gives every seed's action
-means; each seed's noise comes from its own generator, drawn as its single run draws it."""
+"""Rollouts of N seeds in lockstep: each seed keeps its own
+:class:`pgscope.rollout.RolloutCollector` (its envs, preprocessor and sampling generator,
+made exactly as a single run makes them); per env step one stacked NumPy forward pass gives
+every seed's action means, each seed's noise comes from its own generator (drawn as its
+single run draws it), and the rest of the step runs on arrays stacked over the seeds
+(:mod:`pgscope.batched.lockstep`), written back to each collector at the rollout's end."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 import numpy as np
 from torch import nn
 
+from pgscope.batched.lockstep import (
+    StackedEpisodes,
+    StackedPreprocessor,
+    can_step_directly,
+    clip_stacked_actions,
+    first_non_finite,
+    step_envs,
+)
 from pgscope.networks import GaussianPolicy, Policy, ValueNet
-from pgscope.rollout import Batch, FinishedEpisodes, RolloutCollector
+from pgscope.rollout import (
+    Batch,
+    FinishedEpisodes,
+    NonFiniteEnvError,
+    RolloutBuffers,
+    RolloutCollector,
+    check_finite_env_output,
+)
 
 #: ``sample(obs, rngs) -> actions``: obs ``[N, envs, obs_dim]``, one generator per seed.
 StackedSampler = Callable[[np.ndarray, Sequence[np.random.Generator]], np.ndarray]
@@ -57,33 +75,86 @@ def stacked_sampler(policies: Sequence[Policy]) -> StackedSampler:
 
     def sample(obs: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
         mean = forward(obs)
-        noise = np.stack([rng.standard_normal(mean.shape[1:], dtype=np.float32)
-                          for rng in rngs])
+        noise = np.empty_like(mean)
+        for rng, out in zip(rngs, noise, strict=True):
+            rng.standard_normal(dtype=np.float32, out=out)
         return mean + std * noise
 
     return sample
 
 
+def stacked_buffers(collectors: Sequence[RolloutCollector]
+                    ) -> tuple[RolloutBuffers, list[RolloutBuffers]]:
+    """One rollout's arrays for every seed, ``[seeds, steps, envs, ...]``, and each seed's
+    :class:`RolloutBuffers` as views of them (what its own ``start_rollout`` makes)."""
+    template = collectors[0].start_rollout()
+    arrays = {f.name: np.zeros((len(collectors), *value.shape), dtype=value.dtype)
+              for f in fields(RolloutBuffers)
+              if isinstance(value := getattr(template, f.name), np.ndarray)}
+    stacked = RolloutBuffers(**arrays, episodes=FinishedEpisodes())
+    seeds = [RolloutBuffers(**{k: v[i] for k, v in arrays.items()},
+                            episodes=FinishedEpisodes()) for i in range(len(collectors))]
+    return stacked, seeds
+
+
 def collect_lockstep(collectors: Sequence[RolloutCollector], policies: Sequence[Policy],
                      value_nets: Sequence[ValueNet]
                      ) -> list[tuple[Batch, FinishedEpisodes] | Exception]:
-    """One rollout of every seed, the envs of all seeds stepped in lockstep. A seed whose
-    env or data raises (e.g. :class:`pgscope.rollout.NonFiniteEnvError`) stops stepping
-    and gets its exception in place of a batch; the other seeds go on."""
+    """One rollout of every seed, the envs of all seeds stepped in lockstep: each seed's
+    ``Batch``, episodes and collector state are bit-identical to its own
+    :meth:`RolloutCollector.collect` (the per-step work runs on stacked arrays,
+    :mod:`pgscope.batched.lockstep`). A seed whose env or data raises (e.g.
+    :class:`pgscope.rollout.NonFiniteEnvError`) stops stepping and gets its exception in
+    place of a batch; the other seeds go on (the failed seed's collector keeps the state
+    of the rollout's start, bar its sampling generator and envs)."""
+    if not all(can_step_directly(c.envs) for c in collectors):
+        raise TypeError("the seed-batched rollout steps gymnasium SyncVectorEnvs with "
+                        "same-step autoreset (pgscope.envs.make_vector_env) only")
+    first, n = collectors[0], len(collectors)
     sample = stacked_sampler(policies)
     rngs = [c.rng for c in collectors]
-    buffers = [c.start_rollout() for c in collectors]
+    pre = StackedPreprocessor([c.pre for c in collectors])
+    running = StackedEpisodes(collectors)
+    buf, buffers = stacked_buffers(collectors)
+    episodes = [b.episodes for b in buffers]
+    raw = np.stack([c.raw_obs for c in collectors])
+    steps_before = [c.steps_taken for c in collectors]
     failed: dict[int, Exception] = {}
-    for t in range(collectors[0].cfg.steps_per_env):
-        obs = np.stack([np.zeros_like(b.obs[t]) if i in failed else c.observe(b, t)
-                        for i, (c, b) in enumerate(zip(collectors, buffers, strict=True))])
+    for t in range(first.cfg.steps_per_env):
+        obs = pre.obs(raw, update=True)
+        buf.obs[:, t] = obs
         actions = sample(obs, rngs)
-        for i, (c, b) in enumerate(zip(collectors, buffers, strict=True)):
-            if i not in failed:
+        buf.actions[:, t] = actions
+        raw, r, term, trunc, final, errors = step_envs(
+            [c.envs for c in collectors], clip_stacked_actions(actions, first), failed.keys())
+        failed.update(errors)
+        steps = [s + t + 1 for s in steps_before]
+        non_finite = first_non_finite(r, raw, steps, failed.keys())
+        if non_finite:
+            failed.update(non_finite)
+            bad = list(non_finite)
+            raw[bad], r[bad] = 0, 0.0
+        ended = term | trunc
+        buf.rewards[:, t] = pre.reward(r, ended)
+        buf.terminated[:, t], buf.done[:, t] = term, ended
+        running.step(r, ended, episodes)
+        for (i, j), final_obs in final.items():
+            if trunc[i, j] and i not in failed:  # bootstrap from the true final state
                 try:
-                    c.step(b, t, actions[i])
-                except Exception as exc:  # noqa: BLE001 - the seed's own failure
+                    check_finite_env_output(final_obs, "observation", steps[i])
+                except NonFiniteEnvError as exc:
                     failed[i] = exc
+                    continue
+                buf.next_obs[i, t, j] = pre.obs_of(i, final_obs[None])[0]
+    # within the rollout the state after a step is the next step's observation
+    still = ~buf.done[:, :-1].astype(bool)
+    buf.next_obs[:, :-1][still] = buf.obs[:, 1:][still]
+    live = [i for i in range(n) if i not in failed]
+    pre.write_back(live)
+    running.write_back(live)
+    for i in live:
+        collectors[i].raw_obs = raw[i].copy()
+        collectors[i].steps_taken = steps_before[i] + first.cfg.steps_per_env
     return [failed[i] if i in failed else c.finish_rollout(b, p, v)
             for i, (c, b, p, v) in enumerate(zip(collectors, buffers, policies, value_nets,
                                                    strict=True))]
