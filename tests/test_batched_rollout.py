@@ -126,7 +126,8 @@ def test_pendulum_without_preprocessing_equals_single_rollouts():
 
 class _NanAfter(gym.Env):
     """Finite observations, then NaN from env step 30 on, for the env reset with seed
-    1000 only (seed 1's first env); others run on."""
+    1000 only (seed 1's first env); the env reset with seed 2001 (seed 2's second env)
+    raises at its step 20; others run on."""
 
     def __init__(self) -> None:
         self.observation_space = gym.spaces.Box(-10, 10, shape=(3,), dtype=np.float32)
@@ -136,11 +137,13 @@ class _NanAfter(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
-            self.doomed = seed == 1000
+            self.doomed, self.breaks = seed == 1000, seed == 2001
         return self.np_random.normal(size=3).astype(np.float32), {}
 
     def step(self, action):
         self.steps += 1
+        if self.breaks and self.steps == 20:
+            raise RuntimeError("the simulator broke at step 20")
         obs = self.np_random.normal(size=3).astype(np.float32)
         if self.doomed and self.steps >= 30:
             obs[1] = np.nan
@@ -151,10 +154,10 @@ if "test_batched_rollout/NanAfter-v0" not in gym.registry:
     gym.register("test_batched_rollout/NanAfter-v0", entry_point=_NanAfter)
 
 
-def test_a_seed_whose_env_turns_nan_gets_the_single_runs_error_and_the_others_go_on():
+def test_seeds_whose_env_turns_nan_or_raises_get_the_single_runs_error_others_go_on():
     cfg = make_config("ppo", "test_batched_rollout/NanAfter-v0",
                       dict(steps_per_iter=64, num_envs=2, hidden=(8,)))
-    seeds = (0, 1, 2)
+    seeds = (0, 1, 2, 3)
     agents, collectors = _setup(cfg, seeds)
     single_agents, single_collectors = _setup(cfg, seeds)
     got = collect_lockstep(collectors, [a.policy for a in agents],
@@ -164,7 +167,13 @@ def test_a_seed_whose_env_turns_nan_gets_the_single_runs_error_and_the_others_go
         single_collectors[1].collect(single_agents[1].policy, single_agents[1].value_net)
     assert str(got[1]) == str(single_error.value)
     assert got[1].where == single_error.value.where
-    for i in (0, 2):
+    assert isinstance(got[2], RuntimeError) and "broke at step 20" in str(got[2])
+    with pytest.raises(RuntimeError, match="broke at step 20"):
+        single_collectors[2].collect(single_agents[2].policy, single_agents[2].value_net)
+    for i in (1, 2):  # the failed seeds' envs stopped where the single run's stopped
+        assert ([e.unwrapped.steps for e in collectors[i].envs.envs]
+                == [e.unwrapped.steps for e in single_collectors[i].envs.envs])
+    for i in (0, 3):
         result = got[i]
         assert not isinstance(result, Exception)
         want = single_collectors[i].collect(single_agents[i].policy, single_agents[i].value_net)
