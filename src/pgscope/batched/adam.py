@@ -32,6 +32,19 @@ def _per_seed(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *[1] * (like.dim() - 1))
 
 
+class _KeptRows:
+    """The rows ``rows`` (seed positions) of ``tensors`` as they are now, to be put back
+    by :meth:`restore`."""
+
+    def __init__(self, rows: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        self.rows = rows
+        self.saved = [(t, t[rows]) for t in tensors] if len(rows) else []
+
+    def restore(self) -> None:
+        for t, rows in self.saved:
+            t[self.rows] = rows
+
+
 class MaskedAdam:
     """Adam for stacked parameters (leading seed dim) in named groups (``policy``,
     ``value``, as :func:`pgscope.algos.common.make_optimizer` names them)."""
@@ -57,25 +70,37 @@ class MaskedAdam:
              ) -> None:
         """One Adam step of the seeds where ``mask`` (``[N]`` bool; default all) is set,
         for the named ``groups`` (default all); the other seeds are left exactly as
-        they are."""
+        they are.
+
+        All seeds are stepped with one ``torch._foreach_*`` call per operation over the
+        group's stacked tensors (each seed's own bias corrections broadcast along its
+        rows); the rows of the seeds outside ``mask`` are then put back as they were."""
         beta1, beta2 = self.betas
         for name in groups or list(self.groups):
             group = self.groups[name]
+            grads = [p.grad for p in group.params]
+            if any(g is None for g in grads):
+                raise ValueError(f"every stacked parameter of group '{name}' needs a gradient")
             on = torch.ones_like(group.step, dtype=torch.bool) if mask is None else mask
+            kept = _KeptRows(torch.nonzero(~on).flatten(),
+                             group.params + group.exp_avg + group.exp_avg_sq)
             group.step = torch.where(on, group.step + 1, group.step)
-            step = group.step.clamp(min=1)  # seeds that never stepped are masked anyway
-            bias1 = 1 - beta1 ** step
-            bias2_sqrt = (1 - beta2 ** step).sqrt()
-            for i, p in enumerate(group.params):
-                assert p.grad is not None, "every stacked parameter needs a gradient"
-                g, sel = p.grad, _per_seed(on, p)
-                m = group.exp_avg[i].lerp(g, 1 - beta1)
-                v = group.exp_avg_sq[i] * beta2 + (1 - beta2) * g * g
-                denom = v.sqrt() / _per_seed(bias2_sqrt, p) + self.eps
-                new = p - _per_seed(group.lr / bias1, p) * m / denom
-                group.exp_avg[i] = torch.where(sel, m, group.exp_avg[i])
-                group.exp_avg_sq[i] = torch.where(sel, v, group.exp_avg_sq[i])
-                p.copy_(torch.where(sel, new, p))
+            # the bias corrections in float64, as torch.optim.Adam computes them; seeds
+            # that never stepped are masked anyway
+            step = group.step.double().clamp(min=1)
+            dtype = group.params[0].dtype
+            bias2_sqrt = (1 - beta2 ** step).sqrt().to(dtype)
+            step_size = (-group.lr / (1 - beta1 ** step)).to(dtype)
+            torch._foreach_lerp_(group.exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(group.exp_avg_sq, beta2)
+            torch._foreach_addcmul_(group.exp_avg_sq, grads, grads, 1 - beta2)
+            denom = torch._foreach_sqrt(group.exp_avg_sq)
+            torch._foreach_div_(denom, [_per_seed(bias2_sqrt, p) for p in group.params])
+            torch._foreach_add_(denom, self.eps)
+            update = torch._foreach_div(group.exp_avg, denom)
+            torch._foreach_mul_(update, [_per_seed(step_size, p) for p in group.params])
+            torch._foreach_add_(group.params, update)
+            kept.restore()
 
     def select(self, keep: Sequence[int], params: Mapping[str, Sequence[torch.Tensor]]
                ) -> None:

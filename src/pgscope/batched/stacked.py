@@ -126,13 +126,15 @@ def clip_gradients_per_seed(params: Sequence[torch.Tensor], max_norm: float | No
     """:func:`pgscope.optimizations.clip_gradients` for each seed of stacked parameters:
     each seed's global gradient norm over ``params`` (one network), clipped to
     ``max_norm`` when given (the same ``max_norm / (norm + 1e-6)`` scale as
-    ``torch.nn.utils.clip_grad_norm_``). Returns the ``[N]`` norms before clipping."""
+    ``torch.nn.utils.clip_grad_norm_``). Returns the ``[N]`` norms before clipping.
+
+    The norms come from all of a seed's gradients side by side (one ``[N, P]``
+    concatenation, one norm; the same norm as ``clip_grad_norm_``'s norm of per-tensor
+    norms up to rounding) and one ``torch._foreach_mul_`` scales them."""
     grads = [p.grad for p in params if p.grad is not None]
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
-                              for g in grads], dim=1)
-    norms = torch.linalg.vector_norm(per_tensor, dim=1)
+    side_by_side = torch.cat([g.reshape(len(g), -1) for g in grads], dim=1)
+    norms = torch.linalg.vector_norm(side_by_side, dim=1)
     if max_norm is not None:
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+        torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)) for g in grads])
     return norms
