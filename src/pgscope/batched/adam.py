@@ -78,9 +78,9 @@ class MaskedAdam:
         beta1, beta2 = self.betas
         for name in groups or list(self.groups):
             group = self.groups[name]
-            grads = [p.grad for p in group.params]
-            if any(g is None for g in grads):
+            if any(p.grad is None for p in group.params):
                 raise ValueError(f"every stacked parameter of group '{name}' needs a gradient")
+            grads = [p.grad for p in group.params if p.grad is not None]
             on = torch.ones_like(group.step, dtype=torch.bool) if mask is None else mask
             kept = _KeptRows(torch.nonzero(~on).flatten(),
                              group.params + group.exp_avg + group.exp_avg_sq)
