@@ -27,7 +27,6 @@ from pgscope.agent import Agent, build_agent
 from pgscope.algos import algorithm
 from pgscope.algos.common import make_optimizer
 from pgscope.batched import parse_seeds, train_batch
-from pgscope.batched.adam import MaskedAdam
 from pgscope.batched.common import BATCHED_UPDATES, SeedNets
 from pgscope.callbacks import Callback, IterationEnd
 from pgscope.cli import EXIT_ERROR, main
@@ -203,54 +202,6 @@ def test_trpo_line_search_rejecting_for_one_seed_only():
     fractions = [m["step_fraction"] for m in single_metrics]
     assert fractions[1] == 0 and fractions[0] > 0 and fractions[2] > 0, fractions
     _assert_same(single, single_metrics, batched, batched_metrics)
-
-
-def test_masked_adam_equals_torch_adam():
-    """Seeds that step (mask set) move exactly as their own torch Adam; the others keep
-    parameters, moments and step counts; the state converts to torch's layout and back."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(4, 3), (3,)]
-    seeds = 3
-    params = [torch.randn(seeds, *s, generator=gen).requires_grad_() for s in shapes]
-    own = [[torch.nn.Parameter(p[i].detach().clone()) for p in params] for i in range(seeds)]
-    torch_adams = [torch.optim.Adam([{"params": own[i], "name": "value", "lr": 0.01}],
-                                    eps=1e-5, fused=True) for i in range(seeds)]
-    adam = MaskedAdam({"value": params}, {"value": 0.01}, eps=1e-5)
-    masks = [[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 1, 1]]
-    for step, mask in enumerate(masks):
-        lr = 0.01 * (1 - step / 10)  # the learning rate changes between steps (annealing)
-        adam.groups["value"].lr = lr
-        grads = [torch.randn(seeds, *s, generator=gen) for s in shapes]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
-        adam.step(torch.tensor(mask, dtype=torch.bool))
-        for i in range(seeds):
-            torch_adams[i].param_groups[0]["lr"] = lr
-            if mask[i]:
-                for q, g in zip(own[i], grads, strict=True):
-                    q.grad = g[i].clone()
-                torch_adams[i].step()
-    for i in range(seeds):
-        for p, q in zip(params, own[i], strict=True):
-            torch.testing.assert_close(p[i].detach(), q.detach(), rtol=0, atol=1e-6)
-        probe = torch.optim.Adam([{"params": [torch.nn.Parameter(q.detach().clone())
-                                              for q in own[i]], "name": "value", "lr": 0.01}],
-                                 eps=1e-5, fused=True)
-        adam.write_to(i, probe)
-        want, got = torch_adams[i].state_dict()["state"], probe.state_dict()["state"]
-        assert want.keys() == got.keys()
-        for k in want:
-            assert float(got[k]["step"]) == float(want[k]["step"]) == sum(m[i] for m in masks)
-            torch.testing.assert_close(got[k]["exp_avg"], want[k]["exp_avg"])
-            torch.testing.assert_close(got[k]["exp_avg_sq"], want[k]["exp_avg_sq"])
-    fresh = MaskedAdam({"value": [torch.zeros_like(p) for p in params]}, {"value": 0.01},
-                       eps=1e-5)
-    for i in range(seeds):
-        fresh.read_from(i, torch_adams[i])
-    torch.testing.assert_close(fresh.groups["value"].step, adam.groups["value"].step)
-    for a, b in zip(fresh.groups["value"].exp_avg_sq, adam.groups["value"].exp_avg_sq,
-                    strict=True):
-        torch.testing.assert_close(a, b)
 
 
 # --- training runs -------------------------------------------------------------------------

@@ -22,19 +22,24 @@ def _stacked(gen: torch.Generator, scale: float = 1.0) -> list[torch.Tensor]:
             for s in SHAPES]
 
 
-def test_masked_adam_equals_torch_adam_per_seed_in_float64():
+@pytest.mark.parametrize("dtype, fused, atol", [(torch.float64, False, 1e-15),
+                                               (torch.float32, True, 1e-6)])
+def test_masked_adam_equals_torch_adam_per_seed(dtype, fused, atol):
     """Each seed moves as its own torch Adam stepped only where its mask is set: the
-    seeds' step counts (so their bias corrections) differ, the learning rate changes."""
+    seeds' step counts (so their bias corrections) differ, the learning rate changes
+    (annealing); float64 to rounding, and float32 against the fused Adam the single engine
+    uses. The state converts to torch's layout (``write_to``) and back (``read_from``)."""
     gen = torch.Generator().manual_seed(0)
-    params = [p.requires_grad_() for p in _stacked(gen)]
+    params = [p.to(dtype).requires_grad_() for p in _stacked(gen)]
     own = [[torch.nn.Parameter(p[i].detach().clone()) for p in params] for i in range(SEEDS)]
-    torch_adams = [torch.optim.Adam(own[i], lr=0.01, eps=1e-5) for i in range(SEEDS)]
+    torch_adams = [torch.optim.Adam([{"params": own[i], "name": "value", "lr": 0.01}],
+                                    eps=1e-5, fused=fused) for i in range(SEEDS)]
     adam = MaskedAdam({"value": params}, {"value": 0.01}, eps=1e-5)
     masks = [[0, 1, 1], [1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 1, 1], [1, 0, 1]]
     for step, mask in enumerate(masks):
         lr = 0.01 * (1 - step / 10)
         adam.groups["value"].lr = lr
-        grads = _stacked(gen, scale=1 + step)
+        grads = [g.to(dtype) for g in _stacked(gen, scale=1 + step)]
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         adam.step(torch.tensor(mask, dtype=torch.bool))
@@ -46,13 +51,31 @@ def test_masked_adam_equals_torch_adam_per_seed_in_float64():
                 torch_adams[i].step()
     for i in range(SEEDS):
         for k, (p, q) in enumerate(zip(params, own[i], strict=True)):
-            torch.testing.assert_close(p[i].detach(), q.detach(), rtol=0, atol=1e-15)
+            torch.testing.assert_close(p[i].detach(), q.detach(), rtol=0, atol=atol)
             state = torch_adams[i].state[q]
             torch.testing.assert_close(adam.groups["value"].exp_avg[k][i], state["exp_avg"],
-                                       rtol=0, atol=1e-15)
+                                       rtol=0, atol=atol)
             torch.testing.assert_close(adam.groups["value"].exp_avg_sq[k][i],
-                                       state["exp_avg_sq"], rtol=0, atol=1e-15)
+                                       state["exp_avg_sq"], rtol=0, atol=atol)
         assert float(adam.groups["value"].step[i]) == sum(m[i] for m in masks)
+        probe = torch.optim.Adam([{"params": [torch.nn.Parameter(q.detach().clone())
+                                              for q in own[i]], "name": "value", "lr": 0.01}],
+                                 eps=1e-5, fused=fused)
+        adam.write_to(i, probe)
+        want, got = torch_adams[i].state_dict()["state"], probe.state_dict()["state"]
+        assert want.keys() == got.keys()
+        for k in want:
+            assert float(got[k]["step"]) == float(want[k]["step"])
+            torch.testing.assert_close(got[k]["exp_avg"], want[k]["exp_avg"])
+            torch.testing.assert_close(got[k]["exp_avg_sq"], want[k]["exp_avg_sq"])
+    fresh = MaskedAdam({"value": [torch.zeros_like(p) for p in params]}, {"value": 0.01},
+                       eps=1e-5)
+    for i in range(SEEDS):
+        fresh.read_from(i, torch_adams[i])
+    torch.testing.assert_close(fresh.groups["value"].step, adam.groups["value"].step)
+    for a, b in zip(fresh.groups["value"].exp_avg_sq, adam.groups["value"].exp_avg_sq,
+                    strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_stopped_seed_keeps_parameters_and_moments_bit_for_bit():
