@@ -27,12 +27,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pgscope.features import feature_dot
+
+
+def combine_moments(mean: Any, var: Any, count: Any, batch_mean: Any, batch_var: Any,
+                    n: int) -> tuple[Any, Any, Any]:
+    """Chan et al.'s parallel update: the mean, variance and count of ``count`` samples of
+    moments ``(mean, var)`` joined with ``n`` samples of moments ``(batch_mean,
+    batch_var)``. Elementwise, so it also updates stacked statistics (one per seed) at once
+    (:class:`pgscope.batched.lockstep.StackedRunningMeanStd`)."""
+    delta = batch_mean - mean
+    total = count + n
+    new_mean = mean + delta * (n / total)
+    m2 = var * count + batch_var * n + delta * delta * (count * n / total)
+    return new_mean, m2 / total, total
 
 
 class RunningMeanStd:
@@ -54,12 +68,8 @@ class RunningMeanStd:
             batch_mean, batch_var = x[0], 0.0
         else:
             batch_mean, batch_var = x.mean(axis=0), x.var(axis=0)
-        delta = batch_mean - self.mean
-        total = self.count + n
-        self.mean = self.mean + delta * (n / total)
-        m2 = self.var * self.count + batch_var * n + delta * delta * (self.count * n / total)
-        self.var = m2 / total
-        self.count = total
+        self.mean, self.var, self.count = combine_moments(
+            self.mean, self.var, self.count, batch_mean, batch_var, n)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var),

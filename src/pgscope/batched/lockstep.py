@@ -34,6 +34,7 @@ from pgscope.optimizations import (
     clip_actions,
     clip_observations,
     clip_rewards,
+    combine_moments,
     multiply_rewards,
 )
 from pgscope.rollout import (
@@ -71,12 +72,9 @@ class StackedRunningMeanStd:
         else:
             batch_mean, batch_var = x.mean(axis=1, keepdims=True), x.var(axis=1, keepdims=True)
         count = self.count.reshape(-1, *(1,) * (self.mean.ndim - 1))
-        delta = batch_mean - self.mean
-        total = count + n
-        self.mean = self.mean + delta * (n / total)
-        m2 = self.var * count + batch_var * n + delta * delta * (count * n / total)
-        self.var = m2 / total
-        self.count = self.count + n
+        self.mean, self.var, total = combine_moments(self.mean, self.var, count, batch_mean,
+                                                     batch_var, n)
+        self.count = total.reshape(-1)
 
     def write_back(self, seeds: Sequence[int] | None = None) -> None:
         """Store the statistics in the seeds' own :class:`RunningMeanStd` (all by default)."""
@@ -93,16 +91,15 @@ class StackedPreprocessor:
     :meth:`Preprocessor.reward`, bit-identical per seed."""
 
     def __init__(self, pres: Sequence[Preprocessor]) -> None:
+        def switches(pre: Preprocessor) -> tuple[object, ...]:
+            return (pre.obs_norm is None, pre.obs_clip, pre.reward_scaler is None,
+                    pre.reward_clip, pre.cfg.reward_multiplier, pre.cfg.gamma,
+                    pre.cfg.num_envs, pre.statistics_frozen)
+
         first = pres[0]
-        shape = (first.obs_norm is None, first.obs_clip, first.reward_scaler is None,
-                 first.reward_clip, first.cfg.reward_multiplier, first.cfg.gamma,
-                 first.cfg.num_envs, first.statistics_frozen)
-        for pre in pres[1:]:
-            if (pre.obs_norm is None, pre.obs_clip, pre.reward_scaler is None, pre.reward_clip,
-                    pre.cfg.reward_multiplier, pre.cfg.gamma, pre.cfg.num_envs,
-                    pre.statistics_frozen) != shape:
-                raise ValueError("the preprocessors of a stacked rollout must be switched "
-                                 "alike (one config, differing only in seed)")
+        if any(switches(pre) != switches(first) for pre in pres[1:]):
+            raise ValueError("the preprocessors of a stacked rollout must be switched "
+                             "alike (one config, differing only in seed)")
         self.pres = list(pres)
         self.update_statistics = not first.statistics_frozen
         self.obs_clip = first.obs_clip
