@@ -2,16 +2,20 @@
 single-run code it stands for, seed by seed: the masked Adam's ``torch._foreach_*`` step
 against ``torch.optim.Adam`` (float64, masks that leave seeds behind with their own step
 counts, a stopped seed with a non-finite gradient), the per-seed gradient clipping
-against ``torch.nn.utils.clip_grad_norm_``. ``tests/test_batched.py`` checks whole
+against ``torch.nn.utils.clip_grad_norm_``, the seed-batched networks against each seed's
+own module. ``tests/test_batched.py`` checks whole
 updates and runs."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from pgscope.batched.adam import MaskedAdam
-from pgscope.batched.stacked import clip_gradients_per_seed
+from pgscope.batched.stacked import Stack, clip_gradients_per_seed
+from pgscope.networks import CategoricalPolicy, GaussianPolicy, ValueNet
 
 SEEDS = 3
 SHAPES = [(4, 3), (3,), ()]  # a weight, a bias, a scalar: stacked [N, 4, 3], [N, 3], [N]
@@ -122,3 +126,69 @@ def test_clipping_equals_clip_grad_norm_per_seed(max_norm):
             torch.testing.assert_close(p.grad[i], q.grad, rtol=0, atol=1e-15)
     if max_norm is not None:
         assert norms[0] < max_norm < norms[2]  # one seed unclipped, one clipped
+
+
+def _nets(kind: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "gaussian":
+        policy = GaussianPolicy(5, 2, (8, 8), "tanh", ortho_init=True)
+        with torch.no_grad():  # each seed its own std, so a shared one would show
+            policy.log_std.copy_(torch.tensor([-0.5, 0.3]) * (seed + 1))
+        return policy
+    if kind == "categorical":
+        return CategoricalPolicy(5, 4, (8,), "relu", ortho_init=False)
+    return ValueNet(5, (8, 8), "tanh", ortho_init=True)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "categorical", "value"])
+def test_seed_batched_network_equals_each_seeds_own(kind):
+    """``Stack.batched`` runs every seed's network at once: row i of each method's
+    output is seed i's own module on its own inputs (distribution parameters,
+    log-probabilities, entropies, KLs to another parameter set, values, features), and
+    each seed's gradient reaches only its own row of the stacked parameters."""
+    nets = [_nets(kind, s) for s in range(SEEDS)]
+    stack = Stack(nets)
+    gen = torch.Generator().manual_seed(3)
+    obs = torch.randn(SEEDS, 6, 5, generator=gen)
+    batched = stack.batched()
+    if kind == "value":
+        out = batched(obs)
+        for i, net in enumerate(nets):
+            torch.testing.assert_close(out[i], net(obs[i]), rtol=0, atol=1e-6)
+            torch.testing.assert_close(batched.features(obs)[i], net.features(obs[i]),
+                                       rtol=0, atol=1e-6)
+    else:
+        other = stack.detached()
+        for p in other.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        dist, old = batched.dist(obs), stack.batched(other).dist(obs)
+        actions = dist.sample()
+        out = batched.log_prob(dist, actions)
+        for i, net in enumerate(nets):
+            own = net.dist(obs[i])
+            for name in ("mean", "stddev") if kind == "gaussian" else ("logits",):
+                torch.testing.assert_close(getattr(dist, name)[i], getattr(own, name),
+                                           rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[i], net.log_prob(own, actions[i]), rtol=0,
+                                       atol=1e-5)
+            torch.testing.assert_close(batched.entropy(dist)[i], net.entropy(own),
+                                       rtol=0, atol=1e-5)
+            twin = copy.deepcopy(net)
+            for name, p in twin.named_parameters():
+                p.data.copy_(other[name][i])
+            # the batched KL from the network at the other parameters, against the
+            # seed's own module loaded with them
+            torch.testing.assert_close(batched.kl(old, dist)[i],
+                                       net.kl(twin.dist(obs[i]), own), rtol=0, atol=1e-5)
+    out.select(-1, 0)[1].sum().backward()  # seed 1's output only
+    for p in stack.parameters():
+        assert p.grad is not None and p.grad[[0, 2]].abs().sum() == 0
+        assert p.grad[1].abs().sum() > 0 or p.dim() == 0
+
+
+def test_seed_batched_refuses_layers_it_cannot_batch():
+    """A network with a layer other than linear layers, activations and plain
+    parameters (here a LayerNorm, whose weights would be used unbatched) is refused."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="LayerNorm"):
+        Stack([net, copy.deepcopy(net)]).batched()

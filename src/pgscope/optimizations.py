@@ -88,13 +88,14 @@ def value_loss(
     targets: torch.Tensor,
     clip_range: float | None,
 ) -> torch.Tensor:
-    """Squared error of the value net; with ``clip_range`` the PPO-style clipped variant:
+    """Mean squared error of the value net over the last (sample) dim; with
+    ``clip_range`` the PPO-style clipped variant:
     ``max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``."""
     unclipped = (values - targets).pow(2)
     if clip_range is None:
-        return unclipped.mean()
+        return unclipped.mean(-1)
     clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
-    return torch.max(unclipped, (clipped_values - targets).pow(2)).mean()
+    return torch.max(unclipped, (clipped_values - targets).pow(2)).mean(-1)
 
 
 # 2. reward scaling ---------------------------------------------------------------------
@@ -213,15 +214,17 @@ def multiply_rewards(rewards: np.ndarray, multiplier: float) -> np.ndarray:
 
 
 def normalize_advantages(adv: torch.Tensor, enabled: bool, eps: float = 1e-8) -> torch.Tensor:
-    """Per-minibatch advantage normalization to zero mean and unit std."""
-    if not enabled or adv.numel() < 2:
+    """Per-minibatch advantage normalization to zero mean and unit std over the last
+    (sample) dim (each seed's own in the seed-batched engine's ``[N, m]``)."""
+    if not enabled or adv.shape[-1] < 2:
         return adv
-    return (adv - adv.mean()) / (adv.std() + eps)
+    return (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + eps)
 
 
 def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
-    """The term subtracted from the policy loss to reward entropy (0 when ``coef`` is 0)."""
-    return coef * entropy.mean()
+    """The term subtracted from the policy loss to reward entropy (0 when ``coef`` is 0):
+    ``coef`` x the mean entropy over the last (sample) dim."""
+    return coef * entropy.mean(-1)
 
 
 def kl_early_stop(mean_kl: float, target_kl: float, enabled: bool) -> bool:
@@ -256,9 +259,9 @@ def dr3_penalty(features: Callable[[torch.Tensor], torch.Tensor], obs: torch.Ten
     between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi = features``
     (:meth:`ValueNet.features`); the gradient flows through both features. Exactly 0 (no
     forward pass) when ``coef`` is 0, and 0 when no pair is valid. The mean is a masked
-    one (no data-dependent shapes), so the seed-batched engine can ``vmap`` it."""
+    one over the last (sample) dim, so the seed-batched engine gets each seed's own."""
     if coef == 0:
         return torch.zeros((), dtype=obs.dtype)
     dots = feature_dot(features(obs), features(next_obs))
     weight = valid.to(dots.dtype)
-    return coef * (dots * weight).sum() / weight.sum().clamp(min=1.0)
+    return coef * (dots * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)

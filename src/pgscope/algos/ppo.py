@@ -44,20 +44,22 @@ from pgscope.rollout import Batch
 
 def clipped_surrogate_loss(ratio: torch.Tensor, adv: torch.Tensor, clip_eps: float
                            ) -> torch.Tensor:
-    """-E[min(r A, clip(r, 1-eps, 1+eps) A)]."""
-    return -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv).mean()
+    """-E[min(r A, clip(r, 1-eps, 1+eps) A)], the mean over the last (sample) dim."""
+    return -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv).mean(-1)
 
 
 def policy_loss(cfg: Config, policy: Policy, old_policy: Policy, obs: torch.Tensor,
-                dist: Distribution, ratio: torch.Tensor, adv: torch.Tensor, beta: float
-                ) -> torch.Tensor:
+                dist: Distribution, ratio: torch.Tensor, adv: torch.Tensor,
+                beta: float | torch.Tensor) -> torch.Tensor:
     """PPO's policy loss at states ``obs`` (entropy bonus excluded): the clipped surrogate,
-    or for ``ppo_loss = kl`` the surrogate plus ``beta`` x mean KL(old || new)."""
+    or for ``ppo_loss = kl`` the surrogate plus ``beta`` x mean KL(old || new). Means are
+    over the last (sample) dim, so the seed-batched engine gets one loss per seed
+    (``beta``: one per seed there)."""
     if cfg.ppo_loss == "clip":
         return clipped_surrogate_loss(ratio, adv, cfg.clip_eps)
     with torch.no_grad():  # adaptive KL penalty
         old_dist = old_policy.dist(obs)
-    return -(ratio * adv).mean() + beta * policy.kl(old_dist, dist).mean()
+    return -(ratio * adv).mean(-1) + beta * policy.kl(old_dist, dist).mean(-1)
 
 
 def ppo_update(cfg: Config, policy: Policy, value_net: ValueNet,

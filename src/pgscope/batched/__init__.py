@@ -2,8 +2,8 @@
 
 :func:`train_batch` trains the seeds, each into an ordinary run directory; the rollouts
 step every seed's envs in lockstep with one stacked forward pass per step
-(:mod:`~pgscope.batched.rollout`) and the updates do one vmapped forward/backward per
-minibatch index for all seeds (:mod:`~pgscope.batched.ppo`, :mod:`~pgscope.batched.trpo`;
+(:mod:`~pgscope.batched.rollout`) and the updates do one seed-batched forward/backward
+per minibatch index for all seeds (:mod:`~pgscope.batched.ppo`, :mod:`~pgscope.batched.trpo`;
 stacked parameters in :mod:`~pgscope.batched.stacked`, a per-seed masked Adam in
 :mod:`~pgscope.batched.adam`). Seed i of a batch follows the same algorithm, on the same
 data streams, as a single run of seed i (``tests/test_batched.py``).

@@ -13,23 +13,35 @@ mask, with a per-seed step count; :meth:`MaskedAdam.write_to` and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
 class _Group:
-    params: list[torch.Tensor]
-    exp_avg: list[torch.Tensor]
-    exp_avg_sq: list[torch.Tensor]
-    step: torch.Tensor  # [N] float32, as torch.optim.Adam keeps it
-    lr: float
+    """One named group: its stacked parameters, its moments as ``[N, P]`` matrices (one
+    row per seed, the parameters side by side) with a per-parameter view of each
+    (``exp_avg[k]`` has ``params[k]``'s shape), its per-seed step counts and its lr."""
 
+    def __init__(self, params: list[torch.Tensor], step: torch.Tensor, lr: float) -> None:
+        self.params, self.step, self.lr = params, step, lr
+        n = params[0].shape[0]
+        self.sizes = [p[0].numel() for p in params]
+        self.exp_avg_flat = params[0].new_zeros(n, sum(self.sizes))
+        self.exp_avg_sq_flat = torch.zeros_like(self.exp_avg_flat)
+        self.exp_avg = self.views(self.exp_avg_flat)
+        self.exp_avg_sq = self.views(self.exp_avg_sq_flat)
 
-def _per_seed(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[N]`` values shaped to broadcast against a stacked ``[N, ...]`` tensor."""
-    return values.view(-1, *[1] * (like.dim() - 1))
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``[N, P]`` as one ``[N, *shape]`` view per parameter."""
+        return [part.view_as(p) for part, p in zip(flat.split(self.sizes, dim=1),
+                                                   self.params, strict=True)]
+
+    def flat_grad(self) -> torch.Tensor:
+        """The parameters' gradients side by side: ``[N, P]``."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            raise ValueError("every stacked parameter of a group needs a gradient")
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads if g is not None], dim=1)
 
 
 class _KeptRows:
@@ -56,9 +68,7 @@ class MaskedAdam:
         for name, params in groups.items():
             params = list(params)
             n = params[0].shape[0]
-            self.groups[name] = _Group(params, [torch.zeros_like(p) for p in params],
-                                       [torch.zeros_like(p) for p in params],
-                                       torch.zeros(n), lr[name])
+            self.groups[name] = _Group(params, torch.zeros(n), lr[name])
 
     def zero_grad(self) -> None:
         for group in self.groups.values():
@@ -72,34 +82,29 @@ class MaskedAdam:
         for the named ``groups`` (default all); the other seeds are left exactly as
         they are.
 
-        All seeds are stepped with one ``torch._foreach_*`` call per operation over the
-        group's stacked tensors (each seed's own bias corrections broadcast along its
-        rows); the rows of the seeds outside ``mask`` are then put back as they were."""
+        All seeds are stepped at once on the group's ``[N, P]`` matrices (gradients side
+        by side, one row per seed: a handful of kernel calls however many parameter
+        tensors there are, each seed's own bias corrections broadcast along its row);
+        the rows of the seeds outside ``mask`` are then put back as they were."""
         beta1, beta2 = self.betas
         for name in groups or list(self.groups):
             group = self.groups[name]
-            if any(p.grad is None for p in group.params):
-                raise ValueError(f"every stacked parameter of group '{name}' needs a gradient")
-            grads = [p.grad for p in group.params if p.grad is not None]
+            grad = group.flat_grad()
             on = torch.ones_like(group.step, dtype=torch.bool) if mask is None else mask
             kept = _KeptRows(torch.nonzero(~on).flatten(),
-                             group.params + group.exp_avg + group.exp_avg_sq)
+                             [*group.params, group.exp_avg_flat, group.exp_avg_sq_flat])
             group.step = torch.where(on, group.step + 1, group.step)
             # the bias corrections in float64, as torch.optim.Adam computes them; seeds
             # that never stepped are masked anyway
             step = group.step.double().clamp(min=1)
             dtype = group.params[0].dtype
-            bias2_sqrt = (1 - beta2 ** step).sqrt().to(dtype)
-            step_size = (-group.lr / (1 - beta1 ** step)).to(dtype)
-            torch._foreach_lerp_(group.exp_avg, grads, 1 - beta1)
-            torch._foreach_mul_(group.exp_avg_sq, beta2)
-            torch._foreach_addcmul_(group.exp_avg_sq, grads, grads, 1 - beta2)
-            denom = torch._foreach_sqrt(group.exp_avg_sq)
-            torch._foreach_div_(denom, [_per_seed(bias2_sqrt, p) for p in group.params])
-            torch._foreach_add_(denom, self.eps)
-            update = torch._foreach_div(group.exp_avg, denom)
-            torch._foreach_mul_(update, [_per_seed(step_size, p) for p in group.params])
-            torch._foreach_add_(group.params, update)
+            bias2_sqrt = (1 - beta2 ** step).sqrt().to(dtype).unsqueeze(1)
+            step_size = (-group.lr / (1 - beta1 ** step)).to(dtype).unsqueeze(1)
+            group.exp_avg_flat.lerp_(grad, 1 - beta1)
+            group.exp_avg_sq_flat.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = group.exp_avg_sq_flat.sqrt().div_(bias2_sqrt).add_(self.eps)
+            update = group.exp_avg_flat.div(denom).mul_(step_size)
+            torch._foreach_add_(group.params, group.views(update))
             kept.restore()
 
     def select(self, keep: Sequence[int], params: Mapping[str, Sequence[torch.Tensor]]
@@ -108,10 +113,10 @@ class MaskedAdam:
         parameters (after :meth:`pgscope.batched.stacked.Stack.select`)."""
         index = torch.as_tensor(list(keep), dtype=torch.long)
         for name, group in self.groups.items():
-            group.params = list(params[name])
-            group.exp_avg = [m[index] for m in group.exp_avg]
-            group.exp_avg_sq = [v[index] for v in group.exp_avg_sq]
-            group.step = group.step[index]
+            new = _Group(list(params[name]), group.step[index], group.lr)
+            new.exp_avg_flat.copy_(group.exp_avg_flat[index])
+            new.exp_avg_sq_flat.copy_(group.exp_avg_sq_flat[index])
+            self.groups[name] = new
 
     def write_to(self, seed: int, optimizer: torch.optim.Optimizer) -> None:
         """Put seed ``seed``'s moments and step count into that seed's own

@@ -8,12 +8,11 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
-from torch.func import vmap
 
 from pgscope.algos import algorithm
 from pgscope.algos.common import PhaseRecorder, minibatches
 from pgscope.batched.adam import MaskedAdam
-from pgscope.batched.stacked import BoundPolicy, Params, Stack
+from pgscope.batched.stacked import SeedBatched, Stack
 from pgscope.config import Config
 from pgscope.networks import Policy, ValueNet
 from pgscope.rollout import Batch
@@ -44,10 +43,6 @@ class SeedNets:
     def __len__(self) -> int:
         return len(self.policies)
 
-    def bound(self, params: Params) -> BoundPolicy:
-        """The policy at one seed's ``params`` (inside ``vmap``)."""
-        return BoundPolicy(self.policy, params)
-
     def store(self) -> None:
         """The stacks' parameters and Adam state into the seeds' modules and optimizers."""
         self.policy.write_to(self.policies)  # type: ignore[arg-type]
@@ -73,8 +68,7 @@ class SeedNets:
 
 
 class StackedBatch(NamedTuple):
-    """The seeds' batches of one iteration stacked: every tensor ``[N, pairs, ...]`` (a
-    named tuple, so ``vmap`` maps over its tensors)."""
+    """The seeds' batches of one iteration stacked: every tensor ``[N, pairs, ...]``."""
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -101,28 +95,31 @@ class StackedBatch(NamedTuple):
         return StackedBatch(*(t[rows, idx] for t in self))
 
 
-def seed_minibatches(n: int, cfg: Config, generators: Sequence[torch.Generator],
-                     active: torch.Tensor) -> Iterator[torch.Tensor]:
-    """One epoch's minibatch indices ``[N, m]``: seed i's from its own generator, drawn as
-    :func:`pgscope.algos.common.minibatches` draws them, for the seeds in ``active``; the
-    others draw nothing (their rows are placeholders their masked step ignores)."""
+def seed_minibatches(batch: StackedBatch, cfg: Config, generators: Sequence[torch.Generator],
+                     active: torch.Tensor) -> Iterator[StackedBatch]:
+    """One epoch's minibatches ``[N, m, ...]``: seed i's pairs in row i, drawn from its own
+    generator as :func:`pgscope.algos.common.minibatches` draws them, for the seeds in
+    ``active``; the others draw nothing (their rows are placeholders their masked step
+    ignores). The epoch's pairs are gathered once, in minibatch order, and each
+    minibatch is a slice of them."""
+    n = batch.pairs
     placeholder = torch.tensor_split(torch.arange(n), cfg.minibatches)
-    parts = [minibatches(n, cfg, g) if on else iter(placeholder)
+    parts = [list(minibatches(n, cfg, g)) if on else placeholder
              for g, on in zip(generators, active.tolist(), strict=True)]
-    for idx in zip(*parts, strict=True):
-        yield torch.stack(idx)
+    epoch = batch.select(torch.stack([torch.cat(list(p)) for p in parts]))
+    start = 0
+    for idx in parts[0]:
+        yield StackedBatch(*(t[:, start:start + len(idx)] for t in epoch))
+        start += len(idx)
 
 
-def seed_mean_kl(nets: SeedNets, params: Params, old: Params, obs: torch.Tensor
+def seed_mean_kl(policy: SeedBatched, old_policy: SeedBatched, obs: torch.Tensor
                  ) -> torch.Tensor:
-    """Each seed's mean KL(old || new) on its states ``obs[i]``: ``[N]``."""
-    def mean_kl(p: Params, p_old: Params, obs: torch.Tensor) -> torch.Tensor:
-        policy = nets.bound(p)
-        with torch.no_grad():
-            old_dist = nets.bound(p_old).dist(obs)
-        return policy.kl(old_dist, policy.dist(obs)).mean()
-
-    result: torch.Tensor = vmap(mean_kl)(params, old, obs)
+    """Each seed's mean KL(old || new) on its states ``obs[i]``: ``[N]``; no gradient
+    flows into ``old_policy``."""
+    with torch.no_grad():
+        old_dist = old_policy.dist(obs)
+    result: torch.Tensor = policy.kl(old_dist, policy.dist(obs)).mean(-1)
     return result
 
 

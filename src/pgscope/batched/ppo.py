@@ -1,5 +1,6 @@
-"""PPO for N seeds at once: :func:`pgscope.algos.ppo.ppo_update` with one vmapped
-forward/backward per minibatch index for all seeds.
+"""PPO for N seeds at once: :func:`pgscope.algos.ppo.ppo_update` with one seed-batched
+forward/backward per minibatch index for all seeds (:class:`pgscope.batched.stacked.
+SeedBatched`; the loss pieces are the single run's, each giving one value per seed).
 
 Seed i draws its minibatches from its own generator, normalizes its own advantages,
 clips its own gradient norms, steps its own Adam moments and stops its own epochs
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import cast
 
 import torch
-from torch.func import vmap
 
 from pgscope.algos.common import log_ratio, policy_change, reference_clip_range
 from pgscope.algos.ppo import policy_loss
@@ -24,7 +23,7 @@ from pgscope.batched.common import (
     seed_mean_kl,
     seed_minibatches,
 )
-from pgscope.batched.stacked import Params, clip_gradients_per_seed
+from pgscope.batched.stacked import clip_gradients_per_seed
 from pgscope.config import Config
 from pgscope.optimizations import (
     adapt_kl_beta,
@@ -52,29 +51,20 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     active = torch.ones(len(nets), dtype=torch.bool)  # seeds still in their epochs
     epochs_run = torch.zeros(len(nets), dtype=torch.long)
 
-    def losses(p: Params, v: Params, p_old: Params, mb: StackedBatch, beta: torch.Tensor
-               ) -> tuple[torch.Tensor, ...]:
-        """One seed's losses on its minibatch ``mb`` (vmapped over the seeds)."""
-        policy, old_policy = nets.bound(p), nets.bound(p_old)
-        dist = policy.dist(mb.obs)
-        ratio = log_ratio(policy, dist, mb.actions, mb.logp).exp()
-        adv = normalize_advantages(mb.advantages, cfg.adv_norm)
-        # beta: this seed's penalty coefficient, a 0-dim tensor inside vmap
-        loss = policy_loss(cfg, policy, old_policy, mb.obs, dist, ratio, adv,
-                           cast(float, beta))
-        bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0 * loss
-        v_loss = value_loss(nets.value.call(v, "forward", mb.obs), mb.values, mb.returns,
-                            value_clip)
-        dr3 = dr3_penalty(lambda x: nets.value.call(v, "features", x), mb.obs, mb.next_obs,
-                          mb.valid, cfg.value_dr3_coef)
-        return loss, bonus, v_loss, dr3, ratio
-
-    seed_losses = vmap(losses)
-    beta = torch.tensor(betas)
+    policy = nets.policy.batched()  # every seed's policy, value net, theta_old at once
+    old_policy = nets.policy.batched(old)
+    value_net = nets.value.batched()
+    beta = torch.tensor(betas)  # each seed's ppo-kl penalty coefficient
     for _ in range(cfg.epochs):
-        for idx in seed_minibatches(batch.pairs, cfg, generators, active):
-            loss, bonus, v_loss, dr3, ratio = seed_losses(nets.policy.params, nets.value.params,
-                                                     old, batch.select(idx), beta)
+        for mb in seed_minibatches(batch, cfg, generators, active):  # [N, m, ...]
+            dist = policy.dist(mb.obs)
+            ratio = log_ratio(policy, dist, mb.actions, mb.logp).exp()
+            adv = normalize_advantages(mb.advantages, cfg.adv_norm)
+            loss = policy_loss(cfg, policy, old_policy, mb.obs, dist, ratio, adv, beta)
+            bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
+            v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
+            dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
+                              cfg.value_dr3_coef)
             nets.adam.zero_grad()
             (loss - bonus + v_loss + dr3).sum().backward()  # each seed's gradient: its own
             policy_grad_norm = clip_gradients_per_seed(list(nets.policy.parameters()),
@@ -88,7 +78,7 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
         epochs_run += active
         if cfg.kl_stop:
             with torch.no_grad():
-                kl = seed_mean_kl(nets, nets.policy.params, old, batch.obs)
+                kl = seed_mean_kl(policy, old_policy, batch.obs)
             stop = torch.tensor([kl_early_stop(float(k), cfg.target_kl, cfg.kl_stop)
                                  for k in kl])
             active &= ~stop

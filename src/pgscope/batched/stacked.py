@@ -1,18 +1,20 @@
 """N networks of one architecture as one set of stacked parameters (a leading seed dim).
 
 :class:`Stack` holds the parameters of N copies of a network, stacked with
-:func:`torch.func.stack_module_state`, and runs any method of the network for all seeds at
-once with :func:`torch.func.vmap` over :func:`torch.func.functional_call`. Inside a
-vmapped function every tensor is one seed's, so the single-run pieces (the PPO loss, value
-loss, advantage normalization, KL, ...) run unchanged and each reduction stays per seed;
-summing the seeds' losses and calling ``backward`` gives each seed its own gradient, since
-no seed's loss depends on another seed's parameters.
+:func:`torch.func.stack_module_state`. :meth:`Stack.batched` gives the network's methods
+for all seeds at once (:class:`SeedBatched`): a copy of the architecture whose
+``nn.Linear`` layers are batched matmuls over the stacked weights (``torch.baddbmm``), so
+``policy.dist(obs)`` with ``obs`` of shape ``[N, m, obs_dim]`` returns seed i's
+distribution in row i. The single-run pieces (the PPO loss, value loss, advantage
+normalization, KL, ...) reduce over the last (sample) dim, so they run unchanged on
+``[N, m]`` tensors and give one value per seed; summing the seeds' losses and calling
+``backward`` gives each seed its own gradient, since no seed's loss depends on another
+seed's parameters.
 
-Measured at N = 16 seeds, 64x64 tanh nets, minibatch 64, on one CPU core: one PPO
-forward/backward through ``vmap`` costs about 4x a single seed's, the same written as
-batched matmuls (``torch.baddbmm``) about 3x (docs/benchmarks.md, "Seed-batched
-training"). The matmul form would need its own copy of every loss; ``vmap`` reuses them,
-and the update is the smaller part of a batched iteration.
+The engine's first form ran the single network through ``torch.func.vmap`` over
+``functional_call``, which swaps the module's parameters on every call; on Hopper sizes
+(8 seeds, 64x64 tanh, minibatch 64, one core) this form does a PPO update phase in about
+0.8 of that one's CPU time (docs/benchmarks.md, "Seed-batched training").
 """
 
 from __future__ import annotations
@@ -23,22 +25,56 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributions import Distribution
-from torch.func import functional_call, stack_module_state
+from torch.func import stack_module_state
 
 Params = dict[str, torch.Tensor]
 
 
-class _Method(nn.Module):
-    """Calls ``module.<name>(*args)`` from ``forward``, so that ``functional_call`` can
-    run any method of the module (``dist``, ``forward``, ...) at given parameters."""
+class _SeedLinear(nn.Module):
+    """``nn.Linear`` for every seed at once: ``[N, m, in] -> [N, m, out]`` with seed i's
+    weight ``params[name + ".weight"][i]`` and bias ``params[name + ".bias"][i]``."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, params: Params, name: str) -> None:
         super().__init__()
-        self.module = module
+        self.params, self.name = params, name
 
-    def forward(self, name: str, *args: Any) -> Any:
-        return getattr(self.module, name)(*args)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.params[self.name + ".weight"]
+        bias = self.params[self.name + ".bias"]
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+class SeedBatched:
+    """A network's methods (``dist``, ``forward``, ``features``, the static ``log_prob``,
+    ``kl``, ...) for all seeds at once at stacked ``params``: inputs and outputs carry the
+    seed dim first (``[N, m, ...]``). Parameters other than linear layers' (a Gaussian
+    policy's ``log_std``, ``[N, act]``) reach the methods as ``[N, 1, ...]`` views, so
+    they broadcast over the samples as the single network's ``[act]`` does over
+    ``[m, act]``."""
+
+    def __init__(self, architecture: nn.Module, params: Params) -> None:
+        self.module = copy.deepcopy(architecture)
+        self.params = params
+        for owner_name, owner in list(self.module.named_modules()):
+            for child_name, child in list(owner.named_children()):
+                if isinstance(child, nn.Linear):
+                    name = f"{owner_name}.{child_name}" if owner_name else child_name
+                    setattr(owner, child_name, _SeedLinear(params, name))
+        for owner_name, owner in self.module.named_modules():
+            if owner_name and next(owner.parameters(recurse=False), None) is not None:
+                raise TypeError(f"SeedBatched batches linear layers and the network's own "
+                                f"parameters only, not {type(owner).__name__} ({owner_name})")
+        self._others = list(self.module._parameters)  # e.g. log_std: the network's own
+        for name in self._others:
+            del self.module._parameters[name]
+
+    def __getattr__(self, name: str) -> Any:
+        for key in self._others:  # fresh views of the current parameters
+            object.__setattr__(self.module, key, self.params[key].unsqueeze(1))
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.__getattr__("forward")(*args)
 
 
 class Stack:
@@ -47,7 +83,6 @@ class Stack:
 
     def __init__(self, nets: Sequence[nn.Module]) -> None:
         self.module = copy.deepcopy(nets[0]).to("meta")  # the architecture, no storage
-        self._method = _Method(self.module)
         params, buffers = stack_module_state(list(nets))
         if buffers:
             raise TypeError("Stack supports networks without buffers")
@@ -59,10 +94,10 @@ class Stack:
     def parameters(self) -> Iterator[torch.Tensor]:
         return iter(self.params.values())
 
-    def call(self, params: Params, method: str, *args: Any) -> Any:
-        """``net.<method>(*args)`` at ``params`` (one seed's, inside ``vmap``)."""
-        named = {f"module.{k}": v for k, v in params.items()}
-        return functional_call(self._method, named, (method, *args))
+    def batched(self, params: Params | None = None) -> SeedBatched:
+        """The network's methods for all seeds at ``params`` (default: the parameters,
+        through which gradients flow; e.g. :meth:`detached` for theta_old)."""
+        return SeedBatched(self.module, self.params if params is None else params)
 
     def detached(self) -> Params:
         """A copy of the parameters that no gradient flows into (e.g. theta_old)."""
@@ -101,24 +136,6 @@ class Stack:
         """Set the parameters from a ``[N, P]`` matrix (:meth:`flat`'s layout)."""
         for k, v in self.unflat(matrix).items():
             self.params[k].copy_(v)
-
-
-class BoundPolicy:
-    """A policy's methods at one seed's parameters (inside ``vmap``), so that the single-run
-    functions that take a policy (:func:`pgscope.algos.ppo.policy_loss`,
-    :func:`pgscope.algos.common.log_ratio`, ...) run unchanged on a :class:`Stack`."""
-
-    def __init__(self, stack: Stack, params: Params) -> None:
-        self.stack = stack
-        self.params = params
-
-    def dist(self, obs: torch.Tensor) -> Distribution:
-        dist: Distribution = self.stack.call(self.params, "dist", obs)
-        return dist
-
-    def __getattr__(self, name: str) -> Any:
-        # log_prob, entropy, kl, discrete: static, no parameters involved
-        return getattr(self.stack.module, name)
 
 
 def clip_gradients_per_seed(params: Sequence[torch.Tensor], max_norm: float | None

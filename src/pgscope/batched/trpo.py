@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.func import vmap
 
 from pgscope.algos.common import (
     first_ratio_deviation,
@@ -32,7 +31,7 @@ from pgscope.batched.common import (
     seed_mean_kl,
     seed_minibatches,
 )
-from pgscope.batched.stacked import Params, clip_gradients_per_seed
+from pgscope.batched.stacked import clip_gradients_per_seed
 from pgscope.config import Config
 from pgscope.optimizations import dr3_penalty, normalize_advantages, value_loss
 from pgscope.rollout import Batch
@@ -70,17 +69,12 @@ def fit_value(cfg: Config, nets: SeedNets, batch: StackedBatch,
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     everyone = torch.ones(len(nets), dtype=torch.bool)
 
-    def loss(v: Params, mb: StackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        v_loss = value_loss(nets.value.call(v, "forward", mb.obs), mb.values, mb.returns,
-                            value_clip)
-        dr3 = dr3_penalty(lambda x: nets.value.call(v, "features", x), mb.obs, mb.next_obs,
-                          mb.valid, cfg.value_dr3_coef)
-        return v_loss, dr3
-
-    seed_losses = vmap(loss)
+    value_net = nets.value.batched()
     for _ in range(cfg.epochs):
-        for idx in seed_minibatches(batch.pairs, cfg, generators, everyone):
-            v_loss, dr3 = seed_losses(nets.value.params, batch.select(idx))
+        for mb in seed_minibatches(batch, cfg, generators, everyone):
+            v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
+            dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
+                              cfg.value_dr3_coef)
             nets.adam.zero_grad()
             (v_loss + dr3).sum().backward()
             grad_norm = clip_gradients_per_seed(list(nets.value.parameters()),
@@ -104,30 +98,30 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     old = nets.policy.detached()
     params = list(nets.policy.parameters())
     batch = StackedBatch.stack(batches)
-    adv = torch.stack([normalize_advantages(b.advantages, cfg.adv_norm) for b in batches])
+    adv = normalize_advantages(batch.advantages, cfg.adv_norm)  # each seed's own
     fisher_n = max(1, int(cfg.fisher_fraction * batch.pairs))
     fisher_obs = torch.stack([b.obs[torch.randperm(len(b), generator=g)[:fisher_n]]
                               for b, g in zip(batches, generators, strict=True)])
 
-    def ratio(p: Params, obs: torch.Tensor, actions: torch.Tensor, logp: torch.Tensor
-              ) -> torch.Tensor:
-        policy = nets.bound(p)
-        return log_ratio(policy, policy.dist(obs), actions, logp).exp()
+    policy, old_policy = nets.policy.batched(), nets.policy.batched(old)
+
+    def ratio() -> torch.Tensor:
+        """Each seed's r = pi / pi_old on its whole batch: ``[N, pairs]``."""
+        return log_ratio(policy, policy.dist(batch.obs), batch.actions, batch.logp).exp()
 
     def surrogate() -> torch.Tensor:
         """Each seed's mean(r A) on its whole batch: ``[N]``."""
-        r = vmap(ratio)(nets.policy.params, batch.obs, batch.actions, batch.logp)
-        return (r * adv).mean(1)
+        return (ratio() * adv).mean(1)
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        kl = seed_mean_kl(nets, nets.policy.params, old, fisher_obs).sum()
+        kl = seed_mean_kl(policy, old_policy, fisher_obs).sum()
         grad_kl = nets.policy.flat(dict(zip(nets.policy.params, torch.autograd.grad(
             kl, params, create_graph=True), strict=True)))
         product = torch.autograd.grad((grad_kl * v).sum(), params)
         return nets.policy.flat(dict(zip(nets.policy.params, product, strict=True))) \
             + cfg.cg_damping * v
 
-    ratio_old = vmap(ratio)(nets.policy.params, batch.obs, batch.actions, batch.logp)
+    ratio_old = ratio()
     surr_old = (ratio_old * adv).mean(1)
     g = nets.policy.flat(dict(zip(nets.policy.params, torch.autograd.grad(
         surr_old.sum(), params), strict=True)))
@@ -148,7 +142,7 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
             fraction = cfg.backtrack_coef ** k
             trial = theta_old + fraction * step
             nets.policy.set_flat(trial)
-            ok = ((seed_mean_kl(nets, nets.policy.params, old, batch.obs) <= max_kl)
+            ok = ((seed_mean_kl(policy, old_policy, batch.obs) <= max_kl)
                   & (surrogate() > surr_old) & ~accepted)
             theta_new[ok] = trial[ok]
             step_fraction[ok], steps_tried[ok] = fraction, k + 1
