@@ -10,7 +10,8 @@ or ``--checkpoint``), else a freshly initialized agent of the ``ppo`` preset is 
 Each measurement runs in its own subprocess, so its wall time, CPU time and peak resident
 memory (ru_maxrss) are its own; with ``--rounds`` > 1 the two alternate. Prints both
 times, their ratio and the peak memory, and writes them to ``--out``
-(bench/results/probe_speed.json).
+(bench/results/probe_speed.json). ``--save DIR`` also keeps the probe's result (its
+``gradients.json`` and ``.png``, as ``pgscope probe gradients --out DIR`` writes them).
 """
 
 from __future__ import annotations
@@ -61,12 +62,17 @@ def phase(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)  # as training and the tests
+    from pgscope.probes import run_probes
     from pgscope.probes.gradients import gradient_probe
 
     steps = args.true_pairs + args.k * sum(args.sizes)
     agent = _agent(args.env, args.run, args.checkpoint) if args.phase == "probe" else None
     wall, cpu = time.perf_counter(), time.process_time()
-    if agent is not None:
+    if agent is not None and args.save is not None:  # as `pgscope probe gradients --out`
+        run_probes("gradients", args.run, args.save, checkpoint=args.checkpoint,
+                   seed=args.seed, progress=False, sizes=tuple(args.sizes), k=args.k,
+                   true_pairs=args.true_pairs, log=lambda line: None)
+    elif agent is not None:
         gradient_probe(agent, args.sizes, args.k, args.true_pairs, seed=args.seed,
                        progress=False)
     else:
@@ -93,6 +99,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/probe_speed.json"))
+    p.add_argument("--save", type=Path,
+                   help="also write the probe's gradients.json and .png here, as "
+                        "`pgscope probe gradients RUN --out SAVE` does (needs --run)")
     p.add_argument("--phase", choices=["env", "probe"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase is not None:
@@ -102,6 +111,8 @@ def main() -> None:
         p.error("--true-pairs must be at least 10x the largest size and --k at least 2.")
     if args.run is not None and not Path(args.run).is_dir():
         p.error(f"--run '{args.run}' is not a directory.")
+    if args.save is not None and args.run is None:
+        p.error("--save needs --run (the probe's files record the run they measured).")
     rows = []
     for r in range(args.rounds):
         for name in ("env", "probe"):

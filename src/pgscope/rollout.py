@@ -54,10 +54,12 @@ def gae(
     """
     advantages = np.zeros_like(rewards, dtype=np.float64)
     running = np.zeros(rewards.shape[1], dtype=np.float64)
+    # the one-step TD errors and the trace's decay of every step at once; only the
+    # recursion A_t = delta_t + gamma lam (1 - done_t) A_{t+1} runs step by step
+    delta = rewards + gamma * next_values * (1.0 - terminated) - values
+    decay = gamma * lam * (1.0 - done)
     for t in reversed(range(rewards.shape[0])):
-        bootstrap = gamma * next_values[t] * (1.0 - terminated[t])
-        delta = rewards[t] + bootstrap - values[t]
-        running = delta + gamma * lam * (1.0 - done[t]) * running
+        running = delta[t] + decay[t] * running
         advantages[t] = running
     return advantages
 
