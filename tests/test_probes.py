@@ -219,3 +219,17 @@ def test_probe_refuses_a_checkpoint_of_another_run(tabular_run, tmp_path, capsys
     assert main(["probe", "values", str(run), "--out", str(out), "--quiet"]) == EXIT_ERROR
     assert "belongs to a different run" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_episodes_that_start_together_are_not_ordered_by_length(tabular_run):
+    """The first episodes of all envs start at step 0; nested_means counts the first-started
+    ones, so among those the order must not depend on the episode (sorting them by length
+    put the shortest first and biased small-count landscape estimates low)."""
+    agent = load_agent(tabular_run)
+    orders = []
+    for seed in range(3):
+        eps = episode_returns(agent, 200, seed=seed, n_envs=8)
+        first = [length for start, length, _ in eps if start == 0]
+        assert len(first) == 8
+        orders.append(first == sorted(first))
+    assert not all(orders)

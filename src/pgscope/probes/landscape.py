@@ -124,7 +124,7 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
         start = np.zeros(n_envs, dtype=np.int64)
         ret, length = np.zeros(n_envs), np.zeros(n_envs, dtype=np.int64)
         active = np.ones(n_envs, dtype=bool)  # finished envs keep stepping, ignored
-        episodes: list[tuple[int, int, float]] = []
+        episodes: list[tuple[int, int, int, float]] = []  # start, env, length, return
         while active.any():
             action = sample(pre.obs(raw, update=False), rng)
             action = clip_actions(action, low, high, agent.config.action_clip)
@@ -134,14 +134,16 @@ def episode_returns(agent: Agent, n_steps: int, seed: int, n_envs: int = 32,
             length += 1
             cut = (length >= cap) & ~(term | trunc)
             for i in np.flatnonzero((term | trunc | cut) & active):
-                episodes.append((int(start[i]), int(length[i]), float(ret[i])))
+                episodes.append((int(start[i]), int(i), int(length[i]), float(ret[i])))
                 n_capped += int(cut[i])
                 active[i] = used < n_steps
             for i in np.flatnonzero(term | trunc | cut):
                 ret[i], length[i], start[i] = 0.0, 0, used
             if cut.any():
                 raw, _ = envs.reset(options={"reset_mask": cut})
-        return sorted(episodes)
+        # by start, and episodes that start together by env, not by length: sorting on
+        # the length would put the short ones first and bias small counts low
+        return [(s, n, r) for s, _, n, r in sorted(episodes, key=lambda e: e[:2])]
     finally:
         envs.close()
         if capped is not None:
