@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from pgscope.batched.stacked import side_by_side
+
 
 class _Group:
     """One named group: its stacked parameters, its moments as ``[N, P]`` matrices (one
@@ -36,12 +38,12 @@ class _Group:
         return [part.view_as(p) for part, p in zip(flat.split(self.sizes, dim=1),
                                                    self.params, strict=True)]
 
-    def flat_grad(self) -> torch.Tensor:
+    def flat_grad(self, name: str) -> torch.Tensor:
         """The parameters' gradients side by side: ``[N, P]``."""
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            raise ValueError("every stacked parameter of a group needs a gradient")
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads if g is not None], dim=1)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if len(grads) < len(self.params):
+            raise ValueError(f"every stacked parameter of group '{name}' needs a gradient")
+        return side_by_side(grads)
 
 
 class _KeptRows:
@@ -89,7 +91,7 @@ class MaskedAdam:
         beta1, beta2 = self.betas
         for name in groups or list(self.groups):
             group = self.groups[name]
-            grad = group.flat_grad()
+            grad = group.flat_grad(name)
             on = torch.ones_like(group.step, dtype=torch.bool) if mask is None else mask
             kept = _KeptRows(torch.nonzero(~on).flatten(),
                              [*group.params, group.exp_avg_flat, group.exp_avg_sq_flat])

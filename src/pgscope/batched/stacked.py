@@ -20,7 +20,7 @@ The engine's first form ran the single network through ``torch.func.vmap`` over
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,12 @@ from torch import nn
 from torch.func import stack_module_state
 
 Params = dict[str, torch.Tensor]
+
+
+def side_by_side(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Stacked tensors (``[N, ...]`` each) as one ``[N, P]`` matrix: row i holds seed i's
+    entries of every tensor in turn, as ``parameters_to_vector`` orders one network's."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
 
 
 class _SeedLinear(nn.Module):
@@ -119,8 +125,7 @@ class Stack:
     def flat(self, tensors: Params | None = None) -> torch.Tensor:
         """``tensors`` (default: the parameters) as one ``[N, P]`` matrix, a row per seed,
         in the order of ``parameters_to_vector`` for each seed's network."""
-        tensors = self.params if tensors is None else tensors
-        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors.values()], dim=1)
+        return side_by_side((self.params if tensors is None else tensors).values())
 
     def unflat(self, matrix: torch.Tensor) -> Params:
         """The inverse of :meth:`flat`."""
@@ -149,8 +154,7 @@ def clip_gradients_per_seed(params: Sequence[torch.Tensor], max_norm: float | No
     concatenation, one norm; the same norm as ``clip_grad_norm_``'s norm of per-tensor
     norms up to rounding) and one ``torch._foreach_mul_`` scales them."""
     grads = [p.grad for p in params if p.grad is not None]
-    side_by_side = torch.cat([g.reshape(len(g), -1) for g in grads], dim=1)
-    norms = torch.linalg.vector_norm(side_by_side, dim=1)
+    norms = torch.linalg.vector_norm(side_by_side(grads), dim=1)
     if max_norm is not None:
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)) for g in grads])
