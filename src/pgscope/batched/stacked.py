@@ -122,10 +122,10 @@ class Stack:
         index = torch.as_tensor(list(keep), dtype=torch.long)
         self.params = {k: p[index].clone().requires_grad_() for k, p in self.params.items()}
 
-    def flat(self, tensors: Params | None = None) -> torch.Tensor:
-        """``tensors`` (default: the parameters) as one ``[N, P]`` matrix, a row per seed,
-        in the order of ``parameters_to_vector`` for each seed's network."""
-        return side_by_side((self.params if tensors is None else tensors).values())
+    def flat(self) -> torch.Tensor:
+        """The parameters as one ``[N, P]`` matrix, a row per seed, in the order of
+        ``parameters_to_vector`` for each seed's network."""
+        return side_by_side(self.params.values())
 
     def unflat(self, matrix: torch.Tensor) -> Params:
         """The inverse of :meth:`flat`."""

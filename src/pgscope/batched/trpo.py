@@ -31,7 +31,7 @@ from pgscope.batched.common import (
     seed_mean_kl,
     seed_minibatches,
 )
-from pgscope.batched.stacked import clip_gradients_per_seed
+from pgscope.batched.stacked import clip_gradients_per_seed, side_by_side
 from pgscope.config import Config
 from pgscope.optimizations import dr3_penalty, normalize_advantages, value_loss
 from pgscope.rollout import Batch
@@ -115,16 +115,13 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
         kl = seed_mean_kl(policy, old_policy, fisher_obs).sum()
-        grad_kl = nets.policy.flat(dict(zip(nets.policy.params, torch.autograd.grad(
-            kl, params, create_graph=True), strict=True)))
+        grad_kl = side_by_side(torch.autograd.grad(kl, params, create_graph=True))
         product = torch.autograd.grad((grad_kl * v).sum(), params)
-        return nets.policy.flat(dict(zip(nets.policy.params, product, strict=True))) \
-            + cfg.cg_damping * v
+        return side_by_side(product) + cfg.cg_damping * v
 
     ratio_old = ratio()
     surr_old = (ratio_old * adv).mean(1)
-    g = nets.policy.flat(dict(zip(nets.policy.params, torch.autograd.grad(
-        surr_old.sum(), params), strict=True)))
+    g = side_by_side(torch.autograd.grad(surr_old.sum(), params))
     direction = conjugate_gradient_per_seed(fisher_vector_product, g, cfg.cg_iters)
     shs = (direction * fisher_vector_product(direction)).sum(1)
     scale = torch.tensor([math.sqrt(2 * limit / max(float(s), 1e-12))
