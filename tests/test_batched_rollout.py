@@ -22,6 +22,7 @@ from pgscope.batched.lockstep import StackedRunningMeanStd, step_envs
 from pgscope.batched.rollout import collect_lockstep
 from pgscope.config import Config, make_config
 from pgscope.envs import make_vector_env
+from pgscope.envs.batch_step import LocomotionBatch
 from pgscope.optimizations import RunningMeanStd
 from pgscope.rollout import Batch, FinishedEpisodes, NonFiniteEnvError, RolloutCollector
 
@@ -102,6 +103,24 @@ def test_hopper_ppo_seeds_equal_their_single_rollouts():
     cfg = make_config("ppo", "Hopper-v5", dict(steps_per_iter=256, hidden=(8,)))
     seen = _compare(cfg, (0, 1))
     assert sum(len(e.returns) for _, e in seen) >= 4  # terminations inside and across
+
+
+def test_hopper_envs_stepped_as_one_locomotion_batch_equal_single_rollouts(monkeypatch):
+    """Gymnasium's MuJoCo locomotion envs are stepped through one LocomotionBatch (after
+    each env's first step): the same rollouts as each seed's own collector."""
+    calls = []
+    step = LocomotionBatch.step
+
+    def counted(self, actions, rows):
+        calls.append(len(rows))
+        return step(self, actions, rows)
+
+    monkeypatch.setattr(LocomotionBatch, "step", counted)
+    cfg = make_config("ppo", "Hopper-v5", dict(steps_per_iter=256, num_envs=2, hidden=(8,),
+                                                init_log_std=0.5))
+    seen = _compare(cfg, (2, 3), rollouts=2)
+    assert calls and set(calls) == {4} and len(calls) == 2 * 128 - 2  # 2 seeds x 2 envs
+    assert sum(len(e.returns) for _, e in seen) >= 8
 
 
 def test_pendulum_two_envs_with_every_preprocessing_switch_equal_single_rollouts():

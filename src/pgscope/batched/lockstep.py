@@ -12,7 +12,8 @@ collector's (tests/test_batched_rollout.py):
   normalization and clipping, reward multiplier, scaling and clipping;
 - :func:`step_envs`: every seed's envs stepped with the same-step autoreset of gymnasium's
   ``SyncVectorEnv`` (the env calls and random numbers it makes), without its per-call
-  batching of spaces and infos;
+  batching of spaces and infos, and for gymnasium's MuJoCo locomotion envs all of them in
+  one :class:`pgscope.envs.batch_step.LocomotionBatch` step;
 - :func:`first_non_finite`: the single collector's :class:`NonFiniteEnvError` of each seed
   whose env returned a NaN or infinite value;
 - :class:`StackedEpisodes`: the running episode returns and lengths.
@@ -29,6 +30,7 @@ from collections.abc import Container, Sequence
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from pgscope.envs.batch_step import LocomotionBatch
 from pgscope.optimizations import (
     RunningMeanStd,
     clip_actions,
@@ -174,19 +176,23 @@ def can_step_directly(envs: object) -> bool:
 
 
 def step_envs(vector_envs: Sequence[SyncVectorEnv], actions: np.ndarray,
-              skip: Container[int] = frozenset()
+              skip: Container[int] = frozenset(), batch: LocomotionBatch | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                          dict[tuple[int, int], np.ndarray], dict[int, Exception]]:
     """Step env ``j`` of seed ``i`` with ``actions[i, j]`` for every seed not in ``skip``,
     exactly as each seed's ``SyncVectorEnv.step`` (same-step autoreset) does: an env whose
     episode ends is reset at once, without a seed, and its last observation is kept.
+    ``batch``: the same envs, seed-major (env ``j`` of seed ``i`` at ``i * envs + j``), as
+    a :class:`pgscope.envs.batch_step.LocomotionBatch`; once it is ready the envs are
+    stepped through it (the same results, without each env's per-step overhead).
 
     Returns the observations ``[N, envs, ...]`` (the observation space's dtype; reset ones
     where episodes ended), rewards (float64), terminated and truncated ``[N, envs]``, the
     final observations ``{(i, j): obs}`` of the episodes that ended, and ``{i: exception}``
-    for the seeds whose env raised (their envs stop at that env, as the vector env's
-    ``step`` does; their rows are zeros). Skipped seeds' rows are zeros too. Infos other
-    than the final observation are not gathered (the rollout reads none)."""
+    for the seeds whose env raised (their rows are zeros; stepped one by one, their envs
+    stop at that env, as the vector env's ``step`` does; through ``batch`` the seed's
+    other envs have stepped). Skipped seeds' rows are zeros too. Infos other than the
+    final observation are not gathered (the rollout reads none)."""
     first = vector_envs[0]
     n, m = len(vector_envs), first.num_envs
     space = first.single_observation_space
@@ -196,6 +202,20 @@ def step_envs(vector_envs: Sequence[SyncVectorEnv], actions: np.ndarray,
     truncated = np.zeros((n, m), dtype=np.bool_)
     final: dict[tuple[int, int], np.ndarray] = {}
     failed: dict[int, Exception] = {}
+    if batch is not None and batch.ready():
+        rows = np.array([i * m + j for i in range(n) if i not in skip for j in range(m)],
+                        dtype=np.int64)
+        stepped = batch.step(actions.reshape(n * m, -1), rows.tolist())
+        seed, col = np.divmod(rows, m)
+        obs[seed, col], rewards[seed, col] = stepped[0], stepped[1]
+        terminated[seed, col], truncated[seed, col], errors = stepped[2:]
+        failed.update({k // m: exc for k, exc in errors.items()})
+        for i in failed:
+            obs[i], rewards[i], terminated[i], truncated[i] = 0, 0.0, False, False
+        for i, j in zip(*np.nonzero(terminated | truncated), strict=True):
+            final[int(i), int(j)] = obs[i, j].copy()
+            obs[i, j], _ = vector_envs[i].envs[j].reset()
+        return obs, rewards, terminated, truncated, final, failed
     for i, envs in enumerate(vector_envs):
         if i in skip:
             continue

@@ -21,6 +21,7 @@ from pgscope.batched.lockstep import (
     first_non_finite,
     step_envs,
 )
+from pgscope.envs.batch_step import LocomotionBatch
 from pgscope.networks import GaussianPolicy, Policy, ValueNet
 from pgscope.rollout import (
     Batch,
@@ -116,6 +117,7 @@ def collect_lockstep(collectors: Sequence[RolloutCollector], policies: Sequence[
     pre = StackedPreprocessor([c.pre for c in collectors])
     running = StackedEpisodes(collectors)
     buf, buffers = stacked_buffers(collectors)
+    batch = LocomotionBatch.make([env for c in collectors for env in c.envs.envs])
     episodes = [b.episodes for b in buffers]
     raw = np.stack([c.raw_obs for c in collectors])
     steps_before = [c.steps_taken for c in collectors]
@@ -126,7 +128,8 @@ def collect_lockstep(collectors: Sequence[RolloutCollector], policies: Sequence[
         actions = sample(obs, rngs)
         buf.actions[:, t] = actions
         raw, r, term, trunc, final, errors = step_envs(
-            [c.envs for c in collectors], clip_stacked_actions(actions, first), failed.keys())
+            [c.envs for c in collectors], clip_stacked_actions(actions, first), failed.keys(),
+            batch)
         failed.update(errors)
         steps = [s + t + 1 for s in steps_before]
         non_finite = first_non_finite(r, raw, steps, failed.keys())
