@@ -15,7 +15,12 @@ alike), aggregate env steps per second of 16 seeds:
   torch thread), two processes at once, each running its half one after the other;
 - ``single-2at-a-time``: the same with pgscope's single engine;
 - ``envs-2x8``: the env-only limit: the same envs (each seed's own one-env vector env, as
-  a run makes it) stepped with random actions, two processes of 8 seeds at once.
+  a run makes it) stepped with random actions, two processes of 8 seeds at once;
+- ``batched-2x8-own-step``: ``batched-2x8`` with every env stepped by its own ``step``
+  (``PGSCOPE_BATCH_STEP=0``: no :class:`pgscope.envs.batch_step.LocomotionBatch`);
+- ``envs-batch-step-2x8``: ``envs-2x8`` with the envs stepped as the batched rollout
+  steps them (``step_envs`` through a ``LocomotionBatch``): the env-only limit of the
+  seed-batched engine.
 
 Every process imports its libraries, signals that it is ready and waits; the parent starts
 all of a kind's processes together and the kind's time is from that start to the last
@@ -73,13 +78,18 @@ def child(kind: str, seeds: list[int], iterations: int, go: Path | None) -> dict
     import torch
 
     torch.set_num_threads(1)
+    if kind == "batched-own-step":  # every env stepped by its own step, no LocomotionBatch
+        os.environ["PGSCOPE_BATCH_STEP"] = "0"
+        kind = "batched"
     if kind == "sb3":
         import gymnasium as gym
         from stable_baselines3 import PPO
     else:
         from pgscope import make_config, train
         from pgscope.batched import train_batch
+        from pgscope.batched.lockstep import step_envs
         from pgscope.envs import make_vector_env
+        from pgscope.envs.batch_step import LocomotionBatch
     baseline = _rss_mb()
     _wait_for_go(go)
     start = time.time()
@@ -106,6 +116,16 @@ def child(kind: str, seeds: list[int], iterations: int, go: Path | None) -> dict
             for _ in range(STEPS * iterations):
                 for e in envs:
                     e.step(rng.uniform(low, high).astype(np.float32))
+        elif kind == "envs-batch":  # the same envs, stepped as the batched rollout steps them
+            envs = [make_vector_env(ENV, 1) for _ in seeds]
+            for s, e in zip(seeds, envs, strict=True):
+                e.reset(seed=s * 1000)
+            batch = LocomotionBatch.make([e.envs[0] for e in envs])
+            rng = np.random.default_rng(0)
+            low, high = envs[0].single_action_space.low, envs[0].single_action_space.high
+            for _ in range(STEPS * iterations):
+                actions = rng.uniform(low, high, (len(envs), 1, len(low))).astype(np.float32)
+                step_envs(envs, actions, batch=batch)
         else:
             raise ValueError(kind)
     end = time.time()
@@ -149,6 +169,8 @@ PART_A = {
     "sb3-2at-a-time": ("sb3", [list(range(8)), list(range(8, 16))]),
     "single-2at-a-time": ("single", [list(range(8)), list(range(8, 16))]),
     "envs-2x8": ("envs", [list(range(8)), list(range(8, 16))]),
+    "batched-2x8-own-step": ("batched-own-step", [list(range(8)), list(range(8, 16))]),
+    "envs-batch-step-2x8": ("envs-batch", [list(range(8)), list(range(8, 16))]),
 }
 SIZES = (1, 2, 4, 8, 16, 32)
 
