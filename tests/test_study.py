@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,6 +240,53 @@ def test_kill_minus_9_of_the_whole_study_then_rerun_loses_nothing(tmp_path):
             assert got[:killed_at - 1] == _metrics(ref)[:killed_at - 1]
         assert RunDir(out / f"runs/ppo/CartPole-v1/seed_{seed}").read_status()["state"] == \
             "complete"
+
+
+def _start_long_study(tmp_path):
+    """A CLI study of two long CartPole runs in its own session, once both are running:
+    (process, run dirs)."""
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text('name="long"\nenvs=["CartPole-v1"]\nseeds=2\ntotal_steps=2560000\n'
+                         'set={steps_per_iter=256, minibatches=4, epochs=2}\n'
+                         '[[configs]]\nlabel="ppo"\npreset="ppo"\n')
+    cmd = [sys.executable, "-m", "pgscope.cli", "study", "run", str(spec_file), "--out",
+           str(tmp_path / "study"), "--quiet", "--workers", "2", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    runs = [RunDir(tmp_path / f"study/runs/ppo/CartPole-v1/seed_{s}") for s in (0, 1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(
+            r.path.exists() and len(r.read_metrics()) >= 2 for r in runs):
+        time.sleep(0.05)
+    return proc, runs
+
+
+def _wait_until_interrupted(runs, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not all(
+            r.read_status().get("state") == "interrupted" for r in runs):
+        time.sleep(0.1)
+    assert [r.read_status()["state"] for r in runs] == ["interrupted"] * 2
+    written = [len(r.read_metrics()) for r in runs]
+    time.sleep(1.5)  # nothing trains them any more
+    assert [len(r.read_metrics()) for r in runs] == written < [10_000] * 2
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_the_workers_stop_with_the_driver(tmp_path, how):
+    """SIGTERM (the CLI's interruption) or kill -9 of the driver alone: its local workers
+    end their runs as 'interrupted' within seconds (not when the runs finish, an hour
+    later), releasing the runs for a resume."""
+    proc, runs = _start_long_study(tmp_path)
+    try:
+        os.kill(proc.pid, getattr(signal, how))
+        if how == "SIGTERM":
+            assert proc.wait(timeout=60) != 0
+        _wait_until_interrupted(runs, 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the study
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _die_once_spec(tmp_path, monkeypatch):

@@ -18,13 +18,17 @@ retry resumes each run from its last checkpoint.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -274,35 +278,72 @@ def _remove_empty_tree(path: Path) -> None:
 def local_backend(tasks: dict[str, Task], batches: list[list[str]], workers: int,
                   max_retries: int, poll: float = 1.0) -> Iterator[Event]:
     """Worker processes (spawned, one batch at a time each). A dead worker breaks the pool:
-    the batches it held are resubmitted to a fresh pool and resume from their checkpoints."""
+    the batches it held are resubmitted to a fresh pool and resume from their checkpoints.
+    The workers end with the driver: when it is interrupted (SIGINT, or SIGTERM through
+    the CLI) or stops reading the events, it tells them to stop, and a worker whose
+    driver died (``kill -9``) stops by itself (:func:`_follow_driver`); either way their
+    runs end ``interrupted`` with their locks released, ready to resume."""
     ctx = multiprocessing.get_context("spawn")
     attempts = [0] * len(batches)
     todo = list(range(len(batches)))
     with _single_threaded_blas():
         while todo:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)),
-                                     mp_context=ctx) as pool:
+            stop = ctx.Event()
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                     initializer=_follow_driver,
+                                     initargs=(os.getpid(), stop)) as pool:
                 futures = {pool.submit(execute_batch, [tasks[key] for key in batches[b]]): b
                            for b in todo}
                 todo = []
                 pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
-                    if not done:
-                        yield None
-                    for fut in done:
-                        b = futures[fut]
-                        try:
-                            yield from zip(batches[b], fut.result(), strict=True)
-                        except BrokenProcessPool:
-                            attempts[b] += 1
-                            if attempts[b] > max_retries:
-                                error = RuntimeError(f"worker died {attempts[b]} times")
-                                yield from ((key, error) for key in batches[b])
-                            else:
-                                todo.append(b)
-                        except Exception as exc:  # noqa: BLE001 - reported per run
-                            yield from ((key, exc) for key in batches[b])
+                try:
+                    while pending:
+                        done, pending = wait(pending, timeout=poll,
+                                             return_when=FIRST_COMPLETED)
+                        if not done:
+                            yield None
+                        for fut in done:
+                            b = futures[fut]
+                            try:
+                                yield from zip(batches[b], fut.result(), strict=True)
+                            except BrokenProcessPool:
+                                attempts[b] += 1
+                                if attempts[b] > max_retries:
+                                    error = RuntimeError(f"worker died {attempts[b]} times")
+                                    yield from ((key, error) for key in batches[b])
+                                else:
+                                    todo.append(b)
+                            except Exception as exc:  # noqa: BLE001 - reported per run
+                                yield from ((key, exc) for key in batches[b])
+                except BaseException:  # interrupted, or the events no longer read
+                    stop.set()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+
+
+#: How often a local worker checks its driver, and how long a worker whose driver died
+#: waits for its interrupted runs to close before it exits.
+DRIVER_POLL_S, ORPHAN_GRACE_S = 0.5, 30.0
+
+
+def _follow_driver(driver: int, stop: Any) -> None:
+    """Initializer of a local worker: a thread that interrupts the worker's training as
+    Ctrl-C would (its runs end ``interrupted`` and release their locks) once ``stop`` is
+    set or the driver process is gone, and, when the driver is gone, ends the worker
+    :data:`ORPHAN_GRACE_S` later (nobody is left to collect its results). Ctrl-C
+    interrupts a worker even where SIGINT was ignored (a study started in the
+    background), since the thread raises it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def follow() -> None:
+        while os.getppid() == driver and not stop.is_set():
+            time.sleep(DRIVER_POLL_S)
+        _thread.interrupt_main()
+        if os.getppid() != driver:
+            time.sleep(ORPHAN_GRACE_S)
+            os._exit(1)
+
+    threading.Thread(target=follow, name="pgscope-follow-driver", daemon=True).start()
 
 
 @contextlib.contextmanager
