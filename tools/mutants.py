@@ -64,6 +64,7 @@ FAST_TESTS = [
     "tests/test_wiring.py",
     "tests/test_trpo.py",
     "tests/test_batched_update.py",
+    "tests/test_batch_step.py",
 ]
 OPTIONAL_TESTS = ["tests/test_reference_updates.py"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
@@ -348,6 +349,15 @@ MUTANTS: list[Mutant] = [
       "                                 if f.name not in _NOT_PER_PAIR}\n"
       "        return Batch(**pairs, num_envs=1)",
       "a reordered batch claims the time-major layout"),
+    # --- envs -------------------------------------------------------------------------------
+    M("batch-step-float64-ctrl-cost", "envs/batch_step.py",
+      "np.sum(np.square(actions[rows]), axis=1)",
+      "np.sum(np.square(actions[rows].astype(np.float64)), axis=1)",
+      "the batch-stepped envs' control cost in float64 where the env's own is float32"),
+    M("batch-step-time-limit-late", "envs/batch_step.py",
+      "truncated[r] = limit._elapsed_steps >= limit._max_episode_steps",
+      "truncated[r] = limit._elapsed_steps > limit._max_episode_steps",
+      "the batch-stepped envs' time limit one step late"),
     # --- networks ---------------------------------------------------------------------------
     M("seed-batched-shared-log-std", "batched/stacked.py",
       "object.__setattr__(self.module, key, self.params[key].unsqueeze(1))",
