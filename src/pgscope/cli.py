@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train these seeds together (e.g. 0-15 or 0,1,2) with the "
                         "seed-batched engine, into OUT/seed_<s>/")
     t.add_argument("--batch-size", type=int, metavar="N",
-                   help="with --seeds: seeds per batch (default 8)")
+                   help="with --seeds: seeds per batch (default 16)")
     t.add_argument("--out", type=Path, help="new run directory")
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue a killed or finished run from its last checkpoint")
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
     sr.add_argument("--batch-size", type=int,
                     help="at most this many seeds of a config trained as one batch (default: "
-                         "the spec's batch_size, else 8; 1: every run alone)")
+                         "the spec's batch_size, else 16; 1: every run alone)")
     sr.add_argument("--ship-every", type=int, help="Ray: ship each run to the study "
                     "directory after every N-th checkpoint (default 1)")
     sr.add_argument("--quiet", action="store_true")

@@ -427,9 +427,10 @@ def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress:
     return [ended[m.index] for m in members]
 
 
-#: Seeds per batch when nobody says otherwise (docs/benchmarks.md, "Seed-batched training":
-#: the throughput per core against the batch size).
-DEFAULT_BATCH_SIZE = 8
+#: Seeds per batch when nobody says otherwise, for ``pgscope train --seeds`` and studies
+#: (docs/benchmarks.md, "Seed-batched training": one process's throughput still grows
+#: from 8 to 16 seeds; a study halves its batches until every worker has one).
+DEFAULT_BATCH_SIZE = 16
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pgscope.batched.train import DEFAULT_BATCH_SIZE
 from pgscope.errors import CheckpointError
 from pgscope.run import RunDir, load_checkpoint
 
-#: Runs per batch when neither the spec nor ``--batch-size`` says.
-DEFAULT_BATCH_SIZE = 8
+__all__ = ["DEFAULT_BATCH_SIZE", "Task", "pack_batches", "resume_point"]
 
 Task = tuple[str, dict[str, Any]]  # (run directory, config dict)
 
