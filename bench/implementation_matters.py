@@ -102,13 +102,17 @@ def ranking(aggregates: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
     """Markdown: per env the configs by pgscope's mean score, the published order, and
     P(config > the next one)."""
     lines = []
-    for env, g in aggregates.groupby("env", sort=False):
+    for env, everything in aggregates.groupby("env", sort=False):
         family = env_family(env) or env
+        g = everything[everything["mean"].notna()]  # configs with no complete run yet
+        waiting = [label for label in everything["label"] if label not in set(g["label"])]
         ours = list(g.sort_values("mean", ascending=False)["label"])
-        theirs = sorted((label for label in ours if family in PUBLISHED.get(label, {})),
+        theirs = sorted((label for label in everything["label"]
+                         if family in PUBLISHED.get(label, {})),
                         key=lambda label: -PUBLISHED[label][family][0])
-        lines += [f"{env}: pgscope's order {' > '.join(ours)}; published order "
-                  f"{' > '.join(theirs) or '-'}", "",
+        lines += [f"{env}: pgscope's order {' > '.join(ours) or '-'}"
+                  + (f" (no complete run yet: {', '.join(waiting)})" if waiting else "")
+                  + f"; published order {' > '.join(theirs) or '-'}", "",
                   "| rank | config | mean | P(config > next) [95% CI] |", "|---|---|---|---|"]
         for i, label in enumerate(ours):
             mean = float(g[g["label"] == label]["mean"].iloc[0])

@@ -234,6 +234,29 @@ def test_builtin_implementation_matters_hopper_study():
     assert spec.statistics.compare == "all"
 
 
+def test_the_table_ranks_only_configs_with_complete_runs():
+    """bench/implementation_matters.py: a config with no complete run yet has no place in
+    the ranking (it is named as waiting), and P(a > b) is read in either stored order."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / "implementation_matters.py"
+    module_spec = importlib.util.spec_from_file_location("implementation_matters", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    aggregates = pd.DataFrame(dict(env=["Hopper-v5"] * 3, label=["ppo-paper", "trpo-paper",
+                                                                   "ppo-m-paper"],
+                                   mean=[2000.0, 2500.0, float("nan")]))
+    comparisons = pd.DataFrame(dict(a=["ppo-paper"], b=["trpo-paper"], env=["Hopper-v5"],
+                                    prob_improvement=[0.3], prob_improvement_low=[0.1],
+                                    prob_improvement_high=[0.6]))
+    text = "\n".join(bench.ranking(aggregates, comparisons))
+    assert "pgscope's order trpo-paper > ppo-paper (no complete run yet: ppo-m-paper)" in text
+    assert "published order ppo-paper > ppo-m-paper > trpo-paper" in text
+    assert "| 1 | trpo-paper | 2500 | 0.70 [0.40, 0.90] |" in text
+    assert "| 2 | ppo-paper | 2000 |  |" in text and "ppo-m-paper | nan" not in text
+
+
 # --- the annealed KL limit ----------------------------------------------------------------
 def test_kl_limit_schedule_first_last_and_linear():
     cfg = make_config("trpo+-paper", "Hopper-v5")  # 0.04 -> 0.07 over 488 updates
