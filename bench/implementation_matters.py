@@ -13,9 +13,10 @@ CI). Writes ``OUT/implementation_matters.md``: the final scores next to the publ
 of Engstrom et al. (2020), "Implementation Matters in Deep Policy Gradients" (the table in
 docs/design.md section 4.3: MuJoCo v2 envs, 95% CIs over 80 or more agents per cell), and
 the ranking of the configurations with the probability of improvement of each over the next.
-The full study is 40 runs of 999,424 steps (40M env steps): about 5 hours of both cores at
-the seed-batched engine's measured 2,200 steps/s for PPO on Hopper (docs/benchmarks.md);
-``--steps``/``--seeds`` make a smaller one (a different study).
+The full study is 40 runs of 999,424 steps (40M env steps): about 2.5 hours of both cores
+at the 4,400 steps/s it made on 2026-12-02 with two workers (seed-batched engine, batches of
+5 seeds, batch-stepped envs; docs/benchmarks.md); ``--steps``/``--seeds`` make a smaller
+one (a different study).
 """
 
 from __future__ import annotations
