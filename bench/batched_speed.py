@@ -107,25 +107,21 @@ def child(kind: str, seeds: list[int], iterations: int, go: Path | None) -> dict
                 model = PPO("MlpPolicy", gym.make(ENV), n_steps=STEPS, batch_size=64,
                             n_epochs=10, learning_rate=3e-4, device="cpu", seed=s, verbose=0)
                 model.learn(STEPS * iterations)
-        elif kind == "envs":
+        elif kind in ("envs", "envs-batch"):
             envs = [make_vector_env(ENV, 1) for _ in seeds]
             for s, e in zip(seeds, envs, strict=True):
                 e.reset(seed=s * 1000)
             rng = np.random.default_rng(0)
             low, high = envs[0].action_space.low, envs[0].action_space.high
-            for _ in range(STEPS * iterations):
-                for e in envs:
-                    e.step(rng.uniform(low, high).astype(np.float32))
-        elif kind == "envs-batch":  # the same envs, stepped as the batched rollout steps them
-            envs = [make_vector_env(ENV, 1) for _ in seeds]
-            for s, e in zip(seeds, envs, strict=True):
-                e.reset(seed=s * 1000)
-            batch = LocomotionBatch.make([e.envs[0] for e in envs])
-            rng = np.random.default_rng(0)
-            low, high = envs[0].single_action_space.low, envs[0].single_action_space.high
-            for _ in range(STEPS * iterations):
-                actions = rng.uniform(low, high, (len(envs), 1, len(low))).astype(np.float32)
-                step_envs(envs, actions, batch=batch)
+            if kind == "envs":
+                for _ in range(STEPS * iterations):
+                    for e in envs:
+                        e.step(rng.uniform(low, high).astype(np.float32))
+            else:  # the same envs, stepped as the batched rollout steps them
+                batch = LocomotionBatch.make([e.envs[0] for e in envs])
+                for _ in range(STEPS * iterations):
+                    actions = rng.uniform(low, high, (len(envs), *low.shape)).astype(np.float32)
+                    step_envs(envs, actions, batch=batch)
         else:
             raise ValueError(kind)
     end = time.time()

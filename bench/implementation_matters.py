@@ -105,8 +105,8 @@ def ranking(aggregates: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
     lines = []
     for env, everything in aggregates.groupby("env", sort=False):
         family = env_family(env) or env
-        g = everything[everything["mean"].notna()]  # configs with no complete run yet
-        waiting = [label for label in everything["label"] if label not in set(g["label"])]
+        g = everything[everything["mean"].notna()]
+        waiting = list(everything.loc[everything["mean"].isna(), "label"])  # no complete run
         ours = list(g.sort_values("mean", ascending=False)["label"])
         theirs = sorted((label for label in everything["label"]
                          if family in PUBLISHED.get(label, {})),

@@ -130,22 +130,29 @@ class LocomotionBatch:
         first = self.bases[0]
         self.kind = KINDS[type(first)]
         self.first_position = 1 if first._exclude_current_positions_from_observation else 0
+        self._ready = False
 
     @staticmethod
     def make(envs: Sequence[gym.Env[Any, Any]]) -> LocomotionBatch | None:
         """A batch of ``envs`` when batch stepping is :func:`enabled` and every env
         qualifies; else None (step them one by one)."""
-        if not enabled() or not envs or any(_wrappers(e) is None for e in envs):
+        if not enabled():
             return None
-        if len({_shared(e.unwrapped) for e in envs}) != 1:
+        try:
+            return LocomotionBatch(envs)
+        except TypeError:
             return None
-        return LocomotionBatch(envs)
 
     def ready(self) -> bool:
         """Whether every env has been reset and has taken the steps its checker checks
-        (the first, and the second for data reuse) in its own ``step``."""
-        return all(o._has_reset for o in self.orders) and all(
-            c.checked_step and getattr(c, "checked_data_reuse", True) for c in self.checkers)
+        (the first, and the second for data reuse) in its own ``step``; once true, it
+        stays true (resets go through each env's own ``reset``), so it is checked only
+        until then."""
+        if not self._ready:
+            self._ready = all(o._has_reset for o in self.orders) and all(
+                c.checked_step and getattr(c, "checked_data_reuse", True)
+                for c in self.checkers)
+        return self._ready
 
     def step(self, actions: np.ndarray, rows: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, Exception]]:
