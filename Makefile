@@ -34,10 +34,12 @@ sysdeps:
 demo: $(STAMP)
 	$(BIN)/pgscope demo
 
+# The suite runs in two processes (pytest-xdist); the Ray tests share one of them
+# (xdist_group "ray"), so only one Ray runs at a time. Plain `pytest` runs it in one.
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench-deps: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

@@ -26,9 +26,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from pgscope import seed_statistics as stats
 from pgscope.config import env_family
+from pgscope.probes.trust_region import from_metrics
+from pgscope.run import RunDir
 from pgscope.study import parse_spec, run_study
 from pgscope.study.analysis import write_summary
 from pgscope.study.presets import study_dict
@@ -123,6 +127,50 @@ def ranking(aggregates: pd.DataFrame, comparisons: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _range(values: list[float], fmt: str) -> str:
+    """min-max of per-run values ('-' when none)."""
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return "-" if not v else f"{fmt.format(min(v))}-{fmt.format(max(v))}"
+
+
+def trust_region_table(out: Path) -> list[str]:
+    """Markdown: per config and env, the trust-region statistics of its runs' update phases
+    (probe 6 over training, :func:`pgscope.probes.trust_region.from_metrics`): the largest
+    ratio pi_new / pi_old of each run during the update phase (PPO: over every minibatch
+    before its step) and on the whole batch after the update, and the mean KL(old || new)
+    after the update; per-run values are given as their range over the runs."""
+    lines = ["| config | env | runs | max ratio in the phase: median iteration, each run's "
+             "largest | max ratio after the update: median iteration, each run's largest | "
+             "mean KL after: median iteration, each run's largest |",
+             "|---|---|---|---|---|---|"]
+    for label_dir in sorted((out / "runs").iterdir()):
+        for env_dir in sorted(p for p in label_dir.iterdir() if p.is_dir()):
+            runs = sorted(p for p in env_dir.glob("seed_*") if (p / "metrics.jsonl").exists())
+            if not runs:
+                continue
+            phase: list[list[float]] = []
+            after: list[list[float]] = []
+            kl: list[list[float]] = []
+            for run in runs:
+                series = from_metrics(run)["series"]
+                after.append([v for v in series["ratio_max_after"] if v is not None])
+                kl.append([v for v in series["kl_mean"] if v is not None])
+                phase.append([r["ratio_max"] for r in RunDir.open(run).read_metrics()
+                              if r.get("ratio_max") is not None])
+
+            def cell(per_run: list[list[float]], fmt: str) -> str:
+                pooled = [v for values in per_run for v in values]
+                if not pooled:
+                    return "- (not logged)"
+                return (f"{fmt.format(float(np.median(pooled)))}, "
+                        f"{_range([max(v) for v in per_run if v], fmt)}")
+
+            lines.append(f"| {label_dir.name} | {env_dir.name} | {len(runs)} | "
+                         f"{cell(phase, '{:.2f}')} | {cell(after, '{:.2f}')} | "
+                         f"{cell(kl, '{:.4f}')} |")
+    return lines
+
+
 def report(out: Path) -> str:
     result = write_summary(out, plots=False)
     t, meta = result["tables"], result["meta"]
@@ -133,8 +181,42 @@ def report(out: Path) -> str:
              "Published: Engstrom et al. (2020), 'Implementation Matters in Deep Policy "
              "Gradients', 1M steps on the MuJoCo v2 envs, 95% CIs over 80 or more agents "
              "(docs/design.md section 4.3).", "", *score_table(t["aggregates"]), "",
-             "## Ranking", "", *ranking(t["aggregates"], t["comparisons"])]
+             "## Ranking", "", *ranking(t["aggregates"], t["comparisons"]),
+             "## Trust region over training", "",
+             "Probe 6 from each run's metrics (every iteration, all runs started so far); "
+             "PPO's clip range is 0.2, so a ratio above 1.2 is outside it. TRPO logs no "
+             "in-phase ratio: its one step is taken after the line search.", "",
+             *trust_region_table(out)]
     return "\n".join(lines)
+
+
+def _scores(study_dir: Path) -> pd.DataFrame:
+    """Every complete run's score (the study's own score rule)."""
+    scores = write_summary(study_dir, plots=False)["tables"]["scores"]
+    return scores[scores["state"] == "complete"]
+
+
+def variants_table(variants: Path, out: Path, reference: str = "trpo-paper") -> list[str]:
+    """Markdown: each config of the variant study ``variants`` (bench/studies/
+    trpo_paper_variants.toml: ``trpo-paper`` with one key set back to ``trpo``'s) next to
+    ``reference``'s runs of the main study ``out`` on the same seeds and on all of them,
+    with P(reference > variant) and the Mann-Whitney p over all the reference's seeds."""
+    ref = _scores(out)
+    ref = ref[ref["label"] == reference]
+    lines = [f"| config | runs | mean [95% CI] | per seed | {reference}, same seeds | "
+             f"P({reference} > config) [95% CI], all {len(ref)} {reference} seeds | "
+             "Mann-Whitney p |", "|---|---|---|---|---|---|---|"]
+    for label, g in _scores(variants).groupby("label", sort=False):
+        x = g["score"].to_numpy()
+        same = ref[ref["seed"].isin(g["seed"])]["score"].to_numpy()
+        y = ref["score"].to_numpy()
+        m, lo, hi = stats.stratified_bootstrap_ci(x, stats.mean)
+        p, plo, phi = stats.probability_of_improvement_ci(y, x)
+        per_seed = ", ".join(f"{v:.0f}" for v in g.sort_values("seed")["score"])
+        lines.append(f"| {label} | {len(x)} | {_interval(m, lo, hi)} | {per_seed} | "
+                     f"{same.mean():.0f} ({len(same)} runs) | {p:.2f} [{plo:.2f}, {phi:.2f}]"
+                     f" | {stats.mann_whitney(y, x)[1]:.3f} |")
+    return lines
 
 
 def main() -> None:
@@ -144,6 +226,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
     p.add_argument("--out", type=Path, help="study directory (default runs/<study name>)")
     p.add_argument("--summary-only", action="store_true", help="only the tables")
+    p.add_argument("--variants", type=Path, help="also the table of a trpo-paper variant study "
+                   "(bench/studies/trpo_paper_variants.toml) run into this directory")
     args = p.parse_args()
     spec = study_spec(args.steps, args.seeds)
     out = args.out or Path("runs") / spec.name
@@ -153,6 +237,9 @@ def main() -> None:
               f"{len(outcome.complete)} completed now, {len(outcome.diverged)} diverged, "
               f"{len(outcome.failed)} failed")
     text = report(out)
+    if args.variants is not None:
+        text += ("\n\n## trpo-paper with one key set back to trpo's\n\n"
+                 + "\n".join(variants_table(args.variants, out)))
     (out / "implementation_matters.md").write_text(text + "\n")
     print(text)
 

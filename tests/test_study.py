@@ -308,6 +308,7 @@ def test_local_worker_that_dies_is_retried_from_its_checkpoint(tmp_path, monkeyp
         assert got == list(range(1, 7))
 
 
+@pytest.mark.xdist_group("ray")  # `make test` runs two workers: one Ray at a time
 def test_ray_backend_runs_the_study_and_retries_a_dead_worker(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     spec, marker = _die_once_spec(tmp_path, monkeypatch)

@@ -382,6 +382,7 @@ def _shipped_iteration(run: Path) -> int | None:
     return int(load_checkpoint(last)["iteration"]) if last.exists() else None
 
 
+@pytest.mark.xdist_group("ray")  # `make test` runs two workers: one Ray at a time
 def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_lost_batch(
         tmp_path):
     ray = pytest.importorskip("ray")
