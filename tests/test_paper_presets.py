@@ -234,9 +234,8 @@ def test_builtin_implementation_matters_hopper_study():
     assert spec.statistics.compare == "all"
 
 
-def test_the_table_ranks_only_configs_with_complete_runs():
-    """bench/implementation_matters.py: a config with no complete run yet has no place in
-    the ranking (it is named as waiting), and P(a > b) is read in either stored order."""
+def _bench():
+    """bench/implementation_matters.py as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -244,6 +243,13 @@ def test_the_table_ranks_only_configs_with_complete_runs():
     module_spec = importlib.util.spec_from_file_location("implementation_matters", path)
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_table_ranks_only_configs_with_complete_runs():
+    """bench/implementation_matters.py: a config with no complete run yet has no place in
+    the ranking (it is named as waiting), and P(a > b) is read in either stored order."""
+    bench = _bench()
     aggregates = pd.DataFrame(dict(env=["Hopper-v5"] * 3, label=["ppo-paper", "trpo-paper",
                                                                    "ppo-m-paper"],
                                    mean=[2000.0, 2500.0, float("nan")]))
@@ -255,6 +261,104 @@ def test_the_table_ranks_only_configs_with_complete_runs():
     assert "published order ppo-paper > ppo-m-paper > trpo-paper" in text
     assert "| 1 | trpo-paper | 2500 | 0.70 [0.40, 0.90] |" in text
     assert "| 2 | ppo-paper | 2000 |  |" in text and "ppo-m-paper | nan" not in text
+
+
+def _study_of(tmp_path, name, scores, metrics=None):
+    """A hand-written study: per label, per seed, 10 iterations whose return is the score
+    (so the papers' score is that number); ``metrics`` adds keys per (label, seed) as
+    lists over the iterations."""
+    spec = parse_spec(dict(name=name, envs=["CartPole-v1"], seeds=sorted(
+        {k for per in scores.values() for k in per}), total_steps=10 * 256,
+        set=dict(steps_per_iter=256, minibatches=4), score="paper",
+        configs=[dict(label=label, preset="ppo") for label in scores]))
+    out = tmp_path / name
+    prepare_study_dir(out, spec)
+    for r in spec.runs():
+        if r.seed not in scores[r.label]:
+            continue
+        run, _lock = RunDir.create(out / r.rel_path, r.config)
+        extra = (metrics or {}).get((r.label, r.seed), {})
+        for i in range(10):
+            run.append_metrics(dict(iteration=i + 1, env_steps=256 * (i + 1),
+                                    return_mean=scores[r.label][r.seed],
+                                    **{k: v[i] for k, v in extra.items()}))
+        run.write_status("complete")
+    return out
+
+
+def test_variant_table_against_the_reference_runs_by_hand(tmp_path):
+    """--variants: each variant's mean, its per-seed scores, the reference's mean on the
+    same seeds, P(reference > variant) over all reference seeds and the Mann-Whitney p,
+    checked against the definitions and SciPy."""
+    from scipy.stats import mannwhitneyu
+
+    ref = {0: 2000.0, 1: 3000.0, 2: 1000.0, 3: 2500.0}
+    main_study = _study_of(tmp_path, "main", {"trpo-paper": ref, "ppo-paper": {0: 9.0}})
+    variants = _study_of(tmp_path, "var", {"no-norm": {0: 1500.0, 1: 2200.0},
+                                           "lr": {0: 2600.0, 1: 2600.0}})
+    lines = _bench().variants_table(variants, main_study)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert set(rows) == {"no-norm", "lr"}
+    cells = [c.strip() for c in rows["no-norm"].strip("|").split("|")]
+    assert cells[1] == "2" and cells[2].startswith("1850 [") and cells[3] == "1500, 2200"
+    assert cells[4] == "2500 (2 runs)"  # seeds 0 and 1 of trpo-paper: (2000 + 3000) / 2
+    # P(ref > variant) by hand: pairs (ref, var) with ref > var, of 4 x 2
+    wins = sum(a > b for a in ref.values() for b in (1500.0, 2200.0))
+    assert cells[5].startswith(f"{wins / 8:.2f} [")
+    p = mannwhitneyu(list(ref.values()), [1500.0, 2200.0], alternative="two-sided").pvalue
+    assert cells[6] == f"{p:.3f}"
+    lr = [c.strip() for c in rows["lr"].strip("|").split("|")]
+    lr_wins = sum(a > 2600.0 for a in ref.values()) / len(ref)  # 3000 only: 0.25
+    assert lr[2].startswith("2600 [2600, 2600]") and lr[5].startswith(f"{lr_wins:.2f} [")
+
+
+def test_trust_region_table_by_hand(tmp_path):
+    """The study's trust-region table: the median over every iteration of every run, then
+    the range of the runs' largest values; a key no run logged is said to be missing."""
+    ratio = {0: [1.0 + i / 10 for i in range(10)], 1: [3.0] * 9 + [7.5]}
+    metrics = {("ppo-paper", s): dict(ratio_max=ratio[s], ratio_max_after=[2.0] * 10,
+                                      kl_mean=[0.01 * (s + 1)] * 10) for s in (0, 1)}
+    metrics[("trpo-paper", 0)] = dict(ratio_max_after=[5.0] * 10, kl_mean=[0.1] * 10)
+    out = _study_of(tmp_path, "tr", {"ppo-paper": {0: 1.0, 1: 1.0}, "trpo-paper": {0: 1.0}},
+                    metrics)
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in _bench().trust_region_table(out)[2:]}
+    pooled = sorted(ratio[0] + ratio[1])
+    assert rows["ppo-paper"][2] == "2"
+    assert rows["ppo-paper"][3] == f"{np.median(pooled):.2f}, {max(ratio[0]):.2f}-7.50"
+    assert rows["ppo-paper"][4] == "2.00, 2.00-2.00"
+    assert rows["ppo-paper"][5] == "0.0150, 0.0100-0.0200"
+    assert rows["trpo-paper"][3] == "- (not logged)" and rows["trpo-paper"][4] == "5.00, 5.00-5.00"
+
+
+def test_trpo_paper_variants_each_set_one_key_back_to_trpo():
+    """bench/studies/trpo_paper_variants.toml: every config is trpo-paper with exactly one
+    key at trpo's value, and together they cover every key where the two presets differ
+    (but total_steps, 999,424 against 1M, and max_kl_final, a constant limit in both)."""
+    from pathlib import Path
+
+    from pgscope.study import load_spec
+
+    spec = load_spec(Path(__file__).parent.parent / "bench" / "studies"
+                     / "trpo_paper_variants.toml")
+    env = spec.envs[0]
+    paper, own = (make_config(p, env).to_dict() for p in ("trpo-paper", "trpo"))
+    differ = {k for k in paper if paper[k] != own[k]} - {"preset", "total_steps",
+                                                          "max_kl_final"}
+    assert differ == {"obs_norm", "value_lr", "action_clip"}
+    assert make_config("trpo", env).max_kl_final in (0, paper["max_kl"])
+    covered = set()
+    for label in spec.labels:
+        run = next(r for r in spec.runs() if r.label == label)
+        variant = run.config.to_dict()
+        changed = {k for k in paper if variant[k] != paper[k]} - {"seed"}
+        assert len(changed) == 1, (label, changed)
+        (key,) = changed
+        assert variant[key] == own[key]
+        covered.add(key)
+    assert covered == differ
+    assert spec.total_steps == builtin_study("implementation-matters-hopper").total_steps
+    assert spec.seeds == (0, 1, 2, 3, 4) and spec.score.rule == "paper"
 
 
 # --- the annealed KL limit ----------------------------------------------------------------
