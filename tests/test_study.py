@@ -242,11 +242,12 @@ def test_kill_minus_9_of_the_whole_study_then_rerun_loses_nothing(tmp_path):
             "complete"
 
 
-def _start_long_study(tmp_path):
-    """A CLI study of two long CartPole runs in its own session, once both are running:
-    (process, run dirs)."""
+def _start_long_study(tmp_path, seeds: int = 2):
+    """A CLI study of ``seeds`` long CartPole runs, one batch each, on two workers, in its
+    own session, once the first two are running: (process, their run dirs)."""
     spec_file = tmp_path / "s.toml"
-    spec_file.write_text('name="long"\nenvs=["CartPole-v1"]\nseeds=2\ntotal_steps=2560000\n'
+    spec_file.write_text(f'name="long"\nenvs=["CartPole-v1"]\nseeds={seeds}\n'
+                         'total_steps=2560000\n'
                          'set={steps_per_iter=256, minibatches=4, epochs=2}\n'
                          '[[configs]]\nlabel="ppo"\npreset="ppo"\n')
     cmd = [sys.executable, "-m", "pgscope.cli", "study", "run", str(spec_file), "--out",
@@ -276,17 +277,36 @@ def _wait_until_interrupted(runs, seconds: float) -> None:
 def test_the_workers_stop_with_the_driver(tmp_path, how):
     """SIGTERM (the CLI's interruption) or kill -9 of the driver alone: its local workers
     end their runs as 'interrupted' within seconds (not when the runs finish, an hour
-    later), releasing the runs for a resume."""
-    proc, runs = _start_long_study(tmp_path)
+    later), releasing the runs for a resume, and start none of the batches still queued
+    (four one-seed batches on two workers: seeds 2 and 3 wait; the pool had already
+    queued one of them where shutdown cannot cancel it). After SIGTERM no process of the
+    study is left."""
+    proc, runs = _start_long_study(tmp_path, seeds=4)
     try:
         os.kill(proc.pid, getattr(signal, how))
         if how == "SIGTERM":
             assert proc.wait(timeout=60) != 0
         _wait_until_interrupted(runs, 30)
+        waiting = [tmp_path / f"study/runs/ppo/CartPole-v1/seed_{s}" for s in (2, 3)]
+        time.sleep(3)  # a worker that took a queued batch would have started it by now
+        assert not any((w / "metrics.jsonl").exists() for w in waiting)
+        if how == "SIGTERM":
+            deadline = time.time() + 30
+            while time.time() < deadline and _group_alive(proc.pid):
+                time.sleep(0.2)
+            assert not _group_alive(proc.pid), "a worker outlived the stopped study"
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever is left of the study
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _die_once_spec(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -292,7 +292,8 @@ def local_backend(tasks: dict[str, Task], batches: list[list[str]], workers: int
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                      initializer=_follow_driver,
                                      initargs=(os.getpid(), stop)) as pool:
-                futures = {pool.submit(execute_batch, [tasks[key] for key in batches[b]]): b
+                futures = {pool.submit(_execute_unless_stopped,
+                                       [tasks[key] for key in batches[b]]): b
                            for b in todo}
                 todo = []
                 pending = set(futures)
@@ -326,17 +327,47 @@ def local_backend(tasks: dict[str, Task], batches: list[list[str]], workers: int
 DRIVER_POLL_S, ORPHAN_GRACE_S = 0.5, 30.0
 
 
+class WorkerStopped(RuntimeError):
+    """A batch reached a local worker after its driver had stopped; it was not started."""
+
+
+def _never() -> bool:
+    return False
+
+
+#: In a local worker: whether its driver has stopped or is gone (set by _follow_driver).
+_driver_stopped: Callable[[], bool] = _never
+
+
+def _execute_unless_stopped(tasks: list[Task]) -> list[Any]:
+    """:func:`execute_batch` in a local worker, unless its driver has stopped: the pool
+    hands a worker the batches it had already queued when the driver stopped (shutdown's
+    ``cancel_futures`` cancels only those not yet queued), and such a batch must not start
+    training (it would run to its end, holding its runs' locks, with nobody to report
+    to); its runs stay as they were, to be resumed."""
+    if _driver_stopped():
+        raise WorkerStopped("the study was stopped before this batch started")
+    return execute_batch(tasks)
+
+
 def _follow_driver(driver: int, stop: Any) -> None:
     """Initializer of a local worker: a thread that interrupts the worker's training as
     Ctrl-C would (its runs end ``interrupted`` and release their locks) once ``stop`` is
     set or the driver process is gone, and, when the driver is gone, ends the worker
     :data:`ORPHAN_GRACE_S` later (nobody is left to collect its results). Ctrl-C
     interrupts a worker even where SIGINT was ignored (a study started in the
-    background), since the thread raises it."""
+    background), since the thread raises it. From then on the worker starts no batch
+    (:func:`_execute_unless_stopped`)."""
+    global _driver_stopped
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def stopped() -> bool:
+        return stop.is_set() or os.getppid() != driver
+
+    _driver_stopped = stopped
+
     def follow() -> None:
-        while os.getppid() == driver and not stop.is_set():
+        while not stopped():
             time.sleep(DRIVER_POLL_S)
         _thread.interrupt_main()
         if os.getppid() != driver:
