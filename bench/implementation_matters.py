@@ -196,17 +196,20 @@ def _scores(study_dir: Path) -> pd.DataFrame:
     return scores[scores["state"] == "complete"]
 
 
-def variants_table(variants: Path, out: Path, reference: str = "trpo-paper") -> list[str]:
-    """Markdown: each config of the variant study ``variants`` (bench/studies/
-    trpo_paper_variants.toml: ``trpo-paper`` with one key set back to ``trpo``'s) next to
-    ``reference``'s runs of the main study ``out`` on the same seeds and on all of them,
-    with P(reference > variant) and the Mann-Whitney p over all the reference's seeds."""
+def variants_table(variants: Path | list[Path], out: Path, reference: str = "trpo-paper"
+                   ) -> list[str]:
+    """Markdown: each config of the variant studies ``variants`` (bench/studies/
+    trpo_paper_variants.toml: ``trpo-paper`` with one key set back to ``trpo``'s;
+    trpo_control.toml: ``trpo`` itself) next to ``reference``'s runs of the main study
+    ``out`` on the same seeds and on all of them, with P(reference > variant) and the
+    Mann-Whitney p over all the reference's seeds."""
     ref = _scores(out)
     ref = ref[ref["label"] == reference]
     lines = [f"| config | runs | mean [95% CI] | per seed | {reference}, same seeds | "
              f"P({reference} > config) [95% CI], all {len(ref)} {reference} seeds | "
              "Mann-Whitney p |", "|---|---|---|---|---|---|---|"]
-    for label, g in _scores(variants).groupby("label", sort=False):
+    dirs = [variants] if isinstance(variants, Path) else variants
+    for label, g in pd.concat([_scores(d) for d in dirs]).groupby("label", sort=False):
         x = g["score"].to_numpy()
         same = ref[ref["seed"].isin(g["seed"])]["score"].to_numpy()
         y = ref["score"].to_numpy()
@@ -226,8 +229,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
     p.add_argument("--out", type=Path, help="study directory (default runs/<study name>)")
     p.add_argument("--summary-only", action="store_true", help="only the tables")
-    p.add_argument("--variants", type=Path, help="also the table of a trpo-paper variant study "
-                   "(bench/studies/trpo_paper_variants.toml) run into this directory")
+    p.add_argument("--variants", type=Path, nargs="+", help="also the table of the trpo-paper "
+                   "variant studies (bench/studies/trpo_paper_variants.toml, trpo_control.toml)"
+                   " run into these directories")
     args = p.parse_args()
     spec = study_spec(args.steps, args.seeds)
     out = args.out or Path("runs") / spec.name
@@ -238,7 +242,7 @@ def main() -> None:
               f"{len(outcome.failed)} failed")
     text = report(out)
     if args.variants is not None:
-        text += ("\n\n## trpo-paper with one key set back to trpo's\n\n"
+        text += ("\n\n## trpo-paper with one key set back to trpo's, and trpo\n\n"
                  + "\n".join(variants_table(args.variants, out)))
     (out / "implementation_matters.md").write_text(text + "\n")
     print(text)

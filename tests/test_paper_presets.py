@@ -359,6 +359,12 @@ def test_trpo_paper_variants_each_set_one_key_back_to_trpo():
     assert covered == differ
     assert spec.total_steps == builtin_study("implementation-matters-hopper").total_steps
     assert spec.seeds == (0, 1, 2, 3, 4) and spec.score.rule == "paper"
+    # the control: trpo itself, measured the same way
+    control = load_spec(Path(__file__).parent.parent / "bench" / "studies"
+                        / "trpo_control.toml")
+    assert [(c.label, c.preset, c.overrides) for c in control.configs] == [("trpo", "trpo", {})]
+    assert (control.envs, control.seeds, control.total_steps, control.score) == (
+        spec.envs, spec.seeds, spec.total_steps, spec.score)
 
 
 # --- the annealed KL limit ----------------------------------------------------------------
