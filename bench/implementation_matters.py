@@ -31,10 +31,10 @@ import pandas as pd
 
 from pgscope import seed_statistics as stats
 from pgscope.config import env_family
-from pgscope.probes.trust_region import from_metrics
+from pgscope.metrics import metric_value
 from pgscope.run import RunDir
-from pgscope.study import parse_spec, run_study
-from pgscope.study.analysis import write_summary
+from pgscope.study import open_study, parse_spec, run_study
+from pgscope.study.analysis import final_scores, load_study, write_summary
 from pgscope.study.presets import study_dict
 
 STUDY = "implementation-matters-hopper"
@@ -133,9 +133,19 @@ def _range(values: list[float], fmt: str) -> str:
     return "-" if not v else f"{fmt.format(min(v))}-{fmt.format(max(v))}"
 
 
+def _pooled_cell(per_run: list[list[float]], fmt: str) -> str:
+    """'median over every value of every run, range of the runs' largest values'."""
+    pooled = [v for values in per_run for v in values]
+    if not pooled:
+        return "- (not logged)"
+    return (f"{fmt.format(float(np.median(pooled)))}, "
+            f"{_range([max(v) for v in per_run if v], fmt)}")
+
+
 def trust_region_table(out: Path) -> list[str]:
     """Markdown: per config and env, the trust-region statistics of its runs' update phases
-    (probe 6 over training, :func:`pgscope.probes.trust_region.from_metrics`): the largest
+    (probe 6 over training, read as :func:`pgscope.probes.trust_region.from_metrics` reads
+    them, older metric names included): the largest
     ratio pi_new / pi_old of each run during the update phase (PPO: over every minibatch
     before its step) and on the whole batch after the update, and the mean KL(old || new)
     after the update; per-run values are given as their range over the runs."""
@@ -148,26 +158,18 @@ def trust_region_table(out: Path) -> list[str]:
             runs = sorted(p for p in env_dir.glob("seed_*") if (p / "metrics.jsonl").exists())
             if not runs:
                 continue
-            phase: list[list[float]] = []
-            after: list[list[float]] = []
-            kl: list[list[float]] = []
+            keys = ("ratio_max", "ratio_max_after", "kl_mean")
+            per_run: dict[str, list[list[float]]] = {k: [] for k in keys}
             for run in runs:
-                series = from_metrics(run)["series"]
-                after.append([v for v in series["ratio_max_after"] if v is not None])
-                kl.append([v for v in series["kl_mean"] if v is not None])
-                phase.append([r["ratio_max"] for r in RunDir.open(run).read_metrics()
-                              if r.get("ratio_max") is not None])
-
-            def cell(per_run: list[list[float]], fmt: str) -> str:
-                pooled = [v for values in per_run for v in values]
-                if not pooled:
-                    return "- (not logged)"
-                return (f"{fmt.format(float(np.median(pooled)))}, "
-                        f"{_range([max(v) for v in per_run if v], fmt)}")
+                records = RunDir.open(run).read_metrics()
+                for k in keys:
+                    per_run[k].append([v for v in (metric_value(r, k) for r in records)
+                                       if v is not None])
 
             lines.append(f"| {label_dir.name} | {env_dir.name} | {len(runs)} | "
-                         f"{cell(phase, '{:.2f}')} | {cell(after, '{:.2f}')} | "
-                         f"{cell(kl, '{:.4f}')} |")
+                         f"{_pooled_cell(per_run['ratio_max'], '{:.2f}')} | "
+                         f"{_pooled_cell(per_run['ratio_max_after'], '{:.2f}')} | "
+                         f"{_pooled_cell(per_run['kl_mean'], '{:.4f}')} |")
     return lines
 
 
@@ -191,8 +193,9 @@ def report(out: Path) -> str:
 
 
 def _scores(study_dir: Path) -> pd.DataFrame:
-    """Every complete run's score (the study's own score rule)."""
-    scores = write_summary(study_dir, plots=False)["tables"]["scores"]
+    """Every complete run's score (the study's own score rule); only the scores, without
+    the summary's bootstrap tables or its files."""
+    scores = final_scores(open_study(study_dir), load_study(study_dir))
     return scores[scores["state"] == "complete"]
 
 
