@@ -31,6 +31,7 @@ import pandas as pd
 
 from pgscope import seed_statistics as stats
 from pgscope.config import env_family
+from pgscope.errors import RunDirError
 from pgscope.metrics import metric_value
 from pgscope.run import RunDir
 from pgscope.study import open_study, parse_spec, run_study
@@ -236,6 +237,11 @@ def main() -> None:
                    "variant studies (bench/studies/trpo_paper_variants.toml, trpo_control.toml)"
                    " run into these directories")
     args = p.parse_args()
+    for d in args.variants or []:  # before any compute: one clear error, no traceback
+        try:
+            open_study(d)
+        except RunDirError as exc:
+            p.error(f"--variants: {exc}")
     spec = study_spec(args.steps, args.seeds)
     out = args.out or Path("runs") / spec.name
     if not args.summary_only:

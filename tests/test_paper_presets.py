@@ -312,6 +312,20 @@ def test_variant_table_against_the_reference_runs_by_hand(tmp_path):
     assert lr[2].startswith("2600 [2600, 2600]") and lr[5].startswith(f"{lr_wins:.2f} [")
 
 
+def test_variants_that_are_not_studies_are_refused_before_any_compute(tmp_path, monkeypatch,
+                                                                      capsys):
+    bench = _bench()
+    monkeypatch.setattr(bench, "report", lambda out: pytest.fail("computed before checking"))
+    monkeypatch.setattr("sys.argv", ["implementation_matters.py", "--summary-only", "--out",
+                                     str(tmp_path / "main"), "--variants", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--variants: '{tmp_path}' is not a pgscope study directory" in err
+    assert "Traceback" not in err
+
+
 def test_trust_region_table_by_hand(tmp_path):
     """The study's trust-region table: the median over every iteration of every run, then
     the range of the runs' largest values; a key no run logged is said to be missing."""
