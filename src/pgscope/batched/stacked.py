@@ -47,6 +47,8 @@ class _SeedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.params[self.name + ".weight"]
         bias = self.params[self.name + ".bias"]
+        if weight.shape[1] == 1:
+            return (x * weight).sum(-1, keepdim=True) + bias.unsqueeze(1)
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
