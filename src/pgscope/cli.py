@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_seeds(args: argparse.Namespace) -> int:
     """``train --seeds``: the seeds trained together by the seed-batched engine."""
-    from pgscope.batched import DEFAULT_BATCH_SIZE, parse_seeds, train_seeds
+    from pgscope.train import DEFAULT_BATCH_SIZE, parse_seeds, train_seeds
 
     seeds = parse_seeds(args.seeds)
     if args.seed is not None or args.repair:

@@ -41,7 +41,7 @@ def combine_moments(mean: Any, var: Any, count: Any, batch_mean: Any, batch_var:
     """Chan et al.'s parallel update: the mean, variance and count of ``count`` samples of
     moments ``(mean, var)`` joined with ``n`` samples of moments ``(batch_mean,
     batch_var)``. Elementwise, so it also updates stacked statistics (one per seed) at once
-    (:class:`pgscope.batched.lockstep.StackedRunningMeanStd`)."""
+    (:class:`pgscope.engine.lockstep.StackedRunningMeanStd`)."""
     delta = batch_mean - mean
     total = count + n
     new_mean = mean + delta * (n / total)

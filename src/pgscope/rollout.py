@@ -29,7 +29,6 @@ from pgscope.networks import Policy, ValueNet
 from pgscope.optimizations import (
     ObsNormalizer,
     RewardScaler,
-    clip_actions,
     clip_observations,
     clip_rewards,
     multiply_rewards,
@@ -289,19 +288,10 @@ class RolloutCollector:
         self.ep_length = state["ep_length"].numpy().copy()
         return True
 
-    @torch.no_grad()
-    def collect(self, policy: Policy, value_net: ValueNet) -> tuple[Batch, FinishedEpisodes]:
-        """One rollout of ``steps_per_env`` steps of every env with ``policy``."""
-        buffers = self.start_rollout()
-        sample = policy.numpy_sampler()
-        for t in range(self.cfg.steps_per_env):
-            self.step(buffers, t, sample(self.observe(buffers, t), self.rng))
-        return self.finish_rollout(buffers, policy, value_net)
-
     def start_rollout(self) -> RolloutBuffers:
-        """Empty arrays for one rollout (:meth:`collect` in pieces: :meth:`observe` and
-        :meth:`step` per step, then :meth:`finish_rollout`; the seed-batched engine
-        interleaves several collectors' steps this way)."""
+        """Empty arrays for one rollout, which :func:`pgscope.engine.rollout.collect_lockstep`
+        fills (stepping every collector of a batch together) and
+        :meth:`finish_rollout` turns into a :class:`Batch`."""
         T, N = self.cfg.steps_per_env, self.cfg.num_envs
         obs_dim = self.envs.single_observation_space.shape or ()
         return RolloutBuffers(
@@ -311,38 +301,6 @@ class RolloutCollector:
                              dtype=np.int64 if self.discrete else np.float32),
             rewards=np.zeros((T, N)), terminated=np.zeros((T, N)), done=np.zeros((T, N)),
             episodes=FinishedEpisodes())
-
-    def observe(self, buffers: RolloutBuffers, t: int) -> np.ndarray:
-        """The preprocessed observation of step ``t`` (statistics updated), stored."""
-        buffers.obs[t] = self.pre.obs(self.raw_obs, update=True)
-        return buffers.obs[t]
-
-    def step(self, buffers: RolloutBuffers, t: int, action: np.ndarray) -> None:
-        """Step the envs with the sampled ``action`` of step ``t`` and store the outcome."""
-        cfg, obs, next_obs, done = self.cfg, buffers.obs, buffers.next_obs, buffers.done
-        buffers.actions[t] = action
-        env_action = action if self.discrete else clip_actions(
-            action, self.low, self.high, cfg.action_clip)
-        self.raw_obs, r, term, trunc, info = self.envs.step(env_action)
-        self.steps_taken += 1
-        check_finite_env_output(r, "reward", self.steps_taken)
-        check_finite_env_output(self.raw_obs, "observation", self.steps_taken)
-        ended = term | trunc
-        buffers.rewards[t] = self.pre.reward(np.asarray(r), ended)
-        buffers.terminated[t], done[t] = term, ended
-        self.ep_return += r
-        self.ep_length += 1
-        for i in np.flatnonzero(ended):
-            buffers.episodes.returns.append(float(self.ep_return[i]))
-            buffers.episodes.lengths.append(int(self.ep_length[i]))
-            self.ep_return[i], self.ep_length[i] = 0.0, 0
-            if trunc[i]:  # bootstrap from the true final state, not the reset one
-                check_finite_env_output(info["final_obs"][i], "observation",
-                                        self.steps_taken)
-                next_obs[t, i] = self.pre.obs(info["final_obs"][i][None], update=False)[0]
-        if t > 0:
-            still = ~done[t - 1].astype(bool)
-            next_obs[t - 1, still] = obs[t, still]
 
     @torch.no_grad()
     def finish_rollout(self, buffers: RolloutBuffers, policy: Policy, value_net: ValueNet

@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pgscope.engine.nets import SeedNets
 from pgscope.registry import Registry
 
 if TYPE_CHECKING:
     import torch
 
     from pgscope.config import Config
+    from pgscope.engine.nets import EpochCallback
     from pgscope.networks import Policy, ValueNet
     from pgscope.rollout import Batch
-
-#: ``epoch_callback(epoch, old_policy)``: called by an update after each pass of policy
-#: steps over the batch (TRPO: once, after its step); the trust-region probe watches the
-#: update through it.
-EpochCallback = Callable[[int, "Policy"], None]
 
 #: The range [1 - eps, 1 + eps] that clip fractions count against when an algorithm has no
 #: clip of its own, so that every algorithm's clip fractions are comparable.
@@ -40,15 +37,20 @@ NOMINAL_CLIP_RANGE = 0.2
 
 
 class UpdateFn(Protocol):
-    """One iteration's update of the policy and value net on ``batch``; returns the
-    update's metrics (keys of :mod:`pgscope.metrics`). ``state`` carries what the algorithm
-    keeps across iterations (saved in checkpoints); ``heldout_obs`` are the previous
-    iteration's states, for the held-out KL."""
+    """One iteration's update of N >= 1 seeds (one config), each on its own batch:
+    ``nets`` holds the seeds' policies and value nets (stacked, with their Adam state;
+    :class:`pgscope.engine.nets.SeedNets`), ``batches[i]``, ``generators[i]``,
+    ``states[i]`` and ``heldout_obs[i]`` are seed i's batch, update generator, algorithm
+    state (kept across iterations, saved in checkpoints) and previous iteration's states
+    (for the held-out KL). Returns each seed's metrics (keys of :mod:`pgscope.metrics`).
+    What it computes for seed i must not depend on N or on the other seeds (a single run
+    is the batch of one); it leaves the seeds' own modules and optimizers updated
+    (``nets.store()``)."""
 
-    def __call__(self, cfg: Config, policy: Policy, value_net: ValueNet,
-                 optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
-                 state: dict[str, float], heldout_obs: torch.Tensor | None = None,
-                 epoch_callback: EpochCallback | None = None) -> dict[str, float]: ...
+    def __call__(self, cfg: Config, nets: SeedNets, batches: Sequence[Batch],
+                 generators: Sequence[torch.Generator], states: Sequence[dict[str, float]],
+                 heldout_obs: Sequence[torch.Tensor | None],
+                 epoch_callback: EpochCallback | None = None) -> list[dict[str, float]]: ...
 
 
 class SurrogateFn(Protocol):
@@ -142,6 +144,23 @@ def _import_algorithm_modules() -> None:
 
 _import_algorithm_modules()
 
-__all__ = ["ALGORITHMS", "Algorithm", "EpochCallback", "NOMINAL_CLIP_RANGE", "SurrogateFn",
-           "UpdateFn", "add_presets", "algorithm", "nominal_clip_range", "presets",
-           "register_algorithm"]
+def update_one(cfg: Config, policy: Policy, value_net: ValueNet,
+               optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
+               state: dict[str, float], heldout_obs: torch.Tensor | None = None,
+               epoch_callback: Callable[[int, Policy], None] | None = None
+               ) -> dict[str, float]:
+    """One update of a single agent (its modules and ``torch.optim.Adam``, e.g. loaded
+    from a checkpoint) by ``cfg``'s algorithm, as the batch of one: the same code and the
+    same numbers as that seed's update in training. The modules, ``optimizer`` and
+    ``state`` are updated in place; returns the metrics. ``epoch_callback(epoch,
+    old_policy)`` sees the agent's policy after each epoch."""
+    nets = SeedNets(cfg, [policy], [value_net], [optimizer])
+    each = None if epoch_callback is None else (
+        lambda epoch, olds: epoch_callback(epoch, olds[0]))
+    return algorithm(cfg.algo).update(cfg, nets, [batch], [generator], [state],
+                                      [heldout_obs], each)[0]
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "NOMINAL_CLIP_RANGE", "SurrogateFn", "UpdateFn",
+           "add_presets", "algorithm", "nominal_clip_range", "presets", "register_algorithm",
+           "update_one"]

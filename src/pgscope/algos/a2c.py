@@ -31,18 +31,19 @@ makes 5-step iterations slow).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
 
-from pgscope.algos import Algorithm, EpochCallback, register_algorithm
+from pgscope.algos import Algorithm, register_algorithm
 from pgscope.algos.ppo import LOGS as PPO_LOGS
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.ppo import surrogate as ppo_surrogate
 from pgscope.config import Config
+from pgscope.engine.nets import EpochCallback, SeedNets
 from pgscope.errors import ConfigError
-from pgscope.networks import Policy, ValueNet
+from pgscope.networks import Policy
 from pgscope.rollout import Batch
 
 #: PPO's keys that describe sample reuse, which A2C does not do.
@@ -55,15 +56,16 @@ def as_ppo(cfg: Config) -> Config:
     return replace(cfg, ppo_loss="clip", clip_eps=1e32, kl_stop=False)
 
 
-def a2c_update(cfg: Config, policy: Policy, value_net: ValueNet,
-               optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
-               state: dict[str, float], heldout_obs: torch.Tensor | None = None,
-               epoch_callback: EpochCallback | None = None) -> dict[str, float]:
-    """One A2C step on the whole batch: PPO's update with one epoch of one minibatch and
-    no clip (see the module doc); returns its metrics without :data:`NOT_LOGGED`."""
-    metrics = ppo_update(as_ppo(cfg), policy, value_net, optimizer, batch, generator, state,
-                         heldout_obs, epoch_callback)
-    return {k: v for k, v in metrics.items() if k not in NOT_LOGGED}
+def a2c_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
+               generators: Sequence[torch.Generator], states: Sequence[dict[str, float]],
+               heldout_obs: Sequence[torch.Tensor | None],
+               epoch_callback: EpochCallback | None = None) -> list[dict[str, float]]:
+    """One A2C step of each seed on its whole batch: PPO's update with one epoch of one
+    minibatch and no clip (see the module doc); returns each seed's metrics without
+    :data:`NOT_LOGGED`."""
+    out = ppo_update(as_ppo(cfg), nets, batches, generators, states, heldout_obs,
+                     epoch_callback)
+    return [{k: v for k, v in metrics.items() if k not in NOT_LOGGED} for metrics in out]
 
 
 def surrogate(cfg: Config, policy: Policy, old_policy: Policy, batch: Batch,

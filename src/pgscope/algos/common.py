@@ -5,7 +5,7 @@ metric key is defined in :mod:`pgscope.metrics` (rendered as docs/metrics.md).""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -14,6 +14,12 @@ from torch.distributions import Distribution
 
 from pgscope.algos import algorithm
 from pgscope.config import Config
+from pgscope.engine.nets import (  # noqa: F401 - re-exported: the updates' pieces
+    PhaseRecorder,
+    first_ratio_deviation,
+    minibatches,
+    ratio_stats,
+)
 from pgscope.networks import Policy
 from pgscope.rollout import Batch
 
@@ -23,12 +29,6 @@ POLICY_CHANGE_KEYS = ("ratio_max_after", "ratio_min_after", "clip_fraction_after
                       "kl_max", "approx_kl", "entropy", "kl_heldout_mean", "kl_heldout_max",
                       "entropy_frac", "policy_std", "action_saturation",
                       "value_target_absmax", "advantage_absmax")
-
-
-def minibatches(n: int, cfg: Config, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index tensors of one epoch: a fresh permutation split into ``cfg.minibatches``."""
-    perm = torch.randperm(n, generator=generator)
-    yield from torch.tensor_split(perm, cfg.minibatches)
 
 
 def reference_clip_range(cfg: Config) -> float:
@@ -52,54 +52,6 @@ def flat_grad(output: torch.Tensor, params: Iterable[torch.nn.Parameter], **kwar
     (``torch.autograd.grad`` keyword arguments pass through)."""
     grads = torch.autograd.grad(output, list(params), **kwargs)
     return torch.cat([g.reshape(-1) for g in grads])
-
-
-def ratio_stats(ratio: torch.Tensor, clip_range: float, suffix: str = "") -> dict[str, float]:
-    """Largest and smallest probability ratio and the fraction with ``|r - 1| > clip_range``
-    (keys ``ratio_max``, ``ratio_min``, ``clip_fraction``, each followed by ``suffix``)."""
-    return {
-        f"ratio_max{suffix}": float(ratio.max()),
-        f"ratio_min{suffix}": float(ratio.min()),
-        f"clip_fraction{suffix}": float(((ratio - 1).abs() > clip_range).double().mean()),
-    }
-
-
-def first_ratio_deviation(ratio: torch.Tensor) -> dict[str, float]:
-    """``ratio_first_minibatch_dev``: max |r - 1| at the update's first loss evaluation,
-    where the policy has not moved yet, so it must be 0 (else the stored log-probabilities
-    do not belong to the data-collecting policy)."""
-    return {"ratio_first_minibatch_dev": float((ratio.detach() - 1).abs().max())}
-
-
-class PhaseRecorder:
-    """Accumulates statistics over a whole update phase (every minibatch of every epoch),
-    never just the last minibatch: :meth:`mean` averages scalars such as losses and
-    gradient norms, :meth:`ratios` pools the probability ratios of each minibatch, taken
-    before that minibatch's step. Values are kept as tensors and reduced once at the end,
-    so recording costs no per-minibatch synchronisation."""
-
-    def __init__(self, clip_range: float) -> None:
-        self.clip_range = clip_range
-        self.ratio_list: list[torch.Tensor] = []
-        self.values: dict[str, list[torch.Tensor | float]] = {}
-
-    def ratios(self, ratio: torch.Tensor) -> None:
-        self.ratio_list.append(ratio.detach())
-
-    def mean(self, **values: torch.Tensor | float) -> None:
-        for k, v in values.items():
-            self.values.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
-
-    def result(self) -> dict[str, float]:
-        """The mean of every :meth:`mean` key; with ratios recorded also ``ratio_max``,
-        ``ratio_min``, ``clip_fraction`` of all of them and ``ratio_first_minibatch_dev``
-        of the first."""
-        out = {k: float(torch.as_tensor(v, dtype=torch.float64).mean())
-               for k, v in self.values.items()}
-        if self.ratio_list:
-            out.update(ratio_stats(torch.cat(self.ratio_list), self.clip_range))
-            out.update(first_ratio_deviation(self.ratio_list[0]))
-        return out
 
 
 @torch.no_grad()

@@ -1,15 +1,16 @@
 """The PPO update: clipped surrogate (``ppo``, ``ppo-m``, ``ppo-noclip``) or adaptive KL
 penalty (``ppo-kl``), with the value net trained on the same minibatches.
 
-The whole rule reads top to bottom in :func:`ppo_update`; each code-level optimization it
-uses is a named function from :mod:`pgscope.optimizations`. :func:`policy_loss` is the
-objective both the update and the landscape probe (:func:`surrogate`) evaluate.
+The whole rule reads top to bottom in :func:`ppo_update`, written once over a batch of
+N >= 1 seeds (a single run is the batch of one; :mod:`pgscope.engine.nets`); each
+code-level optimization it uses is a named function from :mod:`pgscope.optimizations`.
+:func:`policy_loss` is the objective both the update and the landscape probe
+(:func:`surrogate`) evaluate.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch.distributions import Distribution
@@ -17,22 +18,27 @@ from torch.distributions import Distribution
 from pgscope.algos import (
     NOMINAL_CLIP_RANGE,
     Algorithm,
-    EpochCallback,
     register_algorithm,
 )
 from pgscope.algos.common import (
     POLICY_CHANGE_KEYS,
-    PhaseRecorder,
     log_ratio,
-    minibatches,
     policy_change,
     reference_clip_range,
 )
 from pgscope.config import OPTIMIZATIONS_OFF, Config
-from pgscope.networks import Policy, ValueNet
+from pgscope.engine.nets import (
+    EpochCallback,
+    SeedNets,
+    SeedPhases,
+    StackedBatch,
+    seed_mean_kl,
+    seed_minibatches,
+)
+from pgscope.engine.stacked import clip_gradients_per_seed
+from pgscope.networks import Policy
 from pgscope.optimizations import (
     adapt_kl_beta,
-    clip_gradients,
     dr3_penalty,
     entropy_bonus,
     kl_early_stop,
@@ -62,61 +68,74 @@ def policy_loss(cfg: Config, policy: Policy, old_policy: Policy, obs: torch.Tens
     return -(ratio * adv).mean(-1) + beta * policy.kl(old_dist, dist).mean(-1)
 
 
-def ppo_update(cfg: Config, policy: Policy, value_net: ValueNet,
-               optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
-               state: dict[str, float], heldout_obs: torch.Tensor | None = None,
-               epoch_callback: EpochCallback | None = None) -> dict[str, float]:
-    """One PPO update phase on ``batch``; returns the phase's metrics (each key is defined
-    in :mod:`pgscope.metrics`). ``state`` carries the ppo-kl penalty coefficient
-    ``kl_beta`` across iterations. ``epoch_callback(epoch, old_policy)`` runs after each
-    epoch (the trust-region probe watches the update)."""
-    old_policy = copy.deepcopy(policy)
+def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
+               generators: Sequence[torch.Generator], states: Sequence[dict[str, float]],
+               heldout_obs: Sequence[torch.Tensor | None],
+               epoch_callback: EpochCallback | None = None) -> list[dict[str, float]]:
+    """One PPO update phase of each seed on its batch; returns each seed's metrics (each
+    key is defined in :mod:`pgscope.metrics`). Tensors carry the seed dim first
+    (``[N, m, ...]``); seed i draws its minibatches from ``generators[i]``, normalizes
+    its own advantages, clips its own gradient norms, steps its own Adam moments and stops
+    its own epochs (``kl_stop``: a stopped seed draws and steps no more). ``states[i]``
+    carries seed i's ppo-kl penalty coefficient ``kl_beta`` across iterations.
+    ``epoch_callback(epoch, old_policies)`` runs after each epoch (the trust-region probe
+    watches the update)."""
+    old_policies = nets.snapshot()
+    old = nets.policy.detached()
+    batch = StackedBatch.stack(batches)
     clip_range = reference_clip_range(cfg)
-    phase = PhaseRecorder(clip_range)
+    phases = SeedPhases(len(nets), clip_range)
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
     value_clip = cfg.value_clip_range if cfg.value_clip else None
-    beta = state.get("kl_beta", cfg.kl_beta_init)
-    epochs_run = 0
+    betas = [s.get("kl_beta", cfg.kl_beta_init) for s in states]
+    beta = torch.tensor(betas)  # each seed's ppo-kl penalty coefficient
+    active = torch.ones(len(nets), dtype=torch.bool)  # seeds still in their epochs
+    epochs_run = torch.zeros(len(nets), dtype=torch.long)
 
-    for _ in range(cfg.epochs):
-        for idx in minibatches(len(batch), cfg, generator):
-            obs, actions = batch.obs[idx], batch.actions[idx]
-            dist = policy.dist(obs)
-            ratio = log_ratio(policy, dist, actions, batch.logp[idx]).exp()
-            adv = normalize_advantages(batch.advantages[idx], cfg.adv_norm)
-            loss = policy_loss(cfg, policy, old_policy, obs, dist, ratio, adv, beta)
+    policy = nets.policy.batched()  # every seed's policy, value net, theta_old at once
+    old_policy = nets.policy.batched(old)
+    value_net = nets.value.batched()
+    for epoch in range(1, cfg.epochs + 1):
+        for mb in seed_minibatches(batch, cfg, generators, active):  # [N, m, ...]
+            dist = policy.dist(mb.obs)
+            ratio = log_ratio(policy, dist, mb.actions, mb.logp).exp()
+            adv = normalize_advantages(mb.advantages, cfg.adv_norm)
+            loss = policy_loss(cfg, policy, old_policy, mb.obs, dist, ratio, adv, beta)
             bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
-            values = value_net(obs)
-            v_loss = value_loss(values, batch.values[idx], batch.returns[idx], value_clip)
-            dr3 = dr3_penalty(value_net.features, obs, batch.next_obs[idx],
-                              ~batch.done[idx], cfg.value_dr3_coef)
+            v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
+            dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
+                              cfg.value_dr3_coef)
 
-            optimizer.zero_grad(set_to_none=True)
-            (loss - bonus + v_loss + dr3).backward()
+            nets.adam.zero_grad()
+            (loss - bonus + v_loss + dr3).sum().backward()  # each seed's gradient: its own
             # the networks share no parameters: each norm is of its own loss's gradient
-            policy_grad_norm = clip_gradients(policy.parameters(), grad_limit)  # pre-clip
-            value_grad_norm = clip_gradients(value_net.parameters(), grad_limit)
-            optimizer.step()
+            policy_grad_norm = clip_gradients_per_seed(nets.policy.parameters(), grad_limit)
+            value_grad_norm = clip_gradients_per_seed(nets.value.parameters(), grad_limit)
+            nets.adam.step(active)
 
-            phase.ratios(ratio)  # before this minibatch's step
-            phase.mean(policy_loss=loss, value_loss=v_loss,
-                       policy_grad_norm=policy_grad_norm, value_grad_norm=value_grad_norm)
-        epochs_run += 1
-        if epoch_callback is not None:
-            epoch_callback(epochs_run, old_policy)
+            phases.record(active, ratio,  # ratios from before this minibatch's step
+                          policy_loss=loss, value_loss=v_loss,
+                          policy_grad_norm=policy_grad_norm, value_grad_norm=value_grad_norm)
+        epochs_run += active
+        nets.epoch_end(epoch, old_policies, epoch_callback)
         if cfg.kl_stop:
             with torch.no_grad():
-                kl = policy.kl(old_policy.dist(batch.obs), policy.dist(batch.obs)).mean()
-            if kl_early_stop(float(kl), cfg.target_kl, cfg.kl_stop):
+                kl = seed_mean_kl(policy, old_policy, batch.obs)
+            active &= torch.tensor([not kl_early_stop(float(k), cfg.target_kl, cfg.kl_stop)
+                                    for k in kl])
+            if not active.any():
                 break
 
-    metrics = phase.result()
-    metrics.update(policy_change(policy, old_policy, batch, heldout_obs, clip_range))
-    metrics["epochs_run"] = epochs_run
-    if cfg.ppo_loss == "kl":
-        state["kl_beta"] = adapt_kl_beta(beta, metrics["kl_mean"], cfg.target_kl)
-        metrics["kl_beta"] = beta
-    return metrics
+    nets.store()
+    out = phases.results()
+    for i, metrics in enumerate(out):
+        metrics.update(policy_change(nets.policies[i], old_policies[i], batches[i],
+                                     heldout_obs[i], clip_range))
+        metrics["epochs_run"] = int(epochs_run[i])
+        if cfg.ppo_loss == "kl":
+            states[i]["kl_beta"] = adapt_kl_beta(betas[i], metrics["kl_mean"], cfg.target_kl)
+            metrics["kl_beta"] = betas[i]
+    return out
 
 
 @torch.no_grad()

@@ -6,33 +6,32 @@ net is fit separately with Adam. With ``max_kl_final`` the KL limit moves linear
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from pgscope.algos import Algorithm, EpochCallback, register_algorithm
+from pgscope.algos import Algorithm, register_algorithm
 from pgscope.algos.common import (
     POLICY_CHANGE_KEYS,
-    PhaseRecorder,
     first_ratio_deviation,
-    flat_grad,
     log_ratio,
-    minibatches,
     policy_change,
     reference_clip_range,
 )
 from pgscope.config import OPTIMIZATIONS_OFF, Config
-from pgscope.errors import ConfigError
-from pgscope.networks import Policy, ValueNet
-from pgscope.optimizations import (
-    clip_gradients,
-    dr3_penalty,
-    normalize_advantages,
-    value_loss,
+from pgscope.engine.nets import (
+    EpochCallback,
+    SeedNets,
+    SeedPhases,
+    StackedBatch,
+    seed_mean_kl,
+    seed_minibatches,
 )
+from pgscope.engine.stacked import clip_gradients_per_seed, side_by_side
+from pgscope.errors import ConfigError
+from pgscope.networks import Policy
+from pgscope.optimizations import dr3_penalty, normalize_advantages, value_loss
 from pgscope.rollout import Batch
 
 
@@ -42,27 +41,32 @@ def batch_ratio(policy: Policy, batch: Batch) -> torch.Tensor:
 
 
 def surrogate_objective(policy: Policy, batch: Batch, adv: torch.Tensor) -> torch.Tensor:
-    """TRPO's surrogate mean(r A) on the whole batch."""
-    return (batch_ratio(policy, batch) * adv).mean()
+    """TRPO's surrogate mean(r A) on the whole batch (over the last, sample, dim)."""
+    return (batch_ratio(policy, batch) * adv).mean(-1)
 
 
 def conjugate_gradient(Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
                        iters: int, tol: float = 1e-10) -> torch.Tensor:
-    """Approximately solve ``A x = b`` for symmetric positive-definite ``A`` given only
-    matrix-vector products."""
+    """Approximately solve ``A_i x_i = b_i`` for each row ``b_i`` of ``b`` (``[N, P]``),
+    ``A_i`` symmetric positive-definite and given only through ``Avp``, which maps
+    ``[N, P]`` to the rows' products. A row whose residual falls below ``tol`` stops there
+    (its x, r and p are kept); the others go on."""
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
-    rr = r @ r
+    rr = (r * r).sum(1)
+    running = torch.ones(b.shape[0], dtype=torch.bool)
     for _ in range(iters):
-        if rr < tol:
+        running &= rr >= tol
+        if not running.any():
             break
         Ap = Avp(p)
-        alpha = rr / (p @ Ap)
-        x += alpha * p
-        r -= alpha * Ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+        alpha = (rr / (p * Ap).sum(1)).unsqueeze(1)
+        keep = running.unsqueeze(1)
+        x = torch.where(keep, x + alpha * p, x)
+        r = torch.where(keep, r - alpha * Ap, r)
+        rr_new = (r * r).sum(1)
+        p = torch.where(keep, r + (rr_new / rr).unsqueeze(1) * p, p)
+        rr = torch.where(running, rr_new, rr)
     return x
 
 
@@ -79,88 +83,108 @@ def kl_limit(cfg: Config, update: int) -> float:
     return cfg.max_kl + (cfg.max_kl_final - cfg.max_kl) * done / cfg.num_iterations
 
 
-def fit_value(cfg: Config, value_net: ValueNet, optimizer: torch.optim.Optimizer, batch: Batch,
-              generator: torch.Generator) -> dict[str, float]:
-    """Regress the value net on the batch's GAE targets: epochs x minibatches of Adam."""
-    phase = PhaseRecorder(clip_range=0.2)  # records no ratios: only means
+def fit_value(cfg: Config, nets: SeedNets, batch: StackedBatch,
+              generators: Sequence[torch.Generator]) -> list[dict[str, float]]:
+    """Regress each seed's value net on its GAE targets: epochs x minibatches of Adam."""
+    phases = SeedPhases(len(nets), clip_range=0.2)  # records no ratios: only means
     value_clip = cfg.value_clip_range if cfg.value_clip else None
+    grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
+    everyone = torch.ones(len(nets), dtype=torch.bool)
+
+    value_net = nets.value.batched()
     for _ in range(cfg.epochs):
-        for idx in minibatches(len(batch), cfg, generator):
-            v_loss = value_loss(value_net(batch.obs[idx]), batch.values[idx],
-                                batch.returns[idx], value_clip)
-            dr3 = dr3_penalty(value_net.features, batch.obs[idx], batch.next_obs[idx],
-                              ~batch.done[idx], cfg.value_dr3_coef)
-            optimizer.zero_grad(set_to_none=True)
-            (v_loss + dr3).backward()
-            grad_norm = clip_gradients(value_net.parameters(),
-                                       cfg.max_grad_norm if cfg.grad_clip else None)
-            optimizer.step()
-            phase.mean(value_loss=v_loss, value_grad_norm=grad_norm)
-    return phase.result()
+        for mb in seed_minibatches(batch, cfg, generators, everyone):
+            v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
+            dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
+                              cfg.value_dr3_coef)
+            nets.adam.zero_grad()
+            (v_loss + dr3).sum().backward()
+            grad_norm = clip_gradients_per_seed(nets.value.parameters(), grad_limit)
+            nets.adam.step(everyone)
+            phases.record(everyone, value_loss=v_loss, value_grad_norm=grad_norm)
+    return phases.results()
 
 
-def trpo_update(cfg: Config, policy: Policy, value_net: ValueNet,
-                optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
-                state: dict[str, float], heldout_obs: torch.Tensor | None = None,
-                epoch_callback: EpochCallback | None = None) -> dict[str, float]:
-    """One TRPO iteration on ``batch``; returns the update's metrics (each key is defined
-    in :mod:`pgscope.metrics`). ``epoch_callback(1, old_policy)`` runs once, after the
-    policy step (the trust-region probe watches the update). ``state["updates"]`` counts
-    the updates done, for the KL limit's schedule (:func:`kl_limit`)."""
-    updates = int(state.get("updates", 0))
-    max_kl = kl_limit(cfg, updates)
-    state["updates"] = updates + 1
-    old_policy = copy.deepcopy(policy)
-    params = list(policy.parameters())
-    adv = normalize_advantages(batch.advantages, cfg.adv_norm)
-    fisher_n = max(1, int(cfg.fisher_fraction * len(batch)))
-    fisher_obs = batch.obs[torch.randperm(len(batch), generator=generator)[:fisher_n]]
+def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
+                generators: Sequence[torch.Generator], states: Sequence[dict[str, float]],
+                heldout_obs: Sequence[torch.Tensor | None],
+                epoch_callback: EpochCallback | None = None) -> list[dict[str, float]]:
+    """One TRPO iteration of each seed on its batch; returns each seed's metrics (each key
+    is defined in :mod:`pgscope.metrics`). Tensors carry the seed dim first; each seed
+    solves its own conjugate-gradient system, scales its own step to its KL limit and
+    accepts its own line-search fraction (none acceptable: it stays at theta_old). The
+    Fisher-vector products of all seeds are one double backward through the summed KLs:
+    no seed's KL depends on another's parameters, so each row is the seed's own product.
+    ``epoch_callback(1, old_policies)`` runs once, after the policy step.
+    ``states[i]["updates"]`` counts seed i's updates, for the KL limit's schedule
+    (:func:`kl_limit`)."""
+    updates = [int(s.get("updates", 0)) for s in states]
+    limits = [kl_limit(cfg, u) for u in updates]
+    for state, u in zip(states, updates, strict=True):
+        state["updates"] = u + 1
+    old_policies = nets.snapshot()
+    old = nets.policy.detached()
+    params = list(nets.policy.parameters())
+    batch = StackedBatch.stack(batches)
+    adv = normalize_advantages(batch.advantages, cfg.adv_norm)  # each seed's own
+    fisher_n = max(1, int(cfg.fisher_fraction * batch.pairs))
+    fisher_obs = torch.stack([b.obs[torch.randperm(len(b), generator=g)[:fisher_n]]
+                              for b, g in zip(batches, generators, strict=True)])
+
+    policy, old_policy = nets.policy.batched(), nets.policy.batched(old)
 
     def surrogate() -> torch.Tensor:
-        return surrogate_objective(policy, batch, adv)
-
-    def mean_kl(obs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            old = old_policy.dist(obs)
-        return policy.kl(old, policy.dist(obs)).mean()
+        return surrogate_objective(policy, batch, adv)  # [N]
 
     def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
-        grad_kl = flat_grad(mean_kl(fisher_obs), params, create_graph=True)
-        return flat_grad(grad_kl @ v, params) + cfg.cg_damping * v
+        kl = seed_mean_kl(policy, old_policy, fisher_obs).sum()
+        grad_kl = side_by_side(torch.autograd.grad(kl, params, create_graph=True))
+        product = torch.autograd.grad((grad_kl * v).sum(), params)
+        return side_by_side(product) + cfg.cg_damping * v
 
     ratio_old = batch_ratio(policy, batch)  # on-policy: exactly 1
-    surr_old = (ratio_old * adv).mean()
-    g = flat_grad(surr_old, params)
+    surr_old = (ratio_old * adv).mean(-1)
+    g = side_by_side(torch.autograd.grad(surr_old.sum(), params))
     direction = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
-    shs = float(direction @ fisher_vector_product(direction))
-    step = math.sqrt(2 * max_kl / max(shs, 1e-12)) * direction
+    shs = (direction * fisher_vector_product(direction)).sum(1)
+    scale = torch.tensor([math.sqrt(2 * limit / max(float(s), 1e-12))
+                          for limit, s in zip(limits, shs, strict=True)])
+    step = scale.unsqueeze(1) * direction
 
-    theta_old = parameters_to_vector(params).detach()
-    step_fraction, steps_tried = 0.0, cfg.backtrack_iters
+    theta_old = nets.policy.flat().detach()
+    theta_new = theta_old.clone()
+    step_fraction = torch.zeros(len(nets), dtype=torch.float64)
+    steps_tried = torch.full((len(nets),), cfg.backtrack_iters)
+    accepted = torch.zeros(len(nets), dtype=torch.bool)
+    surr_old = surr_old.detach()
     with torch.no_grad():
         for k in range(cfg.backtrack_iters):
             fraction = cfg.backtrack_coef ** k
-            vector_to_parameters(theta_old + fraction * step, params)
-            if mean_kl(batch.obs) <= max_kl and surrogate() > surr_old:
-                step_fraction, steps_tried = fraction, k + 1
+            trial = theta_old + fraction * step
+            nets.policy.set_flat(trial)
+            ok = ((seed_mean_kl(policy, old_policy, batch.obs) <= torch.tensor(limits))
+                  & (surrogate() > surr_old) & ~accepted)
+            theta_new[ok] = trial[ok]
+            step_fraction[ok], steps_tried[ok] = fraction, k + 1
+            accepted |= ok
+            if accepted.all():
                 break
-        else:
-            vector_to_parameters(theta_old, params)  # no acceptable step: keep theta_old
-    if epoch_callback is not None:
-        epoch_callback(1, old_policy)
+        nets.policy.set_flat(theta_new)  # a seed with no acceptable step keeps theta_old
+    nets.epoch_end(1, old_policies, epoch_callback)
 
-    metrics = dict(
-        policy_loss=-float(surr_old.detach()),
-        policy_grad_norm=float(g.norm()),  # the policy loss is -surrogate: same norm
-        **first_ratio_deviation(ratio_old),
-        step_fraction=step_fraction,
-        linesearch_steps=steps_tried,
-        step_norm=float(step.norm()) * step_fraction,
-    )
-    metrics.update(fit_value(cfg, value_net, optimizer, batch, generator))
-    metrics.update(policy_change(policy, old_policy, batch, heldout_obs,
-                                 reference_clip_range(cfg)))
-    return metrics
+    out = [dict(policy_loss=-float(surr_old[i]),
+                policy_grad_norm=float(g[i].norm()),  # the loss is -surrogate: same norm
+                **first_ratio_deviation(ratio_old[i]), step_fraction=float(step_fraction[i]),
+                linesearch_steps=int(steps_tried[i]),
+                step_norm=float(step[i].norm()) * float(step_fraction[i]))
+           for i in range(len(nets))]
+    for metrics, fit in zip(out, fit_value(cfg, nets, batch, generators), strict=True):
+        metrics.update(fit)
+    nets.store()
+    for i, metrics in enumerate(out):
+        metrics.update(policy_change(nets.policies[i], old_policies[i], batches[i],
+                                     heldout_obs[i], reference_clip_range(cfg)))
+    return out
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ render mode) around exactly one of the classes in :data:`KINDS` (gymnasium's v5 
 Walker2d and HalfCheetah; a subclass could change ``step``, so it does not count), after
 the env's first two steps (the checker's one-off checks run in the env's own ``step``).
 Everything else steps through ``env.step``. The rollouts of the seed-batched engine use
-it (:func:`pgscope.batched.lockstep.step_envs`); setting the environment variable
+it (:func:`pgscope.engine.lockstep.step_envs`); setting the environment variable
 ``PGSCOPE_BATCH_STEP=0`` turns it off (to measure what it saves).
 
 The step logic of the v5 envs is gymnasium 1.x's (``hopper_v5.py``, ``walker2d_v5.py``,

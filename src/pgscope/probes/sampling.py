@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from pgscope.agent import Agent
+from pgscope.engine.rollout import collect_one
 from pgscope.envs import make_vector_env
 from pgscope.rollout import Batch, RolloutCollector
 
@@ -43,7 +44,7 @@ def batch_chunks(agent: Agent, n_pairs: int, seed: int, max_envs: int = MAX_ENVS
         collector = RolloutCollector(probe_cfg, envs, pre, seed=seed)
         remaining = n_pairs
         while remaining > 0:
-            batch, _ = collector.collect(agent.policy, agent.value_net)
+            batch, _ = collect_one(collector, agent.policy, agent.value_net)
             take = min(remaining, len(batch))
             remaining -= take
             whole = take == len(batch) or not exact

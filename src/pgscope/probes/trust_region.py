@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgscope.algos import algorithm
+from pgscope.algos import update_one
 from pgscope.algos.common import make_optimizer, reference_clip_range, trust_region_stats
 from pgscope.config import Config
 from pgscope.metrics import metric_value
@@ -104,8 +104,8 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
     def record(epoch: int, old_policy: Policy) -> None:
         epochs.append({"epoch": epoch, **_measure(agent.policy, old_policy, batch, clip)})
 
-    metrics = algorithm(cfg.algo).update(cfg, agent.policy, agent.value_net, optimizer, batch,
-                                         gen, state, epoch_callback=record)
+    metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state,
+                         epoch_callback=record)
     return {"run": str(run_dir), "checkpoint_iteration": int(ckpt["iteration"]),
             "preset": cfg.preset, "clip_range": clip, "batch_pairs": len(batch),
             "per_epoch": epochs,

@@ -1,7 +1,8 @@
 """Packing a study's pending runs into batches that one task trains together.
 
-Runs that differ only in their seed can be trained as one batch by the seed-batched engine
-(:mod:`pgscope.batched`): the executors group the pending runs by (the whole config
+Runs that differ only in their seed can be trained as one batch by the training engine
+(:func:`pgscope.train.train_batch`; a run's numbers do not depend on its batch): the
+executors group the pending runs by (the whole config
 without its seed, which includes the env; where a resumed run starts) and cut each group
 into batches of at most ``batch_size`` runs, of near-equal sizes. New runs and runs
 resumed from the checkpoint of the same iteration are never mixed. When that leaves fewer
@@ -17,9 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pgscope.batched.train import DEFAULT_BATCH_SIZE
 from pgscope.errors import CheckpointError
 from pgscope.run import RunDir, load_checkpoint
+from pgscope.train import DEFAULT_BATCH_SIZE
 
 __all__ = ["DEFAULT_BATCH_SIZE", "Task", "pack_batches", "resume_point"]
 

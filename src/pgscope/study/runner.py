@@ -9,7 +9,7 @@ Re-running the same command resumes: finished runs are skipped, killed runs cont
 their last checkpoint (``pgscope.train.train(resume=True)``), so nothing is run twice.
 The pending runs are packed into batches of runs that differ only in their seed
 (:mod:`pgscope.study.batching`); one batch is one unit of work, :func:`execute_batch`,
-trained by the seed-batched engine (runs it refuses are trained one by one). Two
+trained together by the one training engine (:func:`pgscope.train.train_batch`). Two
 executors run the units: local worker processes (one per core) and a Ray cluster
 (``backend="ray"``, :mod:`pgscope.study.ray_backend`: workers train in node-local storage
 and ship the runs back to the study directory). Both retry a unit whose worker died; the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -171,9 +170,10 @@ def execute_batch(tasks: Sequence[Task], callbacks: Sequence[Callback] = ()
                   ) -> list[dict[str, Any]]:
     """Train a batch of runs (as :func:`pack_batches` groups them) to completion; one
     result per run, in order: ``{"state": "complete" | "diverged" | "failed", "error"?}``.
-    Idempotent like :func:`execute_run`. Runs that start at the same point go to the
-    seed-batched engine together; runs it refuses (:class:`ConfigError`), and runs left
-    alone, are trained one by one. An error of one run fails that run only."""
+    Idempotent like :func:`execute_run`. Runs that start at the same point are trained
+    together by the engine (:func:`pgscope.train.train_batch`; a run's numbers do not
+    depend on its batch). An error of one run fails that run only; input the engine
+    refuses before training fails each run of the group with the engine's message."""
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     pending = {}
     for i, (run_dir, config) in enumerate(tasks):
@@ -185,14 +185,9 @@ def execute_batch(tasks: Sequence[Task], callbacks: Sequence[Callback] = ()
     # a retry may find the members at different checkpoints: regroup by start point
     for group in pack_batches(pending, batch_size=max(1, len(pending)), batchable=batchable):
         members = [int(k) for k in group]
-        if len(members) > 1:
-            batched = _train_batched([tasks[i] for i in members], callbacks)
-            if batched is not None:
-                for i, result in zip(members, batched, strict=True):
-                    results[i] = result
-                continue
-        for i in members:
-            results[i] = _train_alone(tasks[i], callbacks)
+        trained = _train_together([tasks[i] for i in members], callbacks)
+        for i, result in zip(members, trained, strict=True):
+            results[i] = result
     return [r if r is not None else {"state": FAILED, "error": "not trained"} for r in results]
 
 
@@ -200,62 +195,35 @@ def _failure(exc: Exception) -> dict[str, Any]:
     return {"state": FAILED, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _train_alone(task: Task, callbacks: Sequence[Callback]) -> dict[str, Any]:
-    try:
-        return execute_run(*task, callbacks=callbacks)
-    except Exception as exc:  # noqa: BLE001 - reported per run
-        return _failure(exc)
-
-
 def batchable(tasks: Sequence[Task]) -> bool:
-    """Whether the seed-batched engine takes these runs together: their configs
-    (``check_batchable``) and their env's action space (one env made per env id and
-    process); False when the engine is not installed or refuses them. Runs it would refuse
-    are never packed into one unit of work, which would train them one after another."""
+    """Whether these runs can train as one batch (:func:`pgscope.train.check_batchable`:
+    configs that differ only in their distinct seeds); runs that cannot are packed one
+    per batch."""
+    from pgscope.train import check_batchable
+
     try:
-        from pgscope.batched import check_batchable
-    except ImportError:
-        return False
-    try:
-        cfgs = [Config.from_dict(config) for _, config in tasks]
-        check_batchable(cfgs)
+        check_batchable([Config.from_dict(config) for _, config in tasks])
     except ConfigError:
         return False
-    return _engine_takes_env(cfgs[0].env_id)
-
-
-@functools.cache
-def _engine_takes_env(env_id: str) -> bool:
-    """Whether the seed-batched engine trains ``env_id`` (Box actions only); the engine's
-    own check, so that the two cannot disagree."""
-    from pgscope.batched import check_action_space
-
-    try:
-        check_action_space(env_id)
-    except PgscopeError:  # discrete actions, or an env that cannot be made (reported
-        return False      # by the run trained alone)
     return True
 
 
-def _train_batched(tasks: list[Task], callbacks: Sequence[Callback]
-                   ) -> list[dict[str, Any]] | None:
-    """The members trained together by the seed-batched engine, or None when it is not
-    available or refuses them before training (they are then trained one by one, which
-    reports any error of a run's own)."""
-    try:
-        from pgscope.batched import train_batch
-    except ImportError:
-        return None
+def _train_together(tasks: list[Task], callbacks: Sequence[Callback]
+                    ) -> list[dict[str, Any]]:
+    """The runs of ``tasks`` (one start point) trained together by the engine, resumed
+    when they were started; each run's result."""
+    from pgscope.train import train_batch
+
     resume = run_state(Path(tasks[0][0])) != "new"
     if not resume:
         for run_dir, _ in tasks:
-            _remove_empty_tree(Path(run_dir))
+            _remove_empty_tree(Path(run_dir))  # a kill between mkdir and config.json
     try:
         members = train_batch([Config.from_dict(c) for _, c in tasks],
                               [Path(d) for d, _ in tasks], resume=resume, progress=False,
                               callbacks=callbacks)
-    except PgscopeError:  # bad input is refused before anything is trained
-        return None
+    except PgscopeError as exc:  # refused before anything was trained: said for each run
+        return [_failure(exc)] * len(tasks)
     out = []
     for member in members:
         if member.state in (*FINISHED, FAILED):
@@ -263,7 +231,7 @@ def _train_batched(tasks: list[Task], callbacks: Sequence[Callback]
                                                   if member.error else {})})
         else:
             out.append({"state": FAILED, "error": member.error or
-                        f"the batched engine ended the run as '{member.state}'"})
+                        f"the engine ended the run as '{member.state}'"})
     return out
 
 

@@ -145,7 +145,7 @@ class Stack:
             self.params[k].copy_(v)
 
 
-def clip_gradients_per_seed(params: Sequence[torch.Tensor], max_norm: float | None
+def clip_gradients_per_seed(params: Iterable[torch.Tensor], max_norm: float | None
                             ) -> torch.Tensor:
     """:func:`pgscope.optimizations.clip_gradients` for each seed of stacked parameters:
     each seed's global gradient norm over ``params`` (one network), clipped to

@@ -1,19 +1,22 @@
-"""Rollouts of N seeds in lockstep: each seed keeps its own
+"""The rollout: N >= 1 seeds' rollouts in lockstep (a single run is the batch of one;
+:func:`collect_one` collects for one agent, e.g. a probe's). Each seed keeps its own
 :class:`pgscope.rollout.RolloutCollector` (its envs, preprocessor and sampling generator,
 made exactly as a single run makes them); per env step one stacked NumPy forward pass gives
 every seed's action means, each seed's noise comes from its own generator (drawn as its
 single run draws it), and the rest of the step runs on arrays stacked over the seeds
-(:mod:`pgscope.batched.lockstep`), written back to each collector at the rollout's end."""
+(:mod:`pgscope.engine.lockstep`), written back to each collector at the rollout's end."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from typing import cast
 
 import numpy as np
+import torch
 from torch import nn
 
-from pgscope.batched.lockstep import (
+from pgscope.engine.lockstep import (
     StackedEpisodes,
     StackedPreprocessor,
     can_step_directly,
@@ -22,7 +25,7 @@ from pgscope.batched.lockstep import (
     step_envs,
 )
 from pgscope.envs.batch_step import LocomotionBatch
-from pgscope.networks import GaussianPolicy, Policy, ValueNet
+from pgscope.networks import CategoricalPolicy, GaussianPolicy, Policy, ValueNet
 from pgscope.rollout import (
     Batch,
     FinishedEpisodes,
@@ -66,22 +69,34 @@ def stacked_numpy_forward(nets: Sequence[nn.Sequential]) -> Callable[[np.ndarray
 
 
 def stacked_sampler(policies: Sequence[Policy]) -> StackedSampler:
-    """The seeds' Gaussian policies' samplers as one: the same draws as each policy's own
-    ``numpy_sampler`` (mean + std x standard normal from the seed's generator)."""
-    gaussian = [p for p in policies if isinstance(p, GaussianPolicy)]
-    if len(gaussian) != len(policies):
-        raise TypeError("the seed-batched rollout samples Gaussian policies only")
-    forward = stacked_numpy_forward([p.net for p in gaussian])
-    std = np.stack([p.log_std.detach().exp().numpy()[None] for p in gaussian])
+    """The seeds' policies' samplers as one, each seed's draws from its own generator:
+    Gaussian, mean + std x standard normal (float32); categorical, Gumbel-max over the
+    logits (float64 uniforms), as each policy's own ``numpy_sampler`` draws them."""
+    if all(isinstance(p, GaussianPolicy) for p in policies):
+        gaussian = [cast(GaussianPolicy, p) for p in policies]
+        forward = stacked_numpy_forward([p.net for p in gaussian])
+        std = np.stack([p.log_std.detach().exp().numpy()[None] for p in gaussian])
 
-    def sample(obs: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
-        mean = forward(obs)
-        noise = np.empty_like(mean)
-        for rng, out in zip(rngs, noise, strict=True):
-            rng.standard_normal(dtype=np.float32, out=out)
-        return mean + std * noise
+        def sample(obs: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+            mean = forward(obs)
+            noise = np.empty_like(mean)
+            for rng, out in zip(rngs, noise, strict=True):
+                rng.standard_normal(dtype=np.float32, out=out)
+            return mean + std * noise
 
-    return sample
+        return sample
+    if all(isinstance(p, CategoricalPolicy) for p in policies):
+        logits_of = stacked_numpy_forward([cast(CategoricalPolicy, p).net for p in policies])
+
+        def sample_discrete(obs: np.ndarray, rngs: Sequence[np.random.Generator]
+                            ) -> np.ndarray:
+            logits = logits_of(obs).astype(np.float64)
+            uniform = np.stack([rng.random(logits.shape[1:]) for rng in rngs])
+            return np.argmax(logits - np.log(-np.log(uniform)), axis=-1)  # Gumbel-max
+
+        return sample_discrete
+    raise TypeError("the rollout samples policies of one kind, all GaussianPolicy or all "
+                    f"CategoricalPolicy, not {sorted({type(p).__name__ for p in policies})}")
 
 
 def stacked_buffers(collectors: Sequence[RolloutCollector]
@@ -104,12 +119,12 @@ def collect_lockstep(collectors: Sequence[RolloutCollector], policies: Sequence[
     """One rollout of every seed, the envs of all seeds stepped in lockstep: each seed's
     ``Batch``, episodes and collector state are bit-identical to its own
     :meth:`RolloutCollector.collect` (the per-step work runs on stacked arrays,
-    :mod:`pgscope.batched.lockstep`). A seed whose env or data raises (e.g.
+    :mod:`pgscope.engine.lockstep`). A seed whose env or data raises (e.g.
     :class:`pgscope.rollout.NonFiniteEnvError`) stops stepping and gets its exception in
     place of a batch; the other seeds go on (the failed seed's collector keeps the state
     of the rollout's start, bar its sampling generator and envs)."""
     if not all(can_step_directly(c.envs) for c in collectors):
-        raise TypeError("the seed-batched rollout steps gymnasium SyncVectorEnvs with "
+        raise TypeError("the rollout steps gymnasium SyncVectorEnvs with "
                         "same-step autoreset (pgscope.envs.make_vector_env) only")
     first, n = collectors[0], len(collectors)
     sample = stacked_sampler(policies)
@@ -161,3 +176,14 @@ def collect_lockstep(collectors: Sequence[RolloutCollector], policies: Sequence[
     return [failed[i] if i in failed else c.finish_rollout(b, p, v)
             for i, (c, b, p, v) in enumerate(zip(collectors, buffers, policies, value_nets,
                                                    strict=True))]
+
+
+@torch.no_grad()
+def collect_one(collector: RolloutCollector, policy: Policy, value_net: ValueNet
+                ) -> tuple[Batch, FinishedEpisodes]:
+    """One rollout of ``steps_per_env`` steps of every env of ``collector`` with ``policy``:
+    :func:`collect_lockstep` of the batch of one; the env's or data's error is raised."""
+    result = collect_lockstep([collector], [policy], [value_net])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result

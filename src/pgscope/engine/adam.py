@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pgscope.batched.stacked import side_by_side
+from pgscope.engine.stacked import side_by_side
 
 
 class _Group:
@@ -112,7 +112,7 @@ class MaskedAdam:
     def select(self, keep: Sequence[int], params: Mapping[str, Sequence[torch.Tensor]]
                ) -> None:
         """Keep the seeds at positions ``keep``; ``params`` are the groups' new stacked
-        parameters (after :meth:`pgscope.batched.stacked.Stack.select`)."""
+        parameters (after :meth:`pgscope.engine.stacked.Stack.select`)."""
         index = torch.as_tensor(list(keep), dtype=torch.long)
         for name, group in self.groups.items():
             new = _Group(list(params[name]), group.step[index], group.lr)

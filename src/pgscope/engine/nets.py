@@ -1,21 +1,28 @@
-"""What the batched updates share: the seeds' networks as stacks next to their own
-modules, the seeds' batches stacked, per-seed minibatches and phase statistics, and the
-registry of batched updates (one per algorithm the engine supports)."""
+"""What every algorithm's update works on: the seeds' networks as stacks next to their
+own modules (:class:`SeedNets`), the seeds' batches stacked (:class:`StackedBatch`),
+per-seed minibatches, KLs and phase statistics. An update written over these serves a
+batch of any size N >= 1 (a single run is the batch of one), and what it computes for a
+seed does not depend on N or on the other seeds (docs/architecture.md, "One engine")."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple, Protocol
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
-from pgscope.algos import algorithm
-from pgscope.algos.common import PhaseRecorder, minibatches
-from pgscope.batched.adam import MaskedAdam
-from pgscope.batched.stacked import SeedBatched, Stack
 from pgscope.config import Config
+from pgscope.engine.adam import MaskedAdam
+from pgscope.engine.stacked import SeedBatched, Stack
 from pgscope.networks import Policy, ValueNet
 from pgscope.rollout import Batch
+
+#: ``epoch_callback(epoch, old_policies)``: called by an update after each pass of policy
+#: steps over the batches (TRPO: once, after its step), with the seeds' own modules
+#: holding the parameters reached so far and ``old_policies[i]`` seed i's data-collecting
+#: policy; the trust-region probe watches an update through it.
+EpochCallback = Callable[[int, Sequence[Policy]], None]
 
 
 class SeedNets:
@@ -32,11 +39,14 @@ class SeedNets:
         self.optimizers = list(optimizers)
         self.policy = Stack(self.policies)  # type: ignore[arg-type]
         self.value = Stack(self.value_nets)
-        groups = {"value": list(self.value.parameters())}
-        if algorithm(cfg.algo).policy_optimizer:
-            groups = {"policy": list(self.policy.parameters()), **groups}
-        self.adam = MaskedAdam(groups, {"value": cfg.value_lr, "policy": cfg.policy_lr},
+        # the groups the seeds' optimizers hold (make_optimizer: 'policy' only when Adam
+        # trains the policy), at the learning rates they hold
+        names = [group["name"] for group in self.optimizers[0].param_groups]
+        stacks = {"policy": self.policy, "value": self.value}
+        self.adam = MaskedAdam({name: list(stacks[name].parameters()) for name in names},
+                               {"value": cfg.value_lr, "policy": cfg.policy_lr},
                                eps=cfg.adam_eps)
+        self.set_learning_rates(self.optimizers[0])
         for i, optimizer in enumerate(self.optimizers):
             self.adam.read_from(i, optimizer)
 
@@ -50,11 +60,24 @@ class SeedNets:
         for i, optimizer in enumerate(self.optimizers):
             self.adam.write_to(i, optimizer)
 
+    def snapshot(self) -> list[Policy]:
+        """Each seed's policy as it is now (theta_old at the start of an update)."""
+        return [copy.deepcopy(p) for p in self.policies]
+
+    def epoch_end(self, epoch: int, old_policies: Sequence[Policy],
+                  callback: EpochCallback | None) -> None:
+        """Hand ``callback`` the seeds' modules at the parameters reached after ``epoch``
+        (stored into them first); nothing without a callback."""
+        if callback is not None:
+            self.store()
+            callback(epoch, old_policies)
+
     def set_learning_rates(self, optimizer: torch.optim.Optimizer) -> None:
         """Each group's learning rate as ``optimizer`` (any seed's: same config, same
         iteration) holds it."""
         for group in optimizer.param_groups:
-            self.adam.groups[group["name"]].lr = group["lr"]
+            if group["name"] in self.adam.groups:
+                self.adam.groups[group["name"]].lr = group["lr"]
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the seeds at positions ``keep``."""
@@ -95,10 +118,65 @@ class StackedBatch(NamedTuple):
         return StackedBatch(*(t[rows, idx] for t in self))
 
 
+def ratio_stats(ratio: torch.Tensor, clip_range: float, suffix: str = "") -> dict[str, float]:
+    """Largest and smallest probability ratio and the fraction with ``|r - 1| > clip_range``
+    (keys ``ratio_max``, ``ratio_min``, ``clip_fraction``, each followed by ``suffix``)."""
+    return {
+        f"ratio_max{suffix}": float(ratio.max()),
+        f"ratio_min{suffix}": float(ratio.min()),
+        f"clip_fraction{suffix}": float(((ratio - 1).abs() > clip_range).double().mean()),
+    }
+
+
+def first_ratio_deviation(ratio: torch.Tensor) -> dict[str, float]:
+    """``ratio_first_minibatch_dev``: max |r - 1| at the update's first loss evaluation,
+    where the policy has not moved yet, so it must be 0 (else the stored log-probabilities
+    do not belong to the data-collecting policy)."""
+    return {"ratio_first_minibatch_dev": float((ratio.detach() - 1).abs().max())}
+
+
+class PhaseRecorder:
+    """Accumulates statistics over a whole update phase (every minibatch of every epoch),
+    never just the last minibatch: :meth:`mean` averages scalars such as losses and
+    gradient norms, :meth:`ratios` pools the probability ratios of each minibatch, taken
+    before that minibatch's step. Values are kept as tensors and reduced once at the end,
+    so recording costs no per-minibatch synchronisation."""
+
+    def __init__(self, clip_range: float) -> None:
+        self.clip_range = clip_range
+        self.ratio_list: list[torch.Tensor] = []
+        self.values: dict[str, list[torch.Tensor | float]] = {}
+
+    def ratios(self, ratio: torch.Tensor) -> None:
+        self.ratio_list.append(ratio.detach())
+
+    def mean(self, **values: torch.Tensor | float) -> None:
+        for k, v in values.items():
+            self.values.setdefault(k, []).append(v.detach() if torch.is_tensor(v) else v)
+
+    def result(self) -> dict[str, float]:
+        """The mean of every :meth:`mean` key; with ratios recorded also ``ratio_max``,
+        ``ratio_min``, ``clip_fraction`` of all of them and ``ratio_first_minibatch_dev``
+        of the first."""
+        out = {k: float(torch.as_tensor(v, dtype=torch.float64).mean())
+               for k, v in self.values.items()}
+        if self.ratio_list:
+            out.update(ratio_stats(torch.cat(self.ratio_list), self.clip_range))
+            out.update(first_ratio_deviation(self.ratio_list[0]))
+        return out
+
+
+def minibatches(n: int, cfg: Config, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of one epoch of one seed: a fresh permutation of its ``n`` pairs from
+    its own ``generator``, split into ``cfg.minibatches``."""
+    perm = torch.randperm(n, generator=generator)
+    yield from torch.tensor_split(perm, cfg.minibatches)
+
+
 def seed_minibatches(batch: StackedBatch, cfg: Config, generators: Sequence[torch.Generator],
                      active: torch.Tensor) -> Iterator[StackedBatch]:
     """One epoch's minibatches ``[N, m, ...]``: seed i's pairs in row i, drawn from its own
-    generator as :func:`pgscope.algos.common.minibatches` draws them, for the seeds in
+    generator as :func:`minibatches` draws them, for the seeds in
     ``active``; the others draw nothing (their rows are placeholders their masked step
     ignores). The epoch's pairs are gathered once, in minibatch order, and each
     minibatch is a slice of them."""
@@ -139,17 +217,3 @@ class SeedPhases:
 
     def results(self) -> list[dict[str, float]]:
         return [phase.result() for phase in self.phases]
-
-
-class BatchedUpdateFn(Protocol):
-    """One iteration's update of every seed: ``nets`` trained on the seeds' ``batches``
-    with their own ``generators``, algorithm ``states`` and held-out states; returns each
-    seed's metrics, the same keys and meanings as the algorithm's single-run update."""
-
-    def __call__(self, cfg: Config, nets: SeedNets, batches: Sequence[Batch],
-                 generators: Sequence[torch.Generator], states: Sequence[dict[str, float]],
-                 heldout_obs: Sequence[torch.Tensor | None]) -> list[dict[str, float]]: ...
-
-
-#: The batched update of each algorithm the engine supports, by algorithm name.
-BATCHED_UPDATES: dict[str, BatchedUpdateFn] = {}
