@@ -25,7 +25,6 @@ from pgscope import make_config, train
 from pgscope.cli import main
 from pgscope.doctor import ALARMS, RunData, check, diagnose, streaks
 from pgscope.errors import DivergenceError
-from pgscope.rollout import RolloutCollector
 
 train_mod = importlib.import_module("pgscope.train")  # the package exports train() itself
 TINY = dict(steps_per_iter=256, minibatches=4, epochs=4, hidden=(32,), checkpoint_every=1000)
@@ -38,7 +37,7 @@ def _iters(n: int, steps: int = 256) -> dict:
 # --- the faults that no config can produce (planted with monkeypatch) --------------------
 def _wrong_sign_entropy(mp: pytest.MonkeyPatch) -> None:
     """ent_coef < 0 is refused by config validation: flip the bonus's sign instead."""
-    mp.setattr(ppo_mod, "entropy_bonus", lambda entropy, coef: -coef * entropy.mean())
+    mp.setattr(ppo_mod, "entropy_bonus", lambda entropy, coef: -coef * entropy.mean(-1))
 
 
 def _wrap_update(mp: pytest.MonkeyPatch, wrapper) -> None:
@@ -58,32 +57,32 @@ def _wrap_update(mp: pytest.MonkeyPatch, wrapper) -> None:
 def _wrong_sign_k3(mp: pytest.MonkeyPatch) -> None:
     """A k3 estimator written as log r - (r - 1): the negative of the right one."""
     def wrapper(update, *args, **kwargs):
-        metrics = update(*args, **kwargs)
-        return dict(metrics, approx_kl=-metrics["approx_kl"])
+        return [dict(m, approx_kl=-m["approx_kl"]) for m in update(*args, **kwargs)]
     _wrap_update(mp, wrapper)
 
 
 def _stale_logp(mp: pytest.MonkeyPatch) -> None:
     """Log-probabilities that do not belong to the data-collecting policy."""
-    collect = RolloutCollector.collect
+    collect = train_mod.collect_lockstep
 
-    def stale(self, policy, value_net):
-        batch, stats = collect(self, policy, value_net)
-        batch.logp = batch.logp + 0.05
-        return batch, stats
-    mp.setattr(RolloutCollector, "collect", stale)
+    def stale(*args):
+        out = collect(*args)
+        for batch, _ in out:
+            batch.logp = batch.logp + 0.05
+        return out
+    mp.setattr(train_mod, "collect_lockstep", stale)
 
 
 def _growing_delay(mp: pytest.MonkeyPatch) -> None:
     """A leak: every rollout takes 0.1 s longer than the one before. The delay is added to
     the clock the training loop reads (no real sleeping, so the test stays fast)."""
-    collect, clock, lag, calls = RolloutCollector.collect, time.perf_counter, [0.0], [0]
+    collect, clock, lag, calls = train_mod.collect_lockstep, time.perf_counter, [0.0], [0]
 
-    def slow(self, policy, value_net):
+    def slow(*args):
         calls[0] += 1
         lag[0] += 0.1 * calls[0]
-        return collect(self, policy, value_net)
-    mp.setattr(RolloutCollector, "collect", slow)
+        return collect(*args)
+    mp.setattr(train_mod, "collect_lockstep", slow)
     mp.setattr(time, "perf_counter", lambda: clock() + lag[0])
 
 
@@ -93,11 +92,12 @@ def _advantage_flip_after(n: int):
     def patch(mp: pytest.MonkeyPatch) -> None:
         calls = [0]
 
-        def wrapper(update, cfg, policy, value_net, optimizer, batch, *args, **kwargs):
+        def wrapper(update, cfg, nets, batches, *args, **kwargs):
             calls[0] += 1
             if calls[0] > n:
-                batch.advantages = -batch.advantages
-            return update(cfg, policy, value_net, optimizer, batch, *args, **kwargs)
+                for batch in batches:
+                    batch.advantages = -batch.advantages
+            return update(cfg, nets, batches, *args, **kwargs)
         _wrap_update(mp, wrapper)
     return patch
 

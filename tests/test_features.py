@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from pgscope.algos import update_one
+from pgscope.engine.rollout import collect_one
 from pgscope.features import feature_cosine, feature_dot, feature_norm, srank
 
 
@@ -149,7 +151,7 @@ def cartpole_batch():
     envs = make_vector_env("CartPole-v1", 2)
     torch.manual_seed(0)
     agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
-    batch, _ = RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(
+    batch, _ = collect_one(RolloutCollector(cfg, envs, agent.preprocessor, seed=0),
         agent.policy, agent.value_net)
     envs.close()
     assert batch.done.any() and not batch.done.all()
@@ -161,7 +163,6 @@ def _update(agent, batch, preset, coef):
     import copy
 
     from pgscope import make_config
-    from pgscope.algos import algorithm
     from pgscope.algos.common import make_optimizer
 
     overrides = dict(num_envs=2, steps_per_iter=128, hidden=(16, 16), total_steps=1280,
@@ -171,7 +172,7 @@ def _update(agent, batch, preset, coef):
     cfg = make_config(preset, "CartPole-v1", overrides)
     agent = copy.deepcopy(agent)
     optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
-    algorithm(cfg.algo).update(cfg, agent.policy, agent.value_net, optimizer, batch,
+    update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
                                torch.Generator().manual_seed(1), {})
     return agent
 

@@ -8,6 +8,7 @@ import torch
 
 from pgscope.agent import build_agent
 from pgscope.config import make_config
+from pgscope.engine.rollout import collect_one
 from pgscope.rollout import Preprocessor, RolloutCollector, gae
 
 G, L = 0.9, 0.5
@@ -111,7 +112,7 @@ def test_collector_uses_final_obs_at_truncation_and_next_obs_across_boundary(ter
     value = lambda obs: 10.0 * obs[..., 0]  # noqa: E731
     agent.value_net.forward = value  # type: ignore[method-assign]
     collector = RolloutCollector(cfg, envs, Preprocessor(cfg, (1,)), seed=0)
-    batch, stats = collector.collect(agent.policy, agent.value_net)
+    batch, stats = collect_one(collector, agent.policy, agent.value_net)
     np.testing.assert_allclose(batch.obs[:, 0].numpy(), [0, 1, 2, 0, 1])
     # Episode: states 0,1,2 then end (terminal or truncated at s=3); then 0,1 and the
     # rollout ends with next state 2.

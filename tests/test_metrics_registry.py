@@ -17,9 +17,8 @@ import torch
 import pgscope.algos.ppo as ppo_mod
 from pgscope import make_config, train
 from pgscope.agent import build_agent
+from pgscope.algos import update_one
 from pgscope.algos.common import make_optimizer
-from pgscope.algos.ppo import ppo_update
-from pgscope.algos.trpo import trpo_update
 from pgscope.metrics import (
     ALGORITHMS,
     GROUPS,
@@ -167,7 +166,7 @@ def test_trpo_logs_after_update_ratios_only(discrete):
     # A large KL limit so that a good share of ratios leave 1 +- 0.2 after the step.
     cfg, policy, value_net, opt, batch, gen = _setup("trpo", discrete, max_kl=0.5)
     old = copy.deepcopy(policy)
-    m = trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
     assert m["step_fraction"] > 0
     assert {"clip_fraction", "ratio_max", "ratio_min"}.isdisjoint(m)
     assert not torch.equal(torch.cat([p.flatten() for p in policy.parameters()]),
@@ -187,7 +186,7 @@ def test_after_update_kl_statistics_and_data_policy(preset, discrete):
     overrides = {"policy_lr": 3e-3} if preset.startswith("ppo") else {"max_kl": 0.05}
     cfg, policy, value_net, opt, batch, gen = _setup(preset, discrete, **overrides)
     old = copy.deepcopy(policy)
-    m = (ppo_update if cfg.algo == "ppo" else trpo_update)(
+    m = update_one(
         cfg, policy, value_net, opt, batch, gen, {})
     r = _ratio(policy, batch)
     k3 = float(((r - 1) - r.log()).mean())
@@ -221,16 +220,16 @@ def test_ppo_policy_grad_norm_is_the_mean_pre_clip_norm(monkeypatch, grad_clip):
         "ppo", ent_coef=0.01, grad_clip=grad_clip, max_grad_norm=1e-3)
     params = list(policy.parameters())
     norms: list[float] = []
-    real = ppo_mod.clip_gradients
+    real = ppo_mod.clip_gradients_per_seed
 
-    def watch(ps, max_norm):
+    def watch(ps, max_norm):  # the stacked parameters of the batch of one
         ps = list(ps)
-        if len(ps) == len(params) and all(a is b for a, b in zip(ps, params, strict=True)):
+        if [p.shape[1:] for p in ps] == [p.shape for p in params]:  # the policy's
             norms.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ps))))
         return real(ps, max_norm)
 
-    monkeypatch.setattr(ppo_mod, "clip_gradients", watch)
-    m = ppo_update(cfg, policy, value_net, opt, batch, gen, {})
+    monkeypatch.setattr(ppo_mod, "clip_gradients_per_seed", watch)
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
     assert len(norms) == cfg.epochs * cfg.minibatches  # one policy gradient per minibatch
     assert m["policy_grad_norm"] == pytest.approx(float(np.mean(norms)), rel=1e-5)
     assert m["policy_grad_norm"] > 10 * cfg.max_grad_norm  # before clipping, in both cases

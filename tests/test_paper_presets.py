@@ -20,6 +20,7 @@ import torch
 
 import pgscope.algos.trpo as trpo_mod
 from pgscope.agent import build_agent
+from pgscope.algos import update_one
 from pgscope.algos.common import make_optimizer
 from pgscope.cli import main
 from pgscope.config import ENV_DEFAULTS, PRESETS, make_config
@@ -426,7 +427,7 @@ def test_trpo_steps_to_the_annealed_limit_of_each_update():
         agent, batch = _synthetic(cfg)
         old = copy.deepcopy(agent.policy)
         state = {"updates": float(update)}
-        m = trpo_mod.trpo_update(cfg, agent.policy, agent.value_net,
+        m = update_one(cfg, agent.policy, agent.value_net,
                                  make_optimizer(cfg, agent.policy, agent.value_net), batch,
                                  torch.Generator().manual_seed(1), state)
         assert m["step_fraction"] == 1.0 and state["updates"] == update + 1

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from pgscope.agent import Agent, build_agent
-from pgscope.algos import algorithm
+from pgscope.algos import update_one
 from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
 from pgscope.config import Config, make_config
+from pgscope.engine.rollout import collect_one
 from pgscope.errors import ConfigError
 from pgscope.rollout import Batch, FinishedEpisodes, RolloutCollector
 from pgscope.train import set_learning_rates
@@ -204,8 +205,8 @@ def collect(cfg: Config, seed: int):
                 if isinstance(layer, nn.Linear):
                     layer.bias.uniform_(-0.2, 0.2)
     collector = RolloutCollector(cfg, envs, agent.preprocessor, seed=seed)
-    first, stats1 = collector.collect(agent.policy, agent.value_net)
-    second, stats2 = collector.collect(agent.policy, agent.value_net)
+    first, stats1 = collect_one(collector, agent.policy, agent.value_net)
+    second, stats2 = collect_one(collector, agent.policy, agent.value_net)
     envs.close()
     return agent, first, second, (stats1, stats2), ref.stream_from_recorders(recorders), envs
 
@@ -272,7 +273,7 @@ def run_case(preset: str, env_id: str, overrides: dict | None = None,
     optimizer = make_optimizer(cfg, policy, value_net)
     set_learning_rates(optimizer, cfg, ITERATION)
     state = {} if kl_beta is None else {"kl_beta": kl_beta}
-    m = algorithm(cfg.algo).update(cfg, policy, value_net, optimizer, batch,
+    m = update_one(cfg, policy, value_net, optimizer, batch,
                torch.Generator().manual_seed(cfg.seed + 1), state, heldout_obs)
     metrics = iteration_metrics(m, optimizer, batch)
 

@@ -20,6 +20,7 @@ import torch
 
 from pgscope.agent import build_agent
 from pgscope.config import make_config
+from pgscope.engine.rollout import collect_one
 from pgscope.envs import make_env, make_vector_env
 from pgscope.envs.tabular import (
     ENV_ID,
@@ -328,7 +329,7 @@ def test_rollout_collector_advantages_match_expected_gae():
     envs = make_vector_env(ENV_ID, N)
     torch.manual_seed(0)
     agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
-    batch, _ = RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(
+    batch, _ = collect_one(RolloutCollector(cfg, envs, agent.preprocessor, seed=0),
         agent.policy, agent.value_net)
     envs.close()
     states = batch.obs.numpy().argmax(-1).reshape(T, N)

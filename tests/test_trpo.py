@@ -15,9 +15,9 @@ from torch.nn.utils import parameters_to_vector
 
 import pgscope.algos.trpo as trpo_mod
 from pgscope.agent import build_agent
+from pgscope.algos import update_one
 from pgscope.algos.common import PhaseRecorder, make_optimizer
-from pgscope.algos.ppo import ppo_update
-from pgscope.algos.trpo import conjugate_gradient, trpo_update
+from pgscope.algos.trpo import conjugate_gradient
 from pgscope.config import make_config
 from pgscope.errors import ConfigError
 from pgscope.optimizations import adapt_kl_beta, normalize_advantages
@@ -74,32 +74,54 @@ def _surrogate(policy, batch: Batch, adv: torch.Tensor) -> float:
 
 
 # conjugate gradient ---------------------------------------------------------------------
+def one_system(avp, b, iters, tol=1e-10):
+    """conjugate_gradient (rows of systems) for the single system ``avp``, ``b``."""
+    return conjugate_gradient(lambda rows: torch.stack([avp(r) for r in rows]), b[None],
+                              iters, tol)[0]
+
+
+def test_conjugate_gradient_solves_each_row_on_its_own():
+    """Rows are independent systems: solved together, each row is bit for bit what it is
+    alone, also when one row converges (and stops) before the other."""
+    gen = torch.Generator().manual_seed(1)
+    m = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    a = m @ m.transpose(1, 2) + torch.eye(6, dtype=torch.float64)
+    a[1] = 2.0 * torch.eye(6, dtype=torch.float64)  # row 1 converges in one iteration
+    b = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    together = conjugate_gradient(lambda v: torch.stack([a[i] @ v[i] for i in range(2)]), b,
+                                  iters=8)
+    for i in range(2):
+        alone = one_system(lambda v, i=i: a[i] @ v, b[i], iters=8)
+        assert torch.equal(together[i], alone)
+    np.testing.assert_allclose(together[1].numpy(), (b[1] / 2).numpy(), rtol=1e-12)
+
+
 def test_conjugate_gradient_solves_spd_system():
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(10, 10, generator=gen, dtype=torch.float64)
     a = m @ m.T + 0.5 * torch.eye(10, dtype=torch.float64)
     b = torch.randn(10, generator=gen, dtype=torch.float64)
     exact = torch.linalg.solve(a, b)
-    x = conjugate_gradient(lambda v: a @ v, b, iters=50, tol=1e-24)
+    x = one_system(lambda v: a @ v, b, iters=50, tol=1e-24)
     np.testing.assert_allclose(x.numpy(), exact.numpy(), atol=1e-5, rtol=0)
     assert torch.linalg.vector_norm(a @ x - b).item() < 1e-8
     # Too few iterations do not get there on this (condition number ~100) system.
-    rough = conjugate_gradient(lambda v: a @ v, b, iters=2)
+    rough = one_system(lambda v: a @ v, b, iters=2)
     assert torch.linalg.vector_norm(rough - exact).item() > 1e-3
 
 
 def test_conjugate_gradient_hand_cases():
     b = torch.tensor([3.0, -6.0, 1.5], dtype=torch.float64)
     # A = 3 I: the first search direction is exact, x = b / 3 after one iteration.
-    x = conjugate_gradient(lambda v: 3.0 * v, b, iters=1)
+    x = one_system(lambda v: 3.0 * v, b, iters=1)
     np.testing.assert_allclose(x.numpy(), [1.0, -2.0, 0.5], rtol=1e-12)
     # Diagonal with 3 distinct eigenvalues: exact in 3 iterations.
     d = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
-    x = conjugate_gradient(lambda v: d * v, b, iters=3)
+    x = one_system(lambda v: d * v, b, iters=3)
     np.testing.assert_allclose(x.numpy(), [3.0, -3.0, 0.375], rtol=1e-10)
     # b = 0: nothing to solve, zero iterations' worth of work.
     calls = []
-    x = conjugate_gradient(lambda v: calls.append(1) or v, torch.zeros(3), iters=10)
+    x = one_system(lambda v: calls.append(1) or v, torch.zeros(3), iters=10)
     assert calls == [] and torch.count_nonzero(x) == 0
 
 
@@ -134,15 +156,16 @@ def test_fisher_vector_product_equals_hessian_of_kl(monkeypatch):
     captured = {}
     real_cg = trpo_mod.conjugate_gradient
 
-    def spy(avp, b, iters, tol=1e-10):
+    def spy(avp, b, iters, tol=1e-10):  # the batch of one: rows [1, P]
         eye = torch.eye(dim)
-        captured["F"] = torch.stack([avp(eye[i]) for i in range(dim)], dim=1).double()
+        captured["F"] = torch.stack([avp(eye[i][None])[0] for i in range(dim)],
+                                    dim=1).double()
         captured["v"] = torch.randn(dim, generator=torch.Generator().manual_seed(9))
-        captured["Fv"] = avp(captured["v"]).double()
+        captured["Fv"] = avp(captured["v"][None])[0].double()
         return real_cg(avp, b, iters, tol)
 
     monkeypatch.setattr(trpo_mod, "conjugate_gradient", spy)
-    trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+    update_one(cfg, policy, value_net, opt, batch, gen, {})
 
     expected = hessian + cfg.cg_damping * torch.eye(dim, dtype=torch.float64)
     scale = expected.abs().max().item()
@@ -168,7 +191,7 @@ def test_trpo_step_respects_kl_and_improves_surrogate(max_kl):
     old = copy.deepcopy(policy)
     adv = normalize_advantages(batch.advantages, cfg.adv_norm)
     surr_before = _surrogate(old, batch, adv)
-    m = trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
 
     assert m["step_fraction"] > 0
     assert m["step_fraction"] == cfg.backtrack_coef ** (m["linesearch_steps"] - 1)
@@ -196,7 +219,7 @@ def test_trpo_full_step_is_near_the_kl_limit():
         cfg, policy, value_net, opt, batch, gen = _setup(
             "trpo", max_kl=1e-4, fisher_fraction=1.0, cg_damping=damping, hidden=(8,))
         old = copy.deepcopy(policy)
-        m = trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+        m = update_one(cfg, policy, value_net, opt, batch, gen, {})
         assert m["step_fraction"] == 1.0 and m["linesearch_steps"] == 1
         kls[damping] = _mean_kl(old, policy, batch.obs)
     assert 0.95e-4 < kls[1e-3] <= 1e-4
@@ -209,7 +232,7 @@ def test_trpo_no_step_leaves_policy_unchanged(adv):
     cfg, policy, value_net, opt, batch, gen = _setup("trpo", adv=adv)
     before = parameters_to_vector(policy.parameters()).detach().clone()
     value_before = parameters_to_vector(value_net.parameters()).detach().clone()
-    m = trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
     assert m["step_fraction"] == 0.0
     assert m["linesearch_steps"] == cfg.backtrack_iters
     assert m["step_norm"] == 0.0
@@ -228,7 +251,7 @@ def test_trpo_tiny_kl_limit_is_kept():
     # whose KL stays below the limit; rejecting every step takes a batch without signal.
     cfg, policy, value_net, opt, batch, gen = _setup("trpo", max_kl=1e-12)
     old = copy.deepcopy(policy)
-    m = trpo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
     assert m["step_fraction"] == 1.0
     assert 0.0 < _mean_kl(old, policy, batch.obs) <= 1e-12
     assert 0.0 < m["step_norm"] < 1e-4
@@ -259,7 +282,7 @@ def test_ppo_update_metrics(monkeypatch):
 
     monkeypatch.setattr(PhaseRecorder, "ratios", record)
     old = copy.deepcopy(policy)
-    m = ppo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
 
     for key in PPO_KEYS:
         assert key in m and math.isfinite(m[key]), key
@@ -288,7 +311,7 @@ def test_ppo_update_without_signal_keeps_ratio_one():
     # Zero advantages, no entropy bonus: the policy loss has zero gradient, the policy stays.
     cfg, policy, value_net, opt, batch, gen = _setup("ppo", adv="zero")
     before = parameters_to_vector(policy.parameters()).detach().clone()
-    m = ppo_update(cfg, policy, value_net, opt, batch, gen, {})
+    m = update_one(cfg, policy, value_net, opt, batch, gen, {})
     assert torch.equal(parameters_to_vector(policy.parameters()), before)
     assert m["ratio_max"] == 1.0 and m["ratio_min"] == 1.0 and m["clip_fraction"] == 0.0
     assert m["kl_mean"] == 0.0
@@ -297,7 +320,7 @@ def test_ppo_update_without_signal_keeps_ratio_one():
 def test_ppo_kl_adapts_beta():
     cfg, policy, value_net, opt, batch, gen = _setup("ppo-kl", policy_lr=3e-3)
     state: dict[str, float] = {}
-    m = ppo_update(cfg, policy, value_net, opt, batch, gen, state)
+    m = update_one(cfg, policy, value_net, opt, batch, gen, state)
     assert m["kl_beta"] == cfg.kl_beta_init == 1.0
     assert state["kl_beta"] == adapt_kl_beta(1.0, m["kl_mean"], cfg.target_kl)
     assert state["kl_beta"] in (0.5, 1.0, 2.0)

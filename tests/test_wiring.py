@@ -33,10 +33,15 @@ from torch.nn.utils import parameters_to_vector
 
 import pgscope.algos.ppo as ppo_mod
 import pgscope.algos.trpo as trpo_mod
+import pgscope.engine.nets as nets_mod
 from pgscope.agent import Agent, build_agent
-from pgscope.algos import algorithm
+from pgscope.algos import algorithm, update_one
 from pgscope.algos.common import explained_variance, make_optimizer, policy_change
 from pgscope.config import Config, make_config
+from pgscope.engine.adam import MaskedAdam
+from pgscope.engine.nets import SeedNets
+from pgscope.engine.rollout import collect_one
+from pgscope.engine.stacked import Stack
 from pgscope.envs import make_vector_env
 from pgscope.networks import CategoricalPolicy, GaussianPolicy
 from pgscope.optimizations import RunningMeanStd, adapt_kl_beta, kl_early_stop
@@ -94,9 +99,17 @@ def _batch(agent: Agent, n: int = N, seed: int = 0, adv_mean: float = 0.7) -> Ba
                  done=torch.zeros(n, dtype=torch.bool), next_obs=obs)
 
 
-def _grads(net: nn.Module) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-            for p in net.parameters()]
+def _stacked_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Seed 0's gradient of each stacked parameter (the batch of one's only seed)."""
+    return [p.grad[0].detach().clone() if p.grad is not None else torch.zeros_like(p[0])
+            for p in params]
+
+
+def _seed0(stack: Stack, template: nn.Module) -> nn.Module:
+    """A copy of ``template`` holding seed 0's parameters of ``stack`` as they are now."""
+    net = copy.deepcopy(template)
+    net.load_state_dict({k: p[0].detach().clone() for k, p in stack.params.items()})
+    return net
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
@@ -133,14 +146,34 @@ class _Trace:
     minibatch_calls: int = 0
     idx: list[torch.Tensor] = field(default_factory=list)
     steps: list[_Step] = field(default_factory=list)
+    nets: list[SeedNets] = field(default_factory=list)  # every SeedNets the update built
 
 
-def _trace(monkeypatch: pytest.MonkeyPatch, module: Any, agent: Agent,
-           optimizer: torch.optim.Optimizer) -> _Trace:
-    """Record every minibatch ``module`` draws and, at every optimizer step, the
-    parameters and the gradients about to be applied."""
+def _capture_nets(monkeypatch: pytest.MonkeyPatch, built: list[SeedNets]) -> None:
+    """Append every :class:`SeedNets` built from now on to ``built`` (``update_one``
+    builds one around the agent: the stacks and the MaskedAdam the update trains)."""
+    real_init = SeedNets.__init__
+
+    def init(self: SeedNets, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(SeedNets, "__init__", init)
+
+
+def _trace(monkeypatch: pytest.MonkeyPatch, agent: Agent) -> _Trace:
+    """Record every minibatch the update draws and, at every optimizer step, the
+    parameters and the gradients about to be applied.
+
+    The one engine's seams: each seed's minibatches come from
+    ``pgscope.engine.nets.minibatches`` (called once per seed per epoch by
+    ``seed_minibatches``), the update trains the stacked parameters of a ``SeedNets``
+    built around ``agent`` (the batch of one: seed 0) and steps them with
+    ``MaskedAdam.step``, which reads the gradients off the stacked parameters."""
     trace = _Trace()
-    real = module.minibatches
+    real = nets_mod.minibatches
+    real_step = MaskedAdam.step
+    _capture_nets(monkeypatch, trace.nets)
 
     def minibatches(n: int, cfg: Config, generator: torch.Generator) -> Iterator[torch.Tensor]:
         trace.minibatch_calls += 1
@@ -148,15 +181,32 @@ def _trace(monkeypatch: pytest.MonkeyPatch, module: Any, agent: Agent,
             trace.idx.append(idx.clone())
             yield idx
 
-    def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        trace.steps.append(_Step(
-            idx=trace.idx[len(trace.steps)],
-            policy=copy.deepcopy(agent.policy.state_dict()),
-            value=copy.deepcopy(agent.value_net.state_dict()),
-            policy_grads=_grads(agent.policy), value_grads=_grads(agent.value_net)))
+    def step(adam: MaskedAdam, mask: torch.Tensor | None = None,
+             groups: Any = None) -> None:
+        nets = next((n for n in trace.nets if n.adam is adam
+                     and n.policies[0] is agent.policy), None)
+        if nets is None:  # another trace's update (a test that runs several)
+            real_step(adam, mask, groups)
+            return
+        assert len(nets) == 1 and nets.value_nets[0] is agent.value_net
+        stepped = list(adam.groups) if groups is None else list(groups)
+        if mask is None or bool(mask[0]):  # seed 0 steps (a masked-out seed is left alone)
+            stacks = {"policy": nets.policy, "value": nets.value}
+            grads: dict[str, list[torch.Tensor]] = {"policy": [], "value": []}
+            for name in stepped:
+                # the group steps exactly the stack's parameters, in the module's order
+                assert all(a is b for a, b in zip(adam.groups[name].params,
+                                                  stacks[name].parameters(), strict=True))
+                grads[name] = _stacked_grads(adam.groups[name].params)
+            trace.steps.append(_Step(
+                idx=trace.idx[len(trace.steps)],
+                policy={k: p[0].detach().clone() for k, p in nets.policy.params.items()},
+                value={k: p[0].detach().clone() for k, p in nets.value.params.items()},
+                policy_grads=grads["policy"], value_grads=grads["value"]))
+        real_step(adam, mask, groups)
 
-    monkeypatch.setattr(module, "minibatches", minibatches)
-    optimizer.register_step_pre_hook(before_step)
+    monkeypatch.setattr(nets_mod, "minibatches", minibatches)
+    monkeypatch.setattr(MaskedAdam, "step", step)
     return trace
 
 
@@ -227,11 +277,11 @@ def _run_ppo(monkeypatch: pytest.MonkeyPatch, cfg: Config, state: dict[str, floa
     agent = _agent(cfg, seed)
     batch = _batch(agent, cfg.steps_per_iter, seed)
     optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
-    trace = _trace(monkeypatch, ppo_mod, agent, optimizer)
+    trace = _trace(monkeypatch, agent)
     old_policy = copy.deepcopy(agent.policy)
-    metrics = ppo_mod.ppo_update(cfg, agent.policy, agent.value_net, optimizer, batch,
-                                 torch.Generator().manual_seed(seed + 1),
-                                 {} if state is None else state)
+    metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
+                         torch.Generator().manual_seed(seed + 1),
+                         {} if state is None else state)
     return agent, old_policy, batch, trace, metrics
 
 
@@ -339,13 +389,14 @@ def test_ppo_advantages_normalized_per_minibatch(monkeypatch):
         assert len(seen) == len(trace.steps)
         for (adv, enabled), idx in zip(seen, trace.idx, strict=True):
             assert enabled is adv_norm
-            assert torch.equal(adv, batch.advantages[idx])
+            assert adv.shape == (1, len(idx))  # [seeds, m]: the batch of one
+            assert torch.equal(adv[0], batch.advantages[idx])
 
 
 def test_ppo_grad_clip_on_each_network_with_its_own_norm(monkeypatch):
-    """clip_gradients is called once on the policy's and once on the value net's
-    parameters, with max_grad_norm (None when grad_clip is off)."""
-    real = ppo_mod.clip_gradients
+    """clip_gradients_per_seed is called once on the policy's and once on the value net's
+    (stacked) parameters, with max_grad_norm (None when grad_clip is off)."""
+    real = ppo_mod.clip_gradients_per_seed
     for grad_clip in (True, False):
         calls: list[tuple[set[int], float | None]] = []
 
@@ -354,11 +405,18 @@ def test_ppo_grad_clip_on_each_network_with_its_own_norm(monkeypatch):
             calls.append(({id(p) for p in params}, max_norm))
             return real(params, max_norm)
 
-        monkeypatch.setattr(ppo_mod, "clip_gradients", spy)
+        monkeypatch.setattr(ppo_mod, "clip_gradients_per_seed", spy)
         cfg = _config("ppo", grad_clip=grad_clip, max_grad_norm=0.123)
-        agent, *_ = _run_ppo(monkeypatch, cfg)
-        policy_ids = {id(p) for p in agent.policy.parameters()}
-        value_ids = {id(p) for p in agent.value_net.parameters()}
+        agent, _, _, trace, _ = _run_ppo(monkeypatch, cfg)
+        # the update trains the stacks of the agent's own networks (seed 0 of one)
+        nets = next(n for n in trace.nets if n.policies[0] is agent.policy)
+        assert len(nets) == 1 and nets.value_nets[0] is agent.value_net
+        for stack, net in ((nets.policy, agent.policy), (nets.value, agent.value_net)):
+            assert [(k, p.shape[1:]) for k, p in stack.params.items()] == \
+                [(k, p.shape) for k, p in net.named_parameters()]
+        policy_ids = {id(p) for p in nets.policy.parameters()}
+        value_ids = {id(p) for p in nets.value.parameters()}
+        assert not policy_ids & value_ids
         limit = 0.123 if grad_clip else None
         assert len(calls) == 2 * cfg.epochs * cfg.minibatches
         assert calls[0::2] == [(policy_ids, limit)] * (len(calls) // 2)
@@ -378,8 +436,8 @@ def test_ppo_entropy_bonus_raises_entropy(monkeypatch):
     batch.advantages = torch.zeros(N)
     optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
     before = agent.policy.log_std.detach().clone()
-    ppo_mod.ppo_update(cfg, agent.policy, agent.value_net, optimizer, batch,
-                       torch.Generator().manual_seed(1), {})
+    update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
+               torch.Generator().manual_seed(1), {})
     assert coefs and set(coefs) == {0.05}
     assert (agent.policy.log_std.detach() > before + 0.5 * cfg.policy_lr).all()
 
@@ -400,8 +458,9 @@ def test_ppo_clip_eps_reaches_the_surrogate(monkeypatch):
         policy.load_state_dict(step.policy)
         with torch.no_grad():
             logp = policy.log_prob(policy.dist(batch.obs[step.idx]), batch.actions[step.idx])
-        np.testing.assert_allclose(ratio.numpy(), (logp - batch.logp[step.idx]).exp().numpy(),
-                                   rtol=1e-5)
+        assert ratio.shape == (1, len(step.idx))  # [seeds, m]: the batch of one
+        np.testing.assert_allclose(ratio[0].numpy(),
+                                   (logp - batch.logp[step.idx]).exp().numpy(), rtol=1e-5)
 
 
 def test_ppo_value_loss_gets_old_values_targets_and_range(monkeypatch):
@@ -416,8 +475,9 @@ def test_ppo_value_loss_gets_old_values_targets_and_range(monkeypatch):
         _, _, batch, trace, _ = _run_ppo(monkeypatch, cfg)
         assert len(seen) == len(trace.steps)
         for (old, target, c), idx in zip(seen, trace.idx, strict=True):
-            assert torch.equal(old, batch.values[idx])
-            assert torch.equal(target, batch.returns[idx])
+            assert old.shape == target.shape == (1, len(idx))  # [seeds, m]: the batch of one
+            assert torch.equal(old[0], batch.values[idx])
+            assert torch.equal(target[0], batch.returns[idx])
             assert c == (0.37 if value_clip else None)
 
 
@@ -429,7 +489,12 @@ def test_ppo_kl_early_stop_fires_and_counts_epochs(monkeypatch):
     real = ppo_mod.kl_early_stop
 
     def spy(mean_kl: float, target_kl: float, enabled: bool) -> bool:
-        policy, old, obs = holder["policy"], holder["old"], holder["batch"].obs
+        # the parameters the update has reached: its stacks (the agent's modules get them
+        # only when the update stores them, at its end)
+        agent, trace = holder["agent"], holder["trace"]
+        nets = next(n for n in trace.nets if n.policies[0] is agent.policy)
+        policy = _seed0(nets.policy, agent.policy)
+        old, obs = holder["old"], holder["batch"].obs
         with torch.no_grad():
             kl = float(policy.kl(old.dist(obs), policy.dist(obs)).mean())
         calls.append((mean_kl, target_kl, enabled, kl))
@@ -442,11 +507,13 @@ def test_ppo_kl_early_stop_fires_and_counts_epochs(monkeypatch):
         cfg = _config("ppo", kl_stop=kl_stop, target_kl=target, policy_lr=lr, epochs=4)
         agent = _agent(cfg)
         batch = _batch(agent)
-        holder.update(policy=agent.policy, old=copy.deepcopy(agent.policy), batch=batch)
         optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
-        trace = _trace(monkeypatch, ppo_mod, agent, optimizer)
-        metrics = ppo_mod.ppo_update(cfg, agent.policy, agent.value_net, optimizer, batch,
-                                     torch.Generator().manual_seed(1), {})
+        with pytest.MonkeyPatch.context() as mp:
+            trace = _trace(mp, agent)
+            holder.update(agent=agent, trace=trace, old=copy.deepcopy(agent.policy),
+                          batch=batch)
+            metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
+                                 torch.Generator().manual_seed(1), {})
         assert metrics["epochs_run"] == epochs_expected, (kl_stop, target)
         assert len(trace.steps) == epochs_expected * cfg.minibatches
         if kl_stop:
@@ -469,8 +536,8 @@ def test_ppo_learning_rates_and_adam_eps_per_network(monkeypatch):
             {"policy": adam_eps, "value": adam_eps}
         before_p = parameters_to_vector(agent.policy.parameters()).detach().clone()
         before_v = parameters_to_vector(agent.value_net.parameters()).detach().clone()
-        ppo_mod.ppo_update(cfg, agent.policy, agent.value_net, optimizer, _batch(agent),
-                           torch.Generator().manual_seed(1), {})
+        update_one(cfg, agent.policy, agent.value_net, optimizer, _batch(agent),
+                   torch.Generator().manual_seed(1), {})
         with torch.no_grad():
             move_p = float((parameters_to_vector(agent.policy.parameters()) - before_p)
                            .abs().max())
@@ -534,7 +601,7 @@ def _run_trpo(monkeypatch: pytest.MonkeyPatch, cfg: Config, seed: int = 0, n: in
     monkeypatch.setattr(trpo_mod, "conjugate_gradient", cg)
     monkeypatch.setattr(trpo_mod, "vector_to_parameters", v2p)
     old_policy = copy.deepcopy(agent.policy)
-    metrics = trpo_mod.trpo_update(cfg, agent.policy, agent.value_net, optimizer, batch,
+    metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
                                    torch.Generator().manual_seed(seed + 1), {})
     return agent, old_policy, batch, tt, value_trace, metrics
 
@@ -855,7 +922,7 @@ def test_probe_sampling_leaves_the_agents_statistics_alone():
     agent = build_agent(cfg, env.observation_space, env.action_space)
     env.close()
     envs = make_vector_env("CartPole-v1", 1)
-    RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(agent.policy,
+    collect_one(RolloutCollector(cfg, envs, agent.preprocessor, seed=0), agent.policy,
                                                                      agent.value_net)
     envs.close()
     trained = copy.deepcopy(agent.preprocessor.state_dict())
@@ -903,7 +970,7 @@ def test_env_gets_clipped_action_batch_stores_and_scores_the_sample(action_clip)
     agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
     _RecordActions.received.clear()
     collector = RolloutCollector(cfg, envs, agent.preprocessor, seed=0)
-    batch, _ = collector.collect(agent.policy, agent.value_net)
+    batch, _ = collect_one(collector, agent.policy, agent.value_net)
     envs.close()
     stored = batch.actions.numpy()
     # time-major (t, env) layout: env i at step t is row t * num_envs + i
@@ -938,7 +1005,7 @@ def test_collector_layout_gae_arguments_and_reward_reset_at_truncation(monkeypat
     agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
     assert agent.preprocessor.reward_scaler.gamma == 0.77
     collector = RolloutCollector(cfg, envs, agent.preprocessor, seed=0)
-    batch, stats = collector.collect(agent.policy, agent.value_net)
+    batch, stats = collect_one(collector, agent.policy, agent.value_net)
     envs.close()
     assert len(batch) == 14 and batch.num_envs == 2
     assert [(g, lam) for g, lam, _ in calls] == [(0.77, 0.33)]
@@ -960,13 +1027,13 @@ def test_collector_state_continues_episodes_or_says_it_cannot(env_id, exact):
     torch.manual_seed(0)
     agent = build_agent(cfg, envs_a.single_observation_space, envs_a.single_action_space)
     a = RolloutCollector(cfg, envs_a, agent.preprocessor, seed=0)
-    a.collect(agent.policy, agent.value_net)
+    collect_one(a, agent.policy, agent.value_net)
     state = a.state_dict()
     assert (state["envs"] is not None) is exact
     b = RolloutCollector(cfg, envs_b, copy.deepcopy(agent.preprocessor), seed=99)
     assert b.load_state_dict(state) is exact
-    batch_a, _ = a.collect(agent.policy, agent.value_net)
-    batch_b, _ = b.collect(agent.policy, agent.value_net)
+    batch_a, _ = collect_one(a, agent.policy, agent.value_net)
+    batch_b, _ = collect_one(b, agent.policy, agent.value_net)
     envs_a.close()
     envs_b.close()
     if exact:
@@ -989,7 +1056,7 @@ def test_batch_helpers_keep_the_layout_or_refuse():
     envs = make_vector_env(RECORD_ID, 2)
     torch.manual_seed(0)
     agent = build_agent(cfg, envs.single_observation_space, envs.single_action_space)
-    batch, _ = RolloutCollector(cfg, envs, agent.preprocessor, seed=0).collect(
+    batch, _ = collect_one(RolloutCollector(cfg, envs, agent.preprocessor, seed=0),
         agent.policy, agent.value_net)
     envs.close()
     assert batch.head_index(8).tolist() == [0, 2, 4, 6, 8, 10, 1, 3]

@@ -77,10 +77,32 @@ class Policy(Protocol):
                         assign: bool = False) -> Any: ...
 
 
+def one_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A linear layer with one output, ``x . w + b`` (``weight``: ``[..., 1, in]``
+    broadcast against ``x``: ``[..., m, in]``), as an elementwise product summed over
+    the inputs. Every row is reduced on its own, in the same order, whatever the number
+    of rows or of stacked networks; a matrix-vector kernel (``addmm`` with one column,
+    ``baddbmm``) picks different kernels for one and for several stacked matrices and so
+    rounds a seed's value differently alone and in a batch (docs/architecture.md, "One
+    engine")."""
+    return (x * weight).sum(-1, keepdim=True) + bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose one-output form is
+    :func:`one_output`, so that a network's own forward pass and the seed-batched one
+    (:class:`pgscope.engine.stacked.SeedBatched`) give the same bits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_features == 1:
+            return one_output(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def mlp(sizes: list[int], act: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        layers.append(Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
             layers.append(activation(act)())
     return nn.Sequential(*layers)

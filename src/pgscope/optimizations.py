@@ -214,11 +214,17 @@ def multiply_rewards(rewards: np.ndarray, multiplier: float) -> np.ndarray:
 
 
 def normalize_advantages(adv: torch.Tensor, enabled: bool, eps: float = 1e-8) -> torch.Tensor:
-    """Per-minibatch advantage normalization to zero mean and unit std over the last
-    (sample) dim (each seed's own in the seed-batched engine's ``[N, m]``)."""
-    if not enabled or adv.shape[-1] < 2:
+    """Per-minibatch advantage normalization to zero mean and unit std (the sample std,
+    m - 1 in the denominator) over the last (sample) dim: each seed's own in the
+    engine's ``[N, m]``. The std is the two-pass sqrt(sum((a - mean)^2) / (m - 1)), whose
+    sums reduce each row alike whatever N; ``Tensor.std``'s float64 kernel reduces one row
+    differently from several (docs/architecture.md, "One engine")."""
+    m = adv.shape[-1]
+    if not enabled or m < 2:
         return adv
-    return (adv - adv.mean(-1, keepdim=True)) / (adv.std(-1, keepdim=True) + eps)
+    centered = adv - adv.mean(-1, keepdim=True)
+    std = (centered.square().sum(-1, keepdim=True) / (m - 1)).sqrt()
+    return centered / (std + eps)
 
 
 def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:

@@ -266,9 +266,10 @@ class RunState:
 
     def end(self, state: str, error: str | None = None,
             exception: BaseException | None = None) -> BatchMember:
-        """Record how the member ended (``status.json``, ``on_run_end``); ``exception``:
-        what ended it, if anything."""
+        """Record how the member ended (``status.json``, ``on_run_end``, at the iteration
+        that diverged for a divergence); ``exception``: what ended it, if anything."""
         iteration = self.completed
+        at = exception.iteration if isinstance(exception, DivergenceError) else iteration
         if state == "diverged":
             assert error is not None
         elif state != "complete":
@@ -276,7 +277,7 @@ class RunState:
         else:
             self.status(state, self.cfg.num_iterations)
         try:
-            self.events.on_run_end(RunEnd(self.run.path, self.cfg, state, iteration, error))
+            self.events.on_run_end(RunEnd(self.run.path, self.cfg, state, at, error))
         except Exception as exc:
             if state == "complete":
                 raise

@@ -88,7 +88,7 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
     value_clip = cfg.value_clip_range if cfg.value_clip else None
     betas = [s.get("kl_beta", cfg.kl_beta_init) for s in states]
-    beta = torch.tensor(betas)  # each seed's ppo-kl penalty coefficient
+    beta = torch.tensor(betas, dtype=batch.advantages.dtype)  # each seed's ppo-kl penalty
     active = torch.ones(len(nets), dtype=torch.bool)  # seeds still in their epochs
     epochs_run = torch.zeros(len(nets), dtype=torch.long)
 

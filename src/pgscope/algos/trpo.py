@@ -120,6 +120,7 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     (:func:`kl_limit`)."""
     updates = [int(s.get("updates", 0)) for s in states]
     limits = [kl_limit(cfg, u) for u in updates]
+    max_kl = torch.tensor(limits, dtype=torch.float64)  # each seed's limit, compared exactly
     for state, u in zip(states, updates, strict=True):
         state["updates"] = u + 1
     old_policies = nets.snapshot()
@@ -148,7 +149,7 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     direction = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
     shs = (direction * fisher_vector_product(direction)).sum(1)
     scale = torch.tensor([math.sqrt(2 * limit / max(float(s), 1e-12))
-                          for limit, s in zip(limits, shs, strict=True)])
+                          for limit, s in zip(limits, shs, strict=True)], dtype=g.dtype)
     step = scale.unsqueeze(1) * direction
 
     theta_old = nets.policy.flat().detach()
@@ -162,7 +163,7 @@ def trpo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
             fraction = cfg.backtrack_coef ** k
             trial = theta_old + fraction * step
             nets.policy.set_flat(trial)
-            ok = ((seed_mean_kl(policy, old_policy, batch.obs) <= torch.tensor(limits))
+            ok = ((seed_mean_kl(policy, old_policy, batch.obs) <= max_kl)
                   & (surrogate() > surr_old) & ~accepted)
             theta_new[ok] = trial[ok]
             step_fraction[ok], steps_tried[ok] = fraction, k + 1

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.func import stack_module_state
 
+from pgscope.networks import one_output
+
 Params = dict[str, torch.Tensor]
 
 
@@ -47,8 +49,8 @@ class _SeedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.params[self.name + ".weight"]
         bias = self.params[self.name + ".bias"]
-        if weight.shape[1] == 1:
-            return (x * weight).sum(-1, keepdim=True) + bias.unsqueeze(1)
+        if weight.shape[1] == 1:  # [N, 1, in]: broadcast over each seed's rows
+            return one_output(x, weight, bias.unsqueeze(1))
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 

@@ -1,12 +1,14 @@
-"""The seed-batched engine (:mod:`pgscope.batched`): seed i of a batch is the same
-algorithm as a single run of seed i.
+"""The one engine (:func:`pgscope.train.train_batch`, each algorithm's update over N
+seeds): what it computes for a seed does not depend on the batch.
 
-One batched update equals N single updates on the same batches, initial weights and
-generators (every preset the engine supports, KL early stopping firing for some seeds
-only, a TRPO line search rejecting for one seed only); the masked Adam equals
-``torch.optim.Adam``; short batched training runs equal single runs; a batch reproduces
-itself; a diverging member is recorded and the others complete; checkpoints resume across
-the two engines. Networks are tiny and envs small (Pendulum, the helper envs).
+One update of N seeds equals, bit for bit, each seed's update as the batch of one
+(:func:`pgscope.algos.update_one`), from the same weights, batches, generators and
+algorithm states: every algorithm, KL early stopping firing for some seeds only, a TRPO
+line search rejecting for one seed only, in float32 and float64. Training: a diverging
+member is recorded and the others train on exactly as alone; runs stopped alone or in a
+batch resume alone or in a batch to the same bits; what cannot batch is refused before
+anything is written. Whole runs in every layout: tests/test_engine_invariance.py.
+Networks are tiny and envs small (Pendulum, CartPole, the helper envs).
 """
 
 from __future__ import annotations
@@ -24,21 +26,19 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from pgscope.agent import Agent, build_agent
-from pgscope.algos import algorithm
+from pgscope.algos import algorithm, update_one
 from pgscope.algos.common import make_optimizer
-from pgscope.batched import parse_seeds, train_batch
-from pgscope.batched.common import BATCHED_UPDATES, SeedNets
 from pgscope.callbacks import Callback, IterationEnd
 from pgscope.cli import EXIT_ERROR, main
 from pgscope.config import Config, make_config
+from pgscope.engine.nets import SeedNets
 from pgscope.errors import ConfigError, RunDirError
 from pgscope.rollout import Batch
 from pgscope.run import RunDir, load_checkpoint
-from pgscope.train import train
+from pgscope.train import parse_seeds, resume, train, train_batch
 
 OBS_DIM, ACT_DIM, PAIRS = 3, 2, 64
 SEEDS = (0, 1, 2)
-TOL = 1e-5
 
 
 def _config(preset: str, **overrides: Any) -> Config:
@@ -77,8 +77,8 @@ def _single_and_batched(cfg: Config, seeds: tuple[int, ...] = SEEDS,
                         states: list[dict[str, float]] | None = None,
                         adv_scale: float = 1.0
                         ) -> tuple[list[Agent], list[dict], list[Agent], list[dict]]:
-    """Each seed's single update and the batched update of all seeds, from the same
-    weights, batches, generators and algorithm states."""
+    """Each seed's update as the batch of one and the update of all seeds as one batch,
+    from the same weights, batches, generators and algorithm states."""
     agents = [_agent(cfg, s) for s in seeds]
     batches = [_batch(a, s, adv_scale) for a, s in zip(agents, seeds, strict=True)]
     states = states or [{} for _ in seeds]
@@ -87,13 +87,13 @@ def _single_and_batched(cfg: Config, seeds: tuple[int, ...] = SEEDS,
     single_metrics = []
     for agent, batch, s, state in zip(single, batches, seeds, single_states, strict=True):
         optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
-        single_metrics.append(algorithm(cfg.algo).update(
+        single_metrics.append(update_one(
             cfg, agent.policy, agent.value_net, optimizer, batch,
             torch.Generator().manual_seed(s + 1), state, batch.obs[:16]))
     batched = copy.deepcopy(agents)
     nets = SeedNets(cfg, [a.policy for a in batched], [a.value_net for a in batched],
                     [make_optimizer(cfg, a.policy, a.value_net) for a in batched])
-    batched_metrics = BATCHED_UPDATES[cfg.algo](
+    batched_metrics = algorithm(cfg.algo).update(
         cfg, nets, batches, [torch.Generator().manual_seed(s + 1) for s in seeds], states,
         [b.obs[:16] for b in batches])
     for metrics, state in zip(batched_metrics, states, strict=True):
@@ -110,38 +110,53 @@ def _max_param_diff(a: Agent, b: Agent) -> float:
 
 
 def _assert_same(single: list[Agent], single_metrics: list[dict], batched: list[Agent],
-                 batched_metrics: list[dict], tol: float = TOL) -> None:
+                 batched_metrics: list[dict], still: tuple[int, ...] = ()) -> None:
+    """Bit for bit: every parameter, every metric, every algorithm state (and every seed
+    but those in ``still`` moved its policy)."""
     for i, (a, b) in enumerate(zip(single, batched, strict=True)):
         moved = float((parameters_to_vector(a.policy.parameters()).detach()
                        - parameters_to_vector(_agent(a.config, SEEDS[i]).policy.parameters())
                        ).abs().max())
-        assert _max_param_diff(a, b) <= tol, f"seed {i}: parameters differ (moved {moved})"
+        assert (moved == 0) == (i in still), f"seed {i}: moved {moved}"
+        assert _max_param_diff(a, b) == 0, f"seed {i}: parameters differ"
     for i, (m1, m2) in enumerate(zip(single_metrics, batched_metrics, strict=True)):
         assert m1.keys() == m2.keys(), f"seed {i}: keys {set(m1) ^ set(m2)}"
         for key, v1 in m1.items():
             v2 = m2[key]
             if isinstance(v1, float) and np.isnan(v1):
                 assert np.isnan(v2), f"seed {i}: {key}"
-            elif key != "state":
-                assert v2 == pytest.approx(v1, rel=1e-4, abs=1e-5), f"seed {i}: {key}"
-        assert m2["state"] == pytest.approx(m1["state"]), f"seed {i}: algorithm state"
+            else:
+                assert v2 == v1, f"seed {i}: {key}"
 
 
-@pytest.mark.parametrize("preset", ["ppo", "ppo-m", "ppo-noclip", "ppo-kl", "trpo", "trpo+"])
-def test_one_batched_update_equals_single_updates(preset):
-    cfg = _config(preset, ent_coef=0.01 if preset == "ppo" else 0.0)
+@pytest.mark.parametrize("preset", ["ppo", "ppo-m", "ppo-noclip", "ppo-kl", "trpo", "trpo+",
+                                    "a2c"])
+def test_one_update_of_a_batch_equals_each_seeds_update_alone(preset):
+    overrides = dict(epochs=1, minibatches=1) if preset == "a2c" else {}
+    cfg = _config(preset, ent_coef=0.01 if preset == "ppo" else 0.0, **overrides)
     _assert_same(*_single_and_batched(cfg))
 
 
 @pytest.mark.parametrize("preset", ["ppo", "ppo-kl", "trpo", "trpo+"])
-def test_one_batched_update_equals_single_updates_in_float64(preset):
-    """In float64 the only difference left is rounding: 1e-10, not 1e-5."""
+def test_one_update_of_a_batch_equals_each_seeds_update_alone_in_float64(preset):
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        _assert_same(*_single_and_batched(_config(preset)), tol=1e-10)
+        _assert_same(*_single_and_batched(_config(preset)))
     finally:
         torch.set_default_dtype(before)
+
+
+def test_a_planted_cross_seed_reduction_breaks_the_equality(monkeypatch):
+    """The check above is sensitive: advantages normalized over every seed's minibatch
+    together (a reduction across seeds) instead of per seed make it fail."""
+    import pgscope.algos.ppo as ppo_mod
+
+    real = ppo_mod.normalize_advantages
+    monkeypatch.setattr(ppo_mod, "normalize_advantages",
+                        lambda adv, on: real(adv.reshape(1, -1), on).reshape(adv.shape))
+    with pytest.raises(AssertionError, match="parameters differ"):
+        _assert_same(*_single_and_batched(_config("ppo")))
 
 
 def test_value_dr3_coef_batched_equals_single_updates():
@@ -164,16 +179,6 @@ def test_value_dr3_coef_batched_equals_single_updates():
             assert _max_param_diff(single[0], plain[0]) > 1e-4
     finally:
         globals()["_batch"] = real
-
-
-def test_a_key_the_engine_does_not_implement_is_refused(tmp_path, monkeypatch):
-    import pgscope.batched.train as engine
-
-    monkeypatch.setattr(engine, "SUPPORTED_KEYS", engine.SUPPORTED_KEYS - {"ent_coef"})
-    cfgs = [_run_config("ppo", seed=s, ent_coef=0.01) for s in (0, 1)]
-    with pytest.raises(ConfigError, match="ent_coef"):
-        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
-    assert not any(tmp_path.iterdir())
 
 
 def test_kl_stop_firing_for_some_seeds_only():
@@ -201,7 +206,7 @@ def test_trpo_line_search_rejecting_for_one_seed_only():
         globals()["_batch"] = real
     fractions = [m["step_fraction"] for m in single_metrics]
     assert fractions[1] == 0 and fractions[0] > 0 and fractions[2] > 0, fractions
-    _assert_same(single, single_metrics, batched, batched_metrics)
+    _assert_same(single, single_metrics, batched, batched_metrics, still=(1,))
 
 
 # --- training runs -------------------------------------------------------------------------
@@ -251,16 +256,25 @@ def _records(run: Path) -> list[dict[str, Any]]:
 
 
 def _assert_same_metrics(got: Path, want: Path) -> None:
+    """Every non-timing metric of every iteration equal, and the last checkpoints'
+    tensors equal."""
     a, b = _records(got), _records(want)
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
     for ra, rb in zip(a, b, strict=True):
-        assert ra.keys() == rb.keys()
-        for key, value in rb.items():
-            if isinstance(value, float):
-                assert ra[key] == pytest.approx(value, rel=1e-4, abs=1e-5), \
-                    f"{got.name} iteration {rb['iteration']}: {key}"
-            else:
-                assert ra[key] == value, f"{got.name} iteration {rb['iteration']}: {key}"
+        assert ra == rb, f"{got.name} iteration {rb['iteration']}"
+    ca = load_checkpoint(RunDir(got).last_checkpoint)
+    cb = load_checkpoint(RunDir(want).last_checkpoint)
+    for part in ("policy", "value_net", "optimizer"):
+        assert _tensors(ca[part]) == _tensors(cb[part]), f"{got.name}: {part}"
+
+
+def _tensors(tree: Any) -> list[Any]:
+    """The leaves of a checkpoint entry, tensors as lists (comparable with ==)."""
+    if isinstance(tree, dict):
+        return [(k, _tensors(v)) for k, v in sorted(tree.items(), key=lambda kv: str(kv[0]))]
+    if isinstance(tree, (list, tuple)):
+        return [_tensors(v) for v in tree]
+    return tree.tolist() if torch.is_tensor(tree) else tree
 
 
 class _StopAt(Callback):
@@ -273,7 +287,7 @@ class _StopAt(Callback):
 
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory) -> dict[str, dict[int, Path]]:
-    """Uninterrupted single-engine runs of each seed, the references."""
+    """Uninterrupted runs of each seed trained alone, the references."""
     root = tmp_path_factory.mktemp("single")
     runs: dict[str, dict[int, Path]] = {}
     for preset in ("ppo", "trpo"):
@@ -285,7 +299,7 @@ def single_runs(tmp_path_factory) -> dict[str, dict[int, Path]]:
 
 
 @pytest.mark.parametrize("preset", ["ppo", "trpo"])
-def test_batched_run_equals_single_runs_and_reproduces_itself(tmp_path, single_runs, preset):
+def test_a_batch_equals_its_seeds_alone_and_reproduces_itself(tmp_path, single_runs, preset):
     cfgs = [_run_config(preset, s) for s in SEEDS]
     first = train_batch(cfgs, [tmp_path / f"a{s}" for s in SEEDS], progress=False)
     assert [m.state for m in first] == ["complete"] * len(SEEDS)
@@ -311,15 +325,15 @@ def test_a_diverging_member_is_recorded_and_the_others_complete(tmp_path):
         _assert_same_metrics(members[seed].path, single)
 
 
-def test_checkpoints_resume_across_the_engines(tmp_path, single_runs):
-    """A batch stopped after iteration 2 continues with the single engine (seed 0) and
-    with the batched engine (seeds 1, 2); single runs stopped after iteration 2 continue
-    as a batch. Every continuation equals the uninterrupted single run."""
+def test_runs_resume_alone_or_in_a_batch(tmp_path, single_runs):
+    """A batch stopped after iteration 2 continues alone (seed 0, through ``resume``) and
+    as a batch (seeds 1, 2); runs stopped alone after iteration 2 continue as a batch.
+    Every continuation equals the uninterrupted run alone."""
     cfgs = [_run_config("ppo", s) for s in SEEDS]
     stopped = train_batch(cfgs, [tmp_path / f"b{s}" for s in SEEDS], progress=False,
                           callbacks=lambda i: [_StopAt(2)])
     assert [m.state for m in stopped] == ["interrupted"] * len(SEEDS)
-    train(Config(), stopped[0].path, resume=True, progress=False)
+    resume(stopped[0].path, progress=False)
     again = train_batch([], [m.path for m in stopped[1:]], resume=True, progress=False)
     assert [m.state for m in again] == ["complete"] * 2
     for seed, member in zip(SEEDS, stopped, strict=True):
@@ -353,17 +367,16 @@ def test_configs_that_cannot_batch_are_refused_before_anything_is_written(
     assert not any(tmp_path.iterdir())
 
 
-def test_algorithms_without_a_batched_update_are_refused(tmp_path):
-    cfgs = [_run_config("a2c", s, epochs=1, minibatches=1) for s in SEEDS[:2]]
-    with pytest.raises(ConfigError, match="seed-batched engine supports"):
-        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
-
-
-def test_discrete_action_spaces_are_refused_before_anything_is_written(tmp_path):
-    cfgs = [make_config("ppo", "CartPole-v1", dict(seed=s, hidden=(8,))) for s in SEEDS[:2]]
-    with pytest.raises(ConfigError, match="discrete actions"):
-        train_batch(cfgs, [tmp_path / "a", tmp_path / "b"], progress=False)
-    assert not any(tmp_path.iterdir())
+def test_cli_seeds_train_discrete_actions_and_a2c(tmp_path):
+    """Once refused by the batched engine: CartPole (discrete) and a2c through --seeds."""
+    for preset, extra in (("ppo", []), ("a2c", ["--set", "epochs=1", "--set",
+                                                "minibatches=1"])):
+        out = tmp_path / preset
+        assert main(["train", "--algo", preset, "--env", "CartPole-v1", "--seeds", "0-1",
+                     "--out", str(out), "--steps", "128", "--quiet", "--set",
+                     "steps_per_iter=64", "--set", "hidden=8", *extra]) == 0
+        for seed in (0, 1):
+            assert RunDir(out / f"seed_{seed}").read_status()["state"] == "complete"
 
 
 def test_cli_trains_seeds_as_batches_into_seed_directories(tmp_path, capsys):
