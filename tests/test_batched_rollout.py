@@ -1,5 +1,6 @@
-"""The seed-batched rollout (:mod:`pgscope.batched.rollout`) computes, for each seed, exactly
-what that seed's own :meth:`pgscope.rollout.RolloutCollector.collect` computes: every field
+"""The rollout (:func:`pgscope.engine.rollout.collect_lockstep`) computes, for each seed,
+exactly what that seed's rollout stepped alone computes (tests/reference_rollout.py, one
+env step at a time through the vector env's own ``step``): every field
 of its ``Batch`` and ``FinishedEpisodes`` bit-identical (``torch.equal``), over consecutive
 rollouts (episodes running across rollout boundaries, time-limit truncations, terminations),
 and the collectors' and preprocessors' states (normalizer statistics, reward scaler,
@@ -16,11 +17,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from reference_rollout import reference_collect
 
 from pgscope.agent import Agent, build_agent
-from pgscope.batched.lockstep import StackedRunningMeanStd, step_envs
-from pgscope.batched.rollout import collect_lockstep
 from pgscope.config import Config, make_config
+from pgscope.engine.lockstep import StackedRunningMeanStd, step_envs
+from pgscope.engine.rollout import collect_lockstep, collect_one
 from pgscope.envs import make_vector_env
 from pgscope.envs.batch_step import LocomotionBatch
 from pgscope.optimizations import RunningMeanStd
@@ -89,7 +91,7 @@ def _compare(cfg: Config, seeds: tuple[int, ...], rollouts: int = ROLLOUTS
         for i, seed in enumerate(seeds):
             result = got[i]
             assert not isinstance(result, Exception), result
-            want = single_collectors[i].collect(single_agents[i].policy,
+            want = reference_collect(single_collectors[i], single_agents[i].policy,
                                                 single_agents[i].value_net)
             _assert_same_rollout(result, want, f"seed {seed} rollout {r}")
             _assert_same_state(collectors[i], single_collectors[i], f"seed {seed} rollout {r}")
@@ -183,26 +185,27 @@ def test_seeds_whose_env_turns_nan_or_raises_get_the_single_runs_error_others_go
                            [a.value_net for a in agents])
     assert isinstance(got[1], NonFiniteEnvError)
     with pytest.raises(NonFiniteEnvError) as single_error:
-        single_collectors[1].collect(single_agents[1].policy, single_agents[1].value_net)
+        reference_collect(single_collectors[1], single_agents[1].policy, single_agents[1].value_net)
     assert str(got[1]) == str(single_error.value)
     assert got[1].where == single_error.value.where
     assert isinstance(got[2], RuntimeError) and "broke at step 20" in str(got[2])
     with pytest.raises(RuntimeError, match="broke at step 20"):
-        single_collectors[2].collect(single_agents[2].policy, single_agents[2].value_net)
+        reference_collect(single_collectors[2], single_agents[2].policy, single_agents[2].value_net)
     for i in (1, 2):  # the failed seeds' envs stopped where the single run's stopped
         assert ([e.unwrapped.steps for e in collectors[i].envs.envs]
                 == [e.unwrapped.steps for e in single_collectors[i].envs.envs])
     for i in (0, 3):
         result = got[i]
         assert not isinstance(result, Exception)
-        want = single_collectors[i].collect(single_agents[i].policy, single_agents[i].value_net)
+        want = reference_collect(single_collectors[i], single_agents[i].policy,
+                                 single_agents[i].value_net)
         _assert_same_rollout(result, want, f"seed {seeds[i]}")
         _assert_same_state(collectors[i], single_collectors[i], f"seed {seeds[i]}")
 
 
 def test_the_seeds_collectors_go_on_alone_after_lockstep_rollouts():
-    """After a lockstep rollout each collector is an ordinary collector again: its own
-    ``collect`` continues exactly as an uninterrupted single collector's."""
+    """After a lockstep rollout of two seeds each collector is an ordinary collector
+    again: collected alone (the batch of one) it continues exactly as the reference."""
     cfg = make_config("ppo", "Pendulum-v1", dict(steps_per_iter=128, num_envs=2,
                                                  hidden=(8,)))
     seeds = (0, 1)
@@ -211,10 +214,11 @@ def test_the_seeds_collectors_go_on_alone_after_lockstep_rollouts():
     collect_lockstep(collectors, [a.policy for a in agents], [a.value_net for a in agents])
     for i, seed in enumerate(seeds):
         policy, value_net = single_agents[i].policy, single_agents[i].value_net
-        single_collectors[i].collect(policy, value_net)
+        reference_collect(single_collectors[i], policy, value_net)
         for r in range(2):
-            _assert_same_rollout(collectors[i].collect(agents[i].policy, agents[i].value_net),
-                                 single_collectors[i].collect(policy, value_net),
+            _assert_same_rollout(collect_one(collectors[i], agents[i].policy,
+                                             agents[i].value_net),
+                                 reference_collect(single_collectors[i], policy, value_net),
                                  f"seed {seed} rollout {r}")
         _assert_same_state(collectors[i], single_collectors[i], f"seed {seed}")
 

@@ -1,4 +1,4 @@
-"""The pieces of the seed-batched update (:mod:`pgscope.batched`), each against the
+"""The pieces of the seed-batched update (:mod:`pgscope.engine`), each against the
 single-run code it stands for, seed by seed: the masked Adam's ``torch._foreach_*`` step
 against ``torch.optim.Adam`` (float64, masks that leave seeds behind with their own step
 counts, a stopped seed with a non-finite gradient), the per-seed gradient clipping
@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
-from pgscope.batched.adam import MaskedAdam
-from pgscope.batched.stacked import Stack, clip_gradients_per_seed
+from pgscope.engine.adam import MaskedAdam
+from pgscope.engine.stacked import Stack, clip_gradients_per_seed
 from pgscope.networks import CategoricalPolicy, GaussianPolicy, ValueNet
 
 SEEDS = 3

@@ -6,7 +6,7 @@ elsewhere (:mod:`pgscope.study.shipping`). One test starts a Ray cluster of thre
 this machine (``ray.cluster_utils.Cluster``): a head with the driver and no CPUs, and two
 worker nodes; every worker process records each path it opens, creates, renames or
 removes (a Python audit hook), the study runs in batches of two seeds (Pendulum: the
-seed-batched engine trains Box-action envs only), and one worker node is removed while it
+a seed's numbers do not depend on its batch), and one worker node is removed while it
 trains a batch, once the batch's shipped checkpoints are past the first iteration and
 before the last.
 """
@@ -14,6 +14,7 @@ before the last.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -121,9 +122,9 @@ def test_spec_batch_size_is_checked_and_not_part_of_the_identity():
         parse_spec({**data, "batch_size": 0})
 
 
-def test_execute_batch_trains_seeds_together_and_refused_or_mismatched_runs_alone(
+def test_execute_batch_trains_seeds_together_and_regroups_mismatched_runs(
         tmp_path, monkeypatch):
-    batched = pytest.importorskip("pgscope.batched")
+    batched = importlib.import_module("pgscope.train")  # pgscope.train is also a function
     calls: list[list[int]] = []
     real = batched.train_batch
 
@@ -137,24 +138,31 @@ def test_execute_batch_trains_seeds_together_and_refused_or_mismatched_runs_alon
         total_steps=512)).to_dict()
     tasks = [(str(tmp_path / f"ppo{s}"), cfg("ppo", s)) for s in (0, 1)]
     assert execute_batch(tasks) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
-    engines = {RunDir(Path(d)).read_status().get("engine") for d, _ in tasks}
-    assert engines == {"seed-batched"}  # trained by the engine, not after its refusal
     assert execute_batch(tasks) == [{"state": "complete"}] * 2 and calls == [[0, 1]]  # done
-    # the engine refuses a2c (check_batchable) and discrete actions (its env check): never
-    # packed together, each run alone, none lost
-    for name, refused in (("a2c", [cfg("a2c", s) for s in (0, 1)]),
+    # a2c and discrete actions train together too (the batched engine used to refuse them
+    # and train each run alone); each member equals its run trained alone
+    for name, configs in (("a2c", [cfg("a2c", s) for s in (0, 1)]),
                           ("cartpole", [cfg("ppo", s, "CartPole-v1") for s in (0, 1)])):
-        alone = [(str(tmp_path / f"{name}{s}"), c) for s, c in enumerate(refused)]
-        assert not batchable(alone)
-        assert len(pack_batches({str(i): t for i, t in enumerate(alone)}, 8,
-                                batchable=batchable)) == 2
-        assert execute_batch(alone) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
+        together = [(str(tmp_path / f"{name}{s}"), c) for s, c in enumerate(configs)]
+        assert batchable(together)
+        assert len(pack_batches({str(i): t for i, t in enumerate(together)}, 8,
+                                batchable=batchable)) == 1
+        calls.clear()
+        assert execute_batch(together) == [{"state": "complete"}] * 2 and calls == [[0, 1]]
+        alone = train(Config.from_dict(configs[1]), tmp_path / f"{name}-alone",
+                      progress=False)
+        assert _metrics(Path(together[1][0])) == _metrics(alone)
+    # the same seed twice cannot batch: packed one per batch, none lost
+    twice = [(str(tmp_path / f"twice{k}"), cfg("ppo", 0)) for k in (0, 1)]
+    assert not batchable(twice)
+    assert len(pack_batches({str(i): t for i, t in enumerate(twice)}, 8,
+                            batchable=batchable)) == 2
     # members found at different checkpoints (a retry): regrouped by start point
     mixed = [(str(tmp_path / f"m{s}"), cfg("ppo", s)) for s in (0, 1, 2)]
     train(Config.from_dict(mixed[2][1]), mixed[2][0], progress=False, callbacks=[
         _StopAfter(1)])
     calls.clear()
-    assert execute_batch(mixed) == [{"state": "complete"}] * 3 and calls == [[0, 1]]
+    assert execute_batch(mixed) == [{"state": "complete"}] * 3 and calls == [[0, 1], [2]]
     assert RunDir(Path(mixed[2][0])).read_status()["state"] == "complete"
 
 
@@ -386,7 +394,6 @@ def _shipped_iteration(run: Path) -> int | None:
 def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_lost_batch(
         tmp_path):
     ray = pytest.importorskip("ray")
-    pytest.importorskip("pgscope.batched")
     from ray.cluster_utils import Cluster
 
     iterations = 16
@@ -461,7 +468,7 @@ def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_los
         assert f"sent to node {other[:12]}" in events, events
         resumed = [line for line in events.splitlines() if "resumed from the checkpoint" in line]
         assert len(resumed) == 1 and resumed[0].endswith(
-            "(seed-batched engine): episodes continue exactly"), events
+            ": episodes continue exactly"), events
         at = int(resumed[0].split("iteration ")[1].split(" ")[0])
         resumed_at.add(at)
         # resumed, not restarted: from (at least) the checkpoint seen before the loss
@@ -472,15 +479,15 @@ def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_los
         assert lines[:at] == before[run][:at]
     assert len(resumed_at) == 1
 
-    # the study's runs are ordinary, complete runs trained by the seed-batched engine and
-    # equal to a local execution in the same batches: the engine's resume is exact, and a
-    # member's numbers depend only on its batch, so they are compared exactly
-    local = run_study(spec, tmp_path / "local", workers=2, progress=False, batch_size=2)
-    assert len(local.complete) == 4 and local.batches == batches
+    # the study's runs are ordinary, complete runs, equal bit for bit to a local execution
+    # with every run trained alone (batches of one): the engine's resume is exact and a
+    # seed's numbers do not depend on its batch, its worker, its node or the backend
+    local = run_study(spec, tmp_path / "local", workers=2, progress=False, batch_size=1)
+    assert len(local.complete) == 4 and all(len(b) == 1 for b in local.batches)
     for run in runs:
         got = RunDir(study / run)
         status = got.read_status()
-        assert status["state"] == "complete" and status["engine"] == "seed-batched"
+        assert status["state"] == "complete"
         assert got.writer() is None
         mine, theirs = _metrics(study / run), _metrics(tmp_path / "local" / run)
         assert mine == theirs, (run, [
@@ -519,7 +526,6 @@ def test_cli_study_run_batch_size_and_ship_every_reach_the_backend(tmp_path, mon
                                                                      capsys):
     """``--batch-size`` sets the units of work and ``--ship-every`` the Ray shipping; the Ray
     backend is replaced by one that records its arguments and trains the units here."""
-    pytest.importorskip("pgscope.batched")
     from pgscope.cli import main
     from pgscope.study import ray_backend
 
@@ -548,9 +554,7 @@ def test_cli_study_run_batch_size_and_ship_every_reach_the_backend(tmp_path, mon
     assert main([*base, "--out", str(tmp_path / "two"), "--batch-size", "2",
                  "--ship-every", "3"]) == 0
     assert seen == [dict(batches=[runs], ship_every=3)]
-    engines = {RunDir(tmp_path / "two" / r).read_status().get("engine") for r in runs}
-    assert engines == {"seed-batched"}
     assert main([*base, "--out", str(tmp_path / "one"), "--batch-size", "1"]) == 0
     assert seen[1] == dict(batches=[[r] for r in runs], ship_every=1)  # the default
-    engines = {RunDir(tmp_path / "one" / r).read_status().get("engine") for r in runs}
-    assert engines == {None}  # each run alone: the single engine
+    for r in runs:  # trained together or alone: the same numbers
+        assert _metrics(tmp_path / "two" / r) == _metrics(tmp_path / "one" / r)

@@ -559,7 +559,7 @@ class _TrpoTrace:
     f_direction: torch.Tensor | None = None  # F d at theta_old
     fvp_probe: torch.Tensor | None = None  # F v at theta_old for a fixed random v
     fisher_obs: list[torch.Tensor] = field(default_factory=list)
-    vectors: list[torch.Tensor] = field(default_factory=list)  # vector_to_parameters calls
+    vectors: list[torch.Tensor] = field(default_factory=list)  # the policy's set_flat calls
 
 
 PROBE_SEED = 123
@@ -568,41 +568,52 @@ PROBE_SEED = 123
 def _run_trpo(monkeypatch: pytest.MonkeyPatch, cfg: Config, seed: int = 0, n: int = 128,
               negate: bool = False) -> tuple[Agent, nn.Module, Batch, _TrpoTrace, _Trace,
                                               dict[str, Any]]:
-    """One trpo_update with spies on conjugate_gradient (``negate`` returns -x: an ascent
-    direction turned into a descent one, so that every trial fails the improvement test)
-    and on vector_to_parameters (every trial point of the line search)."""
+    """One TRPO update (the batch of one) with spies on conjugate_gradient (row-wise: b is
+    ``[1, P]``; ``negate`` returns -x: an ascent direction turned into a descent one, so
+    that every trial fails the improvement test), on the KL the Fisher-vector product
+    differentiates (its states) and on the policy stack's ``set_flat`` (every trial point
+    of the line search, then the parameters it keeps)."""
     agent = _agent(cfg, seed)
     batch = _batch(agent, n, seed)
     optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
-    value_trace = _trace(monkeypatch, trpo_mod, agent, optimizer)
+    value_trace = _trace(monkeypatch, agent)
     tt = _TrpoTrace()
-    real_cg, real_v2p = trpo_mod.conjugate_gradient, trpo_mod.vector_to_parameters
-    policy = agent.policy
+    real_cg, real_set_flat = trpo_mod.conjugate_gradient, Stack.set_flat
+    real_kl = trpo_mod.seed_mean_kl
 
     def cg(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
            *args: Any, **kwargs: Any) -> torch.Tensor:
-        tt.iters, tt.b = iters, b.detach().clone()
-        probe = torch.randn(b.numel(), generator=torch.Generator().manual_seed(PROBE_SEED))
-        real_dist = policy.dist
-        policy.dist = lambda obs: (tt.fisher_obs.append(obs.detach().clone()),  # type: ignore
-                                   real_dist(obs))[1]
+        assert b.dim() == 2 and b.shape[0] == 1  # one row per seed: the batch of one
+        tt.iters, tt.b = iters, b[0].detach().clone()
+        probe = torch.randn(b.shape[1], generator=torch.Generator().manual_seed(PROBE_SEED))
+
+        def kl_spy(policy: Any, old_policy: Any, obs: torch.Tensor) -> torch.Tensor:
+            assert obs.shape[0] == 1
+            tt.fisher_obs.append(obs[0].detach().clone())
+            return real_kl(policy, old_policy, obs)
+
+        trpo_mod.seed_mean_kl = kl_spy
         try:
-            tt.fvp_probe = avp(probe).detach().clone()
+            fvp = avp(probe.unsqueeze(0))
         finally:
-            del policy.dist
+            trpo_mod.seed_mean_kl = real_kl
+        assert fvp.shape == (1, b.shape[1])
+        tt.fvp_probe = fvp[0].detach().clone()
         x = real_cg(avp, b, iters, *args, **kwargs)
-        tt.direction, tt.f_direction = x.detach().clone(), avp(x).detach().clone()
+        tt.direction, tt.f_direction = x[0].detach().clone(), avp(x)[0].detach().clone()
         return -x if negate else x
 
-    def v2p(vec: torch.Tensor, params: Any) -> None:
-        tt.vectors.append(vec.detach().clone())
-        real_v2p(vec, params)
+    def set_flat(stack: Stack, matrix: torch.Tensor) -> None:
+        if type(stack.module) is type(agent.policy):  # the policy's stack
+            assert matrix.shape[0] == 1
+            tt.vectors.append(matrix[0].detach().clone())
+        real_set_flat(stack, matrix)
 
     monkeypatch.setattr(trpo_mod, "conjugate_gradient", cg)
-    monkeypatch.setattr(trpo_mod, "vector_to_parameters", v2p)
+    monkeypatch.setattr(Stack, "set_flat", set_flat)
     old_policy = copy.deepcopy(agent.policy)
     metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch,
-                                   torch.Generator().manual_seed(seed + 1), {})
+                         torch.Generator().manual_seed(seed + 1), {})
     return agent, old_policy, batch, tt, value_trace, metrics
 
 
@@ -691,7 +702,7 @@ def _check_line_search(cfg: Config, old_policy: nn.Module, batch: Batch, tt: _Tr
     adv = _trpo_adv(cfg, batch)
     surr_old, _ = _surrogate_and_kl(old_policy, theta_old, batch, adv)
     step = tt.vectors[0] - theta_old
-    trials = tt.vectors[:cfg.backtrack_iters]
+    trials = tt.vectors[:-1][:cfg.backtrack_iters]
     results = []
     accepted = None
     for k, theta in enumerate(trials):
@@ -704,14 +715,17 @@ def _check_line_search(cfg: Config, old_policy: nn.Module, batch: Batch, tt: _Tr
             accepted = k
             break
     final = parameters_to_vector(agent.policy.parameters()).detach()
+    # every set_flat but the last is a trial point; the last sets the parameters kept
+    kept = tt.vectors[-1]
     if accepted is None:
-        tried = [v for v in tt.vectors if not torch.equal(v, theta_old)]
-        assert len(tried) == cfg.backtrack_iters  # exactly backtrack_iters trial points
-        assert torch.equal(final, theta_old)
+        tried = [v for v in tt.vectors[:-1] if not torch.equal(v, theta_old)]
+        assert len(tried) == len(tt.vectors) - 1 == cfg.backtrack_iters  # exactly these
+        assert torch.equal(kept, theta_old) and torch.equal(final, theta_old)
         assert metrics["step_fraction"] == 0.0
         assert metrics["linesearch_steps"] == cfg.backtrack_iters
     else:
-        assert len(tt.vectors) == accepted + 1  # stops at the first acceptable trial
+        assert len(tt.vectors) - 1 == accepted + 1  # stops at the first acceptable trial
+        assert torch.equal(kept, trials[accepted])
         assert torch.equal(final, trials[accepted])
         assert metrics["step_fraction"] == cfg.backtrack_coef ** accepted
         assert metrics["linesearch_steps"] == accepted + 1
@@ -1141,32 +1155,49 @@ class _Recorder:
 
 
 def _record_training(monkeypatch: pytest.MonkeyPatch, algo: str) -> _Recorder:
+    """Spy on the one engine's seams of the training loop (a single run is the batch of
+    one: seed 0): ``algorithm(algo).update(cfg, nets, batches, generators, states,
+    heldout_obs)`` and ``collect_lockstep(collectors, policies, value_nets)`` as
+    ``pgscope.train`` calls them."""
     rec = _Recorder()
     real_update = algorithm(algo).update
-    real_collect = RolloutCollector.collect
+    real_collect = train_mod.collect_lockstep
 
-    def update(cfg, policy, value_net, optimizer, batch, generator, state, heldout_obs=None,
-               *args, **kwargs):
+    def update(cfg, nets, batches, generators, states, heldout_obs, *args, **kwargs):
+        assert len(nets) == len(batches) == len(generators) == len(states) == 1
+        # the stacks the update trains hold the seed's modules' parameters exactly
+        policy = copy.deepcopy(nets.policies[0].state_dict())
+        value = copy.deepcopy(nets.value_nets[0].state_dict())
+        for stack, want in ((nets.policy, policy), (nets.value, value)):
+            _same_state({k: p[0].detach() for k, p in stack.params.items()}, dict(want),
+                        "stacks vs modules")
         rec.updates.append(dict(
-            lrs={g["name"]: g["lr"] for g in optimizer.param_groups},
-            optimizer=copy.deepcopy(optimizer.state_dict()),
-            generator=generator.get_state().clone(), state=dict(state),
-            heldout=None if heldout_obs is None else heldout_obs.clone(), batch=batch,
-            policy=copy.deepcopy(policy.state_dict()),
-            value=copy.deepcopy(value_net.state_dict())))
-        out = real_update(cfg, policy, value_net, optimizer, batch, generator, state,
-                          heldout_obs, *args, **kwargs)
+            # the learning rates the update's MaskedAdam applies, and those the seed's own
+            # optimizer holds (what the loop anneals and logs): they must agree
+            lrs={name: g.lr for name, g in nets.adam.groups.items()},
+            optimizer_lrs={g["name"]: g["lr"] for g in nets.optimizers[0].param_groups},
+            optimizer=copy.deepcopy(nets.optimizers[0].state_dict()),
+            # the Adam state the update steps from (seed 0's row of each group)
+            adam={name: dict(step=g.step[0].clone(), exp_avg=g.exp_avg_flat[0].clone(),
+                             exp_avg_sq=g.exp_avg_sq_flat[0].clone())
+                  for name, g in nets.adam.groups.items()},
+            generator=generators[0].get_state().clone(), state=dict(states[0]),
+            heldout=None if heldout_obs[0] is None else heldout_obs[0].clone(),
+            batch=batches[0], policy=policy, value=value))
+        out = real_update(cfg, nets, batches, generators, states, heldout_obs, *args,
+                          **kwargs)
         with torch.no_grad():
-            rec.updates[-1]["values_after"] = value_net(batch.obs).clone()
+            rec.updates[-1]["values_after"] = nets.value_nets[0](batches[0].obs).clone()
         return out
 
-    def collect(self, policy, value_net):
-        rec.collects.append(dict(rng=copy.deepcopy(self.rng.bit_generator.state),
-                                 pre=copy.deepcopy(self.pre.state_dict())))
-        return real_collect(self, policy, value_net)
+    def collect(collectors, policies, value_nets):
+        assert len(collectors) == len(policies) == len(value_nets) == 1
+        rec.collects.append(dict(rng=copy.deepcopy(collectors[0].rng.bit_generator.state),
+                                 pre=copy.deepcopy(collectors[0].pre.state_dict())))
+        return real_collect(collectors, policies, value_nets)
 
     monkeypatch.setattr(algorithm(algo), "update", update)
-    monkeypatch.setattr(RolloutCollector, "collect", collect)
+    monkeypatch.setattr(train_mod, "collect_lockstep", collect)
     return rec
 
 
@@ -1195,6 +1226,7 @@ def test_training_loop_lr_annealing_heldout_and_explained_variance(tmp_path, mon
         want = {"value": 2e-3 * frac} if preset == "trpo" else \
             {"policy": 1e-3 * frac, "value": 2e-3 * frac}
         assert up["lrs"] == pytest.approx(want, rel=1e-12), k
+        assert up["optimizer_lrs"] == pytest.approx(want, rel=1e-12), k
         if preset == "ppo":
             assert _metric(record, "lr", "learning_rate") == pytest.approx(1e-3 * frac)
         if "value_lr" in record:
@@ -1273,6 +1305,8 @@ def test_resume_restores_optimizer_rngs_algo_state_and_statistics(tmp_path, monk
     assert len(rec.updates) == 2
     got, want = rec.updates[0], full.updates[2]
     _same_state(got["optimizer"], want["optimizer"], "optimizer")
+    _same_state(got["adam"], want["adam"], "MaskedAdam")  # the state the update steps
+    assert float(want["adam"]["policy"]["step"]) == 2 * 2 * cfg.minibatches
     assert torch.equal(got["generator"], want["generator"]), "update RNG"
     assert got["state"] == want["state"], "algo_state"
     # the rollout of iteration 3 starts from the same sampling RNG and statistics
