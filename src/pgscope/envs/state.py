@@ -77,6 +77,20 @@ def _chain(env: gym.Env) -> list[gym.Env]:
     return chain
 
 
+#: The sparse constraint-Jacobian index arrays: a model with a dense Jacobian never reads
+#: or writes them, so they hold whatever the data arena held before (not the env's state,
+#: and not the same bits from one process or batch to the next).
+SPARSE_JACOBIAN_INDEX = ("efc_J_rownnz", "efc_J_rowadr", "efc_J_rowsuper", "efc_J_colind",
+                         "efc_JT_rownnz", "efc_JT_rowadr", "efc_JT_rowsuper", "efc_JT_colind")
+
+
+def _unused_arrays(model: Any) -> frozenset[str]:
+    """The data arrays of :data:`SPARSE_JACOBIAN_INDEX` when ``model`` is dense."""
+    import mujoco
+
+    return frozenset() if mujoco.mj_isSparse(model) else frozenset(SPARSE_JACOBIAN_INDEX)
+
+
 def env_state(env: gym.Env) -> dict[str, Any] | None:
     """A snapshot of ``env``'s dynamic state, or None when it cannot be saved exactly."""
     if not savable(env):
@@ -100,9 +114,10 @@ def env_state(env: gym.Env) -> dict[str, Any] | None:
         buf = np.empty(mujoco.mj_stateSize(sim.model, kind))
         mujoco.mj_getState(sim.model, sim.data, buf, kind)
         state["mujoco"] = torch.from_numpy(buf)
+        unused = _unused_arrays(sim.model)
         state["mujoco_arrays"] = {
             name: torch.from_numpy(np.array(value))
-            for name in dir(sim.data) if not name.startswith("_")
+            for name in dir(sim.data) if not name.startswith("_") and name not in unused
             and isinstance(value := getattr(sim.data, name), np.ndarray) and value.size}
     else:
         state["attributes"] = _plain_attributes(base)
