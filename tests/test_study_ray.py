@@ -469,7 +469,7 @@ def test_ray_cluster_without_a_shared_filesystem_ships_batches_and_resumes_a_los
         resumed = [line for line in events.splitlines() if "resumed from the checkpoint" in line]
         assert len(resumed) == 1 and resumed[0].endswith(
             ": episodes continue exactly"), events
-        at = int(resumed[0].split("iteration ")[1].split(" ")[0])
+        at = int(resumed[0].split("iteration ")[1].split(":")[0])
         resumed_at.add(at)
         # resumed, not restarted: from (at least) the checkpoint seen before the loss
         assert seen_at <= at < iterations and at >= len(before[run]) - 1, (at, events)

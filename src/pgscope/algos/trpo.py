@@ -35,12 +35,13 @@ from pgscope.optimizations import dr3_penalty, normalize_advantages, value_loss
 from pgscope.rollout import Batch
 
 
-def batch_ratio(policy: Policy, batch: Batch) -> torch.Tensor:
-    """r = pi(a|s) / pi_old(a|s) for every pair of the batch."""
+def batch_ratio(policy: Policy, batch: Batch | StackedBatch) -> torch.Tensor:
+    """r = pi(a|s) / pi_old(a|s) for every pair of the batch (of each seed's batch)."""
     return log_ratio(policy, policy.dist(batch.obs), batch.actions, batch.logp).exp()
 
 
-def surrogate_objective(policy: Policy, batch: Batch, adv: torch.Tensor) -> torch.Tensor:
+def surrogate_objective(policy: Policy, batch: Batch | StackedBatch, adv: torch.Tensor
+                        ) -> torch.Tensor:
     """TRPO's surrogate mean(r A) on the whole batch (over the last, sample, dim)."""
     return (batch_ratio(policy, batch) * adv).mean(-1)
 
