@@ -13,7 +13,10 @@ alike), aggregate env steps per second of 16 seeds:
 - ``sb3-2at-a-time``: 16 stable-baselines3 PPO runs with the same hyperparameters (2,048
   steps per rollout, minibatch 64, 10 epochs, one env, 64x64 tanh MLPs, Adam 3e-4, one
   torch thread), two processes at once, each running its half one after the other;
-- ``single-2at-a-time``: the same with pgscope's single engine;
+- ``single-2at-a-time``: the same with pgscope's ``train`` (one seed at a time: the
+  engine's batch of one);
+- ``single-1at-a-time`` / ``sb3-1at-a-time``: one process running 4 seeds one after the
+  other (a single run on an otherwise quiet machine);
 - ``envs-2x8``: the env-only limit: the same envs (each seed's own one-env vector env, as
   a run makes it) stepped with random actions, two processes of 8 seeds at once;
 - ``batched-2x8-own-step``: ``batched-2x8`` with every env stepped by its own ``step``
@@ -167,6 +170,9 @@ PART_A = {
     "envs-2x8": ("envs", [list(range(8)), list(range(8, 16))]),
     "batched-2x8-own-step": ("batched-own-step", [list(range(8)), list(range(8, 16))]),
     "envs-batch-step-2x8": ("envs-batch", [list(range(8)), list(range(8, 16))]),
+    # a single run on a quiet machine: one process, 4 seeds one after the other
+    "single-1at-a-time": ("single", [list(range(4))]),
+    "sb3-1at-a-time": ("sb3", [list(range(4))]),
 }
 SIZES = (1, 2, 4, 8, 16, 32)
 

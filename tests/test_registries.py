@@ -123,6 +123,43 @@ def test_a_new_algorithm_trains_through_the_registry_alone(tmp_path, toy_algorit
     assert load_agent(run).config.algo == "toy"
 
 
+def test_a_plug_in_registers_its_own_metric_and_logs_it(tmp_path):
+    """register_metric: a plug-in algorithm's new key, defined before the algorithm that
+    logs it; the run logs it and the registry says who logs it. Bad definitions are
+    refused."""
+    from pgscope.metrics import GROUPS, Metric, register_metric
+
+    metric = register_metric(Metric("toy_updates", "Updates the toy algorithm has done.",
+                                    "count", GROUPS[1]))
+
+    def update(cfg, nets, batches, generators, states, *args, **kwargs):
+        out = ppo_update(cfg, nets, batches, generators, states, *args, **kwargs)
+        for state, metrics in zip(states, out, strict=True):
+            state["toy_updates"] = state.get("toy_updates", 0) + 1
+            metrics["toy_updates"] = state["toy_updates"]
+        return out
+
+    register_algorithm(Algorithm(
+        name="toy2", description="PPO counting its updates", update=update,
+        surrogate=ppo_surrogate, presets={"toy2": dict(ppo_loss="clip")},
+        logs=(*PPO_LOGS, "toy_updates")))
+    try:
+        assert REGISTRY["toy_updates"].algorithms == ("toy2",)
+        run = train(make_config("toy2", "CartPole-v1", TINY), tmp_path / "run",
+                    progress=False)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["toy_updates"] for r in lines] == [1, 2]
+        for bad, message in ((metric, "already defined"),
+                             (replace(metric, name="t2", group="nope"), "group"),
+                             (replace(metric, name="t3", timing=True), "timing"),
+                             (replace(metric, name="t4", requires=("x",)), "requirement")):
+            with pytest.raises(ValueError, match=message):
+                register_metric(bad)
+    finally:
+        ALGORITHMS.unregister("toy2")
+        REGISTRY.pop("toy_updates")
+
+
 # --- the probe and sink registries -----------------------------------------------------------
 def test_probes_are_registered_with_everything_run_probes_needs():
     assert probe_names() == ("gradients", "values", "baselines", "landscape", "trust-region",

@@ -264,9 +264,11 @@ def test_resume_with_more_steps_extends_and_replans_lr_annealing(tmp_path, capsy
     assert main(["train", "--resume", str(out), "--steps", "512"]) == EXIT_ERROR
     assert "can only be extended" in capsys.readouterr().err
     for flags in (["--set", "epochs=3"], ["--seed", "3"], ["--env", "Pendulum-v1"],
-                  ["--algo", "trpo"], ["--out", str(tmp_path / "x")]):
+                  ["--preset", "trpo"], ["--out", str(tmp_path / "x")]):
         assert main(["train", "--resume", str(out), *flags]) == EXIT_ERROR
         assert f"{flags[0]} cannot be combined with --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--algo", "trpo"]) == EXIT_ERROR  # alias
+    assert "--preset cannot be combined with --resume" in capsys.readouterr().err
     assert [r["iteration"] for r in _metrics(out)] == [1, 2, 3, 4, 5, 6]
 
 

@@ -5,6 +5,8 @@ Public API::
     from pgscope import make_config, train, load_agent
     cfg = make_config("ppo", "Hopper-v5", {"total_steps": 100_000, "seed": 1})
     run_dir = train(cfg, "runs/hopper-ppo", callbacks=[])   # pgscope.Callback subclasses
+    resume(run_dir, total_steps=200_000)                    # continue (or extend) a run
+    train_batch([cfg, replace(cfg, seed=2)], ["runs/s1", "runs/s2"])  # seeds together
     agent = load_agent(run_dir)
 
     df = load_study("runs/my-study")   # tidy DataFrame: one row per run and iteration
@@ -27,7 +29,7 @@ from pgscope.callbacks import Callback  # noqa: E402
 from pgscope.config import PRESETS, Config, make_config, parse_overrides  # noqa: E402
 from pgscope.errors import PgscopeError  # noqa: E402
 from pgscope.run import RunDir, load_agent  # noqa: E402
-from pgscope.train import train  # noqa: E402
+from pgscope.train import resume, train, train_batch  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:  # load_study imports pandas: only when it is asked for
@@ -49,6 +51,8 @@ __all__ = [
     "load_agent",
     "make_config",
     "parse_overrides",
+    "resume",
     "train",
+    "train_batch",
     "__version__",
 ]

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pgscope.config import PRESETS, Config, make_config, parse_overrides
+from pgscope.config import PRESETS, make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
 from pgscope.probes import DEFAULT_SIZES, probe_names
 
@@ -39,14 +39,14 @@ def count(text: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pgscope.train import train
+    from pgscope.train import resume, train
 
     if args.seeds is not None:
         return _train_seeds(args)
     if args.batch_size is not None:
         raise PgscopeError("--batch-size applies to --seeds only.")
     if args.resume:
-        given = [flag for flag, value in (("--algo", args.algo), ("--env", args.env),
+        given = [flag for flag, value in (("--preset", args.preset), ("--env", args.env),
                                           ("--seed", args.seed), ("--set", args.set),
                                           ("--out", args.out),
                                           ("--tensorboard", args.tensorboard)) if value]
@@ -54,8 +54,8 @@ def _train(args: argparse.Namespace) -> int:
             raise PgscopeError(
                 f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps "
                 "its own config (only --steps N, to extend it, and --repair are allowed).")
-        out = train(Config(), args.resume, resume=True, progress=not args.quiet,
-                    total_steps=args.steps, repair=args.repair)
+        out = resume(args.resume, progress=not args.quiet, total_steps=args.steps,
+                     repair=args.repair)
     else:
         if args.out is None:
             raise PgscopeError("--out DIR is required (or --resume DIR to continue a run).")
@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
                 overrides[key] = value
         if args.tensorboard:
             overrides["tensorboard"] = True
-        cfg = make_config(args.algo or "ppo", args.env or "Hopper-v5", overrides)
+        cfg = make_config(args.preset or "ppo", args.env or "Hopper-v5", overrides)
         out = train(cfg, args.out, progress=not args.quiet)
     print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
           f"checkpoints: {out / 'checkpoints'})")
@@ -75,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
-    """``train --seeds``: the seeds trained together by the seed-batched engine."""
+    """``train --seeds``: the seeds trained together (batches of ``--batch-size``)."""
     from pgscope.train import DEFAULT_BATCH_SIZE, parse_seeds, train_seeds
 
     seeds = parse_seeds(args.seeds)
@@ -83,7 +83,7 @@ def _train_seeds(args: argparse.Namespace) -> int:
         raise PgscopeError("--seeds cannot be combined with --seed or --repair.")
     size = args.batch_size or DEFAULT_BATCH_SIZE
     if args.resume:
-        if args.algo or args.env or args.set or args.out or args.tensorboard:
+        if args.preset or args.env or args.set or args.out or args.tensorboard:
             raise PgscopeError("with --resume DIR --seeds, the runs keep their own configs "
                                "(only --steps N, to extend them, is allowed).")
         members = train_seeds(None, seeds, args.resume, batch_size=size, resume=True,
@@ -96,7 +96,7 @@ def _train_seeds(args: argparse.Namespace) -> int:
             overrides["total_steps"] = args.steps
         if args.tensorboard:
             overrides["tensorboard"] = True
-        cfg = make_config(args.algo or "ppo", args.env or "Hopper-v5", overrides)
+        cfg = make_config(args.preset or "ppo", args.env or "Hopper-v5", overrides)
         members = train_seeds(cfg, seeds, args.out, batch_size=size, progress=not args.quiet)
     for m in members:
         print(f"{m.path}: {m.state}" + (f" ({m.error})" if m.error else ""))
@@ -363,14 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an agent into a run directory")
-    t.add_argument("--algo", help=f"preset (default ppo): {', '.join(PRESETS)}")
+    t.add_argument("--preset", "--algo", dest="preset", metavar="PRESET",
+                   help=f"the preset (--algo is an alias; default ppo): {', '.join(PRESETS)}")
     t.add_argument("--env", help="any gymnasium id, or module:EnvName-v0 (default Hopper-v5)")
     t.add_argument("--steps", type=count,
                    help="total env steps (1e6 works); with --resume: extend the run to this")
     t.add_argument("--seed", type=int)
     t.add_argument("--seeds", metavar="LIST",
-                   help="train these seeds together (e.g. 0-15 or 0,1,2) with the "
-                        "seed-batched engine, into OUT/seed_<s>/")
+                   help="train these seeds together (e.g. 0-15 or 0,1,2) into "
+                        "OUT/seed_<s>/ (each seed's numbers are those it gets alone)")
     t.add_argument("--batch-size", type=int, metavar="N",
                    help="with --seeds: seeds per batch (default 16)")
     t.add_argument("--out", type=Path, help="new run directory")

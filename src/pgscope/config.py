@@ -154,15 +154,28 @@ OPTIMIZATIONS_OFF: dict[str, Any] = dict(
 )
 
 
+#: Where presets come from: the algorithm registry registers itself
+#: (:func:`register_presets`), so this module imports nothing of the layers above it.
+_PRESET_SOURCES: list[Callable[[], Mapping[str, dict[str, Any]]]] = []
+
+
+def register_presets(source: Callable[[], Mapping[str, dict[str, Any]]]) -> None:
+    """Make the presets ``source()`` returns (name -> config values, ``algo`` included)
+    part of :data:`PRESETS` (:mod:`pgscope.algos` registers its registry's presets)."""
+    if source not in _PRESET_SOURCES:
+        _PRESET_SOURCES.append(source)
+
+
 class _Presets(Mapping[str, Mapping[str, Any]]):
     """Every registered algorithm's presets by name (docs/design.md section 1.3): each is
     only a set of config values, ``algo`` included. A view of :mod:`pgscope.algos`."""
 
     @staticmethod
     def _all() -> dict[str, dict[str, Any]]:
-        from pgscope.algos import presets
-
-        return presets()
+        out: dict[str, dict[str, Any]] = {}
+        for source in _PRESET_SOURCES:
+            out.update(source())
+        return out
 
     def __getitem__(self, name: str) -> Mapping[str, Any]:
         return self._all()[name]
@@ -320,7 +333,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     _check_preset(cfg.preset)
-    _check_algorithm(cfg)
     for key in ("total_steps", "num_envs", "steps_per_iter", "epochs", "minibatches",
                 "checkpoint_every", "torch_threads", "cg_iters", "backtrack_iters"):
         need(getattr(cfg, key) >= 1, f"config key '{key}' must be >= 1, got {getattr(cfg, key)}.")
@@ -357,25 +369,8 @@ def validate(cfg: Config) -> None:
             v = getattr(cfg, name)
             need(math.isfinite(v), f"config key '{name}' must be a finite number, got {v}.")
     need(cfg.seed < 2**32, f"config key 'seed' must be below 2**32, got {cfg.seed}.")
-    algo = _algorithm(cfg.algo)
-    if algo.check is not None:
-        algo.check(cfg)
-    for check in _CHECKS:
+    for check in _CHECKS:  # registered: the algorithm registry's, the probe schedule's
         check(cfg)
-
-
-def _algorithm(name: str) -> Any:
-    from pgscope.algos import algorithm
-
-    return algorithm(name)
-
-
-def _check_algorithm(cfg: Config) -> None:
-    from pgscope.algos import ALGORITHMS
-
-    if cfg.algo not in ALGORITHMS:
-        raise ConfigError(f"config key 'algo' must be one of {', '.join(ALGORITHMS)}; got "
-                          f"'{cfg.algo}'.")
 
 
 def make_config(
@@ -396,7 +391,7 @@ def make_config(
     _check_keys(user)
     for key in ("preset", "env_id"):
         if key in user:
-            raise ConfigError(f"'{key}' is chosen by the preset/env arguments (--algo/--env), "
+            raise ConfigError(f"'{key}' is chosen by the preset/env arguments (--preset/--env), "
                               "not by an override.")
     preset_values = PRESETS[preset]
     values = {k: v for k, v in preset_values.items() if not isinstance(v, ByEnv)}

@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pgscope.config import register_check, register_presets
 from pgscope.engine.nets import SeedNets
+from pgscope.errors import ConfigError
 from pgscope.registry import Registry
 
 if TYPE_CHECKING:
@@ -134,6 +136,22 @@ def presets() -> dict[str, dict[str, Any]]:
     values include its ``algo``."""
     return {preset: {"algo": algo.name, **values}
             for algo in ALGORITHMS.values() for preset, values in algo.presets.items()}
+
+
+def check_config(cfg: Config) -> None:
+    """The algorithm registry's part of :func:`pgscope.config.validate`: ``algo`` names a
+    registered algorithm, and that algorithm's own ``check`` accepts the config."""
+    if cfg.algo not in ALGORITHMS:
+        raise ConfigError(f"config key 'algo' must be one of {', '.join(ALGORITHMS)}; got "
+                          f"'{cfg.algo}'.")
+    check = algorithm(cfg.algo).check
+    if check is not None:
+        check(cfg)
+
+
+# config.py imports nothing above it: the registry hands it its presets and its check
+register_presets(presets)
+register_check(check_config)
 
 
 def _import_algorithm_modules() -> None:

@@ -40,12 +40,12 @@ class SeedNets:
         self.policy = Stack(self.policies)  # type: ignore[arg-type]
         self.value = Stack(self.value_nets)
         # the groups the seeds' optimizers hold (make_optimizer: 'policy' only when Adam
-        # trains the policy), at the learning rates they hold
-        names = [group["name"] for group in self.optimizers[0].param_groups]
+        # trains the policy), with their learning rates, eps and betas
+        groups = self.optimizers[0].param_groups
         stacks = {"policy": self.policy, "value": self.value}
-        self.adam = MaskedAdam({name: list(stacks[name].parameters()) for name in names},
-                               {"value": cfg.value_lr, "policy": cfg.policy_lr},
-                               eps=cfg.adam_eps)
+        self.adam = MaskedAdam({g["name"]: list(stacks[g["name"]].parameters()) for g in groups},
+                               {g["name"]: g["lr"] for g in groups}, eps=groups[0]["eps"],
+                               betas=groups[0]["betas"])
         self.set_learning_rates(self.optimizers[0])
         for i, optimizer in enumerate(self.optimizers):
             self.adam.read_from(i, optimizer)

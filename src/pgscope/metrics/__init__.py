@@ -282,6 +282,27 @@ TIMING_KEYS: tuple[str, ...] = tuple(m.name for m in METRICS if m.timing)
 GLOBAL_STEP = "env_steps"
 
 
+def register_metric(metric: Metric) -> Metric:
+    """Define a new per-iteration key (e.g. for a plug-in algorithm's ``logs``, which must
+    be registered before the algorithm): its name must be new and its group one of
+    :data:`GROUPS`. A timing key cannot be added (the training loop owns them: they are
+    what determinism checks leave out)."""
+    if metric.name in REGISTRY:
+        raise ValueError(f"metric '{metric.name}' is already defined.")
+    if metric.group not in GROUPS:
+        raise ValueError(f"metric '{metric.name}': group must be one of {', '.join(GROUPS)}, "
+                         f"got '{metric.group}'.")
+    if metric.timing:
+        raise ValueError(f"metric '{metric.name}': timing keys belong to the training loop "
+                         f"({', '.join(TIMING_KEYS)}).")
+    unknown = [r for r in metric.requires if r not in REQUIREMENTS]
+    if unknown:
+        raise ValueError(f"metric '{metric.name}': unknown requirement(s) {unknown}; use "
+                         f"{', '.join(REQUIREMENTS)}.")
+    REGISTRY[metric.name] = metric
+    return metric
+
+
 def algorithm_names() -> tuple[str, ...]:
     """The registered algorithms (:mod:`pgscope.algos`), in registration order."""
     from pgscope.algos import ALGORITHMS
