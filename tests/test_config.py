@@ -97,7 +97,8 @@ def test_variant_presets():
         assert getattr(plus, key) is True, key
     assert plus.lr_anneal is False and plus.value_clip is False
     assert set(PRESETS) == {"ppo", "ppo-m", "ppo-noclip", "ppo-kl", "a2c", "trpo", "trpo+",
-                            "ppo-paper", "ppo-m-paper", "trpo-paper", "trpo+-paper"}
+                            "ppo-paper", "ppo-m-paper", "trpo-paper", "trpo+-paper",
+                            "trpo+-paper-files"}
 
 
 # errors ---------------------------------------------------------------------------------------

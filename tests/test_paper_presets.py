@@ -11,6 +11,8 @@ their code hard-wires, src/policy_gradients/{agent,models,steps,torch_utils}.py.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -97,7 +99,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         **TRPO,
         "gae_lambda": (0.95, 0.95, 0.85),  # lambda (humanoid_trpo_plus.py: 0.85)
         "max_kl": (0.04, 0.07, 0.1),  # max_kl
-        "max_kl_final": (0.07, 0.04, 0.05),  # max_kl_final
+        "max_kl_final": 0.0,  # constant, as their code ran: see test_their_kl_increment_*
         "value_lr": (2e-4, 1e-4, 5e-5),  # val_lr
         "value_clip": (False, False, True),  # value_clipping
         "ortho_init": (True, True, False),  # initialization
@@ -105,6 +107,9 @@ EXPECTED: dict[str, dict[str, object]] = {
         "reward_scale": True, "reward_clip": True, "obs_clip": True,
     },
 }
+#: the schedule their TRPO+ config files describe (max_kl_final), never applied by their code
+EXPECTED["trpo+-paper-files"] = {**EXPECTED["trpo+-paper"],
+                                 "max_kl_final": (0.07, 0.04, 0.05)}
 
 
 def _expected(preset: str, family: str) -> dict[str, object]:
@@ -163,7 +168,7 @@ def test_presets_command_one_preset_two_presets_and_the_list(capsys):
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
     assert rows["gae_lambda"] == ["0.85", "preset,", "per", "env"]
     assert rows["policy_lr"] == ["0.00015", "env"] and rows["seed"] == ["0", "default"]
-    assert rows["max_kl_final"][0] == "0.05" and rows["ortho_init"][0] == "false"
+    assert rows["max_kl_final"][0] in ("0", "0.0") and rows["ortho_init"][0] == "false"
     assert main(["presets", "trpo", "trpo-paper", "--diff"]) == 0
     out = capsys.readouterr().out
     assert "obs_norm" in out and "max_kl_final" in out and "gamma" not in out
@@ -194,8 +199,22 @@ def _hand_study(tmp_path, score):
     return spec, out
 
 
+def test_engstrom_code_score_is_their_run_py_5_rewards(tmp_path):
+    """'engstrom-code': their run.py's final_results '5_rewards', np.array(rewards)[-5:]
+    .mean() of the per-iteration mean episode rewards, written here from that definition;
+    seed 2's iteration without a finished episode leaves a 4-iteration window."""
+    spec, out = _hand_study(tmp_path, "engstrom-code")
+    scores = final_scores(spec, load_study(out)).set_index("seed")["score"]
+    assert list(scores) == [100.0, (60 + 70 + 80 + 90 + 100) / 5, 300.0]
+    row = aggregates(spec, final_scores(spec, load_study(out))).iloc[0]
+    assert row["mean"] == pytest.approx((100 + 80 + 300) / 3)
+    assert "5_rewards" in spec.score.describe()
+
+
 def test_paper_score_is_the_mean_of_the_last_10_iterations_then_the_mean_over_runs(tmp_path):
     spec, out = _hand_study(tmp_path, "paper")
+    assert spec.score.window(15) == parse_spec(
+        {**_spec_dict(), "score": "last-10"}).score.window(15) == 10
     assert spec.score == parse_spec({**_spec_dict(), "score": {"rule": "paper"}}).score
     scores = final_scores(spec, load_study(out)).set_index("seed")["score"]
     assert list(scores) == [100.0, 55.0, 300.0]  # by hand: 100; (10+...+100)/10; 300
@@ -221,7 +240,7 @@ def test_score_rule_by_name_in_the_spec_and_on_the_summary_command(tmp_path, cap
     _, out = _hand_study(tmp_path, {})  # the spec's own score: last 10%
     assert main(["study", "summary", str(out), "--no-plots", "--score", "paper"]) == 0
     text = capsys.readouterr().out
-    assert "the papers' rule (Engstrom et al., 2020)" in text and "151.7" in text
+    assert "'last-10' under its earlier name" in text and "151.7" in text
     scores = pd.read_csv(out / "summary" / "scores.csv")
     assert list(scores["score"]) == [100.0, 55.0, 300.0] and set(scores["window"]) == {10}
 
@@ -383,16 +402,64 @@ def test_trpo_paper_variants_each_set_one_key_back_to_trpo():
 
 
 # --- the annealed KL limit ----------------------------------------------------------------
+def test_their_kl_increment_never_reaches_the_step_that_reads_the_limit():
+    """The pattern of their agent.py, written here from its description: a trainer whose
+    __getattr__ falls through to a parameters object with its own __getattr__ and
+    __setattr__ (a dict keyed by lower-case names), and no __setattr__ of its own. The
+    augmented assignment ``trainer.MAX_KL += inc`` reads through to the parameters but
+    writes an attribute of the trainer, so what the TRPO step reads (params.MAX_KL) stays
+    at its start: trpo+-paper runs a constant limit, trpo+-paper-files the schedule."""
+    class Params(dict):
+        def __getattr__(self, name):
+            return self[name.lower()]
+
+        def __setattr__(self, name, value):
+            self[name.lower()] = value
+
+    class Trainer:
+        def __init__(self, params):
+            self.params = params
+
+        def __getattr__(self, name):
+            return getattr(self.params, name)
+
+    trainer = Trainer(Params(max_kl=0.04, max_kl_increment=0.03 / 488))
+    seen = []
+    for _ in range(488):
+        trainer.MAX_KL += trainer.MAX_KL_INCREMENT
+        seen.append(trainer.params.MAX_KL)  # what trpo_step(..., params, ...) reads
+    assert set(seen) == {0.04} and trainer.MAX_KL == pytest.approx(0.07)
+
+
+def test_trpo_plus_paper_runs_a_constant_limit_and_the_files_variant_moves_it(monkeypatch):
+    """Over training runs: every update's KL limit, as the TRPO update asks for it."""
+    limits: list[float] = []
+    real = trpo_mod.kl_limit
+    monkeypatch.setattr(trpo_mod, "kl_limit",
+                        lambda cfg, u: limits.append(real(cfg, u)) or limits[-1])
+    small = dict(total_steps=4 * 64, steps_per_iter=64, minibatches=2, epochs=1,
+                 hidden=(8,), cg_iters=3)
+    for preset, want in (("trpo+-paper", [0.04] * 4),
+                         ("trpo+-paper-files", [0.04 + 0.03 * k / 4 for k in (1, 2, 3, 4)])):
+        limits.clear()
+        cfg = make_config(preset, "Hopper-v5", small)
+        with tempfile.TemporaryDirectory() as tmp:
+            train(cfg, Path(tmp) / "run", progress=False)
+        assert limits == pytest.approx(want), preset
+
+
 def test_kl_limit_schedule_first_last_and_linear():
-    cfg = make_config("trpo+-paper", "Hopper-v5")  # 0.04 -> 0.07 over 488 updates
+    cfg = make_config("trpo+-paper-files", "Hopper-v5")  # 0.04 -> 0.07 over 488 updates
     limits = np.array([trpo_mod.kl_limit(cfg, k) for k in range(488)])
     assert limits[0] == pytest.approx(0.04 + 0.03 / 488)  # raised before the first update
     assert limits[-1] == pytest.approx(0.07) and trpo_mod.kl_limit(cfg, 600) == limits[-1]
     assert np.allclose(np.diff(limits), 0.03 / 488)
-    walker = make_config("trpo+-paper", "Walker2d-v5")  # downwards: 0.07 -> 0.04
+    walker = make_config("trpo+-paper-files", "Walker2d-v5")  # downwards: 0.07 -> 0.04
     assert trpo_mod.kl_limit(walker, 487) == pytest.approx(0.04)
     for cfg in (make_config("trpo", "Hopper-v5"), make_config("trpo-paper", "Hopper-v5")):
         assert {trpo_mod.kl_limit(cfg, k) for k in (0, 100, 487)} == {0.13}
+    plus = make_config("trpo+-paper", "Hopper-v5")  # as their code ran: constant
+    assert {trpo_mod.kl_limit(plus, k) for k in (0, 100, 487)} == {0.04}
 
 
 def _synthetic(cfg, seed=0):

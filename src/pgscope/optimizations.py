@@ -36,6 +36,13 @@ from torch import nn
 from pgscope.features import feature_dot
 
 
+def clip(x: np.ndarray, low: Any, high: Any) -> np.ndarray:
+    """``np.clip(x, low, high)`` as two ufunc calls (the same values, NaN and signed zeros
+    included; without ``np.clip``'s Python-level dispatch, which the rollout pays several
+    times per env step)."""
+    return np.minimum(np.maximum(x, low), high)
+
+
 def combine_moments(mean: Any, var: Any, count: Any, batch_mean: Any, batch_var: Any,
                     n: int) -> tuple[Any, Any, Any]:
     """Chan et al.'s parallel update: the mean, variance and count of ``count`` samples of
@@ -157,7 +164,7 @@ def annealed_lr(base_lr: float, iteration: int, num_iterations: int, anneal: boo
 # 5. reward clipping ----------------------------------------------------------------------
 def clip_rewards(rewards: np.ndarray, bound: float | None) -> np.ndarray:
     """Clip (already scaled) rewards to ``[-bound, bound]``; ``None`` leaves them."""
-    return rewards if bound is None else np.clip(rewards, -bound, bound)
+    return rewards if bound is None else clip(rewards, -bound, bound)
 
 
 # 6. observation normalization -----------------------------------------------------------
@@ -184,7 +191,7 @@ class ObsNormalizer:
 # 7. observation clipping -----------------------------------------------------------------
 def clip_observations(obs: np.ndarray, bound: float | None) -> np.ndarray:
     """Clip (already normalized) observations to ``[-bound, bound]``."""
-    return obs if bound is None else np.clip(obs, -bound, bound)
+    return obs if bound is None else clip(obs, -bound, bound)
 
 
 # 8. activation ---------------------------------------------------------------------------
@@ -245,7 +252,7 @@ def clip_actions(actions: np.ndarray, low: np.ndarray | None, high: np.ndarray |
     actions: ``None``) the actions pass unchanged."""
     if not enabled or low is None or high is None:
         return actions
-    return np.clip(actions, low, high)
+    return clip(actions, low, high)
 
 
 def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:

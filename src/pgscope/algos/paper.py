@@ -123,8 +123,12 @@ PAPER_PRESETS_TRPO: dict[str, dict[str, Any]] = {
     "trpo+-paper": dict(
         _TRPO,
         max_kl=ByEnv(Hopper=0.04, Walker2d=0.07, Humanoid=0.1),  # trpo_plus configs: max_kl
-        max_kl_final=ByEnv(Hopper=0.07, Walker2d=0.04, Humanoid=0.05),  # trpo_plus
-        # configs: max_kl_final (agent.py: the limit moves linearly to it)
+        # constant, as their code ran it: their configs set max_kl_final (Hopper 0.07,
+        # Walker2d 0.04, Humanoid 0.05), but agent.py's `self.MAX_KL += self.MAX_KL_INCREMENT`
+        # stores the sum on the Trainer (it has __getattr__, no __setattr__), while
+        # steps.py's trpo_step reads params.MAX_KL, which never changes. The schedule the
+        # files describe is the preset trpo+-paper-files.
+        max_kl_final=0.0,
         value_lr=ByEnv(Hopper=2e-4, Walker2d=1e-4, Humanoid=5e-5),  # trpo_plus configs:
         # val_lr
         value_clip=ByEnv(Hopper=False, Walker2d=False, Humanoid=True),  # trpo_plus
@@ -142,6 +146,15 @@ PAPER_PRESETS_TRPO: dict[str, dict[str, Any]] = {
         # clip_grad_norm (recorded; in effect only with --set grad_clip=true)
     ),
 }
+
+#: ``trpo+-paper`` with the KL-limit schedule its config files describe (linear from
+#: max_kl to max_kl_final over the run, :func:`pgscope.algos.trpo.kl_limit`), which the
+#: authors' code never applied: what TRPO+ would have been had it run as configured.
+PAPER_PRESETS_TRPO["trpo+-paper-files"] = dict(
+    PAPER_PRESETS_TRPO["trpo+-paper"],
+    max_kl_final=ByEnv(Hopper=0.07, Walker2d=0.04, Humanoid=0.05),  # trpo_plus configs:
+    # max_kl_final
+)
 
 add_presets("ppo", PAPER_PRESETS_PPO)
 add_presets("trpo", PAPER_PRESETS_TRPO)

@@ -75,9 +75,10 @@ def kl_limit(cfg: Config, update: int) -> float:
     """The KL limit of TRPO update ``update`` (0-based) of the run's ``num_iterations``:
     ``max_kl``, or with ``max_kl_final`` > 0 the linear schedule
     ``max_kl + (max_kl_final - max_kl) * (update + 1) / num_iterations``, which ends at
-    ``max_kl_final`` on the last update (Engstrom et al.'s code raises its limit by one
-    increment before each policy step: MadryLab/implementation-matters,
-    src/policy_gradients/agent.py)."""
+    ``max_kl_final`` on the last update: the schedule Engstrom et al.'s TRPO+ config files
+    describe, one increment before each policy step (MadryLab/implementation-matters,
+    src/policy_gradients/agent.py), although their code never applies it (preset
+    ``trpo+-paper-files`` runs it; ``trpo+-paper`` the constant limit their code ran)."""
     if cfg.max_kl_final <= 0:
         return cfg.max_kl
     done = min(update + 1, cfg.num_iterations)

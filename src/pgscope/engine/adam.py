@@ -12,6 +12,7 @@ mask, with a per-seed step count; :meth:`MaskedAdam.write_to` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -92,16 +93,21 @@ class MaskedAdam:
         for name in groups or list(self.groups):
             group = self.groups[name]
             grad = group.flat_grad(name)
-            on = torch.ones_like(group.step, dtype=torch.bool) if mask is None else mask
-            kept = _KeptRows(torch.nonzero(~on).flatten(),
+            on = [True] * len(group.step) if mask is None else mask.tolist()
+            off = [i for i, stepped in enumerate(on) if not stepped]
+            kept = _KeptRows(torch.tensor(off, dtype=torch.long),
                              [*group.params, group.exp_avg_flat, group.exp_avg_sq_flat])
-            group.step = torch.where(on, group.step + 1, group.step)
-            # the bias corrections in float64, as torch.optim.Adam computes them; seeds
-            # that never stepped are masked anyway
-            step = group.step.double().clamp(min=1)
+            steps = [s + 1 if stepped else s
+                     for s, stepped in zip(group.step.tolist(), on, strict=True)]
+            group.step = torch.tensor(steps, dtype=group.step.dtype)
+            # the bias corrections in Python's floats (float64), per seed, as the
+            # single-tensor torch.optim.Adam computes them; seeds that never stepped are
+            # masked anyway
             dtype = group.params[0].dtype
-            bias2_sqrt = (1 - beta2 ** step).sqrt().to(dtype).unsqueeze(1)
-            step_size = (-group.lr / (1 - beta1 ** step)).to(dtype).unsqueeze(1)
+            bias2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** max(s, 1)) for s in steps],
+                                      dtype=dtype).unsqueeze(1)
+            step_size = torch.tensor([-group.lr / (1 - beta1 ** max(s, 1)) for s in steps],
+                                     dtype=dtype).unsqueeze(1)
             group.exp_avg_flat.lerp_(grad, 1 - beta1)
             group.exp_avg_sq_flat.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = group.exp_avg_sq_flat.sqrt().div_(bias2_sqrt).add_(self.eps)

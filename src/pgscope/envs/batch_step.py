@@ -179,7 +179,8 @@ class LocomotionBatch:
                 errors[k] = exc
                 continue
             qpos[r], qvel[r] = data.qpos, data.qvel
-        velocity = np.clip(qvel, -10, 10) if self.kind.clip_velocity else qvel
+        # np.clip(qvel, -10, 10) as the env computes it, as two ufunc calls (same values)
+        velocity = np.minimum(np.maximum(qvel, -10), 10) if self.kind.clip_velocity else qvel
         obs = np.concatenate([qpos[:, self.first_position:], velocity], axis=1)
         # the env's own dtypes: a Python float times the float64 velocity, a Python float
         # times the action's own dtype (float32 actions give a float32 control cost)

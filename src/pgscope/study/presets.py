@@ -40,9 +40,11 @@ _STUDIES: dict[str, dict[str, Any]] = {
     # the same comparison with the authors' own configurations (pgscope.algos.paper), their
     # budget (488 iterations of 2,048 steps: the papers' "1M steps") and their score
     "implementation-matters-hopper": dict(
-        description="The authors' PPO, PPO-M, TRPO and TRPO+ configurations on Hopper, with "
-                    "the papers' score: mean return over the last 10 iterations (Engstrom "
-                    "et al., 2020; published: docs/design.md section 4.3)",
+        description="The authors' PPO, PPO-M, TRPO and TRPO+ configurations on Hopper as "
+                    "their code ran them, scored by mean return over the last 10 "
+                    "iterations (rule last-10; their code's own rule is engstrom-code, "
+                    "the last 5: pgscope study summary --score engstrom-code; published: "
+                    "docs/design.md section 4.3)",
         envs=(["Hopper-v5"], ["Hopper-v5"]), seeds=(2, 10),
         total_steps=(5 * STEPS_PER_ITER, TRAIN_STEPS * STEPS_PER_ITER),
         configs=[dict(label=p, preset=p)

@@ -72,9 +72,19 @@ PROBE_KEYS = {"every": "probe_every", "kinds": "probe_kinds", "sizes": "probe_si
 #: Named score rules (``score = "paper"`` in a spec, ``pgscope study summary --score
 #: paper``): the [score] values each one fixes, and its description.
 SCORE_RULES: dict[str, tuple[dict[str, Any], str]] = {
+    "engstrom-code": (dict(last_fraction=None, last_iterations=5),
+                      "the authors' code's score (MadryLab/implementation-matters, "
+                      "src/run.py, final_results table, '5_rewards'): each run's mean "
+                      "episode return over its last 5 iterations, then the mean over runs "
+                      "with its CI (column mean)"),
+    "last-10": (dict(last_fraction=None, last_iterations=10),
+                "each run's mean episode return over its last 10 iterations, then the mean "
+                "over runs with its CI (column mean); the rule pgscope first attributed to "
+                "Engstrom et al. (2020), whose code computes the last 5 ('engstrom-code')"),
     "paper": (dict(last_fraction=None, last_iterations=10),
-              "the papers' rule (Engstrom et al., 2020): each run's mean episode return over "
-              "its last 10 iterations, then the mean over runs with its CI (column mean)"),
+              "'last-10' under its earlier name (kept so that specs and commands written "
+              "with it still read): each run's mean episode return over its last 10 "
+              "iterations; the authors' code's own score is 'engstrom-code' (last 5)"),
 }
 
 
