@@ -7,8 +7,9 @@ half-written.
 
 A probe is a :class:`Probe` that its module registers with :func:`register_probe` (its
 name, what it computes from a :class:`ProbeInput`, the settings it reads, its checks, the
-top-level keys of its result, its plot and its one-line headline); :func:`run_probes`
-looks probes up by name and never branches on one. Every module of this package is
+top-level keys of its result, its plot, its one-line headline, and its section of the HTML
+report: a reading in plain words and its table); :func:`run_probes` and the report look
+probes up by name and never branch on one. Every module of this package is
 imported when the registry is first asked for, so adding a probe is one new file here
 (docs/architecture.md, "How to add a probe"). :mod:`pgscope.probes.schedule` runs probes
 during training as a subscriber of the training events.
@@ -74,7 +75,15 @@ class Probe:
     describes; ``plot(result, path)`` writes its PNG; ``headline(result)`` is the line
     printed when it finishes; ``check(settings, config)`` raises :class:`ProbeError` for
     settings it cannot use, before anything is computed; ``settings`` names the
-    :class:`ProbeSettings` fields it reads; ``order`` places it in ``all``."""
+    :class:`ProbeSettings` fields it reads; ``order`` places it in ``all``.
+
+    Its section of the HTML report (``pgscope report``): ``reading(result)`` is one
+    sentence saying in plain words what the numbers mean, ``table(result)`` the main
+    numbers as HTML (written with :mod:`pgscope.html_format`'s ``table``, ``fmt`` and
+    ``interval_text``, every value escaped). Either may raise ``KeyError``, ``IndexError``,
+    ``TypeError``, ``ValueError`` or ``ZeroDivisionError`` on a result it cannot read; the
+    report then shows a generic sentence or a note. A probe without them (None, e.g. a
+    plug-in's) gets the report's generic reading and table."""
 
     name: str
     description: str
@@ -85,6 +94,8 @@ class Probe:
     settings: tuple[str, ...] = ()
     check: Callable[[ProbeSettings, Config], None] | None = None
     order: int = 100
+    reading: Callable[[dict[str, Any]], str] | None = None
+    table: Callable[[dict[str, Any]], str] | None = None
 
 
 _PROBES: Registry[Probe] = Registry("probe")
@@ -103,17 +114,20 @@ def register_probe(probe: Probe) -> Probe:
 def probe(name: str, *, order: int, settings: tuple[str, ...],
           plot: str | Callable[[dict[str, Any], Path], None],
           headline: Callable[[dict[str, Any]], str], schema: Mapping[str, str],
-          check: Callable[[ProbeSettings, Config], None] | None = None
+          check: Callable[[ProbeSettings, Config], None] | None = None,
+          reading: Callable[[dict[str, Any]], str] | None = None,
+          table: Callable[[dict[str, Any]], str] | None = None
           ) -> Callable[[Callable[[ProbeInput], dict[str, Any]]],
                         Callable[[ProbeInput], dict[str, Any]]]:
     """Register the decorated ``compute(input)`` as probe ``name`` (its docstring is the
-    description; ``plot`` may name a function of :mod:`pgscope.probes.plots`)."""
+    description; ``plot`` may name a function of :mod:`pgscope.probes.plots`; ``reading``
+    and ``table`` are its section of the HTML report, see :class:`Probe`)."""
     def register(compute: Callable[[ProbeInput], dict[str, Any]]
                  ) -> Callable[[ProbeInput], dict[str, Any]]:
         description = " ".join((compute.__doc__ or name).split())
         plotter = plots_function(plot) if isinstance(plot, str) else plot
         register_probe(Probe(name, description, compute, plotter, headline, schema, settings,
-                             check, order))
+                             check, order, reading, table))
         return compute
 
     return register

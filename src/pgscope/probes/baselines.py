@@ -51,6 +51,7 @@ from pgscope.agent import Agent
 from pgscope.config import Config
 from pgscope.envs import make_env
 from pgscope.errors import ProbeError
+from pgscope.html_format import fmt, interval_text, table
 from pgscope.networks import ValueNet
 from pgscope.probes import ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import pairwise_summary
@@ -272,8 +273,32 @@ def _headline(result: dict) -> str:
     return f"baselines: at {row['n']} pairs, pairwise cosine: " + ", ".join(parts)
 
 
+def _reading(r: dict) -> str:
+    row = r["rows"][-1]
+    a, tr, z = (row[k]["covariance_trace"]["mean"] for k in ("agent", "true", "zero"))
+    if a >= z:
+        return (f"At {row['n']:,} pairs the agent's value baseline does not reduce "
+                f"gradient variance: {fmt(a, 3)} with it, {fmt(z, 3)} with no baseline "
+                f"({fmt(tr, 3)} with the 'true' value function).")
+    share = (z - a) / (z - tr) if z > tr else float("nan")
+    return (f"At {row['n']:,} pairs the agent's value baseline cuts gradient variance "
+            f"from {fmt(z, 3)} (no baseline) to {fmt(a, 3)}; the 'true' value function "
+            f"reaches {fmt(tr, 3)}"
+            + (f": the agent achieves {fmt(100 * share, 3)}% of that reduction."
+               if math.isfinite(share) else "."))
+
+
+def _table(r: dict) -> str:
+    rows = [[row["n"], name, interval_text(row[name].get("covariance_trace")),
+             interval_text(row[name].get("pairwise_cosine"))]
+            for row in r["rows"] for name in ("agent", "true", "zero", "zero-gae")
+            if name in row]
+    return table(["pairs per estimate", "baseline", "trace of covariance",
+                  "mean pairwise cosine"], rows, (0,))
+
+
 @probe("baselines", order=30, settings=("sizes", "k", "fit_pairs"), plot="plot_baselines",
-       headline=_headline, schema=SCHEMA, check=_check)
+       headline=_headline, schema=SCHEMA, check=_check, reading=_reading, table=_table)
 def _compute(p: ProbeInput) -> dict:
     """Gradient variance with advantages from the agent's value net, a 'true' value net
     fit to Monte Carlo returns, and no baseline (discounted returns, the paper's; and GAE

@@ -44,6 +44,7 @@ from pgscope.features import (
     srank,
     srank_from_singular_values,
 )
+from pgscope.html_format import fmt, interval_text, table
 from pgscope.probes import ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import summarize
 from pgscope.probes.sampling import batch_chunks
@@ -243,8 +244,23 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _reading(r: dict[str, Any]) -> str:
+    return (f"The value net's features of consecutive states have mean dot product "
+            f"{fmt(r['feature_dot']['mean'], 3)} (cosine "
+            f"{fmt(r['feature_cosine']['mean'], 2)}) and effective rank "
+            f"{fmt(r['srank']['mean'], 3)} of {r['settings']['feature_dim']}: "
+            "watch the dot product grow over training (DR3 co-adaptation).")
+
+
+def _table(r: dict[str, Any]) -> str:
+    rows = [[name, interval_text(r.get(key))] for key, name in (
+        ("feature_dot", "phi(s) . phi(s')"), ("feature_cosine", "cosine"),
+        ("feature_norm", "|phi(s)|"), ("srank", "effective rank (delta 0.01)"))]
+    return table(["statistic", "value"], rows)
+
+
 @probe("features", order=60, settings=("value_pairs",), plot=_plot, headline=_headline,
-       schema=SCHEMA, check=check)
+       schema=SCHEMA, check=check, reading=_reading, table=_table)
 def _compute(p: ProbeInput) -> dict[str, Any]:
     """Critic feature co-adaptation (DR3): mean phi(s).phi(s') and cosine over consecutive
     within-episode pairs, mean feature norm and effective rank (srank) of the value net's

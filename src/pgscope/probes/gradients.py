@@ -24,6 +24,7 @@ bounded number of floats) give the per-pair gradient variance, streamed the same
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from pgscope.agent import Agent
 from pgscope.algos.common import flat_grad
 from pgscope.config import Config
 from pgscope.errors import ProbeError
+from pgscope.html_format import fmt, interval_text, table
 from pgscope.networks import Policy
 from pgscope.probes import DEFAULT_SIZES, ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
@@ -302,8 +304,35 @@ def _headline(result: dict) -> str:
             f", cosine to the 'true' gradient {interval(row['cosine_to_true'])}")
 
 
+def _nearest(rows: list[dict], n: float) -> dict:
+    return min(rows, key=lambda r: abs(math.log(max(r["n"], 1)) - math.log(max(n, 1))))
+
+
+def _reading(r: dict) -> str:
+    horizon = (r.get("settings") or {}).get("horizon", 2048)
+    row = _nearest(r["policy"], horizon)
+    pc, ct = row["pairwise_cosine"], row["cosine_to_true"]
+    verdict = ("agree well" if pc["mean"] > 0.5 else "agree only loosely"
+               if pc["mean"] > 0.1 else "barely agree")
+    return (f"At {row['n']:,} state-action pairs (about one training batch) independent "
+            f"policy-gradient estimates {verdict} (mean pairwise cosine "
+            f"{fmt(pc['mean'], 2)}) and point {fmt(ct['mean'], 2)} of the way (cosine) "
+            "towards the 'true' gradient.")
+
+
+def _table(r: dict) -> str:
+    rows = []
+    for net in ("policy", "value"):
+        for row in r.get(net, []):
+            rows.append([net, row["n"], interval_text(row.get("pairwise_cosine")),
+                         interval_text(row.get("cosine_to_true")),
+                         interval_text(row.get("covariance_trace"))])
+    return table(["net", "pairs per estimate", "mean pairwise cosine",
+                  "cosine to 'true' gradient", "trace of covariance"], rows, (1,))
+
+
 @probe("gradients", order=10, settings=("sizes", "k", "true_pairs"), plot="plot_gradients",
-       headline=_headline, schema=SCHEMA, check=_check)
+       headline=_headline, schema=SCHEMA, check=_check, reading=_reading, table=_table)
 def _compute(p: ProbeInput) -> dict:
     """K independent estimates of the algorithm's own gradient at each sample size:
     pairwise cosine, covariance trace, cosine to a 'true' gradient."""

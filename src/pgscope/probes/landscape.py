@@ -51,6 +51,7 @@ from pgscope.algos import algorithm
 from pgscope.config import Config
 from pgscope.envs import make_vector_env
 from pgscope.errors import ProbeError
+from pgscope.html_format import fmt, table
 from pgscope.optimizations import clip_actions
 from pgscope.probes import ProbeInput, ProbeSettings, probe
 from pgscope.probes.trust_region import replay_update
@@ -274,9 +275,34 @@ def _headline(result: dict[str, Any]) -> str:
             f"{result['surrogate'][1][0]:.3g} vs {result['surrogate'][0][0]:.3g} at theta_old")
 
 
+def _reading(r: dict[str, Any]) -> str:
+    counts = r["settings"]["counts"]
+    top = r["true_return"][str(counts[-1])]
+    s0, s1 = r["surrogate"][0][0], r["surrogate"][1][0]
+    t0, t1 = top[0][0], top[1][0]
+    agree = (s1 - s0) * (t1 - t0) > 0
+    return (f"Along the update step the surrogate changes by {fmt(s1 - s0, 3)} and the "
+            f"true return (from {int(counts[-1]):,} steps) by {fmt(t1 - t0, 3)}: the "
+            f"surrogate {'predicts' if agree else 'does not predict'} the direction of "
+            "the true change.")
+
+
+def _table(r: dict[str, Any]) -> str:
+    a = r["settings"]["steps"]
+    header = ["multiple of the step", "surrogate"] + [
+        f"true return ({int(c):,} steps)" for c in r["settings"]["counts"]]
+    rows = [[fmt(a[i]), fmt(r["surrogate"][i][0])]
+            + [fmt(r["true_return"][str(c)][i][0]) for c in r["settings"]["counts"]]
+            for i in range(len(a))]
+    return table(header, rows, tuple(range(len(header)))) + (
+        f'<p class="note">Random direction multiple 0 (the slice along the step); '
+        f'|step| = {fmt(r.get("delta_norm"), 3)}.</p>')
+
+
 @probe("landscape", order=40,
        settings=("landscape_counts", "landscape_grid", "landscape_directions"),
-       plot="plot_landscape", headline=_headline, schema=SCHEMA, check=_check)
+       plot="plot_landscape", headline=_headline, schema=SCHEMA, check=_check,
+       reading=_reading, table=_table)
 def _compute(p: ProbeInput) -> dict:
     """The surrogate on the training batch vs the true mean return on the grid
     theta + a step + b random direction, over several random directions."""

@@ -26,6 +26,7 @@ import torch
 from pgscope.algos import update_one
 from pgscope.algos.common import make_optimizer, reference_clip_range, trust_region_stats
 from pgscope.config import Config
+from pgscope.html_format import fmt, table
 from pgscope.metrics import metric_value
 from pgscope.networks import Policy
 from pgscope.probes import ProbeInput, probe
@@ -134,8 +135,43 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plot_trust_region(result["runs"], result["replay"], path)
 
 
+def _reading(r: dict[str, Any]) -> str:
+    rep = r["replay"]
+    phase, clip = rep["phase"], rep.get("clip_range", 0.2)
+    ratio = phase.get("ratio_max_after", phase.get("ratio_max"))
+    inside = ratio <= 1 + clip
+    return (f"In the replayed update the largest ratio reaches {fmt(ratio, 3)} "
+            f"(1 + eps = {fmt(1 + clip, 3)}) with mean KL {fmt(phase['kl_mean'], 3)}: "
+            + ("the ratios stay within the clip range." if inside else
+               "the clipped objective does not keep the ratios within the clip range."))
+
+
+def _summary(s: dict[str, Any], key: str, legacy: str) -> Any:
+    """``summary[key]`` of :func:`from_metrics`, or its name in results written before the
+    ``*_after`` keys (``ratio_max_median``, ``ratio_max_max``)."""
+    return s.get(key, s.get(legacy))
+
+
+def _table(r: dict[str, Any]) -> str:
+    rep = r["replay"]
+    rows = [[e["epoch"], fmt(e.get("ratio_max_after", e.get("ratio_max"))),
+             fmt(e.get("ratio_min_after", e.get("ratio_min"))), fmt(e["kl_mean"]),
+             fmt(e["kl_max"]), fmt(e.get("clip_fraction_after",
+                                         e.get("clip_fraction")))]
+            for e in rep["per_epoch"]]
+    runs = [[f"{x.get('preset')} s{x.get('seed')}",
+             fmt(_summary(s, "ratio_max_after_median", "ratio_max_median")),
+             fmt(_summary(s, "ratio_max_after_max", "ratio_max_max")),
+             fmt(s.get("kl_mean_median")), fmt(s.get("kl_mean_max"))]
+            for x in r.get("runs", []) for s in [x.get("summary", {})]]
+    return (table(["epoch of the replayed update", "max ratio", "min ratio", "mean KL",
+                   "max KL", "clip fraction"], rows, (0, 1, 2, 3, 4, 5))
+            + table(["run", "max ratio (median over iterations)", "max ratio (max)",
+                     "mean KL (median)", "mean KL (max)"], runs, (1, 2, 3, 4)))
+
+
 @probe("trust-region", order=50, settings=("compare",), plot=_plot, headline=_headline,
-       schema=SCHEMA)
+       schema=SCHEMA, reading=_reading, table=_table)
 def _compute(p: ProbeInput) -> dict[str, Any]:
     """Max/min ratio, mean/max KL and clip fraction per iteration (from metrics.jsonl, of
     several runs) and per epoch within a replayed update."""

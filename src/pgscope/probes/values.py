@@ -55,6 +55,7 @@ from pgscope.agent import Agent
 from pgscope.config import Config
 from pgscope.envs import make_env
 from pgscope.errors import ProbeError
+from pgscope.html_format import fmt, interval_text, table
 from pgscope.probes import ProbeInput, ProbeSettings, interval, probe
 from pgscope.probes.bootstrap import summarize
 from pgscope.probes.sampling import sample_batch
@@ -272,8 +273,33 @@ def _headline(result: dict) -> str:
     return line
 
 
+def _reading(r: dict) -> str:
+    g = r["vs_gae_targets"]["relative_error"]["mean"]
+    t = r["vs_true_returns"]["relative_error"]["mean"]
+    return (f"The value net errs by {100 * g:.1f}% (relative) against the GAE targets "
+            f"it is trained on and by {100 * t:.1f}% against true returns"
+            + (": it fits its targets better than it predicts returns." if t > g else
+               "."))
+
+
+def _table(r: dict) -> str:
+    rows = [[name, interval_text(r[key].get("relative_error")),
+             interval_text(r[key].get("mean_abs_error_ratio")),
+             interval_text(r[key].get("explained_variance"))]
+            for key, name in (("vs_gae_targets", "vs GAE targets"),
+                              ("vs_true_returns", "vs true returns (pgscope)"),
+                              ("vs_cut_returns", "vs cut returns (the paper's)"))
+            if key in r]
+    return table(["against", "relative error |V - y| / |y|", "mean |V - y| / mean |y|",
+                  "explained variance"], rows) + (
+        f'<p class="note">{fmt(r.get("states"))} states, '
+        f'{fmt(r.get("states_with_true_return"))} with a true return inside the '
+        "effective horizon.</p>")
+
+
 @probe("values", order=20, settings=("value_pairs",), plot="plot_values",
-       headline=_headline, schema=SCHEMA, check=check_horizon)
+       headline=_headline, schema=SCHEMA, check=check_horizon, reading=_reading,
+       table=_table)
 def _compute(p: ProbeInput) -> dict:
     """Relative error of V against its GAE targets and against true discounted returns
     on fresh rollouts (pgscope's truncation rule and the paper's cut returns, side by

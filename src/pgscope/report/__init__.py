@@ -56,12 +56,12 @@ def write_report(path: str | Path, out: str | Path | None = None,
     ``PATH/report.html``) and return the file. ``video``: a clip to embed (runs; default
     the newest mp4/gif in ``RUN/videos/``)."""
     path = Path(path)
-    kind = kind_of(path)
-    if kind == "run":
+    what = kind_of(path)  # of report, not of probe
+    if what == "run":
         from pgscope.report.run_page import run_page
 
         page = run_page(path, Path(video) if video else None)
-    elif kind == "study":
+    elif what == "study":
         from pgscope.report.study_page import study_page
 
         page = study_page(path)

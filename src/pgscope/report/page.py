@@ -1,19 +1,26 @@
 """The page: one self-contained HTML file (inline CSS, plotly.js inlined once, images and
-videos as data: URLs), and the helpers every section uses. Every user-provided string
-passes through :func:`esc` (html.escape) before it reaches the page; plotly receives
-escaped text too and JSON-encodes it (``<`` as ``\\u003c``), so no label can close a
-script or open a tag."""
+videos as data: URLs), and the helpers every section uses; the number and table ones
+(:func:`esc`, :func:`fmt`, :func:`ci_text`, :func:`table`) live in
+:mod:`pgscope.html_format`, where the probes' own report sections find them too. Every
+user-provided string passes through :func:`esc` (html.escape) before it reaches the page;
+plotly receives escaped text too and JSON-encodes it (``<`` as ``\\u003c``), so no label
+can close a script or open a tag."""
 
 from __future__ import annotations
 
 import base64
 import datetime
-import html
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# the number and table helpers, shared with the probes' own report sections
+from pgscope.html_format import ci_text as ci_text
+from pgscope.html_format import esc as esc
+from pgscope.html_format import fmt as fmt
+from pgscope.html_format import interval_text as interval_text
+from pgscope.html_format import table as table
 
 #: Colours per series / config: Plotly's qualitative palettes (10 distinct, then 24).
 PALETTE_10 = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692",
@@ -67,55 +74,6 @@ video, img.video { max-width: 640px; width: 100%; border: 1px solid var(--line);
 .changed { background: #fff8c5; }
 details summary { cursor: pointer; color: var(--accent); }
 """.replace("FONT_FAMILY", FONT)
-
-
-def esc(value: Any) -> str:
-    """html.escape of ``str(value)`` (quotes included)."""
-    return html.escape(str(value), quote=True)
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """A number for reading: 4 significant digits, '-inf'/'inf', '-' for None/NaN."""
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return f"{x:,}" if abs(x) >= 10_000 else str(x)
-    try:
-        xf = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(xf):
-        return "-"
-    if math.isinf(xf):
-        return "inf" if xf > 0 else "-inf"
-    return f"{xf:.{digits}g}"
-
-
-def ci_text(mean: Any, low: Any, high: Any, digits: int = 4) -> str:
-    """'m [lo, hi]'."""
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "-"
-    return f"{fmt(mean, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (),
-          raw: Sequence[int] = (), row_ids: Sequence[str] | None = None) -> str:
-    """An HTML table; every cell escaped except the columns in ``raw`` (already HTML)."""
-    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr></thead><tbody>"]
-    for i, row in enumerate(rows):
-        rid = f' id="{esc(row_ids[i])}"' if row_ids else ""
-        out.append(f"<tr{rid}>")
-        for j, cell in enumerate(row):
-            text = cell if j in raw else esc(fmt(cell) if not isinstance(cell, str) else cell)
-            cls = ' class="num"' if j in numeric else ""
-            out.append(f"<td{cls}>{text}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
 
 
 def kv(pairs: Iterable[tuple[str, Any]]) -> str:

@@ -1,0 +1,188 @@
+"""Each probe's section of the HTML report (its ``reading`` and ``table``) reads the result
+that probe really writes: every registered probe is computed on a tiny tabular run, and
+every cell of its table must hold a value (no empty cell, no '-' for a missing key, no
+'nan'), its reading must be its own sentence (not the report's generic one). The
+trust-region table once showed '-' for its per-run ratios because the report read keys the
+probe no longer wrote (``ratio_max_median`` for ``ratio_max_after_median``). A probe
+without a reading or table (a plug-in's) gets the report's generic ones."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pgscope import make_config, train
+from pgscope.envs.tabular import ENV_ID
+from pgscope.probes import Probe, probe_names, probes, register_probe, run_probes
+from pgscope.report.probes import (
+    NO_TABLE,
+    generic_reading,
+    numbers,
+    probe_folder_html,
+    reading,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Results written by an older pgscope (the legacy trust-region key names).
+DOCS_PROBES = ROOT / "docs" / "probes" / "hopper-ppo-iter150"
+#: A tiny PPO run on the tabular MDP: trains in about 2 s, every probe in about 6 s.
+TINY = dict(steps_per_iter=256, num_envs=1, minibatches=4, epochs=2, total_steps=512,
+            gamma=0.9, gae_lambda=0.95, checkpoint_every=1)
+SETTINGS = dict(sizes=(64, 256), k=3, true_pairs=4096, value_pairs=2048, fit_pairs=4096,
+                landscape_counts=(200,), landscape_grid=(0, 1), landscape_directions=2)
+#: What a cell (or a part of 'mean [low, high]') must never be.
+MISSING = {"", "-", "nan", "none", "null"}
+
+
+class _Tables(HTMLParser):
+    """Every ``<table>`` of a fragment: its header cells and its rows of data cells, as
+    the text a reader sees (entities unescaped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict[str, list]] = []
+        self._cell: list[str] | None = None
+        self._row: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append({"header": [], "rows": []})
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+            if tag == "th":
+                self.tables[-1]["header"].append(self._row.pop())
+        elif tag == "tr" and self._row is not None:
+            if self._row:
+                self.tables[-1]["rows"].append(self._row)
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def tables(fragment: str) -> list[dict[str, list]]:
+    parser = _Tables()
+    parser.feed(fragment)
+    parser.close()
+    return parser.tables
+
+
+def empty_cells(fragment: str) -> list[str]:
+    """'table t, row r, column "header": "text"' for every cell with nothing to read: empty,
+    '-' (how the report writes None and NaN), 'nan', or an interval with such a part."""
+    bad = []
+    for t, tab in enumerate(tables(fragment)):
+        for r, row in enumerate(tab["rows"]):
+            assert len(row) == len(tab["header"]), (tab["header"], row)
+            for header, cell in zip(tab["header"], row, strict=True):
+                parts = [cell, *re.split(r"[\s\[\],]+", cell.strip(" []"))]
+                if any(p.strip().lower() in MISSING for p in parts):
+                    bad.append(f'table {t}, row {r}, column "{header}": {cell!r}')
+    return bad
+
+
+def test_the_cell_checker_sees_missing_values():
+    html = ("<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody>"
+            "<tr><td>1</td><td>0.5 [0.4, 0.6]</td></tr>"
+            "<tr><td>-</td><td>0.5 [-, 0.6]</td></tr>"
+            "<tr><td></td><td>nan</td></tr></tbody></table>")
+    assert len(empty_cells(html)) == 4
+    assert empty_cells(html.split("<tr><td>-")[0] + "</tbody></table>") == []
+    assert empty_cells('<table><tr><th>x</th></tr><tr><td class="num">-0.25</td></tr></table>'
+                       ) == []
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A real result of every registered probe, on a tiny tabular PPO run."""
+    run = train(make_config("ppo", ENV_ID, TINY), tmp_path_factory.mktemp("tables") / "run",
+                progress=False)
+    return run_probes("all", run, None, progress=False, log=lambda line: None, **SETTINGS)
+
+
+def test_every_registered_probe_was_computed(results):
+    assert tuple(results) == probe_names()
+
+
+@pytest.mark.parametrize("kind", probe_names())
+def test_each_probe_reads_and_tabulates_its_own_result(results, kind):
+    """No cell of the probe's table is empty, '-' or 'nan', and its reading is its own."""
+    result = results[kind]
+    probe = probes().get(kind)
+    assert probe.reading is not None and probe.table is not None, kind
+    sentence = reading(kind, result)
+    assert sentence == probe.reading(result)
+    assert sentence != generic_reading(kind) and sentence.strip()
+    assert "nan" not in sentence.lower().split() and " - " not in sentence, sentence
+    html = numbers(kind, result)
+    assert html == probe.table(result) and html != NO_TABLE
+    found = tables(html)
+    assert found and all(t["rows"] for t in found), html
+    bad = empty_cells(html)
+    assert not bad, f"{kind}: " + "; ".join(bad)
+
+
+def test_trust_region_tables_every_run_it_compares(results):
+    html = numbers("trust-region", results["trust-region"])
+    runs = tables(html)[1]
+    assert runs["header"][1:3] == ["max ratio (median over iterations)", "max ratio (max)"]
+    summary = results["trust-region"]["runs"][0]["summary"]
+    assert runs["rows"][0][1] == f"{summary['ratio_max_after_median']:.4g}"
+    assert runs["rows"][0][2] == f"{summary['ratio_max_after_max']:.4g}"
+
+
+def test_results_written_by_an_older_pgscope_still_fill_their_tables():
+    """The docs' Hopper results predate the ``*_after`` keys (``ratio_max_median``,
+    ``ratio_max`` per epoch): read through their old names."""
+    for kind in ("gradients", "values", "baselines", "landscape", "trust-region"):
+        result = json.loads((DOCS_PROBES / f"{kind}.json").read_text())
+        assert reading(kind, result) != generic_reading(kind), kind
+        html = numbers(kind, result)
+        assert html != NO_TABLE, kind
+        assert not empty_cells(html), (kind, empty_cells(html))
+
+
+def test_a_result_its_probe_cannot_read_gets_the_generic_reading_and_a_note():
+    assert reading("gradients", {}) == generic_reading("gradients")
+    assert numbers("trust-region", {"replay": {}}) == NO_TABLE
+
+
+@pytest.fixture
+def plug_in():
+    """A probe registered from outside pgscope.probes, with no reading or table."""
+    def compute(p):
+        return {}
+
+    registered = register_probe(Probe(
+        name="plug-in", description="a plug-in's probe", compute=compute,
+        plot=lambda result, path: None, headline=lambda result: "plug-in: done",
+        schema={"score": "a number"}, order=99))
+    yield registered
+    probes().unregister("plug-in")
+
+
+def test_a_plug_in_probe_without_reading_or_table_gets_the_generic_ones(plug_in, tmp_path):
+    result = {"score": 0.25, "spread": {"mean": 1.5, "ci_low": 1.0, "ci_high": 2.0},
+              "count": 12, "series": [1, 2, 3], "settings": {"env_id": "x"},
+              "pgscope_version": "0"}
+    assert reading("plug-in", result) == generic_reading("plug-in")
+    html = numbers("plug-in", result)
+    (tab,) = tables(html)
+    assert tab["rows"] == [["score", "0.25"], ["spread", "1.5 [1, 2]"], ["count", "12"]]
+    assert numbers("plug-in", {"series": [1]}) == NO_TABLE
+    (tmp_path / "plug-in.json").write_text(json.dumps(result))
+    page = probe_folder_html(tmp_path, "probes", "p")
+    assert 'id="p-plug-in"' in page and generic_reading("plug-in") in page
+    assert "1.5 [1, 2]" in page
