@@ -345,7 +345,28 @@ def test_kl_target_is_the_one_the_run_uses():
     assert fired({"algo": "ppo", "ppo_loss": "kl", "target_kl": 0.01})
     assert fired({"algo": "trpo", "max_kl": 0.01})
     assert not fired({"algo": "trpo", "max_kl": 0.13})
-    # an annealed limit (trpo+-paper: 0.04 -> 0.07) is judged against its larger end
+    # an annealed limit (trpo+-paper-files: 0.04 -> 0.07) is judged against its larger end
     records[:] = [{"iteration": i + 1, "kl_mean": 0.1} for i in range(6)]
     assert not fired({"algo": "trpo", "max_kl": 0.04, "max_kl_final": 0.07})
     assert fired({"algo": "trpo", "max_kl": 0.04, "max_kl_final": 0.0})
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("ppo", {}), ("ppo", {"kl_stop": True, "target_kl": 0.005}), ("ppo-kl", {}),
+    ("trpo", {}), ("trpo+-paper-files", {}), ("a2c", {}), ("ppo-m", {})])
+def test_the_report_draws_the_kl_line_where_the_doctor_fires(preset, overrides):
+    """One KL target per algorithm (pgscope.algos.kl_target): the report's dashed line on
+    the KL panel sits at the doctor's kl-above-target threshold, 2 x the target (it used
+    to sit at 2 x target_kl = 0.02 for clipped PPO while the doctor fired at 0.04)."""
+    from pgscope.algos import kl_target
+    from pgscope.report.run_page import kl_alarm_line
+
+    config = make_config(preset, "Hopper-v5", overrides).to_dict()
+    target, _ = RunData([], config).kl_target()
+    assert kl_alarm_line(config) == 2 * target == 2 * kl_target(config)[0]
+    records = [{"iteration": i + 1, "kl_mean": 1.01 * target * 2} for i in range(6)]
+    assert "kl-above-target" in {f.alarm for f in check(RunData(records, config))}
+    records = [{"iteration": i + 1, "kl_mean": 0.99 * target * 2} for i in range(6)]
+    assert "kl-above-target" not in {f.alarm for f in check(RunData(records, config))}
+    if preset == "ppo" and not overrides:
+        assert kl_alarm_line(config) == 0.04

@@ -30,12 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from pgscope.algos import TYPICAL_KL_TARGET, kl_target
 from pgscope.metrics import REGISTRY, metric_value
 from pgscope.run import RunDir
 
-#: The KL target of a run that uses none (clipped PPO without kl_stop): the upper end of
-#: the typical targets 0.01 to 0.02.
-TYPICAL_KL_TARGET = 0.02
 #: K: "persistently" = in each of K consecutive iterations.
 WINDOW = 5
 #: Iterations skipped by the checks that need a trained value net.
@@ -158,18 +156,10 @@ class RunData:
         return len(self.records)
 
     def kl_target(self) -> tuple[float, str]:
-        """The KL the update aims at: TRPO's ``max_kl`` (the larger end when the limit is
-        annealed towards ``max_kl_final``); ``target_kl`` when the run uses
-        it (the ppo-kl penalty, or kl_stop); else, for a clipped PPO that has no KL
-        target, the upper end of the typical targets 0.01 to 0.02 (design.md section 5)."""
-        cfg = self.config
-        if cfg.get("algo") == "trpo":
-            limit = float(cfg.get("max_kl", 0.01))
-            final = float(cfg.get("max_kl_final") or 0.0)
-            return (final, "max_kl_final") if final > limit else (limit, "max_kl")
-        if cfg.get("ppo_loss") == "kl" or cfg.get("kl_stop"):
-            return float(cfg.get("target_kl", 0.01)), "target_kl"
-        return TYPICAL_KL_TARGET, "typical target (the run sets none)"
+        """The KL the update aims at, as the run's algorithm defines it
+        (:func:`pgscope.algos.kl_target`: TRPO's limit, the larger end when it moves;
+        ``target_kl`` when a PPO run uses it; else the typical target)."""
+        return kl_target(self.config)
 
 
 @dataclass(frozen=True)

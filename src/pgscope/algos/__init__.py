@@ -64,6 +64,17 @@ class SurrogateFn(Protocol):
                  state: Mapping[str, float]) -> float: ...
 
 
+#: The KL an update is judged against when its algorithm or config sets no KL target of its
+#: own (clipped PPO, A2C): the upper end of the typical targets 0.01 to 0.02 (design.md
+#: section 5).
+TYPICAL_KL_TARGET = 0.02
+
+
+def typical_kl_target(config: Mapping[str, Any]) -> tuple[float, str]:
+    """:data:`TYPICAL_KL_TARGET`, for algorithms without a KL target of their own."""
+    return TYPICAL_KL_TARGET, "typical target (the run sets none)"
+
+
 def nominal_clip_range(cfg: Config) -> float:
     """:data:`NOMINAL_CLIP_RANGE`, whatever the config (algorithms without a clip)."""
     return NOMINAL_CLIP_RANGE
@@ -82,7 +93,9 @@ class Algorithm:
     whose learning rate is logged as ``lr``) or by the update itself; ``clip_range(cfg)``
     is the eps that ``clip_fraction`` and ``clip_fraction_after`` count against;
     ``check(cfg)`` may refuse settings the algorithm cannot run
-    (:class:`pgscope.errors.ConfigError`)."""
+    (:class:`pgscope.errors.ConfigError`); ``kl_target(config)`` is the KL per update the
+    algorithm aims at under a config (a ``config.json`` dict) and its name: what the
+    doctor's KL alarms and the report's KL panel both measure against (:func:`kl_target`)."""
 
     name: str
     description: str
@@ -93,6 +106,7 @@ class Algorithm:
     policy_optimizer: bool = True
     clip_range: Callable[[Config], float] = nominal_clip_range
     check: Callable[[Config], None] | None = None
+    kl_target: Callable[[Mapping[str, Any]], tuple[float, str]] = typical_kl_target
 
 
 #: Every registered algorithm by name (the values of the config key ``algo``).
@@ -162,6 +176,17 @@ def _import_algorithm_modules() -> None:
 
 _import_algorithm_modules()
 
+def kl_target(config: Mapping[str, Any]) -> tuple[float, str]:
+    """The KL per update the run of ``config`` (a config dict, as ``config.json`` holds
+    it) aims at, and where that number comes from: its algorithm's own definition
+    (:attr:`Algorithm.kl_target`); :data:`TYPICAL_KL_TARGET` for an algorithm that is not
+    registered here."""
+    name = config.get("algo")
+    if isinstance(name, str) and name in ALGORITHMS:
+        return ALGORITHMS.get(name).kl_target(config)
+    return typical_kl_target(config)
+
+
 def update_one(cfg: Config, policy: Policy, value_net: ValueNet,
                optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
                state: dict[str, float], heldout_obs: torch.Tensor | None = None,
@@ -179,6 +204,6 @@ def update_one(cfg: Config, policy: Policy, value_net: ValueNet,
                                       [heldout_obs], each)[0]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "NOMINAL_CLIP_RANGE", "SurrogateFn", "UpdateFn",
-           "add_presets", "algorithm", "nominal_clip_range", "presets", "register_algorithm",
-           "update_one"]
+__all__ = ["ALGORITHMS", "Algorithm", "NOMINAL_CLIP_RANGE", "SurrogateFn", "TYPICAL_KL_TARGET",
+           "UpdateFn", "add_presets", "algorithm", "kl_target", "nominal_clip_range",
+           "presets", "register_algorithm", "typical_kl_target", "update_one"]

@@ -11,6 +11,7 @@ code-level optimization it uses is a named function from :mod:`pgscope.optimizat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.distributions import Distribution
@@ -19,6 +20,7 @@ from pgscope.algos import (
     NOMINAL_CLIP_RANGE,
     Algorithm,
     register_algorithm,
+    typical_kl_target,
 )
 from pgscope.algos.common import (
     POLICY_CHANGE_KEYS,
@@ -156,6 +158,14 @@ def ppo_clip_range(cfg: Config) -> float:
     return cfg.clip_eps if clips else NOMINAL_CLIP_RANGE
 
 
+def ppo_kl_target(config: Mapping[str, Any]) -> tuple[float, str]:
+    """``target_kl`` when the run uses it (the adaptive KL penalty, or KL early
+    stopping); else the typical target (the clipped loss sets no KL target)."""
+    if config.get("ppo_loss") == "kl" or config.get("kl_stop"):
+        return float(config.get("target_kl", 0.01)), "target_kl"
+    return typical_kl_target(config)
+
+
 #: Keys a PPO run logs besides the training loop's (:mod:`pgscope.metrics`).
 LOGS = ("policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm", "ratio_max",
         "ratio_min", "clip_fraction", "ratio_first_minibatch_dev", *POLICY_CHANGE_KEYS,
@@ -175,4 +185,5 @@ register_algorithm(Algorithm(
     },
     logs=LOGS,
     clip_range=ppo_clip_range,
+    kl_target=ppo_kl_target,
 ))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -217,6 +218,13 @@ def check_unused_keys(cfg: Config) -> None:
                           "kl_stop=false (or lower max_kl).")
 
 
+def trpo_kl_target(config: Mapping[str, Any]) -> tuple[float, str]:
+    """The KL limit, the larger end when it moves towards ``max_kl_final``."""
+    limit = float(config.get("max_kl", 0.01))
+    final = float(config.get("max_kl_final") or 0.0)
+    return (final, "max_kl_final") if final > limit else (limit, "max_kl")
+
+
 register_algorithm(Algorithm(
     name="trpo",
     description="Trust Region Policy Optimization (Schulman et al. 2015): a natural-gradient "
@@ -232,4 +240,5 @@ register_algorithm(Algorithm(
     logs=LOGS,
     policy_optimizer=False,
     check=check_unused_keys,
+    kl_target=trpo_kl_target,
 ))

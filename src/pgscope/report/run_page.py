@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pgscope.algos import kl_target
 from pgscope.doctor import Finding, RunData, check
 from pgscope.metrics import REGISTRY, metric_value
 from pgscope.report import probes as probe_html
@@ -151,6 +152,13 @@ def learning_curve(records: list[dict[str, Any]], findings: list[Finding]) -> st
     return figure(fig, "curve-return", height=430) + _finding_links(shown, findings)
 
 
+def kl_alarm_line(cfg: dict[str, Any]) -> float:
+    """Where the KL panel draws its dashed line: 2 x the run's KL target
+    (:func:`pgscope.algos.kl_target`), the level above which the doctor's
+    ``kl-above-target`` fires."""
+    return 2 * kl_target(cfg)[0]
+
+
 def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
                 cfg: dict[str, Any]) -> str:
     import plotly.graph_objects as go
@@ -171,10 +179,11 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
                 x=x, y=y, mode="lines", name=key, line=dict(color=PALETTE_10[i], width=1.5),
                 hovertemplate=f"{esc(key)} = %{{y:.4g}} {esc(m.unit if m else '')}"
                               "<br>env steps %{x}<extra></extra>"))
-        if anchor == "kl":
-            target = float(cfg.get("max_kl" if cfg.get("algo") == "trpo" else "target_kl",
-                                   0.01))
-            fig.add_hline(y=2 * target, line_dash="dash", line_color="#555", line_width=1)
+        if anchor == "kl":  # the doctor's kl-above-target threshold
+            target, name = kl_target(cfg)
+            fig.add_hline(y=kl_alarm_line(cfg), line_dash="dash", line_color="#555",
+                          line_width=1, annotation_text=esc(f"2 x the KL target ({name})"),
+                          annotation_position="top left")
         if anchor == "ratio" and cfg.get("algo") == "ppo" and cfg.get("ppo_loss") == "clip" \
                 and float(cfg.get("clip_eps", 1e32)) < 1:
             for y in (1 - cfg["clip_eps"], 1 + cfg["clip_eps"]):
