@@ -370,3 +370,13 @@ def test_the_report_draws_the_kl_line_where_the_doctor_fires(preset, overrides):
     assert "kl-above-target" not in {f.alarm for f in check(RunData(records, config))}
     if preset == "ppo" and not overrides:
         assert kl_alarm_line(config) == 0.04
+
+
+def test_the_readme_counts_the_checks_there_are():
+    """The README said 17 checks while the CLI and the report counted 18."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    counts = [int(n) for n in re.findall(r"\*\*doctor\*\* runs (\d+) named checks", readme)]
+    assert counts == [len(ALARMS)]

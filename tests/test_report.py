@@ -211,3 +211,25 @@ def test_probe_folder_shows_every_registered_probe_kind(tmp_path):
     assert html.index("p-values") < html.index("p-features")  # registry order
     assert "effective rank" in html and "12.5 [11, 14]" in html and "of 64" in html
     assert "cut returns (the paper&#x27;s)" in html or "cut returns (the paper's)" in html
+
+
+def test_the_final_return_names_the_window_it_averages(tmp_path):
+    """An 8-iteration run's page said 'final return (last 10 iterations)'."""
+    from pgscope.config import make_config
+    from pgscope.report.run_page import run_page
+    from pgscope.run import RunDir
+
+    def summary_of(returns: list[float]) -> str:
+        path = tmp_path / f"run{len(returns)}"
+        run, lock = RunDir.create(path, make_config("ppo", "Pendulum-v1"))
+        for i, ret in enumerate(returns):
+            run.append_metrics(dict(iteration=i + 1, env_steps=64 * (i + 1), return_mean=ret))
+        run.write_status("complete")
+        lock.release()
+        return run_page(path).render()
+
+    assert "final return (last 8 iterations with episodes, 95% t-CI)" in summary_of(
+        [float(i) for i in range(8)])
+    assert "final return (last 10 iterations with episodes" in summary_of(
+        [float(i) for i in range(12)])
+    assert "final return (last 1 iteration with episodes)" in summary_of([5.0])

@@ -477,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--out", type=Path, help="where to write (default DIR/summary)")
     ss.add_argument("--no-plots", action="store_true")
     ss.add_argument("--score", metavar="RULE", help="a named score rule instead of the "
-                    "spec's [score]: 'paper' = each run's mean return over its last 10 "
-                    "iterations, then the mean over runs with a CI")
+                    "spec's [score]: 'engstrom-code' = each run's mean return over its last "
+                    "5 iterations (the authors' run.py), 'last-10' (alias 'paper') over "
+                    "its last 10; then the mean over runs with a CI")
     ss.set_defaults(func=_study_summary)
     sp = st_sub.add_parser("presets", help="list the built-in studies")
     sp.set_defaults(func=_study_presets)

@@ -305,7 +305,8 @@ def run_page(path: Path, video_file: Path | None = None) -> Page:
                ("seed", str(cfg.get("seed"))), ("state", state),
                ("iterations", f"{len(records)} of {data.planned_iterations}"),
                ("env steps", fmt(records[-1]["env_steps"] if records else 0)),
-               ("final return (last 10 iterations, 95% t-CI)", final),
+               (f"final return (last {len(last)} iteration{'s' if len(last) != 1 else ''} "
+                "with episodes" + (", 95% t-CI)" if len(last) >= 2 else ")"), final),
                ("best iteration return", fmt(max(returns) if returns else None)),
                ("first iteration return", fmt(returns[0] if returns else None)),
                ("training time", f"{fmt((records[-1].get('time_elapsed') or 0) / 60, 3)} min"

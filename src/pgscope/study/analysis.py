@@ -7,8 +7,9 @@
 
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
 output), or by a named rule (:data:`pgscope.study.spec.SCORE_RULES`) given to
-:func:`summarize`: ``"paper"`` is the papers' score, each run's mean return over its last 10
-iterations and the mean over runs with its CI. Every planned run has one of four outcomes
+:func:`summarize`: ``"engstrom-code"``, each run's mean return over its last 5 iterations
+(the authors' run.py), or ``"last-10"`` (alias ``"paper"``) over its last 10; then the mean
+over runs with its CI. Every planned run has one of four outcomes
 (:data:`OUTCOME_RULE`, stated in every summary):
 
 - **complete**: finished, with a score;
