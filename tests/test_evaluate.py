@@ -118,3 +118,41 @@ def test_cli(pendulum_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "checkpoint 2: mean return" in text and "bootstrap CI over 2 episodes" in text
     assert main(["evaluate", str(pendulum_run), "--checkpoint", "3"]) == 2  # not kept
+
+
+def test_video_of_a_classic_control_episode(pendulum_run, tmp_path):
+    """Pendulum renders through pygame, which the set-up installs (gymnasium's
+    classic-control extra); the evaluation used to end in DependencyNotInstalled."""
+    clip = tmp_path / "pendulum.gif"
+    res = evaluate(pendulum_run, episodes=1, deterministic=True, video=clip)
+    assert clip.exists() and res["video_frames"] >= 2 and "video_error" not in res
+
+
+def test_a_missing_render_dependency_keeps_the_numbers_and_says_so_in_one_line(
+        pendulum_run, tmp_path, monkeypatch, capsys):
+    import gymnasium as gym
+
+    from pgscope import evaluate as evaluate_mod
+
+    real = evaluate_mod._make_env
+
+    def make(env_id, render):
+        env = real(env_id, render)
+
+        def render_fails():
+            raise gym.error.DependencyNotInstalled("pygame is not installed, run "
+                                                   "`pip install gymnasium[classic-control]`")
+        env.render = render_fails
+        return env
+
+    monkeypatch.setattr(evaluate_mod, "_make_env", make)
+    want = evaluate(pendulum_run, episodes=3, deterministic=True, seed=5)
+    got = evaluate(pendulum_run, episodes=3, deterministic=True, seed=5,
+                   video=tmp_path / "v.mp4")
+    assert got["returns"] == want["returns"] and "pygame" in got["video_error"]
+    assert not (tmp_path / "v.mp4").exists()
+    assert main(["evaluate", str(pendulum_run), "--episodes", "2", "--video",
+                 str(tmp_path / "v.mp4")]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "mean return" in lines[0]
+    assert lines[-1].startswith("  video: not written") and "pygame" in lines[-1]

@@ -355,7 +355,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                       deterministic=args.deterministic, seed=args.seed, video=args.video,
                       video_episodes=args.video_episodes)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
-    return 0
+    return EXIT_ERROR if "video_error" in result else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

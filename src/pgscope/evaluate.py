@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from pgscope.errors import PgscopeError
@@ -94,13 +95,26 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int =
     fps = min(VIDEO_FPS, int(env.metadata.get("render_fps") or VIDEO_FPS))
     every = max(1, round((env.metadata.get("render_fps") or fps) / fps))
     frames: list[np.ndarray] = []
+    video_error: str | None = None
+
+    def grab() -> bool:
+        """Add a frame; False (and ``video_error`` set) when the env cannot render for
+        want of an optional dependency: the evaluation goes on without a video."""
+        nonlocal video_error
+        try:
+            frames.append(np.asarray(env.render()))
+        except gym.error.DependencyNotInstalled as exc:
+            video_error = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
+
     returns, lengths, cut = [], [], 0
     try:
         for i in range(episodes):
             obs, _ = env.reset(seed=seed + i)
-            record = video is not None and i < video_episodes
+            record = video is not None and video_error is None and i < video_episodes
             if record:
-                frames.append(np.asarray(env.render()))
+                record = grab()
             total, steps, done = 0.0, 0, False
             while not done:
                 action = agent.act(np.asarray(obs)[None], deterministic=deterministic,
@@ -114,7 +128,7 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int =
                 if steps >= MAX_EPISODE_STEPS and not done:
                     done, cut = True, cut + 1
                 if record and steps % every == 0 and len(frames) < MAX_VIDEO_FRAMES:
-                    frames.append(np.asarray(env.render()))
+                    record = grab()
             returns.append(total)
             lengths.append(steps)
     finally:
@@ -132,7 +146,9 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int =
         mean_return=float(x.mean()), ci_low=low, ci_high=high,
         std_return=float(x.std(ddof=1)) if len(x) > 1 else math.nan,
         returns=[float(r) for r in returns], lengths=lengths, episodes_cut=cut)
-    if video is not None:
+    if video is not None and video_error is not None:
+        result["video_error"] = video_error
+    elif video is not None:
         _write_video(frames, Path(video), fps)
         result.update(video=str(video), video_frames=len(frames), video_fps=fps,
                       video_truncated=len(frames) >= MAX_VIDEO_FRAMES)
@@ -150,6 +166,8 @@ def format_evaluation(r: dict[str, Any]) -> str:
              f"length {np.mean(r['lengths']):.0f} steps"]
     if r["episodes_cut"]:
         lines.append(f"  {r['episodes_cut']} episode(s) cut at {MAX_EPISODE_STEPS} steps")
+    if "video_error" in r:
+        lines.append(f"  video: not written, the env cannot render here ({r['video_error']})")
     if "video" in r:
         lines.append(f"  video: {r['video']} ({r['video_frames']} frames at {r['video_fps']} "
                      "fps" + (", truncated" if r["video_truncated"] else "") + ")")
