@@ -431,3 +431,26 @@ def test_probe_outputs_record_what_was_measured_and_arrive_one_by_one(tiny_run, 
 
     assert data["pgscope_version"] == __version__
     assert data["probe_settings"]["sizes"] == [20, 40] and data["probe_settings"]["k"] == 2
+
+
+def test_a_fresh_run_into_a_directory_being_written_names_the_writer(tmp_path):
+    """A fresh train --out D while another process writes D was refused with the advice to
+    --resume it (which the writer lock would then refuse): it must say who writes D."""
+    import os
+
+    from pgscope.errors import RunDirError
+    from pgscope.run import RunDir
+
+    cfg = make_config("ppo", "Pendulum-v1", dict(total_steps=128, steps_per_iter=64))
+    out = tmp_path / "run"
+    run, lock = RunDir.create(out, cfg)  # the other writer, mid-run
+    run.write_status("running")
+    try:
+        with pytest.raises(RunDirError, match=f"being written by another process \\(pid "
+                                              f"{os.getpid()} ") as info:
+            train(cfg, out, progress=False)
+        assert "--resume" not in str(info.value)
+    finally:
+        lock.release()
+    with pytest.raises(RunDirError, match="already holds this run; continue it with"):
+        train(cfg, out, progress=False)  # nobody writes it now: resuming is the advice

@@ -144,6 +144,14 @@ class RunDir:
                                   "choose another --out.")
             return
         if self._entries():
+            writer = self.writer()
+            if writer is not None:
+                raise RunDirError(
+                    f"'{path}' is being written by another process (pid "
+                    f"{writer.get('pid', '?')} on {writer.get('host', '?')}, since "
+                    f"{writer.get('since', '?')}); a new run cannot start there. Wait for "
+                    "it to finish or stop it first (watch it with 'pgscope status'), or "
+                    "choose another --out.")
             if self.config_path.exists():
                 other = self.read_config()
                 if run_identity(other) == run_identity(cfg):
