@@ -245,3 +245,11 @@ def test_resume_drops_metrics_lines_after_the_checkpoint(tmp_path):
     again = _metrics(out)
     assert [r["iteration"] for r in again] == [1, 2, 3, 4]
     assert again[:2] == full[:2]
+
+
+def test_version_flag(capsys):
+    from pgscope import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pgscope {__version__}"

@@ -360,6 +360,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgscope", description=__doc__.splitlines()[0])
+    from pgscope import __version__
+
+    p.add_argument("--version", action="version", version=f"pgscope {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an agent into a run directory")
