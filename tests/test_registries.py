@@ -165,6 +165,8 @@ def test_probes_are_registered_with_everything_run_probes_needs():
         assert callable(probe.reading) and callable(probe.table)
     with pytest.raises(ConfigError, match="probe_kinds"):
         make_config("ppo", "CartPole-v1", dict(probe_every=2, probe_kinds="gradient"))
+    with pytest.raises(ConfigError, match="probe_kinds"):  # also before any is scheduled
+        make_config("ppo", "CartPole-v1", dict(probe_every=0, probe_kinds="gradient"))
 
 
 def test_built_in_sinks_in_order():

@@ -70,14 +70,15 @@ class ScheduledProbes(Callback):
 
 
 def check_schedule(cfg: Config) -> None:
-    """The ``probe_*`` keys, when ``probe_every`` schedules probes (:class:`ConfigError`
-    naming the key)."""
-    if not cfg.probe_every:
-        return
+    """The ``probe_*`` keys (:class:`ConfigError` naming the key): ``probe_kinds`` always
+    (a misspelt kind is refused even before ``probe_every`` schedules it), the sizes when
+    ``probe_every`` schedules probes."""
     try:
         probes.parse_kinds(cfg.probe_kinds)
     except ValueError as exc:
         raise ConfigError(f"config key 'probe_kinds': {exc}") from None
+    if not cfg.probe_every:
+        return
     if cfg.probe_k < 2:
         raise ConfigError("config key 'probe_k' must be >= 2.")
     if min(cfg.probe_sizes, default=0) < 2:
