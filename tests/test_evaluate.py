@@ -80,7 +80,8 @@ def test_bootstrap_ci_of_the_mean():
 
 
 def test_bad_arguments(pendulum_run, tmp_path):
-    with pytest.raises(PgscopeError, match="--episodes"):
+    with pytest.raises(PgscopeError, match=r"^episodes \(--episodes\) must be at least 1, "
+                                           "got 0"):  # the argument's name first (Python API)
         evaluate(pendulum_run, episodes=0)
     with pytest.raises(PgscopeError, match=r"\.mp4 or a \.gif"):
         evaluate(pendulum_run, episodes=1, video=tmp_path / "clip.avi")

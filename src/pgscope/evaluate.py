@@ -67,7 +67,7 @@ def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
         imageio.mimwrite(path, images, fps=fps, codec="libx264", quality=6,
                          macro_block_size=16)
     else:
-        raise PgscopeError(f"--video '{path}': write a .mp4 or a .gif file.")
+        raise PgscopeError(f"video (--video) '{path}': write a .mp4 or a .gif file.")
 
 
 def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int = 10,
@@ -79,11 +79,12 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int =
     from pgscope import load_agent
 
     if episodes < 1:
-        raise PgscopeError("--episodes must be at least 1.")
+        raise PgscopeError(f"episodes (--episodes) must be at least 1, got {episodes}.")
     if video is not None and video_episodes < 1:
-        raise PgscopeError("--video-episodes must be at least 1.")
+        raise PgscopeError(f"video_episodes (--video-episodes) must be at least 1, got "
+                           f"{video_episodes}.")
     if video is not None and Path(video).suffix.lower() not in (".mp4", ".gif"):
-        raise PgscopeError(f"--video '{video}': write a .mp4 or a .gif file.")
+        raise PgscopeError(f"video (--video) '{video}': write a .mp4 or a .gif file.")
     if video is not None:
         os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo creates a GL context
     agent = load_agent(run_dir, checkpoint)

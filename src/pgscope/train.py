@@ -520,7 +520,7 @@ def train_seeds(cfg: Config | None, seeds: Sequence[int], out: str | Path, *,
     """Train (or with ``resume`` continue) ``cfg`` for each seed into ``out/seed_<s>/``,
     ``batch_size`` seeds per batch, one batch after the other."""
     if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
+        raise ConfigError(f"batch_size (--batch-size) must be >= 1, got {batch_size}.")
     members: list[BatchMember] = []
     for start in range(0, len(seeds), batch_size):
         group = list(seeds[start:start + batch_size])
