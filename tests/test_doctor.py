@@ -74,16 +74,19 @@ def _stale_logp(mp: pytest.MonkeyPatch) -> None:
 
 
 def _growing_delay(mp: pytest.MonkeyPatch) -> None:
-    """A leak: every rollout takes 0.1 s longer than the one before. The delay is added to
-    the clock the training loop reads (no real sleeping, so the test stays fast)."""
-    collect, clock, lag, calls = train_mod.collect_lockstep, time.perf_counter, [0.0], [0]
+    """A leak: every rollout takes 0.1 s more CPU than the one before. The delay is added
+    to both clocks the training loop reads, wall and process CPU time (no real work, so
+    the test stays fast)."""
+    collect, wall, cpu = train_mod.collect_lockstep, time.perf_counter, time.process_time
+    lag, calls = [0.0], [0]
 
     def slow(*args):
         calls[0] += 1
         lag[0] += 0.1 * calls[0]
         return collect(*args)
     mp.setattr(train_mod, "collect_lockstep", slow)
-    mp.setattr(time, "perf_counter", lambda: clock() + lag[0])
+    mp.setattr(time, "perf_counter", lambda: wall() + lag[0])
+    mp.setattr(time, "process_time", lambda: cpu() + lag[0])
 
 
 def _advantage_flip_after(n: int):
@@ -380,3 +383,19 @@ def test_the_readme_counts_the_checks_there_are():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     counts = [int(n) for n in re.findall(r"\*\*doctor\*\* runs (\d+) named checks", readme)]
     assert counts == [len(ALARMS)]
+
+
+def test_sps_decay_judges_cpu_time_not_a_busy_machine():
+    """A healthy run on a machine that gets busy: wall-clock sps halves (4,688 -> 2,276
+    steps/s was seen) while the CPU seconds per iteration hold: no sps-decay. The same run
+    whose CPU seconds grow (a leak) fires it; a run without cpu_s (written before it was
+    logged) is judged on its wall-clock sps as before."""
+    n, steps = 40, 2048
+    busy = [{"iteration": i + 1, "env_steps": steps * (i + 1), "cpu_s": 0.45,
+             "sps": 4688.0 if i < n // 2 else 2276.0} for i in range(n)]
+    assert "sps-decay" not in {f.alarm for f in check(RunData(busy, {}))}
+    leak = [dict(r, cpu_s=0.45 * (1 + 3 * i / n)) for i, r in enumerate(busy)]
+    assert "sps-decay" in {f.alarm for f in check(RunData(leak, {}))}
+    old = [{k: v for k, v in r.items() if k != "cpu_s"} for r in busy]
+    old = [dict(r, sps=4688.0 / (1 + 3 * i / n)) for i, r in enumerate(old)]
+    assert "sps-decay" in {f.alarm for f in check(RunData(old, {}))}

@@ -33,6 +33,7 @@ from pgscope.cli import EXIT_ERROR, main
 from pgscope.config import Config, make_config
 from pgscope.engine.nets import SeedNets
 from pgscope.errors import ConfigError, RunDirError
+from pgscope.metrics import TIMING_KEYS
 from pgscope.rollout import Batch
 from pgscope.run import RunDir, load_checkpoint
 from pgscope.train import parse_seeds, resume, train, train_batch
@@ -237,7 +238,7 @@ if "test_batched/NanForSeed1-v0" not in gym.registry:
     gym.register("test_batched/NanForSeed1-v0", entry_point=_NanForSeed1,
                  max_episode_steps=40)
 
-TIMING = ("sps", "rollout_s", "update_s", "time_elapsed")
+TIMING = TIMING_KEYS
 ITERATIONS = 3
 
 

@@ -97,7 +97,7 @@ def test_registry_is_well_formed():
         assert set(m.requires) <= set(REQUIREMENTS), m.name
         assert bool(m.requires) == bool(m.condition), m.name  # words and tags agree
         assert not m.legacy or m.legacy != m.name
-    assert TIMING_KEYS == ("sps", "rollout_s", "update_s", "time_elapsed")
+    assert TIMING_KEYS == ("sps", "cpu_s", "rollout_s", "update_s", "time_elapsed")
     assert TRAIN_TIMING_KEYS is TIMING_KEYS  # train uses the registry's
 
 

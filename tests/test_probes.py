@@ -19,6 +19,7 @@ from pgscope.envs.tabular import (
     stationary_distribution,
     value_vector,
 )
+from pgscope.metrics import TIMING_KEYS
 from pgscope.probes.baselines import fit_true_value, monte_carlo_dataset
 from pgscope.probes.gradients import gradient_probe
 from pgscope.probes.landscape import episode_returns, landscape_probe, nested_means
@@ -193,7 +194,7 @@ def test_probes_scheduled_during_training_do_not_change_training(tmp_path):
     def strip(run):
         lines = (run / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(x).items()
-                 if k not in ("sps", "time_elapsed", "rollout_s", "update_s")} for x in lines]
+                 if k not in TIMING_KEYS} for x in lines]
 
     assert strip(plain) == strip(probed)
 

@@ -416,7 +416,16 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _check_sps(data: RunData, alarm: Alarm) -> list[Finding]:
-    x = data.series("sps")
+    """Env steps per CPU-second of the process (``cpu_s``): a leak or a growing buffer
+    costs CPU, while other work on the machine only stretches the wall clock; runs
+    written before ``cpu_s`` was logged are judged on their wall-clock ``sps``."""
+    cpu = data.series("cpu_s")
+    if np.isfinite(cpu).any():
+        steps = np.diff(np.concatenate([[0.0], data.series("env_steps")]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(cpu > 0, steps / cpu, np.nan)
+    else:
+        x = data.series("sps")
     ok = np.isfinite(x)
     ok[:1] = False  # the first iteration includes warm-up
     x, it = x[ok], data.iterations[ok]
@@ -428,8 +437,9 @@ def _check_sps(data: RunData, alarm: Alarm) -> list[Finding]:
     if late >= 0.5 * early or rho >= -0.5:
         return []
     return [alarm.finding([(int(it[-q]), int(it[-1]))],
-                          f"median sps fell from {early:.0f} (first quarter) to {late:.0f} "
-                          f"(last quarter); rank correlation with iteration {rho:.2f}",
+                          f"median env steps per CPU-second fell from {early:.0f} (first "
+                          f"quarter) to {late:.0f} (last quarter); rank correlation with "
+                          f"iteration {rho:.2f}",
                           early=early, late=late, spearman=rho)]
 
 
@@ -585,11 +595,13 @@ ALARMS: tuple[Alarm, ...] = (
           "healthy run", "a NaN spreads to everything computed from it (design.md 5)",
           ("policy_loss", "value_loss"), _check_nonfinite, "bug"),
     Alarm("sps-decay", "training slows down",
-          f"median sps of the last quarter < 0.5 x the first quarter's (iteration 1 "
-          f"excluded), with rank correlation of sps and iteration < -0.5; runs of >= "
+          f"median env steps per CPU-second of the process (cpu_s; wall-clock sps in runs "
+          f"without it) of the last quarter < 0.5 x the first quarter's (iteration 1 "
+          f"excluded), with rank correlation with the iteration < -0.5; runs of >= "
           f"{4 * WINDOW + 1} iterations",
-          f"engineering (a leak or a growing buffer); the thresholds are {OWN}",
-          ("sps",), _check_sps),
+          f"engineering (a leak or a growing buffer costs CPU; a busy machine only "
+          f"stretches the wall clock); the thresholds are {OWN}",
+          ("sps", "cpu_s"), _check_sps),
     Alarm("no-learning", "no learning relative to the initial (random) policy",
           f"mean return of the last {WINDOW} iterations not above the first {WINDOW}'s by "
           f"more than 2 standard errors (runs with >= {3 * WINDOW} iterations with episodes)",

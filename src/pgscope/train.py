@@ -414,7 +414,7 @@ def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress:
             for m in live:
                 set_learning_rates(m.optimizer, m.cfg, it)
             nets.set_learning_rates(live[0].optimizer)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             collected = collect_lockstep([m.collector for m in live],
                                          [m.agent.policy for m in live],
                                          [m.agent.value_net for m in live])
@@ -432,7 +432,7 @@ def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress:
             all_metrics = update(cfg, nets, [b for b, _ in data],
                                  [m.update_gen for m in live], [m.algo_state for m in live],
                                  [m.heldout_obs for m in live])
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             gone = {}
             for m, (batch, episodes), metrics in zip(live, data, all_metrics, strict=True):
                 try:
@@ -448,7 +448,7 @@ def _train_batch(cfgs: list[Config], runs: list[RunDir], resume: bool, progress:
                               explained_variance=explained_variance(batch.values,
                                                                     batch.returns),
                               **learning_rates(m.optimizer), **metrics,
-                              sps=len(batch) / (t2 - t0), rollout_s=t1 - t0,
+                              sps=len(batch) / (t2 - t0), cpu_s=c2 - c0, rollout_s=t1 - t0,
                               update_s=t2 - t1, time_elapsed=m.elapsed)
                 record = _json_safe(record)
                 try:

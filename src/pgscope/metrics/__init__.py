@@ -261,6 +261,11 @@ METRICS: tuple[Metric, ...] = (
            "update.", "env steps / second", _TIME, every_algorithm=EVERY, timing=True,
            aliases=("time/fps", "charts/SPS"),
            tensorboard="time/fps"),
+    Metric("cpu_s", "CPU seconds the training process spent on this iteration's rollout "
+           "and update (user + system time of the process: for seeds trained together, "
+           "the whole batch's); unlike wall-clock time it does not grow when other work "
+           "shares the machine, so the doctor's sps-decay judges slowdowns on it.",
+           "seconds", _TIME, every_algorithm=EVERY, timing=True),
     Metric("rollout_s", "Wall-clock seconds spent sampling this iteration's batch.",
            "seconds", _TIME, every_algorithm=EVERY, timing=True),
     Metric("update_s", "Wall-clock seconds spent in this iteration's update (policy, value "
