@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import helper_envs  # noqa: F401 - registers helper_envs/NanAfter-v0
 import pgscope.algos.ppo as ppo_mod
@@ -105,6 +106,19 @@ def _advantage_flip_after(n: int):
     return patch
 
 
+def _dead_critic(mp: pytest.MonkeyPatch) -> None:
+    """A value net whose first layer is all zeros (with value_lr 1e-12 it stays so): its
+    features are the same for every state, so it predicts one number for all of them."""
+    build = train_mod.build_agent
+
+    def dead(*args, **kwargs):
+        agent = build(*args, **kwargs)
+        with torch.no_grad():
+            agent.value_net.net[0].weight.zero_()
+        return agent
+    mp.setattr(train_mod, "build_agent", dead)
+
+
 PEND, CART, BANDIT = "Pendulum-v1", "CartPole-v1", "pgscope/ActionReward-v0"
 #: name -> (preset, env, overrides, planted fault or None, what it is)
 CRAFTED = {
@@ -141,6 +155,8 @@ CRAFTED = {
                  "(monkeypatched)"),
     "nan-env": ("ppo", "helper_envs/NanAfter-v0", _iters(6), None,
                 "env returns NaN observations after 300 steps"),
+    "dead-critic": ("ppo", PEND, {**_iters(20), "value_lr": 1e-12}, _dead_critic,
+                    "value net's first layer zeroed, value_lr 1e-12 (monkeypatched)"),
     "slowing": ("ppo", PEND, {**_iters(24, 128)}, _growing_delay,
                 "each rollout 0.1 s slower than the last (monkeypatched clock)"),
 }
@@ -161,6 +177,7 @@ DETECTION = {
     "return-collapse": ("collapse", "healthy-bandit"),
     "non-finite": ("nan-env", "healthy-pendulum"),
     "sps-decay": ("slowing", "healthy-pendulum"),
+    "dead-critic": ("dead-critic", "healthy-pendulum"),
     "no-learning": ("zero-policy-lr", "healthy-bandit"),
 }
 

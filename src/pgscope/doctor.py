@@ -34,6 +34,11 @@ from pgscope.algos import TYPICAL_KL_TARGET, kl_target
 from pgscope.metrics import REGISTRY, metric_value
 from pgscope.run import RunDir
 
+#: A critic whose explained variance stays within +-DEAD_EV predicts no state's value
+#: better than one number for all of them.
+DEAD_EV = 0.01
+#: Features of consecutive states this aligned (cosine) have collapsed to one direction.
+DEAD_COSINE = 0.999
 #: K: "persistently" = in each of K consecutive iterations.
 WINDOW = 5
 #: Iterations skipped by the checks that need a trained value net.
@@ -324,6 +329,34 @@ def _check_explained_variance(data: RunData, alarm: Alarm) -> list[Finding]:
     return _persistent(data, alarm, "explained_variance", below=0.0, skip=WARMUP)
 
 
+def _check_dead_critic(data: RunData, alarm: Alarm) -> list[Finding]:
+    """The value net predicts (about) one number for every state: |explained variance|
+    below :data:`DEAD_EV` in each of 2 x WINDOW consecutive iterations after the warm-up,
+    or its features collapsed to one direction (``feature_srank`` <= 1 or
+    ``feature_cosine`` > :data:`DEAD_COSINE`) in each of WINDOW consecutive iterations.
+    Negative explained variance has its own check; this one sees the critic that has
+    stopped predicting anything."""
+    ev = data.series("explained_variance")
+    valid = np.isfinite(ev) & (data.iterations > WARMUP)
+    flat = streaks(valid & (np.abs(ev) < DEAD_EV), 2 * WINDOW)
+    srank, cosine = data.series("feature_srank"), data.series("feature_cosine")
+    collapsed = streaks((np.nan_to_num(srank, nan=np.inf) <= 1)
+                        | (np.nan_to_num(cosine) > DEAD_COSINE), WINDOW)
+    if not flat and not collapsed:
+        return []
+    parts = []
+    if flat:
+        n = sum(b - a + 1 for a, b in flat)
+        parts.append(f"|explained_variance| < {_g(DEAD_EV)} on {n} iterations (streaks of "
+                     f">= {2 * WINDOW}, after the first {WARMUP})")
+    if collapsed:
+        n = sum(b - a + 1 for a, b in collapsed)
+        parts.append(f"features collapsed (feature_srank <= 1 or feature_cosine > "
+                     f"{DEAD_COSINE:g}) on {n} iterations (streaks of >= {WINDOW})")
+    return [alarm.finding(_iters(data, sorted(set(flat) | set(collapsed))),
+                          "; ".join(parts), flat=bool(flat), collapsed=bool(collapsed))]
+
+
 def _check_value_scale(data: RunData, alarm: Alarm) -> list[Finding]:
     out = []
     for key in ("value_target_absmax", "advantage_absmax"):
@@ -569,6 +602,13 @@ ALARMS: tuple[Alarm, ...] = (
           f"explained_variance < 0 in each of {WINDOW} consecutive iterations, after the "
           f"first {WARMUP}", SCHULMAN_2016, ("explained_variance",),
           _check_explained_variance),
+    Alarm("dead-critic", "the value net predicts one number for every state",
+          f"|explained_variance| < {DEAD_EV:g} in each of {2 * WINDOW} consecutive "
+          f"iterations after the first {WARMUP}, or feature_srank <= 1 or feature_cosine > "
+          f"{DEAD_COSINE:g} in each of {WINDOW} consecutive iterations",
+          f"{SCHULMAN_2016} (watch explained variance); collapsed critic features: Kumar et "
+          f"al. (2021), DR3; the bounds are {OWN}",
+          ("explained_variance", "feature_srank", "feature_cosine"), _check_dead_critic),
     Alarm("values-out-of-scale", "value targets or advantages far outside [-10, 10]",
           f"value_target_absmax or advantage_absmax > 100 (10 x the bound) in each of "
           f"{WINDOW} consecutive iterations", f"{ENGSTROM_2020}; the factor 10 is {OWN}",
