@@ -8,6 +8,7 @@ import json
 import pytest
 
 from pgscope.config import (
+    OTHER_LIBRARIES,
     PRESETS,
     Config,
     config_hash,
@@ -215,3 +216,15 @@ def test_env_id_or_preset_override_is_rejected(key, value):
     # Silently dropping these would train Hopper with Hopper's lrs under --set env_id=...
     with pytest.raises(ConfigError, match=f"'{key}' is chosen by the preset/env arguments"):
         make_config("ppo", "Hopper-v5", {key: value})
+
+
+@pytest.mark.parametrize("key, answer", [
+    ("n_steps", "steps_per_iter"), ("learning_rate", "policy_lr and value_lr"),
+    ("vf_coef", "no value-loss weight"), ("n_epochs", "epochs"),
+    ("batch_size", "minibatches"), ("clip_range", "clip_eps"),
+    ("num_minibatches", "minibatches"), ("total_timesteps", "total_steps")])
+def test_sb3_and_cleanrl_names_are_answered_with_pgscopes(key, answer):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}': in pgscope that is "
+                                          f".*{answer}"):
+        make_config("ppo", "Pendulum-v1", {key: 1})
+    assert not set(OTHER_LIBRARIES) & set(Config.__dataclass_fields__)  # never shadows a key

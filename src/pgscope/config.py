@@ -252,9 +252,34 @@ def register_check(check: Callable[[Config], None]) -> None:
         _CHECKS.append(check)
 
 
+#: Names stable-baselines3 and CleanRL give to what pgscope calls otherwise: an unknown
+#: key that is one of these is answered with pgscope's key (and how the meaning differs).
+OTHER_LIBRARIES: dict[str, str] = {
+    "n_steps": "steps_per_iter (SB3's n_steps is per env: steps_per_iter = n_steps x "
+               "num_envs)",
+    "num_steps": "steps_per_iter (CleanRL's num_steps is per env: steps_per_iter = "
+                 "num_steps x num_envs)",
+    "learning_rate": "policy_lr and value_lr (one learning rate each)",
+    "lr": "policy_lr and value_lr (one learning rate each)",
+    "n_epochs": "epochs", "update_epochs": "epochs",
+    "batch_size": "minibatches (the number of minibatches per epoch: SB3's batch_size of "
+                  "64 with 2,048 steps is minibatches = 32)",
+    "num_minibatches": "minibatches",
+    "clip_range": "clip_eps", "clip_coef": "clip_eps",
+    "clip_range_vf": "value_clip and value_clip_range", "clip_vloss": "value_clip",
+    "vf_coef": "nothing: pgscope's policy and value nets are separate, each with its own "
+               "optimizer group, so there is no value-loss weight (set value_lr)",
+    "norm_adv": "adv_norm", "normalize_advantage": "adv_norm", "anneal_lr": "lr_anneal",
+    "total_timesteps": "total_steps",
+}
+
+
 def _check_keys(keys: Any) -> None:
     for key in keys:
         if key not in _FIELDS:
+            if key in OTHER_LIBRARIES:
+                raise ConfigError(f"unknown config key '{key}': in pgscope that is "
+                                  f"{OTHER_LIBRARIES[key]}.")
             close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(
