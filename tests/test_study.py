@@ -475,3 +475,13 @@ def test_write_summary_on_a_study_with_nothing_finished(tmp_path):
     prepare_study_dir(tmp_path / "s", spec)
     res = write_summary(tmp_path / "s")
     assert res["meta"]["complete"] == 0 and len(res["meta"]["missing"]) == 4
+
+
+def test_a_key_typo_inside_a_study_config_names_the_config():
+    data = dict(name="x", envs=["Pendulum-v1"], seeds=1, total_steps=512,
+                configs=[dict(label="fine", preset="ppo"),
+                         dict(label="typo", preset="trpo", set={"polcy_lr": 1e-3})])
+    with pytest.raises(ConfigError, match="config 'typo' \\(preset trpo, env Pendulum-v1\\): "
+                                          "unknown config key 'polcy_lr'. Did you mean "
+                                          "policy_lr"):
+        parse_spec(data)

@@ -322,6 +322,14 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
         _need(bool(LABEL_RE.fullmatch(label)),
               f"{source}: label '{label}' may only use letters, digits and _ . + = - "
               "(and not start with . or -).")
+    for c in configs:  # each config resolves on each env: an error names the config
+        for env in data.get("envs", []):
+            try:
+                make_config(c.preset, env, {**c.overrides, "seed": 0,
+                                            "total_steps": data["total_steps"]})
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: config '{c.label}' (preset {c.preset}, env "
+                                  f"{env}): {exc}") from None
 
     score_data = data.get("score", {})
     score_data = {"rule": score_data} if isinstance(score_data, str) else dict(score_data)
