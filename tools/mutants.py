@@ -3,9 +3,10 @@
 Each mutant is one exact text replacement in one source file: a single-point semantic bug
 of the kind a reviewer plants (a switch ignored, a sign flipped, a statistic taken over the
 wrong set, state not restored). For every mutant this script copies the repository's
-``src/`` and ``tests/`` (and ``pyproject.toml``, for the pytest settings) to a temporary
-directory, applies the replacement there - never in the working tree - and runs the fast
-test selection against the copy. A mutant is *killed* when a test fails.
+``src/`` and ``tests/`` (and ``pyproject.toml``, for the pytest settings, and ``bench/``,
+which some tests read) to a temporary directory, applies the replacement there - never in
+the working tree - and runs the fast test selection against the copy. A mutant is *killed*
+when a test fails.
 
 Which pgscope is imported: the package is installed in ``.venv`` in editable mode (a
 ``.pth`` line that puts the working tree's ``src`` on ``sys.path``). The tests therefore
@@ -66,8 +67,19 @@ FAST_TESTS = [
     "tests/test_batched_update.py",
     "tests/test_engine.py",
     "tests/test_batch_step.py",
+    # each of these four kills an engine-path mutant no file above kills (train() raising a
+    # single run's error, trpo+-paper's constant limit, update_one's epoch_callback through
+    # the trust-region probe, a Discrete-action seed the same alone and in a batch);
+    # together about 70 s on one core
+    "tests/test_callbacks.py",
+    "tests/test_paper_presets.py",
+    "tests/test_a2c.py",
+    "tests/test_engine_invariance.py",
 ]
 OPTIONAL_TESTS = ["tests/test_reference_updates.py"]
+#: What each sandbox holds besides ``pyproject.toml``: the sources, the tests, and
+#: ``bench/``, whose scripts and study files tests/test_paper_presets.py reads.
+COPIED = ("src", "tests", "bench")
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
 TIMEOUT_S = 600  # per mutant; a hang counts as killed (reported as "timeout")
 
@@ -394,8 +406,9 @@ MUTANTS: list[Mutant] = [
       "        grads[0].shape[0])",
       "per-seed gradient clipping uses one norm over all seeds' gradients together"),
     M("engine-adam-shared-step", "engine/adam.py",
-      "step = group.step.double().clamp(min=1)",
-      "step = group.step[:1].double().clamp(min=1)",
+      "            group.step = torch.tensor(steps, dtype=group.step.dtype)\n",
+      "            group.step = torch.tensor(steps, dtype=group.step.dtype)\n"
+      "            steps = [steps[0]] * len(steps)\n",
       "the masked Adam's bias corrections use seed 0's step count for every seed"),
     M("value-output-gain", "networks.py",
       "init_network(self.net, ortho_init, output_gain=1.0)",
@@ -407,6 +420,69 @@ MUTANTS: list[Mutant] = [
     M("init-log-std-ignored", "networks.py",
       "torch.full((act_dim,), float(init_log_std))", "torch.zeros(act_dim)",
       "init_log_std ignored"),
+    # --- the one engine: the paths every run takes (sampling, single runs, invariance) -------
+    M("engine-discrete-sampler-shared-rng", "engine/rollout.py",
+      "uniform = np.stack([rng.random(logits.shape[1:]) for rng in rngs])",
+      "uniform = np.stack([rngs[0].random(logits.shape[1:]) for rng in rngs])",
+      "the categorical (Gumbel-max) sampler draws every seed's uniforms from seed 0's "
+      "generator (no change for N = 1)"),
+    M("engine-gaussian-sampler-shared-rng", "engine/rollout.py",
+      "rng.standard_normal(dtype=np.float32, out=out)",
+      "rngs[0].standard_normal(dtype=np.float32, out=out)",
+      "the Gaussian sampler draws every seed's noise from seed 0's generator "
+      "(no change for N = 1)"),
+    M("engine-sampler-seed0-std", "engine/rollout.py",
+      "std = np.stack([p.log_std.detach().exp().numpy()[None] for p in gaussian])",
+      "std = np.stack([gaussian[0].log_std.detach().exp().numpy()[None] for p in gaussian])",
+      "the rollout samples every seed's actions with seed 0's std (no change for N = 1)"),
+    M("engine-final-obs-seed0-stats", "engine/lockstep.py",
+      "out = (out - self.obs_stats.mean[seed]) / self._obs_scale[seed]",
+      "out = (out - self.obs_stats.mean[0]) / self._obs_scale[0]",
+      "a truncated episode's final observation normalized with seed 0's statistics "
+      "(no change for N = 1)"),
+    M("train-returns-on-failure", "train.py",
+      "        raise member.exception\n    return member.path\n\n\ndef resume(",
+      "        pass\n    return member.path\n\n\ndef resume(",
+      "train() returns the run directory of a diverged or failed single run instead of "
+      "raising its exception"),
+    M("engine-env-divergence-recorded-as-failure", "train.py",
+      "                if isinstance(result, DivergenceError):\n"
+      "                    gone[m.index] = m.diverged(result, it + 1)\n"
+      "                elif isinstance(result, Exception):\n"
+      "                    gone[m.index] = m.end(\"failed\", "
+      "f\"{type(result).__name__}: {result}\", result)\n",
+      "                if isinstance(result, Exception):\n"
+      "                    gone[m.index] = m.end(\"failed\", "
+      "f\"{type(result).__name__}: {result}\", result)\n"
+      "                elif isinstance(result, DivergenceError):\n"
+      "                    gone[m.index] = m.diverged(result, it + 1)\n",
+      "a seed whose env turns non-finite during the rollout ends 'failed' instead of "
+      "'diverged' (branches in the wrong order)"),
+    M("one-output-matmul", "networks.py",
+      "return (x * weight).sum(-1, keepdim=True) + bias",
+      "return x @ weight.transpose(-1, -2) + bias",
+      "one-output layers as a matrix product, whose kernel differs alone and in a batch "
+      "(a seed's bits depend on N)"),
+    M("adv-norm-torch-std", "optimizations.py",
+      "std = (centered.square().sum(-1, keepdim=True) / (m - 1)).sqrt()",
+      "std = adv.std(-1, keepdim=True)",
+      "advantage std by Tensor.std, whose float64 kernel reduces one row differently "
+      "from several"),
+    M("update-one-drops-heldout", "algos/__init__.py",
+      "[heldout_obs], each)[0]", "[None], each)[0]",
+      "update_one ignores heldout_obs (no held-out KL)"),
+    M("update-one-drops-epoch-callback", "algos/__init__.py",
+      "[heldout_obs], each)[0]", "[heldout_obs], None)[0]",
+      "update_one never calls epoch_callback (the trust-region probe sees no epoch)"),
+    M("check-config-skips-algo-check", "algos/__init__.py",
+      "    if check is not None:\n        check(cfg)",
+      "    if check is not None:\n        pass",
+      "the registry's config check does not call the algorithm's own check"),
+    M("trpo-plus-paper-schedule", "algos/paper.py",
+      "        max_kl_final=0.0,\n",
+      "        max_kl_final=ByEnv(Hopper=0.07, Walker2d=0.04, Humanoid=0.05),\n",
+      "trpo+-paper runs the KL schedule of the config files, not the constant limit "
+      "the authors' code ran"),
 ]
 
 
@@ -454,7 +530,7 @@ class Sandbox:
         self.python = self.env / "bin" / "python"
 
     def refresh(self, mutant: Mutant | None) -> None:
-        for name in ("src", "tests"):
+        for name in COPIED:
             shutil.rmtree(self.dir / name, ignore_errors=True)
             shutil.copytree(ROOT / name, self.dir / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
