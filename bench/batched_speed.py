@@ -89,10 +89,10 @@ def child(kind: str, seeds: list[int], iterations: int, go: Path | None) -> dict
         from stable_baselines3 import PPO
     else:
         from pgscope import make_config, train
-        from pgscope.train import train_batch
         from pgscope.engine.lockstep import step_envs
         from pgscope.envs import make_vector_env
         from pgscope.envs.batch_step import LocomotionBatch
+        from pgscope.train import train_batch
     baseline = _rss_mb()
     _wait_for_go(go)
     start = time.time()
@@ -187,8 +187,8 @@ def update_costs(n: int = 16, batch: int = 64, reps: int = 30, rounds: int = 5
 
     from pgscope.algos.common import make_optimizer
     from pgscope.algos.ppo import clipped_surrogate_loss
-    from pgscope.engine.nets import SeedNets
     from pgscope.config import make_config
+    from pgscope.engine.nets import SeedNets
     from pgscope.networks import GaussianPolicy, ValueNet
     from pgscope.optimizations import normalize_advantages, value_loss
 
