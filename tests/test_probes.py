@@ -234,3 +234,28 @@ def test_episodes_that_start_together_are_not_ordered_by_length(tabular_run):
         assert len(first) == 8
         orders.append(first == sorted(first))
     assert not all(orders)
+
+
+def test_the_value_probe_bar_counts_the_pairs_it_draws(tabular_run, monkeypatch):
+    """The bar's total is what the probe draws (whole chunks), so it never overshoots:
+    the demo showed '20480pair' of a total of 20000."""
+    import pgscope.probes.values as values_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(values_mod, "tqdm", Bar)
+    agent = load_agent(tabular_run)
+    segments = list(values_mod.true_return_segments(agent, 1000, seed=0, progress_desc="v"))
+    drawn = sum(s.batch.obs.shape[0] for s in segments)
+    assert bars and bars[0].n == bars[0].total == drawn >= 1000

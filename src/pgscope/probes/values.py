@@ -158,8 +158,11 @@ def true_return_segments(agent: Agent, n_pairs: int, seed: int, horizon_tol: flo
     limit = check_time_limit(cfg.env_id, H)
     n_envs = min(64, math.ceil(n_pairs / keep))
     shape = (keep + H, n_envs)
-    bar = tqdm(total=n_pairs, unit="pair", desc=progress_desc, disable=progress_desc is None)
-    for chunk in range(math.ceil(n_pairs / (keep * n_envs))):
+    chunks = math.ceil(n_pairs / (keep * n_envs))
+    # whole chunks: the pairs drawn, at least n_pairs (the bar counts what is drawn)
+    bar = tqdm(total=chunks * keep * n_envs, unit="pair", desc=progress_desc,
+               disable=progress_desc is None)
+    for chunk in range(chunks):
         batch = sample_batch(agent, shape[0] * n_envs, seed=seed * 10**8 + chunk * 1000,
                              horizon=shape[0], max_envs=n_envs)
         done = batch.done.numpy().reshape(shape)
