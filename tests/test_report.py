@@ -233,3 +233,26 @@ def test_the_final_return_names_the_window_it_averages(tmp_path):
     assert "final return (last 10 iterations with episodes" in summary_of(
         [float(i) for i in range(12)])
     assert "final return (last 1 iteration with episodes)" in summary_of([5.0])
+
+
+def test_diagnostic_panels_axes_read_as_a_person_expects():
+    """The explained-variance axis was titled '1', the critic-features panel put the dot
+    product (~8) and the cosine (<= 1) on one linear axis, and log axes labelled their
+    minor ticks ('5, 2, 0.01, 5, 2')."""
+    import json
+    import re
+
+    from pgscope.report.run_page import PANELS, diagnostics
+
+    records = [dict(iteration=i + 1, env_steps=64 * (i + 1), explained_variance=0.1 * i,
+                    kl_mean=10.0 ** -(1 + i % 3), feature_dot=8.0 + i, feature_norm=3.0,
+                    feature_cosine=0.5) for i in range(10)]
+    html = diagnostics(records, [], {"algo": "ppo", "ppo_loss": "clip"})
+    figures = {m.group(1): json.loads(m.group(2)) for m in re.finditer(
+        r'Plotly\.newPlot\(\s*"fig-([a-z-]+)",\s*\[.*?\],\s*(\{.*?\}),\s*\{"displaylogo"',
+        html, flags=re.S)}  # each figure's layout
+    assert {"ev", "kl", "features", "feature-cosine"} <= set(figures), set(figures)
+    assert figures["ev"]["yaxis"]["title"]["text"] == "dimensionless"
+    assert figures["kl"]["yaxis"]["type"] == "log" and figures["kl"]["yaxis"]["dtick"] == 1
+    keys = {anchor: keys for anchor, _, keys, _, _ in PANELS}
+    assert "feature_cosine" not in keys["features"] and "feature_dot" in keys["features"]

@@ -56,10 +56,11 @@ PANELS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
      "log scale; learner units (after reward scaling)"),
     ("trpo", "TRPO line search", ("step_fraction", "linesearch_steps"), "linear", ""),
     ("epochs", "PPO epochs run", ("epochs_run", "kl_beta"), "linear", ""),
-    ("features", "Critic features (DR3 co-adaptation)", ("feature_dot", "feature_norm",
-                                                         "feature_cosine"), "linear",
-     "value net's penultimate features on the batch; a growing phi(s) . phi(s') is "
-     "co-adaptation (docs/dr3.md)"),
+    ("features", "Critic features (DR3 co-adaptation)", ("feature_dot", "feature_norm"),
+     "linear", "value net's penultimate features on the batch; a growing phi(s) . phi(s') "
+     "is co-adaptation (docs/dr3.md)"),
+    ("feature-cosine", "Cosine of consecutive states' critic features", ("feature_cosine",),
+     "linear", "at most 1: features of consecutive states pointing the same way"),
     ("feature-rank", "Effective rank of the critic features", ("feature_srank",), "linear",
      "srank_0.01: singular directions holding 99% of the singular-value sum"),
 )
@@ -152,6 +153,11 @@ def learning_curve(records: list[dict[str, Any]], findings: list[Finding]) -> st
     return figure(fig, "curve-return", height=430) + _finding_links(shown, findings)
 
 
+def axis_unit(unit: str) -> str:
+    """A metric's unit as an axis title: the registry writes dimensionless as '1'."""
+    return "dimensionless" if unit == "1" else unit
+
+
 def kl_alarm_line(cfg: dict[str, Any]) -> float:
     """Where the KL panel draws its dashed line: 2 x the run's KL target
     (:func:`pgscope.algos.kl_target`), the level above which the doctor's
@@ -192,7 +198,9 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
             fig.add_hline(y=0, line_color="#555", line_width=1)
         if anchor in ("clip", "saturation"):
             fig.update_yaxes(rangemode="tozero")
-        units = sorted({REGISTRY[k].unit for k in present if k in REGISTRY})
+        units = sorted({axis_unit(REGISTRY[k].unit) for k in present if k in REGISTRY})
+        if ytype == "log":  # label the powers of ten only, not the minor ticks
+            fig.update_yaxes(dtick=1, minor=dict(ticks="outside", showgrid=False))
         fig.update_layout(title=dict(text=esc(title), font=dict(size=14)),
                           xaxis_title="env steps", yaxis_title=esc(", ".join(units)),
                           yaxis_type=ytype, yaxis_exponentformat="e", showlegend=True,
