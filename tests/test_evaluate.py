@@ -157,3 +157,14 @@ def test_a_missing_render_dependency_keeps_the_numbers_and_says_so_in_one_line(
     lines = capsys.readouterr().out.strip().splitlines()
     assert "mean return" in lines[0]
     assert lines[-1].startswith("  video: not written") and "pygame" in lines[-1]
+
+
+def test_an_interval_over_few_episodes_is_flagged(pendulum_run):
+    """'evaluate --episodes 3' printed the min and max of 3 returns as a 95% CI."""
+    from pgscope.evaluate import format_evaluation
+
+    few = evaluate(pendulum_run, episodes=3, deterministic=True)
+    assert "only 3 episodes" in few["ci_few_samples"]
+    assert "note: only 3 episodes" in format_evaluation(few)
+    many = evaluate(pendulum_run, episodes=10, deterministic=True)
+    assert many["ci_few_samples"] is None and "note:" not in format_evaluation(many)

@@ -520,3 +520,26 @@ def test_training_counts_the_updates_across_iterations(tmp_path, monkeypatch):
         minibatches=2, epochs=1, hidden=(8,)))
     train(cfg, tmp_path / "run", progress=False)
     assert seen == [0, 1, 2]
+
+
+def test_intervals_over_few_runs_are_flagged_in_the_console_and_the_tables(tmp_path):
+    """3 seeds gave 'P(ppo-m > ppo) 0.00 [0.00, 0.00]' without a word: every interval over
+    fewer than FEW_SAMPLES scored runs is flagged (console '!' and a footnote, and a
+    few_samples column in the CSV/JSON tables)."""
+    from pgscope.seed_statistics import FEW_SAMPLES
+    from pgscope.study.analysis import format_summary, summarize
+
+    _, out = _hand_study(tmp_path, "last-10")
+    result = summarize(out)
+    assert list(result["tables"]["aggregates"]["few_samples"]) == [True]
+    text = format_summary(result)
+    assert any(line.startswith("a!") for line in text.splitlines())
+    assert f"! = intervals over fewer than {FEW_SAMPLES} scored runs" in text
+
+
+def test_the_study_report_flags_intervals_over_few_runs(tmp_path):
+    from pgscope.report.study_page import study_page
+
+    _, out = _hand_study(tmp_path, "last-10")
+    html = study_page(out).render()
+    assert "Intervals over fewer than 10 scored runs (a (CartPole-v1))" in html

@@ -23,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from pgscope.errors import PgscopeError
+from pgscope.seed_statistics import FEW_SAMPLES, few_samples_note
 
 #: Longest episode an evaluation plays (env steps) when the env sets no time limit.
 MAX_EPISODE_STEPS = 100_000
@@ -146,7 +147,8 @@ def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int =
         episodes=episodes, deterministic=deterministic, seed=seed, level=level,
         mean_return=float(x.mean()), ci_low=low, ci_high=high,
         std_return=float(x.std(ddof=1)) if len(x) > 1 else math.nan,
-        returns=[float(r) for r in returns], lengths=lengths, episodes_cut=cut)
+        returns=[float(r) for r in returns], lengths=lengths, episodes_cut=cut,
+        ci_few_samples=few_samples_note(episodes, "episodes"))
     if video is not None and video_error is not None:
         result["video_error"] = video_error
     elif video is not None:
@@ -165,6 +167,8 @@ def format_evaluation(r: dict[str, Any]) -> str:
              f"seeds {r['seed']}..{r['seed'] + r['episodes'] - 1})",
              f"  returns: min {min(r['returns']):.2f}, max {max(r['returns']):.2f}; mean "
              f"length {np.mean(r['lengths']):.0f} steps"]
+    if r.get("ci_few_samples"):
+        lines.append(f"  note: {r['ci_few_samples']}; use --episodes {FEW_SAMPLES} or more")
     if r["episodes_cut"]:
         lines.append(f"  {r['episodes_cut']} episode(s) cut at {MAX_EPISODE_STEPS} steps")
     if "video_error" in r:

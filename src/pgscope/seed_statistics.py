@@ -26,6 +26,21 @@ from scipy import stats as sps
 
 Aggregate = Callable[[np.ndarray], float]
 
+#: The fewest samples (runs, episodes) a percentile bootstrap interval is reported without a
+#: warning on. Below it the interval understates the uncertainty: it resamples only the
+#: values seen (over 3 values the mean's interval lies within their min and max, and a
+#: probability of improvement between two sets of 3 separated runs is [0, 0] or [1, 1]);
+#: rliable's guidance (Agarwal et al., 2021) is to report such few-run intervals with care.
+FEW_SAMPLES = 10
+
+
+def few_samples_note(n: int, what: str = "samples") -> str | None:
+    """A warning for an interval over ``n`` < :data:`FEW_SAMPLES` ``what``, else None."""
+    if n >= FEW_SAMPLES:
+        return None
+    return (f"only {n} {what}: a bootstrap interval over fewer than {FEW_SAMPLES} understates "
+            "the uncertainty (it resamples only the values seen)")
+
 
 def _as_2d(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)

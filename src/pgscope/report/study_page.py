@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pgscope.report.page import Page, badge, ci_text, esc, figure, fmt, kv, palette, rgba, table
+from pgscope.seed_statistics import FEW_SAMPLES
 
 
 def _num(v: Any) -> float:
@@ -223,10 +224,15 @@ def study_page(path: Path) -> Page:
     agg_rows = [[r["label"], r["env"], _counts(r), _ci(r, "iqm"), _ci(r, "median"),
                  _ci(r, "mean"), fmt(r.get("std")), _ci(r, "failure_rate", 3),
                  fmt(r.get("seeds_needed"))] for _, r in agg.iterrows()]
+    few = [f"{r['label']} ({r['env']})" for _, r in agg.iterrows() if r.get("few_samples")]
+    few_note = (f'<p class="note warning">Intervals over fewer than {FEW_SAMPLES} scored runs '
+                f"({esc(', '.join(few))}): a bootstrap over so few understates the "
+                "uncertainty (it resamples only the values seen); read them with care or add "
+                "seeds.</p>") if few else ""
     page.add("scores", "Final scores",
              '<p class="note">runs: complete/diverged/failed/missing of n planned. IQM and '
              "median rank diverged and failed runs lowest (-inf); mean and std use the "
-             "complete runs.</p>"
+             "complete runs.</p>" + few_note
              + table(["config", "env", "runs", "IQM", "median", "mean", "std", "failure rate",
                       f"seeds to detect {100 * rd:g}%"], agg_rows, numeric=(3, 4, 5, 6, 7, 8))
              + intervals_html(agg, envs, col, level))

@@ -353,6 +353,22 @@ def profiles(spec: StudySpec, scores: pd.DataFrame, points: int = 41) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def mark_few_samples(tables: dict[str, pd.DataFrame]) -> None:
+    """Add ``few_samples`` to the aggregates and comparisons: True where an interval rests
+    on fewer than :data:`pgscope.seed_statistics.FEW_SAMPLES` scored runs (of either side
+    of a comparison), which the console, the report and the JSON then flag."""
+    def scored(df: pd.DataFrame, suffix: str = "") -> pd.Series:
+        return df[f"n{suffix}"] - df[f"n_missing{suffix}"]
+
+    agg = tables.get("aggregates")
+    if agg is not None and not agg.empty:
+        agg["few_samples"] = scored(agg) < stats.FEW_SAMPLES
+    comp = tables.get("comparisons")
+    if comp is not None and not comp.empty:
+        comp["few_samples"] = (scored(comp, "_a") < stats.FEW_SAMPLES) | (
+            scored(comp, "_b") < stats.FEW_SAMPLES)
+
+
 def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
     """Every table of a study as DataFrames, plus the settings they were computed with;
     ``score`` names a score rule (:data:`pgscope.study.spec.SCORE_RULES`, e.g. "paper")
@@ -373,6 +389,7 @@ def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
     if spec.statistics.lottery_splits > 0:
         tables["lottery"] = lottery(spec, scores)
         tables["lottery_curves"] = lottery_curves(spec, data, tables["lottery"])
+    mark_few_samples(tables)
     missing = scores[scores["outcome"] == "missing"]
     return dict(spec=spec, tables=tables, meta=dict(
         study=spec.name, spec_hash=spec.hash(), description=spec.description,
@@ -464,8 +481,8 @@ def format_summary(result: dict[str, Any]) -> str:
              "runs: complete/diverged/failed/missing of n planned; * = complete runs only",
              ""]
     agg = t["aggregates"]
-    rows = [[r["label"], r["env"], _runs(r), _iv(r, "iqm"), _iv(r, "median"),
-             _iv(r, "mean"), _iv(r, "failure_rate", "{:.2f}"),
+    rows = [[r["label"] + ("!" if r.get("few_samples") else ""), r["env"], _runs(r),
+             _iv(r, "iqm"), _iv(r, "median"), _iv(r, "mean"), _iv(r, "failure_rate", "{:.2f}"),
              "-" if pd.isna(r.get("seeds_needed", math.nan)) else str(int(r["seeds_needed"]))]
             for _, r in agg.iterrows()]
     rd = meta["statistics"]["relative_difference"]
@@ -480,7 +497,7 @@ def format_summary(result: dict[str, Any]) -> str:
         rows = []
         for _, r in df.iterrows():
             first = f"{r[key[0]]}={r[key[1]]}" if name == "main_effects" else \
-                f"{r['a']} vs {r['b']}"
+                f"{r['a']} vs {r['b']}" + ("!" if r.get("few_samples") else "")
             diff = "-" if pd.isna(r.get("difference", math.nan)) else f"{r['difference']:+.1f}"
             p_w, p_m = _p(r.get("welch_p", math.nan)), _p(r.get("mannwhitney_p", math.nan))
             rows.append([first, r["env"], _runs(r, "_a"), _runs(r, "_b"),
@@ -488,6 +505,11 @@ def format_summary(result: dict[str, Any]) -> str:
         lines += ["", title]
         lines += _table(["", "env", "runs a", "runs b", "P(a > b)", "Mann-Whitney p",
                          "mean diff*", "Welch p*"], rows)
+    if any(df is not None and "few_samples" in df and df["few_samples"].any()
+           for df in (t.get("aggregates"), t.get("comparisons"))):
+        lines += ["", f"! = intervals over fewer than {stats.FEW_SAMPLES} scored runs of a "
+                  "config: a bootstrap over so few understates the uncertainty (it resamples "
+                  "only the values seen; few_samples in the CSV and JSON); add seeds"]
     lot = t.get("lottery")
     if lot is not None and not lot.empty:
         lines += ["", "seed lottery (one config's complete runs split in two halves)"]
