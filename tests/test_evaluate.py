@@ -168,3 +168,18 @@ def test_an_interval_over_few_episodes_is_flagged(pendulum_run):
     assert "note: only 3 episodes" in format_evaluation(few)
     many = evaluate(pendulum_run, episodes=10, deterministic=True)
     assert many["ci_few_samples"] is None and "note:" not in format_evaluation(many)
+
+
+def test_evaluate_and_agent_act_agree_on_the_default_and_say_it(pendulum_run, capsys):
+    """Agent.act defaulted to the mean action and evaluate to sampled actions."""
+    import inspect
+
+    from pgscope.agent import Agent
+
+    assert inspect.signature(Agent.act).parameters["deterministic"].default is True
+    assert inspect.signature(evaluate).parameters["deterministic"].default is True
+    assert evaluate(pendulum_run, episodes=2)["deterministic"] is True
+    assert main(["evaluate", str(pendulum_run), "--episodes", "2"]) == 0
+    assert "deterministic (mean action)" in capsys.readouterr().out
+    assert main(["evaluate", str(pendulum_run), "--episodes", "2", "--stochastic"]) == 0
+    assert "stochastic (sampled)" in capsys.readouterr().out

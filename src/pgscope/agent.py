@@ -28,7 +28,8 @@ class Agent:
     def act(self, obs: np.ndarray, deterministic: bool = True,
             rng: np.random.Generator | None = None) -> np.ndarray:
         """Actions for a batch of raw observations (normalization stats are not updated):
-        the mode of the policy, or a sample when ``deterministic`` is False."""
+        the mode of the policy (the default, as for :func:`pgscope.evaluate.evaluate`), or
+        a sample when ``deterministic`` is False."""
         x = self.preprocessor.obs(np.asarray(obs), update=False)
         if not deterministic:
             return self.policy.numpy_sampler()(x, rng or np.random.default_rng())

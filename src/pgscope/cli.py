@@ -507,8 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
     ev.add_argument("--episodes", type=count, default=10)
-    ev.add_argument("--deterministic", action="store_true",
-                    help="the policy's mean/mode instead of samples")
+    mode = ev.add_mutually_exclusive_group()
+    mode.add_argument("--deterministic", dest="deterministic", action="store_true",
+                      default=True, help="the policy's mean/mode (the default, as "
+                      "Agent.act and SB3's evaluate_policy)")
+    mode.add_argument("--stochastic", dest="deterministic", action="store_false",
+                      help="sample actions from the policy, as training does")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--video", type=Path, metavar="FILE",
                     help="render episodes offscreen to FILE (.mp4 or .gif)")

@@ -72,10 +72,12 @@ def _write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
 
 
 def evaluate(run_dir: str | Path, checkpoint: int | None = None, episodes: int = 10,
-             deterministic: bool = False, seed: int = 0, video: str | Path | None = None,
+             deterministic: bool = True, seed: int = 0, video: str | Path | None = None,
              video_episodes: int = 1, level: float = 0.95) -> dict[str, Any]:
     """Play ``episodes`` episodes with a run's policy (``checkpoint``: a kept iteration,
-    default the latest) and return the returns, their mean and a bootstrap CI; with
+    default the latest; ``deterministic``: the policy's mean/mode, the default as for
+    :meth:`pgscope.agent.Agent.act`, or sampled actions) and return the returns, their
+    mean and a bootstrap CI; with
     ``video``, the first ``video_episodes`` episodes are rendered into that file."""
     from pgscope import load_agent
 
