@@ -253,3 +253,18 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"pgscope {__version__}"
+
+
+def test_a_known_env_whose_package_is_missing_is_not_called_unknown(tmp_path, capsys):
+    """LunarLander without Box2D was reported as 'unknown env id'."""
+    pytest.importorskip("gymnasium")
+    try:
+        import Box2D  # noqa: F401
+        pytest.skip("Box2D is installed here")
+    except ImportError:
+        pass
+    assert main(["train", "--env", "LunarLander-v3", "--steps", "64", "--out",
+                 str(tmp_path / "ll")]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "needs a package that is not installed" in err and "unknown env id" not in err
+    assert not (tmp_path / "ll").exists()

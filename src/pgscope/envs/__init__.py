@@ -37,6 +37,9 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env[Any, Any]:
                        "'Hopper-v5', or 'module:EnvName-v0' for an env your module registers.")
     try:
         return gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as exc:  # a known id whose extra is missing
+        raise EnvError(f"env '{env_id}' needs a package that is not installed: {exc}") \
+            from None
     except gym.error.Error as exc:
         raise EnvError(f"unknown env id '{env_id}' ({exc}).{_suggest(env_id)}") from None
     except ModuleNotFoundError as exc:
