@@ -90,7 +90,7 @@ def one_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) whose one-output form is
-    :func:`one_output`, so that a network's own forward pass and the seed-batched one
+    :func:`one_output`, so that a network's own forward pass and the stacked one
     (:class:`pgscope.engine.stacked.SeedBatched`) give the same bits."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -272,7 +272,7 @@ def dr3_penalty(features: Callable[[torch.Tensor], torch.Tensor], obs: torch.Ten
     between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi = features``
     (:meth:`ValueNet.features`); the gradient flows through both features. Exactly 0 (no
     forward pass) when ``coef`` is 0, and 0 when no pair is valid. The mean is a masked
-    one over the last (sample) dim, so the seed-batched engine gets each seed's own."""
+    one over the last (sample) dim, so the engine gets each seed's own."""
     if coef == 0:
         return torch.zeros((), dtype=obs.dtype)
     dots = feature_dot(features(obs), features(next_obs))

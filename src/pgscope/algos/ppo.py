@@ -61,7 +61,7 @@ def policy_loss(cfg: Config, policy: Policy, old_policy: Policy, obs: torch.Tens
                 beta: float | torch.Tensor) -> torch.Tensor:
     """PPO's policy loss at states ``obs`` (entropy bonus excluded): the clipped surrogate,
     or for ``ppo_loss = kl`` the surrogate plus ``beta`` x mean KL(old || new). Means are
-    over the last (sample) dim, so the seed-batched engine gets one loss per seed
+    over the last (sample) dim, so the engine gets one loss per seed
     (``beta``: one per seed there)."""
     if cfg.ppo_loss == "clip":
         return clipped_surrogate_loss(ratio, adv, cfg.clip_eps)

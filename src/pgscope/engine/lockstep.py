@@ -2,7 +2,7 @@
 
 :class:`pgscope.rollout.RolloutCollector` does one env step of one seed: step its vector
 env, check the outcome is finite, scale the reward, keep the episode returns, normalize the
-next observation. The seed-batched rollout does the same for N seeds at once on arrays of
+next observation. The engine's rollout does the same for N seeds at once on arrays of
 shape ``[seeds, envs, ...]``, each piece here bit-identical per seed to the single
 collector's (tests/test_batched_rollout.py):
 

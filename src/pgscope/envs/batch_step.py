@@ -16,7 +16,7 @@ default wrappers (``TimeLimit`` over ``OrderEnforcing`` over ``PassiveEnvChecker
 render mode) around exactly one of the classes in :data:`KINDS` (gymnasium's v5 Hopper,
 Walker2d and HalfCheetah; a subclass could change ``step``, so it does not count), after
 the env's first two steps (the checker's one-off checks run in the env's own ``step``).
-Everything else steps through ``env.step``. The rollouts of the seed-batched engine use
+Everything else steps through ``env.step``. The rollouts of the training engine use
 it (:func:`pgscope.engine.lockstep.step_envs`); setting the environment variable
 ``PGSCOPE_BATCH_STEP=0`` turns it off (to measure what it saves).
 
