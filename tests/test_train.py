@@ -268,3 +268,18 @@ def test_a_known_env_whose_package_is_missing_is_not_called_unknown(tmp_path, ca
     err = capsys.readouterr().err
     assert "needs a package that is not installed" in err and "unknown env id" not in err
     assert not (tmp_path / "ll").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--out", "runs/x"], "pgscope train --resume runs/x"),
+    (["train", "--resume", "runs/y"], "pgscope train --resume runs/y"),
+    (["probe", "gradients", "runs/x", "--out", "p"], "does not resume: run it again"),
+    (["evaluate", "runs/x"], "does not resume: run it again"),
+    (["study", "run", "s.toml", "--out", "o"], "re-run the same 'pgscope study run'"),
+])
+def test_ctrl_c_advice_fits_the_command(argv, says):
+    """Ctrl-C during a probe advised 'pgscope train --resume DIR'."""
+    from pgscope.cli import _after_interrupt, build_parser
+
+    advice = _after_interrupt(build_parser().parse_args(argv))
+    assert says in advice and ("train --resume" not in advice or argv[0] == "train")

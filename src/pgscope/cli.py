@@ -554,11 +554,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        again = "re-run the same 'pgscope study run' command" if args.command == "study" \
-            else "re-run the same 'pgscope dr3 train' command" if args.command == "dr3" \
-            else "run 'pgscope train --resume DIR'"
-        print(f"interrupted; to resume, {again}.", file=sys.stderr)
+        print(f"interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, by command: only what trains can be resumed."""
+    if args.command == "train":
+        where = args.resume or (args.out if args.seeds is None else None)
+        target = f"'pgscope train --resume {where}'" if where else (
+            "the same 'pgscope train --seeds ... --resume OUT'")
+        return f"to resume, run {target}."
+    if args.command == "study" and getattr(args, "study_command", None) == "run":
+        return "to resume, re-run the same 'pgscope study run' command."
+    if args.command == "dr3":
+        return "to resume, re-run the same 'pgscope dr3 train' command."
+    return "this command does not resume: run it again to start over."
 
 
 if __name__ == "__main__":
