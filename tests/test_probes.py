@@ -259,3 +259,18 @@ def test_the_value_probe_bar_counts_the_pairs_it_draws(tabular_run, monkeypatch)
     segments = list(values_mod.true_return_segments(agent, 1000, seed=0, progress_desc="v"))
     drawn = sum(s.batch.obs.shape[0] for s in segments)
     assert bars and bars[0].n == bars[0].total == drawn >= 1000
+
+
+def test_the_values_headline_says_how_many_states_each_error_rests_on(tabular_run):
+    """'vs true returns 0.0188' was printed beside 'vs cut returns 1.18' without saying
+    that most states were excluded from the first."""
+    from pgscope.probes import probes
+    from pgscope.probes.values import value_probe
+
+    result = value_probe(load_agent(tabular_run), n_pairs=1000, seed=0, n_boot=50,
+                         progress=False)
+    line = probes().get("values").headline(result)
+    states, kept = result["states"], result["states_with_true_return"]
+    assert f"({kept} of the {states} states" in line and f"{states - kept} excluded" in line
+    assert f"vs GAE targets {line.split('vs GAE targets ')[1].split(' (')[0]} ({states} " \
+           "states)" in line

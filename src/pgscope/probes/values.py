@@ -267,12 +267,15 @@ SCHEMA = {"settings": "n_pairs, gamma, gae_lambda, effective_horizon, the exclus
 
 
 def _headline(result: dict) -> str:
+    states, kept = result.get("states"), result.get("states_with_true_return")
     line = (f"values: relative error vs GAE targets "
-            f"{interval(result['vs_gae_targets']['relative_error'])}, vs true returns "
-            f"{interval(result['vs_true_returns']['relative_error'])}")
+            f"{interval(result['vs_gae_targets']['relative_error'])} ({states} states), vs "
+            f"true returns {interval(result['vs_true_returns']['relative_error'])} ({kept} "
+            f"of the {states} states: those with a true return inside the effective horizon")
+    line += ")" if states is None or kept is None else f"; {states - kept} excluded)"
     if "vs_cut_returns" in result:
         line += (f", vs cut returns (the paper's) "
-                 f"{interval(result['vs_cut_returns']['relative_error'])}")
+                 f"{interval(result['vs_cut_returns']['relative_error'])} ({states} states)")
     return line
 
 
