@@ -543,3 +543,14 @@ def test_the_study_report_flags_intervals_over_few_runs(tmp_path):
     _, out = _hand_study(tmp_path, "last-10")
     html = study_page(out).render()
     assert "Intervals over fewer than 10 scored runs (a (CartPole-v1))" in html
+
+
+def test_the_study_report_links_each_seed_to_its_run_report(tmp_path):
+    from pgscope.report.study_page import study_page
+
+    _, out = _hand_study(tmp_path, "last-10")
+    run = Path("runs/a/CartPole-v1/seed_1")
+    (out / run / "report.html").write_text("<html></html>")  # only seed 1 has a report
+    html = study_page(out).render()
+    assert f'<a href="{run / "report.html"}">1</a>' in html
+    assert f'title="pgscope report {out / "runs/a/CartPole-v1/seed_0"}">0</span>' in html

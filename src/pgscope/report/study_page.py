@@ -205,16 +205,23 @@ def study_page(path: Path) -> Page:
     for r in rows:
         s = score_of.get((r["label"], r["env"], int(r["seed"])))
         alarms = sorted({f.alarm for f in r["findings"]})
+        run_dir = Path(path) / r["run"]
+        link, command = Path(r["run"]) / "report.html", f"pgscope report {run_dir}"
+        seed = (f'<a href="{esc(link)}">{esc(r["seed"])}</a>'
+                if (run_dir / "report.html").exists() else
+                f'<span title="{esc(command)}">{esc(r["seed"])}</span>')
         table_rows.append([
             f'<span style="color:{col.get(r["label"], "#000")}">&#9632;</span> '
-            f"{esc(r['label'])}", esc(r["env"]), esc(r["seed"]),
+            f"{esc(r['label'])}", esc(r["env"]), seed,
             esc(s.outcome if s is not None else r["state"]),
             esc(fmt(s.score) if s is not None else "-"),
             esc(", ".join(alarms)) if alarms else badge("healthy")])
     fired = sum(1 for r in rows if r["findings"])
     page.add("runs", "Runs and doctor findings",
              f"<p>{fired} of {len(rows)} runs fired at least one alarm "
-             "(<code>pgscope doctor</code> on each run).</p>"
+             "(<code>pgscope doctor</code> on each run). A seed links to its run's report "
+             "where one was written (<code>pgscope report RUN</code>; hover a seed for the "
+             "command).</p>"
              + table(["config", "env", "seed", "outcome", "final score", "doctor alarms"],
                      table_rows, numeric=(2, 4), raw=(0, 1, 2, 3, 4, 5)))
     page.add("curves", "Learning curves", curves_html(t["curves"], envs, col, level))
