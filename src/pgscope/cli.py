@@ -1,4 +1,5 @@
-"""Command line: ``pgscope train | selftest | demo | probe | study | presets``.
+"""Command line: ``pgscope train | status | selftest | demo | probe | study | doctor |
+report | evaluate | dr3 | presets`` (``pgscope --help`` lists them with what each does).
 
 Every :class:`pgscope.errors.PgscopeError` becomes one ``error: ...`` line on stderr and a
 non-zero exit status; nothing already written is removed.
@@ -359,11 +360,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgscope", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="pgscope", description="PPO and TRPO with every implementation detail as a "
+        "switch, and the probes, statistics and health checks to see what each does. "
+        "'pgscope COMMAND --help' describes a command.")
     from pgscope import __version__
 
     p.add_argument("--version", action="version", version=f"pgscope {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands")
 
     t = sub.add_parser("train", help="train an agent into a run directory")
     t.add_argument("--preset", "--algo", dest="preset", metavar="PRESET",
