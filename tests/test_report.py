@@ -256,3 +256,19 @@ def test_diagnostic_panels_axes_read_as_a_person_expects():
     assert figures["kl"]["yaxis"]["type"] == "log" and figures["kl"]["yaxis"]["dtick"] == 1
     keys = {anchor: keys for anchor, _, keys, _, _ in PANELS}
     assert "feature_cosine" not in keys["features"] and "feature_dot" in keys["features"]
+
+
+def test_every_panel_draws_the_levels_its_doctor_checks_watch():
+    """Only the KL panel showed a threshold; each fixed level an alarm compares a plotted
+    metric with (Alarm.lines) is now drawn on the panel that shows the metric."""
+    from pgscope.doctor import ALARMS
+    from pgscope.report.run_page import PANELS, alarm_lines
+
+    plotted = {k for _, _, keys, _, _ in PANELS for k in keys}
+    watched = {key for a in ALARMS for key, _ in a.lines}
+    assert watched and watched <= plotted
+    assert alarm_lines(["action_saturation"]) == {0.8: ["actions-saturated"]}
+    assert alarm_lines(["entropy_frac", "policy_std"]) == {0.1: ["entropy-collapse"],
+                                                          0.99: ["entropy-at-max"]}
+    assert alarm_lines(["value_target_absmax", "advantage_absmax"]) == {
+        100.0: ["values-out-of-scale"]}

@@ -178,6 +178,9 @@ class Alarm:
     metrics: tuple[str, ...]
     check: Callable[[RunData, Alarm], list[Finding]]
     severity: str = "warning"
+    #: fixed levels the check compares a metric with, ``(key, level)``: the report draws
+    #: them on the panel that shows the key (the KL target's line is drawn per run)
+    lines: tuple[tuple[str, float], ...] = ()
 
     def finding(self, ranges: list[tuple[int, int]], evidence: str,
                 **values: float) -> Finding:
@@ -588,12 +591,12 @@ ALARMS: tuple[Alarm, ...] = (
     Alarm("entropy-collapse", "entropy near zero early in training (discrete actions)",
           "entropy_frac < 0.1 within the first quarter of the planned iterations",
           f"{SCHULMAN_2016}; the bound 0.1 is {OWN}", ("entropy_frac", "entropy"),
-          _check_entropy_collapse),
+          _check_entropy_collapse, lines=(("entropy_frac", 0.1),)),
     Alarm("entropy-at-max", "entropy stuck at its maximum: nothing is learned (discrete)",
           f"entropy_frac >= 0.99 in each of the last half of the iterations (at least "
           f"{WINDOW}; runs of >= {2 * WINDOW} iterations)",
           f"{SCHULMAN_2016}; the bound 0.99 is {OWN}", ("entropy_frac", "entropy"),
-          _check_entropy_at_max),
+          _check_entropy_at_max, lines=(("entropy_frac", 0.99),)),
     Alarm("std-collapse", "the Gaussian policy's standard deviation collapsed",
           "policy_std < 0.1 x its value at the first iteration, in any iteration",
           f"{SCHULMAN_2016} (exploration stops); the factor 0.1 is {OWN}",
@@ -601,7 +604,7 @@ ALARMS: tuple[Alarm, ...] = (
     Alarm("explained-variance-negative", "value net worse than a constant",
           f"explained_variance < 0 in each of {WINDOW} consecutive iterations, after the "
           f"first {WARMUP}", SCHULMAN_2016, ("explained_variance",),
-          _check_explained_variance),
+          _check_explained_variance, lines=(("explained_variance", 0.0),)),
     Alarm("dead-critic", "the value net predicts one number for every state",
           f"|explained_variance| < {DEAD_EV:g} in each of {2 * WINDOW} consecutive "
           f"iterations after the first {WARMUP}, or feature_srank <= 1 or feature_cosine > "
@@ -612,13 +615,14 @@ ALARMS: tuple[Alarm, ...] = (
     Alarm("values-out-of-scale", "value targets or advantages far outside [-10, 10]",
           f"value_target_absmax or advantage_absmax > 100 (10 x the bound) in each of "
           f"{WINDOW} consecutive iterations", f"{ENGSTROM_2020}; the factor 10 is {OWN}",
-          ("value_target_absmax", "advantage_absmax"), _check_value_scale),
+          ("value_target_absmax", "advantage_absmax"), _check_value_scale,
+          lines=(("value_target_absmax", 100.0), ("advantage_absmax", 100.0))),
     Alarm("actions-saturated", "nearly all sampled actions outside the action bounds",
           f"action_saturation > {SATURATION:g} in each of {WINDOW} consecutive iterations",
           "Irpan (2018), Deep RL Doesn't Work Yet: the Reacher that learns to spin; "
           f"the bound {SATURATION:g} is {OWN} (healthy Hopper: 0.46 at 150K steps)",
           ("action_saturation", "policy_std"),
-          _check_saturation),
+          _check_saturation, lines=(("action_saturation", SATURATION),)),
     Alarm("return-collapse", "the return fell back after progress",
           f"the mean return of the last {SMOOTH} iterations is below the first {WINDOW}'s "
           f"plus half of the progress to the best {SMOOTH}-iteration mean, the progress "
@@ -629,7 +633,8 @@ ALARMS: tuple[Alarm, ...] = (
     Alarm("clip-fraction-high", "most ratios outside the clip range after the update",
           f"clip_fraction_after > 0.5 in each of {WINDOW} consecutive iterations",
           f"the bound 0.5 is {OWN} (no published threshold): the clip no longer bounds the step",
-          ("clip_fraction_after", "clip_fraction"), _check_clip_fraction),
+          ("clip_fraction_after", "clip_fraction"), _check_clip_fraction,
+          lines=(("clip_fraction_after", 0.5),)),
     Alarm("non-finite", "NaN or Inf in training",
           "status 'diverged', or a null (NaN/Inf) value of a key that is never null in a "
           "healthy run", "a NaN spreads to everything computed from it (design.md 5)",

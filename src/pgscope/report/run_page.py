@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pgscope.algos import kl_target
-from pgscope.doctor import Finding, RunData, check
+from pgscope.doctor import ALARMS, Finding, RunData, check
 from pgscope.metrics import REGISTRY, metric_value
 from pgscope.report import probes as probe_html
 from pgscope.report.page import (
@@ -158,6 +159,17 @@ def axis_unit(unit: str) -> str:
     return "dimensionless" if unit == "1" else unit
 
 
+def alarm_lines(keys: Sequence[str]) -> dict[float, list[str]]:
+    """The fixed levels the doctor's alarms compare ``keys`` with (:attr:`Alarm.lines`),
+    each with the alarms that watch it: what a panel showing ``keys`` draws."""
+    out: dict[float, list[str]] = {}
+    for alarm in ALARMS:
+        for key, level in alarm.lines:
+            if key in keys and alarm.name not in out.setdefault(level, []):
+                out[level].append(alarm.name)
+    return out
+
+
 def kl_alarm_line(cfg: dict[str, Any]) -> float:
     """Where the KL panel draws its dashed line: 2 x the run's KL target
     (:func:`pgscope.algos.kl_target`), the level above which the doctor's
@@ -194,8 +206,10 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
                 and float(cfg.get("clip_eps", 1e32)) < 1:
             for y in (1 - cfg["clip_eps"], 1 + cfg["clip_eps"]):
                 fig.add_hline(y=y, line_dash="dash", line_color="#555", line_width=1)
-        if anchor == "ev":
-            fig.add_hline(y=0, line_color="#555", line_width=1)
+        for level, names in alarm_lines(present).items():  # the doctor's fixed levels
+            fig.add_hline(y=level, line_dash="dot", line_color="#b22", line_width=1,
+                          annotation_text=esc(", ".join(names)),
+                          annotation_position="bottom right")
         if anchor in ("clip", "saturation"):
             fig.update_yaxes(rangemode="tozero")
         units = sorted({axis_unit(REGISTRY[k].unit) for k in present if k in REGISTRY})
