@@ -272,3 +272,21 @@ def test_every_panel_draws_the_levels_its_doctor_checks_watch():
                                                           0.99: ["entropy-at-max"]}
     assert alarm_lines(["value_target_absmax", "advantage_absmax"]) == {
         100.0: ["values-out-of-scale"]}
+
+
+def test_the_config_section_lists_the_changed_keys_first():
+    from pgscope.config import make_config
+    from pgscope.report.run_page import config_html
+
+    import json
+
+    def as_saved(cfg):  # as config.json holds it
+        return json.loads(json.dumps(cfg.to_dict()))
+
+    html = config_html(as_saved(make_config("ppo", "Pendulum-v1", {"clip_eps": 0.1,
+                                                                   "seed": 3})), {})
+    head = html.split("<h3>Every key</h3>")[0]
+    assert "Changed from the preset ppo (1 key)" in head and "clip_eps" in head
+    assert "policy_lr" not in head and "seed" not in head.split("(1 key)")[1]
+    same = config_html(as_saved(make_config("ppo", "Pendulum-v1")), {})
+    assert "(0 keys)" in same and "none: the preset as it is" in same

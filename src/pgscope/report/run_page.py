@@ -277,7 +277,7 @@ def config_html(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
             make_config(cfg.get("preset", "ppo"), cfg.get("env_id", "")).to_dict()))
     except Exception:  # noqa: BLE001 - an env this machine cannot make: no highlighting
         preset_values = {}
-    rows, ids = [], []
+    rows, ids, changed_rows = [], [], []
     for k in sorted(cfg):
         changed = bool(preset_values) and preset_values.get(k) != cfg[k] and k not in (
             "seed", "total_steps")
@@ -285,10 +285,20 @@ def config_html(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
                      esc(json.dumps(cfg[k])),
                      esc(json.dumps(preset_values.get(k))) if changed else ""])
         ids.append(f"cfg-{k}")
+        if changed:
+            changed_rows.append([esc(k), esc(json.dumps(cfg[k])),
+                                 esc(json.dumps(preset_values.get(k)))])
+    changed_html = (
+        f"<h3>Changed from the preset {esc(cfg.get('preset', '?'))} "
+        f"({len(changed_rows)} key{'s' if len(changed_rows) != 1 else ''})</h3>"
+        + (table(["key", "value", "preset value"], changed_rows, raw=(0, 1, 2))
+           if changed_rows else '<p class="note">none: the preset as it is.</p>')
+        + "<h3>Every key</h3>") if preset_values else ""
     versions = meta.get("versions", {})
     ext = meta.get("extensions", [])
     return (kv([(k, str(v)) for k, v in versions.items()])
             + (f'<p class="note">extended: {esc(json.dumps(ext))}</p>' if ext else "")
+            + changed_html
             + '<p class="note">Highlighted: values that differ from the preset\'s for this env '
               "(seed and total_steps aside).</p>"
             + table(["key", "value", "preset value"], rows, raw=(0, 1, 2)))
