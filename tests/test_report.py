@@ -275,10 +275,10 @@ def test_every_panel_draws_the_levels_its_doctor_checks_watch():
 
 
 def test_the_config_section_lists_the_changed_keys_first():
+    import json
+
     from pgscope.config import make_config
     from pgscope.report.run_page import config_html
-
-    import json
 
     def as_saved(cfg):  # as config.json holds it
         return json.loads(json.dumps(cfg.to_dict()))
