@@ -159,6 +159,15 @@ def axis_unit(unit: str) -> str:
     return "dimensionless" if unit == "1" else unit
 
 
+def line_label(text: str, ytype: str) -> dict[str, Any]:
+    """``add_hline`` keywords for a line's label: none on a log axis, where plotly places
+    the line in data units but its annotation in log10 units (a label for a line at 100
+    stretched the axis to 1e100); the panel's note names the line there."""
+    if ytype == "log":
+        return {}
+    return dict(annotation_text=esc(text), annotation_position="top left")
+
+
 def alarm_lines(keys: Sequence[str]) -> dict[float, list[str]]:
     """The fixed levels the doctor's alarms compare ``keys`` with (:attr:`Alarm.lines`),
     each with the alarms that watch it: what a panel showing ``keys`` draws."""
@@ -200,16 +209,16 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
         if anchor == "kl":  # the doctor's kl-above-target threshold
             target, name = kl_target(cfg)
             fig.add_hline(y=kl_alarm_line(cfg), line_dash="dash", line_color="#555",
-                          line_width=1, annotation_text=esc(f"2 x the KL target ({name})"),
-                          annotation_position="top left")
+                          line_width=1, **line_label(f"2 x the KL target ({name})", ytype))
         if anchor == "ratio" and cfg.get("algo") == "ppo" and cfg.get("ppo_loss") == "clip" \
                 and float(cfg.get("clip_eps", 1e32)) < 1:
             for y in (1 - cfg["clip_eps"], 1 + cfg["clip_eps"]):
                 fig.add_hline(y=y, line_dash="dash", line_color="#555", line_width=1)
         for level, names in alarm_lines(present).items():  # the doctor's fixed levels
+            if ytype == "log" and level <= 0:
+                continue
             fig.add_hline(y=level, line_dash="dot", line_color="#b22", line_width=1,
-                          annotation_text=esc(", ".join(names)),
-                          annotation_position="bottom right")
+                          **line_label(", ".join(names), ytype))
         if anchor in ("clip", "saturation"):
             fig.update_yaxes(rangemode="tozero")
         units = sorted({axis_unit(REGISTRY[k].unit) for k in present if k in REGISTRY})
