@@ -441,10 +441,10 @@ MUTANTS: list[Mutant] = [
       "a truncated episode's final observation normalized with seed 0's statistics "
       "(no change for N = 1)"),
     M("train-returns-on-failure", "train.py",
-      "        raise member.exception\n    return member.path\n\n\ndef resume(",
-      "        pass\n    return member.path\n\n\ndef resume(",
-      "train() returns the run directory of a diverged or failed single run instead of "
-      "raising its exception"),
+      "            raise self.exception\n        return self.path",
+      "            pass\n        return self.path",
+      "train() (BatchMember.result) returns the run directory of a diverged or failed "
+      "single run instead of raising its exception"),
     M("engine-env-divergence-recorded-as-failure", "train.py",
       "                if isinstance(result, DivergenceError):\n"
       "                    gone[m.index] = m.diverged(result, it + 1)\n"

@@ -131,6 +131,13 @@ class BatchMember:
     exception: BaseException | None = dataclasses.field(default=None, repr=False,
                                                         compare=False)
 
+    def result(self) -> Path:
+        """The run directory, or what ended the run raised again (a single run's caller
+        gets its own exception, as :func:`train` promises)."""
+        if self.exception is not None:
+            raise self.exception
+        return self.path
+
 
 def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
           total_steps: int | None = None, repair: bool = False,
@@ -156,22 +163,16 @@ def train(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool 
     ``status.json`` tells the state, the writer and a heartbeat at every iteration. A run
     that diverges raises :class:`pgscope.errors.DivergenceError` after recording it; any
     other error is recorded (status ``failed``) and raised."""
-    member = train_batch([] if resume else [cfg], [out], resume=resume, progress=progress,
-                         total_steps=total_steps, repair=repair, callbacks=callbacks)[0]
-    if member.exception is not None:
-        raise member.exception
-    return member.path
+    return train_batch([] if resume else [cfg], [out], resume=resume, progress=progress,
+                       total_steps=total_steps, repair=repair, callbacks=callbacks)[0].result()
 
 
 def resume(run_dir: str | Path, *, progress: bool = True, total_steps: int | None = None,
            repair: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
     """Continue the run in ``run_dir`` from its last checkpoint (its saved config);
     ``total_steps`` extends it. :func:`train` with ``resume=True``, without a config."""
-    member = train_batch([], [run_dir], resume=True, progress=progress,
-                         total_steps=total_steps, repair=repair, callbacks=callbacks)[0]
-    if member.exception is not None:
-        raise member.exception
-    return member.path
+    return train_batch([], [run_dir], resume=True, progress=progress,
+                       total_steps=total_steps, repair=repair, callbacks=callbacks)[0].result()
 
 
 def check_batchable(cfgs: Sequence[Config]) -> None:

@@ -46,7 +46,6 @@ class SeedNets:
         self.adam = MaskedAdam({g["name"]: list(stacks[g["name"]].parameters()) for g in groups},
                                {g["name"]: g["lr"] for g in groups}, eps=groups[0]["eps"],
                                betas=groups[0]["betas"])
-        self.set_learning_rates(self.optimizers[0])
         for i, optimizer in enumerate(self.optimizers):
             self.adam.read_from(i, optimizer)
 
