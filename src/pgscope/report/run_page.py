@@ -207,7 +207,7 @@ def diagnostics(records: list[dict[str, Any]], findings: list[Finding],
                 hovertemplate=f"{esc(key)} = %{{y:.4g}} {esc(m.unit if m else '')}"
                               "<br>env steps %{x}<extra></extra>"))
         if anchor == "kl":  # the doctor's kl-above-target threshold
-            target, name = kl_target(cfg)
+            name = kl_target(cfg)[1]
             fig.add_hline(y=kl_alarm_line(cfg), line_dash="dash", line_color="#555",
                           line_width=1, **line_label(f"2 x the KL target ({name})", ytype))
         if anchor == "ratio" and cfg.get("algo") == "ppo" and cfg.get("ppo_loss") == "clip" \
