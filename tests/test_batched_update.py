@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pgscope.engine.adam import MaskedAdam
-from pgscope.engine.stacked import Stack, clip_gradients_per_seed
+from pgscope.engine.stacked import FlatParams, Stack, clip_gradients_per_seed
 from pgscope.networks import CategoricalPolicy, GaussianPolicy, ValueNet
 
 SEEDS = 3
@@ -26,6 +26,17 @@ def _stacked(gen: torch.Generator, scale: float = 1.0) -> list[torch.Tensor]:
             for s in SHAPES]
 
 
+def _flat(tensors: list[torch.Tensor]) -> FlatParams:
+    return FlatParams({f"p{k}": t for k, t in enumerate(tensors)})
+
+
+def _set_grads(flat: FlatParams, grads: list[torch.Tensor]) -> None:
+    """Gradients as backward leaves them: accumulated into each ``.grad`` in place."""
+    flat.zero_grad()
+    for p, g in zip(flat.params.values(), grads, strict=True):
+        p.grad.add_(g)
+
+
 @pytest.mark.parametrize("dtype, fused, atol", [(torch.float64, False, 1e-15),
                                                (torch.float32, True, 1e-6)])
 def test_masked_adam_equals_torch_adam_per_seed(dtype, fused, atol):
@@ -34,18 +45,18 @@ def test_masked_adam_equals_torch_adam_per_seed(dtype, fused, atol):
     (annealing); float64 to rounding, and float32 against the fused Adam the single engine
     uses. The state converts to torch's layout (``write_to``) and back (``read_from``)."""
     gen = torch.Generator().manual_seed(0)
-    params = [p.to(dtype).requires_grad_() for p in _stacked(gen)]
+    flat = _flat([p.to(dtype) for p in _stacked(gen)])
+    params = list(flat.params.values())
     own = [[torch.nn.Parameter(p[i].detach().clone()) for p in params] for i in range(SEEDS)]
     torch_adams = [torch.optim.Adam([{"params": own[i], "name": "value", "lr": 0.01}],
                                     eps=1e-5, fused=fused) for i in range(SEEDS)]
-    adam = MaskedAdam({"value": params}, {"value": 0.01}, eps=1e-5)
+    adam = MaskedAdam({"value": flat}, {"value": 0.01}, eps=1e-5)
     masks = [[0, 1, 1], [1, 0, 1], [0, 0, 1], [1, 0, 0], [1, 1, 1], [1, 0, 1]]
     for step, mask in enumerate(masks):
         lr = 0.01 * (1 - step / 10)
         adam.groups["value"].lr = lr
         grads = [g.to(dtype) for g in _stacked(gen, scale=1 + step)]
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
+        _set_grads(flat, grads)
         adam.step(torch.tensor(mask, dtype=torch.bool))
         for i in range(SEEDS):
             torch_adams[i].param_groups[0]["lr"] = lr
@@ -72,8 +83,8 @@ def test_masked_adam_equals_torch_adam_per_seed(dtype, fused, atol):
             assert float(got[k]["step"]) == float(want[k]["step"])
             torch.testing.assert_close(got[k]["exp_avg"], want[k]["exp_avg"])
             torch.testing.assert_close(got[k]["exp_avg_sq"], want[k]["exp_avg_sq"])
-    fresh = MaskedAdam({"value": [torch.zeros_like(p) for p in params]}, {"value": 0.01},
-                       eps=1e-5)
+    fresh = MaskedAdam({"value": _flat([torch.zeros_like(p) for p in params])},
+                       {"value": 0.01}, eps=1e-5)
     for i in range(SEEDS):
         fresh.read_from(i, torch_adams[i])
     torch.testing.assert_close(fresh.groups["value"].step, adam.groups["value"].step)
@@ -86,16 +97,17 @@ def test_a_stopped_seed_keeps_parameters_and_moments_bit_for_bit():
     """A seed outside the mask keeps every value exactly, even when its gradient (a
     placeholder minibatch's) is not finite; the others step."""
     gen = torch.Generator().manual_seed(1)
-    params = [p.requires_grad_() for p in _stacked(gen)]
-    adam = MaskedAdam({"value": params}, {"value": 0.01}, eps=1e-5)
-    for p, g in zip(params, _stacked(gen), strict=True):
-        p.grad = g
+    flat = _flat(_stacked(gen))
+    params = list(flat.params.values())
+    adam = MaskedAdam({"value": flat}, {"value": 0.01}, eps=1e-5)
+    _set_grads(flat, _stacked(gen))
     adam.step()
     group = adam.groups["value"]
     before = [t.detach().clone() for t in params + group.exp_avg + group.exp_avg_sq]
-    for p, g in zip(params, _stacked(gen), strict=True):
+    grads = _stacked(gen)
+    for g in grads:
         g[1] = float("nan")
-        p.grad = g
+    _set_grads(flat, grads)
     adam.step(torch.tensor([True, False, True]))
     after = params + group.exp_avg + group.exp_avg_sq
     for b, a in zip(before, after, strict=True):
@@ -109,16 +121,15 @@ def test_clipping_equals_clip_grad_norm_per_seed(max_norm):
     """Seeds with gradient norms below and above ``max_norm`` are each clipped (or not)
     by their own norm, as ``clip_grad_norm_`` clips a single run's network."""
     gen = torch.Generator().manual_seed(2)
-    params = [torch.zeros(SEEDS, *s, dtype=torch.float64) for s in SHAPES]
-    grads = _stacked(gen)
-    for k, (p, g) in enumerate(zip(params, grads, strict=True)):
-        p.grad = g * torch.tensor([0.01, 1.0, 5.0], dtype=torch.float64).view(
-            -1, *[1] * (g.dim() - 1)) * (k + 1)
+    flat = _flat([torch.zeros(SEEDS, *s, dtype=torch.float64) for s in SHAPES])
+    params = list(flat.params.values())
+    _set_grads(flat, [g * torch.tensor([0.01, 1.0, 5.0], dtype=torch.float64).view(
+        -1, *[1] * (g.dim() - 1)) * (k + 1) for k, g in enumerate(_stacked(gen))])
     own = [[torch.nn.Parameter(p[i].clone()) for p in params] for i in range(SEEDS)]
     for i in range(SEEDS):
         for q, p in zip(own[i], params, strict=True):
             q.grad = p.grad[i].clone()
-    norms = clip_gradients_per_seed(params, max_norm)
+    norms = clip_gradients_per_seed(flat, max_norm)
     for i in range(SEEDS):
         want = torch.nn.utils.clip_grad_norm_(own[i], max_norm if max_norm else float("inf"))
         torch.testing.assert_close(norms[i], want, rtol=0, atol=1e-14)
@@ -192,3 +203,24 @@ def test_seed_batched_refuses_layers_it_cannot_batch():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     with pytest.raises(TypeError, match="LayerNorm"):
         Stack([net, copy.deepcopy(net)]).batched()
+
+
+def test_flat_params_gradients_accumulate_into_one_matrix_and_a_replaced_grad_is_refused():
+    """``backward`` accumulates each stacked parameter's gradient into its view of
+    ``FlatParams.grad`` (what the optimizer and clipping read); code that replaces a
+    ``.grad`` instead of accumulating into it gets an error, not a step with zeros."""
+    gen = torch.Generator().manual_seed(4)
+    flat = _flat(_stacked(gen))
+    params = list(flat.params.values())
+    assert all(p.is_leaf and p.requires_grad for p in params)
+    (sum((p * p).sum() for p in params)).backward()
+    for p, view in zip(params, flat.views(flat.grad).values(), strict=True):
+        assert torch.equal(view, 2 * p.detach())
+    flat.zero_grad()
+    assert not flat.grad.any()
+    params[1].grad = torch.ones_like(params[1])
+    adam = MaskedAdam({"value": flat}, {"value": 0.01}, eps=1e-5)
+    with pytest.raises(RuntimeError, match="'p1' was replaced"):
+        adam.step()
+    with pytest.raises(RuntimeError, match="was replaced"):
+        clip_gradients_per_seed(flat, 1.0)

@@ -197,13 +197,10 @@ def test_a_planted_reduction_across_seeds_breaks_it(tmp_path, monkeypatch):
     real = ppo_mod.clip_gradients_per_seed
 
     def joint(params, max_norm):
-        params = list(params)
         norms = real(params, None)
         joint_norm = norms.square().sum().sqrt().expand_as(norms)
         if max_norm is not None:
-            scale = (max_norm / (joint_norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.mul_(scale.view(-1, *[1] * (p.dim() - 1)))
+            params.grad.mul_((max_norm / (joint_norm + 1e-6)).clamp(max=1.0).unsqueeze(1))
         return norms
 
     monkeypatch.setattr(ppo_mod, "clip_gradients_per_seed", joint)

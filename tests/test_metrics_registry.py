@@ -222,11 +222,11 @@ def test_ppo_policy_grad_norm_is_the_mean_pre_clip_norm(monkeypatch, grad_clip):
     norms: list[float] = []
     real = ppo_mod.clip_gradients_per_seed
 
-    def watch(ps, max_norm):  # the stacked parameters of the batch of one
-        ps = list(ps)
+    def watch(flat, max_norm):  # the stacked parameters of the batch of one
+        ps = list(flat.params.values())
         if [p.shape[1:] for p in ps] == [p.shape for p in params]:  # the policy's
             norms.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ps))))
-        return real(ps, max_norm)
+        return real(flat, max_norm)
 
     monkeypatch.setattr(ppo_mod, "clip_gradients_per_seed", watch)
     m = update_one(cfg, policy, value_net, opt, batch, gen, {})

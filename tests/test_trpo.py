@@ -16,9 +16,10 @@ from torch.nn.utils import parameters_to_vector
 import pgscope.algos.trpo as trpo_mod
 from pgscope.agent import build_agent
 from pgscope.algos import update_one
-from pgscope.algos.common import PhaseRecorder, make_optimizer
+from pgscope.algos.common import make_optimizer
 from pgscope.algos.trpo import conjugate_gradient
 from pgscope.config import make_config
+from pgscope.engine.nets import SeedPhases
 from pgscope.errors import ConfigError
 from pgscope.optimizations import adapt_kl_beta, normalize_advantages
 from pgscope.rollout import Batch
@@ -274,13 +275,13 @@ def test_ppo_update_metrics(monkeypatch):
     cfg, policy, value_net, opt, batch, gen = _setup("ppo", epochs=3, policy_lr=3e-3)
     assert [g["name"] for g in opt.param_groups] == ["policy", "value"]
     seen: list[torch.Tensor] = []
-    real = PhaseRecorder.ratios
+    real = SeedPhases.record
 
-    def record(self, ratio):
-        seen.append(ratio.detach().clone())
-        real(self, ratio)
+    def record(self, active, ratio=None, **values):
+        seen.append(ratio[0].detach().clone())  # the batch of one's seed
+        real(self, active, ratio, **values)
 
-    monkeypatch.setattr(PhaseRecorder, "ratios", record)
+    monkeypatch.setattr(SeedPhases, "record", record)
     old = copy.deepcopy(policy)
     m = update_one(cfg, policy, value_net, opt, batch, gen, {})
 

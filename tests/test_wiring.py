@@ -195,9 +195,8 @@ def _trace(monkeypatch: pytest.MonkeyPatch, agent: Agent) -> _Trace:
             grads: dict[str, list[torch.Tensor]] = {"policy": [], "value": []}
             for name in stepped:
                 # the group steps exactly the stack's parameters, in the module's order
-                assert all(a is b for a, b in zip(adam.groups[name].params,
-                                                  stacks[name].parameters(), strict=True))
-                grads[name] = _stacked_grads(adam.groups[name].params)
+                assert adam.groups[name].params is stacks[name].flat_params
+                grads[name] = _stacked_grads(list(stacks[name].parameters()))
             trace.steps.append(_Step(
                 idx=trace.idx[len(trace.steps)],
                 policy={k: p[0].detach().clone() for k, p in nets.policy.params.items()},
@@ -400,10 +399,9 @@ def test_ppo_grad_clip_on_each_network_with_its_own_norm(monkeypatch):
     for grad_clip in (True, False):
         calls: list[tuple[set[int], float | None]] = []
 
-        def spy(params, max_norm, real=real, calls=calls):
-            params = list(params)
-            calls.append(({id(p) for p in params}, max_norm))
-            return real(params, max_norm)
+        def spy(flat, max_norm, real=real, calls=calls):
+            calls.append(({id(p) for p in flat.params.values()}, max_norm))
+            return real(flat, max_norm)
 
         monkeypatch.setattr(ppo_mod, "clip_gradients_per_seed", spy)
         cfg = _config("ppo", grad_clip=grad_clip, max_grad_norm=0.123)

@@ -115,8 +115,8 @@ MUTANTS: list[Mutant] = [
       "            actions, first)\n",
       "the clipped action is stored (and scored) instead of the sampled one"),
     M("value-grad-unclipped", "algos/ppo.py",
-      "clip_gradients_per_seed(nets.value.parameters(), grad_limit)",
-      "clip_gradients_per_seed(nets.value.parameters(), None)",
+      "clip_gradients_per_seed(nets.value.flat_params, grad_limit)",
+      "clip_gradients_per_seed(nets.value.flat_params, None)",
       "value net's gradient not clipped while the policy's is"),
     M("obs-clip-ignored", "rollout.py",
       "self.obs_clip = cfg.obs_clip_bound if cfg.obs_clip else None", "self.obs_clip = None",
@@ -252,8 +252,8 @@ MUTANTS: list[Mutant] = [
       "nets.policy.set_flat(torch.where(accepted.unsqueeze(1), theta_new, trial))",
       "a rejected line search keeps the last trial instead of theta_old"),
     M("trpo-value-grad-unclipped", "algos/trpo.py",
-      "clip_gradients_per_seed(nets.value.parameters(), grad_limit)",
-      "clip_gradients_per_seed(nets.value.parameters(), None)",
+      "clip_gradients_per_seed(nets.value.flat_params, grad_limit)",
+      "clip_gradients_per_seed(nets.value.flat_params, None)",
       "TRPO's value fit ignores grad_clip"),
     M("trpo-value-epochs-ignored", "algos/trpo.py",
       "    for _ in range(cfg.epochs):\n        for mb in seed_minibatches",
@@ -284,9 +284,15 @@ MUTANTS: list[Mutant] = [
       "perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))",
       "the minibatch permutation is the same every epoch"),
     M("grad-clip-joint-norm", "algos/ppo.py",
-      "clip_gradients_per_seed(nets.policy.parameters(), grad_limit)",
-      "clip_gradients_per_seed([*nets.policy.parameters(), *nets.value.parameters()],\n"
-      "                                                       grad_limit)",
+      "            policy_grad_norm = clip_gradients_per_seed(nets.policy.flat_params, "
+      "grad_limit)\n"
+      "            value_grad_norm = clip_gradients_per_seed(nets.value.flat_params, grad_limit)\n",
+      "            flats = (nets.policy.flat_params, nets.value.flat_params)\n"
+      "            joint = torch.cat([f.grad for f in flats], 1).norm(dim=1)\n"
+      "            policy_grad_norm = value_grad_norm = joint\n"
+      "            if grad_limit is not None:\n"
+      "                for f in flats:\n"
+      "                    f.grad.mul_((grad_limit / (joint + 1e-6)).clamp(max=1.0)[:, None])\n",
       "policy and value gradients clipped by their joint norm"),
     M("max-grad-norm-fixed", "algos/ppo.py",
       "grad_limit = cfg.max_grad_norm if cfg.grad_clip else None",
@@ -401,15 +407,26 @@ MUTANTS: list[Mutant] = [
       "rows = ((torch.arange(idx.shape[0]) + 1) % idx.shape[0]).unsqueeze(1)",
       "the stacked batch gives seed i seed (i + 1) % N's pairs (no change for N = 1)"),
     M("engine-grad-norm-across-seeds", "engine/stacked.py",
-      "norms = torch.linalg.vector_norm(side_by_side(grads), dim=1)",
-      "norms = torch.linalg.vector_norm(side_by_side(grads), dim=(0, 1)).expand(\n"
-      "        grads[0].shape[0])",
+      "norms = torch.linalg.vector_norm(grad, dim=1)",
+      "norms = torch.linalg.vector_norm(grad, dim=(0, 1)).expand(grad.shape[0])",
       "per-seed gradient clipping uses one norm over all seeds' gradients together"),
     M("engine-adam-shared-step", "engine/adam.py",
-      "            group.step = torch.tensor(steps, dtype=group.step.dtype)\n",
-      "            group.step = torch.tensor(steps, dtype=group.step.dtype)\n"
-      "            steps = [steps[0]] * len(steps)\n",
+      "bias2_sqrt, step_size = self.bias_corrections(group.steps, group.lr, data.dtype)",
+      "bias2_sqrt, step_size = self.bias_corrections(\n"
+      "                [group.steps[0]] * len(group.steps), group.lr, data.dtype)",
       "the masked Adam's bias corrections use seed 0's step count for every seed"),
+    M("engine-adam-stopped-seed-steps", "engine/adam.py",
+      "            for t, saved in kept:\n                t[rows] = saved\n",
+      "            for t, saved in kept:\n                pass\n",
+      "the masked Adam steps seeds outside the mask (a kl_stop'd seed keeps moving)"),
+    M("engine-replaced-grad-unnoticed", "engine/stacked.py",
+      "            if p.grad is not self._grads[k]:\n",
+      "            if False:\n",
+      "a parameter whose .grad was replaced is stepped with the (zero) flat gradient"),
+    M("engine-phases-seed0-values", "engine/nets.py",
+      "                phase.values[k] = list(v[steps, i])\n",
+      "                phase.values[k] = list(v[steps, 0])\n",
+      "every seed's phase means are seed 0's (no change for N = 1)"),
     M("value-output-gain", "networks.py",
       "init_network(self.net, ortho_init, output_gain=1.0)",
       "init_network(self.net, ortho_init, output_gain=0.01)",

@@ -111,8 +111,8 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
             nets.adam.zero_grad()
             (loss - bonus + v_loss + dr3).sum().backward()  # each seed's gradient: its own
             # the networks share no parameters: each norm is of its own loss's gradient
-            policy_grad_norm = clip_gradients_per_seed(nets.policy.parameters(), grad_limit)
-            value_grad_norm = clip_gradients_per_seed(nets.value.parameters(), grad_limit)
+            policy_grad_norm = clip_gradients_per_seed(nets.policy.flat_params, grad_limit)
+            value_grad_norm = clip_gradients_per_seed(nets.value.flat_params, grad_limit)
             nets.adam.step(active)
 
             phases.record(active, ratio,  # ratios from before this minibatch's step

@@ -102,7 +102,7 @@ def fit_value(cfg: Config, nets: SeedNets, batch: StackedBatch,
                               cfg.value_dr3_coef)
             nets.adam.zero_grad()
             (v_loss + dr3).sum().backward()
-            grad_norm = clip_gradients_per_seed(nets.value.parameters(), grad_limit)
+            grad_norm = clip_gradients_per_seed(nets.value.flat_params, grad_limit)
             nets.adam.step(everyone)
             phases.record(everyone, value_loss=v_loss, value_grad_norm=grad_norm)
     return phases.results()

@@ -17,66 +17,64 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pgscope.engine.stacked import side_by_side
+from pgscope.engine.stacked import FlatParams
 
 
 class _Group:
-    """One named group: its stacked parameters, its moments as ``[N, P]`` matrices (one
-    row per seed, the parameters side by side) with a per-parameter view of each
-    (``exp_avg[k]`` has ``params[k]``'s shape), its per-seed step counts and its lr."""
+    """One named group: its stacked parameters (:class:`FlatParams`, ``[N, P]`` with its
+    gradient), the moments as ``[N, P]`` matrices of the same layout (``exp_avg[k]``:
+    the k-th parameter's view), each seed's step count and the lr."""
 
-    def __init__(self, params: list[torch.Tensor], step: torch.Tensor, lr: float) -> None:
-        self.params, self.step, self.lr = params, step, lr
-        n = params[0].shape[0]
-        self.sizes = [p[0].numel() for p in params]
-        self.exp_avg_flat = params[0].new_zeros(n, sum(self.sizes))
-        self.exp_avg_sq_flat = torch.zeros_like(self.exp_avg_flat)
-        self.exp_avg = self.views(self.exp_avg_flat)
-        self.exp_avg_sq = self.views(self.exp_avg_sq_flat)
+    def __init__(self, params: FlatParams, steps: list[int], lr: float) -> None:
+        self.params, self.steps, self.lr = params, steps, lr
+        self.exp_avg_flat = torch.zeros_like(params.data)
+        self.exp_avg_sq_flat = torch.zeros_like(params.data)
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``[N, P]`` as one ``[N, *shape]`` view per parameter."""
-        return [part.view_as(p) for part, p in zip(flat.split(self.sizes, dim=1),
-                                                   self.params, strict=True)]
+    @property
+    def step(self) -> torch.Tensor:
+        """The seeds' step counts, ``[N]`` (float32, as ``torch.optim.Adam`` keeps one)."""
+        return torch.tensor(self.steps, dtype=torch.float32)
 
-    def flat_grad(self, name: str) -> torch.Tensor:
-        """The parameters' gradients side by side: ``[N, P]``."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if len(grads) < len(self.params):
-            raise ValueError(f"every stacked parameter of group '{name}' needs a gradient")
-        return side_by_side(grads)
+    @property
+    def exp_avg(self) -> list[torch.Tensor]:
+        return list(self.params.views(self.exp_avg_flat).values())
 
-
-class _KeptRows:
-    """The rows ``rows`` (seed positions) of ``tensors`` as they are now, to be put back
-    by :meth:`restore`."""
-
-    def __init__(self, rows: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-        self.rows = rows
-        self.saved = [(t, t[rows]) for t in tensors] if len(rows) else []
-
-    def restore(self) -> None:
-        for t, rows in self.saved:
-            t[self.rows] = rows
+    @property
+    def exp_avg_sq(self) -> list[torch.Tensor]:
+        return list(self.params.views(self.exp_avg_sq_flat).values())
 
 
 class MaskedAdam:
-    """Adam for stacked parameters (leading seed dim) in named groups (``policy``,
-    ``value``, as :func:`pgscope.algos.common.make_optimizer` names them)."""
+    """Adam for stacked parameters (:class:`FlatParams`, a leading seed dim) in named
+    groups (``policy``, ``value``, as :func:`pgscope.algos.common.make_optimizer` names
+    them)."""
 
-    def __init__(self, groups: Mapping[str, Sequence[torch.Tensor]], lr: Mapping[str, float],
+    def __init__(self, groups: Mapping[str, FlatParams], lr: Mapping[str, float],
                  eps: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         self.eps, self.betas = eps, betas
-        self.groups: dict[str, _Group] = {}
-        for name, params in groups.items():
-            params = list(params)
-            n = params[0].shape[0]
-            self.groups[name] = _Group(params, torch.zeros(n), lr[name])
+        self.groups = {name: _Group(params, [0] * len(params), lr[name])
+                       for name, params in groups.items()}
+        self._corrections: dict[tuple[tuple[int, ...], float, torch.dtype],
+                                tuple[torch.Tensor, torch.Tensor]] = {}
 
     def zero_grad(self) -> None:
         for group in self.groups.values():
-            for p in group.params:
-                p.grad = None
+            group.params.zero_grad()
+
+    def bias_corrections(self, steps: Sequence[int], lr: float, dtype: torch.dtype
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per seed (``[N, 1]``), ``sqrt(1 - beta2^t)`` and the step size
+        ``-lr / (1 - beta1^t)``, computed in Python's floats (float64) as the
+        single-tensor ``torch.optim.Adam`` computes them; a seed that never stepped
+        (t = 0) is masked anyway. Groups stepped together share them."""
+        key = (tuple(steps), lr, dtype)
+        if key not in self._corrections:
+            beta1, beta2 = self.betas
+            self._corrections.clear()
+            self._corrections[key] = (
+                torch.tensor([[math.sqrt(1 - beta2 ** max(t, 1))] for t in steps], dtype=dtype),
+                torch.tensor([[-lr / (1 - beta1 ** max(t, 1))] for t in steps], dtype=dtype))
+        return self._corrections[key]
 
     @torch.no_grad()
     def step(self, mask: torch.Tensor | None = None, groups: Sequence[str] | None = None
@@ -85,43 +83,34 @@ class MaskedAdam:
         for the named ``groups`` (default all); the other seeds are left exactly as
         they are.
 
-        All seeds are stepped at once on the group's ``[N, P]`` matrices (gradients side
-        by side, one row per seed: a handful of kernel calls however many parameter
-        tensors there are, each seed's own bias corrections broadcast along its row);
-        the rows of the seeds outside ``mask`` are then put back as they were."""
+        All seeds are stepped at once on the group's ``[N, P]`` matrices (one row per
+        seed: a handful of kernel calls however many parameter tensors there are, each
+        seed's own bias corrections broadcast along its row); the rows of the seeds
+        outside ``mask`` are then put back as they were."""
         beta1, beta2 = self.betas
+        on = None if mask is None else mask.tolist()
+        off = [] if on is None else [i for i, stepped in enumerate(on) if not stepped]
+        rows = torch.tensor(off, dtype=torch.long)
         for name in groups or list(self.groups):
             group = self.groups[name]
-            grad = group.flat_grad(name)
-            on = [True] * len(group.step) if mask is None else mask.tolist()
-            off = [i for i, stepped in enumerate(on) if not stepped]
-            kept = _KeptRows(torch.tensor(off, dtype=torch.long),
-                             [*group.params, group.exp_avg_flat, group.exp_avg_sq_flat])
-            steps = [s + 1 if stepped else s
-                     for s, stepped in zip(group.step.tolist(), on, strict=True)]
-            group.step = torch.tensor(steps, dtype=group.step.dtype)
-            # the bias corrections in Python's floats (float64), per seed, as the
-            # single-tensor torch.optim.Adam computes them; seeds that never stepped are
-            # masked anyway
-            dtype = group.params[0].dtype
-            bias2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** max(s, 1)) for s in steps],
-                                      dtype=dtype).unsqueeze(1)
-            step_size = torch.tensor([-group.lr / (1 - beta1 ** max(s, 1)) for s in steps],
-                                     dtype=dtype).unsqueeze(1)
+            data, grad = group.params.data, group.params.gradient()
+            kept = [(t, t[rows]) for t in (data, group.exp_avg_flat, group.exp_avg_sq_flat)
+                    ] if off else []
+            group.steps = [t if i in off else t + 1 for i, t in enumerate(group.steps)]
+            bias2_sqrt, step_size = self.bias_corrections(group.steps, group.lr, data.dtype)
             group.exp_avg_flat.lerp_(grad, 1 - beta1)
             group.exp_avg_sq_flat.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = group.exp_avg_sq_flat.sqrt().div_(bias2_sqrt).add_(self.eps)
-            update = group.exp_avg_flat.div(denom).mul_(step_size)
-            torch._foreach_add_(group.params, group.views(update))
-            kept.restore()
+            data.add_(group.exp_avg_flat.div(denom).mul_(step_size))
+            for t, saved in kept:
+                t[rows] = saved
 
-    def select(self, keep: Sequence[int], params: Mapping[str, Sequence[torch.Tensor]]
-               ) -> None:
+    def select(self, keep: Sequence[int], params: Mapping[str, FlatParams]) -> None:
         """Keep the seeds at positions ``keep``; ``params`` are the groups' new stacked
         parameters (after :meth:`pgscope.engine.stacked.Stack.select`)."""
         index = torch.as_tensor(list(keep), dtype=torch.long)
         for name, group in self.groups.items():
-            new = _Group(list(params[name]), group.step[index], group.lr)
+            new = _Group(params[name], [group.steps[i] for i in keep], group.lr)
             new.exp_avg_flat.copy_(group.exp_avg_flat[index])
             new.exp_avg_sq_flat.copy_(group.exp_avg_sq_flat[index])
             self.groups[name] = new
@@ -132,26 +121,25 @@ class MaskedAdam:
         order), e.g. to save it in the single-run checkpoint format."""
         for torch_group in optimizer.param_groups:
             group = self.groups[torch_group["name"]]
-            for i, p in enumerate(torch_group["params"]):
-                if group.step[seed] == 0:
+            moments = zip(group.exp_avg, group.exp_avg_sq, strict=True)
+            for p, (exp_avg, exp_avg_sq) in zip(torch_group["params"], moments, strict=True):
+                if group.steps[seed] == 0:
                     optimizer.state.pop(p, None)
                     continue
                 optimizer.state[p] = {"step": group.step[seed].clone(),
-                                      "exp_avg": group.exp_avg[i][seed].clone(),
-                                      "exp_avg_sq": group.exp_avg_sq[i][seed].clone()}
+                                      "exp_avg": exp_avg[seed].clone(),
+                                      "exp_avg_sq": exp_avg_sq[seed].clone()}
 
+    @torch.no_grad()
     def read_from(self, seed: int, optimizer: torch.optim.Optimizer) -> None:
         """The inverse of :meth:`write_to` (e.g. after loading a checkpoint into it)."""
         for torch_group in optimizer.param_groups:
             group = self.groups[torch_group["name"]]
-            for i, p in enumerate(torch_group["params"]):
+            moments = zip(group.exp_avg, group.exp_avg_sq, strict=True)
+            group.steps[seed] = 0
+            for p, (exp_avg, exp_avg_sq) in zip(torch_group["params"], moments, strict=True):
                 state = optimizer.state.get(p)
-                with torch.no_grad():
-                    if not state:
-                        group.step[seed] = 0
-                        group.exp_avg[i][seed] = 0
-                        group.exp_avg_sq[i][seed] = 0
-                        continue
-                    group.step[seed] = float(state["step"])
-                    group.exp_avg[i][seed] = state["exp_avg"]
-                    group.exp_avg_sq[i][seed] = state["exp_avg_sq"]
+                exp_avg[seed] = state["exp_avg"] if state else 0
+                exp_avg_sq[seed] = state["exp_avg_sq"] if state else 0
+                if state:
+                    group.steps[seed] = int(state["step"])

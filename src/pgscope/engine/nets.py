@@ -43,7 +43,7 @@ class SeedNets:
         # trains the policy), with their learning rates, eps and betas
         groups = self.optimizers[0].param_groups
         stacks = {"policy": self.policy, "value": self.value}
-        self.adam = MaskedAdam({g["name"]: list(stacks[g["name"]].parameters()) for g in groups},
+        self.adam = MaskedAdam({g["name"]: stacks[g["name"]].flat_params for g in groups},
                                {g["name"]: g["lr"] for g in groups}, eps=groups[0]["eps"],
                                betas=groups[0]["betas"])
         for i, optimizer in enumerate(self.optimizers):
@@ -85,8 +85,8 @@ class SeedNets:
         self.optimizers = [self.optimizers[i] for i in keep]
         self.policy.select(keep)
         self.value.select(keep)
-        self.adam.select(keep, {"policy": list(self.policy.parameters()),
-                                "value": list(self.value.parameters())})
+        self.adam.select(keep, {"policy": self.policy.flat_params,
+                                "value": self.value.flat_params})
 
 
 class StackedBatch(NamedTuple):
@@ -201,18 +201,37 @@ def seed_mean_kl(policy: SeedBatched, old_policy: SeedBatched, obs: torch.Tensor
 
 
 class SeedPhases:
-    """A :class:`pgscope.algos.common.PhaseRecorder` per seed, fed from stacked values
-    (``[N]`` scalars, ``[N, m]`` ratios) for the seeds that took part in a step."""
+    """What a :class:`PhaseRecorder` per seed would record, fed from stacked values
+    (``[N]`` scalars, ``[N, m]`` ratios) for the seeds that took part in a step
+    (``active``). Each step is kept as it comes (no per-seed slicing while the update
+    runs); :meth:`results` gives each seed the values of its own steps, in order, reduced
+    exactly as its own :class:`PhaseRecorder` reduces them."""
 
     def __init__(self, n: int, clip_range: float) -> None:
-        self.phases = [PhaseRecorder(clip_range) for _ in range(n)]
+        self.n, self.clip_range = n, clip_range
+        self.active: list[torch.Tensor] = []
+        self.ratios: list[torch.Tensor] = []
+        self.values: dict[str, list[torch.Tensor]] = {}
 
     def record(self, active: torch.Tensor, ratio: torch.Tensor | None = None,
                **values: torch.Tensor) -> None:
-        for i in torch.nonzero(active).flatten().tolist():
-            if ratio is not None:
-                self.phases[i].ratios(ratio[i])
-            self.phases[i].mean(**{k: v[i] for k, v in values.items()})
+        self.active.append(active.clone())
+        if ratio is not None:
+            self.ratios.append(ratio.detach())
+        for k, v in values.items():
+            self.values.setdefault(k, []).append(v.detach())
 
     def results(self) -> list[dict[str, float]]:
-        return [phase.result() for phase in self.phases]
+        phases = [PhaseRecorder(self.clip_range) for _ in range(self.n)]
+        if not self.active:
+            return [phase.result() for phase in phases]
+        took_part = torch.stack(self.active)  # [steps, N]
+        values = {k: torch.stack(v) for k, v in self.values.items()}  # [steps, N]
+        for i, phase in enumerate(phases):
+            steps = took_part[:, i]
+            if self.ratios:  # minibatches may differ in size by a pair: not stacked
+                phase.ratio_list.extend(r[i] for r, on in zip(self.ratios, steps.tolist(),
+                                                              strict=True) if on)
+            for k, v in values.items():
+                phase.values[k] = list(v[steps, i])
+        return [phase.result() for phase in phases]

@@ -20,7 +20,8 @@ The engine's first form ran the single network through ``torch.func.vmap`` over
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,11 @@ from torch.func import stack_module_state
 from pgscope.networks import one_output
 
 Params = dict[str, torch.Tensor]
+
+# FlatParams' gradients are views of one matrix, whose strides (a row per seed) differ
+# from a dense parameter's; torch notes it (once) as a possible slowdown, not an error
+warnings.filterwarnings("ignore", category=UserWarning,
+                        message="grad and param do not obey the gradient layout contract")
 
 
 def side_by_side(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -87,19 +93,77 @@ class SeedBatched:
         return self.__getattr__("forward")(*args)
 
 
+class FlatParams:
+    """Stacked parameters (``[N, *shape]`` each, a leading seed dim) kept side by side in
+    one ``[N, P]`` matrix :attr:`data` (row i: seed i's parameters, in the order of
+    ``parameters_to_vector`` for its network), with their gradients in :attr:`grad`, a
+    matrix of the same layout.
+
+    Each named parameter (:attr:`params`) is a leaf view of :attr:`data` whose ``.grad``
+    is the matching view of :attr:`grad`, so ``backward`` accumulates every gradient into
+    :attr:`grad` in place, and the optimizer step, the per-seed gradient norms and
+    TRPO's flat steps are a handful of kernel calls on the two matrices however many
+    tensors the network has (no concatenation per step). :meth:`zero_grad` zeroes
+    :attr:`grad`: a parameter the loss does not reach gets a zero gradient (not
+    ``None``). The elementwise results are those of the same operations on separate
+    tensors, bit for bit."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.shapes = {k: t.shape[1:] for k, t in tensors.items()}  # one seed's
+        self.sizes = [t[0].numel() for t in tensors.values()]
+        self.data = side_by_side(t.detach() for t in tensors.values())
+        self.grad = torch.zeros_like(self.data)
+        self.params: Params = {k: v.requires_grad_() for k, v in self.views(self.data).items()}
+        self._grads = self.views(self.grad)
+        for k, p in self.params.items():
+            p.grad = self._grads[k]
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def views(self, matrix: torch.Tensor) -> Params:
+        """``matrix`` (``[N, P]``, this layout) as one ``[N, *shape]`` view per parameter."""
+        return {k: part.view(len(matrix), *shape) for (k, shape), part in
+                zip(self.shapes.items(), matrix.split(self.sizes, dim=1), strict=True)}
+
+    def gradient(self) -> torch.Tensor:
+        """:attr:`grad`, after checking that every parameter's ``.grad`` is still its view
+        of it (code that replaced a ``.grad`` would otherwise be stepped with another
+        gradient than its own)."""
+        for k, p in self.params.items():
+            if p.grad is not self._grads[k]:
+                raise RuntimeError(f"the gradient of stacked parameter '{k}' was replaced; "
+                                   f"the engine reads gradients from FlatParams.grad, so "
+                                   f"accumulate into p.grad in place instead")
+        return self.grad
+
+    def zero_grad(self) -> None:
+        self.gradient().zero_()
+
+    def select(self, keep: Sequence[int]) -> FlatParams:
+        """The seeds at positions ``keep``, as new parameters (gradients zero)."""
+        index = torch.as_tensor(list(keep), dtype=torch.long)
+        return FlatParams(self.views(self.data[index]))
+
+
 class Stack:
     """The parameters of N networks of one architecture, stacked along a leading seed dim
-    (``params[name]`` has shape ``[N, *shape]``, a leaf that requires grad)."""
+    (``params[name]`` has shape ``[N, *shape]``, a leaf that requires grad), stored as
+    :class:`FlatParams` (:attr:`flat_params`: one ``[N, P]`` matrix and its gradient)."""
 
     def __init__(self, nets: Sequence[nn.Module]) -> None:
         self.module = copy.deepcopy(nets[0]).to("meta")  # the architecture, no storage
         params, buffers = stack_module_state(list(nets))
         if buffers:
             raise TypeError("Stack supports networks without buffers")
-        self.params: Params = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+        self.flat_params = FlatParams(params)
+
+    @property
+    def params(self) -> Params:
+        return self.flat_params.params
 
     def __len__(self) -> int:
-        return next(iter(self.params.values())).shape[0]
+        return len(self.flat_params)
 
     def parameters(self) -> Iterator[torch.Tensor]:
         return iter(self.params.values())
@@ -120,46 +184,36 @@ class Stack:
             for name, p in net.named_parameters():
                 p.copy_(self.params[name][i])
 
-    @torch.no_grad()
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the seeds at positions ``keep`` (e.g. after one diverged)."""
-        index = torch.as_tensor(list(keep), dtype=torch.long)
-        self.params = {k: p[index].clone().requires_grad_() for k, p in self.params.items()}
+        self.flat_params = self.flat_params.select(keep)
 
     def flat(self) -> torch.Tensor:
-        """The parameters as one ``[N, P]`` matrix, a row per seed, in the order of
-        ``parameters_to_vector`` for each seed's network."""
-        return side_by_side(self.params.values())
+        """A copy of the parameters as one ``[N, P]`` matrix, a row per seed, in the order
+        of ``parameters_to_vector`` for each seed's network."""
+        return self.flat_params.data.clone()
 
     def unflat(self, matrix: torch.Tensor) -> Params:
-        """The inverse of :meth:`flat`."""
-        out, start = {}, 0
-        for k, p in self.params.items():
-            size = p[0].numel()
-            out[k] = matrix[:, start:start + size].reshape(p.shape)
-            start += size
-        return out
+        """The inverse of :meth:`flat`: views of ``matrix``, one per parameter."""
+        return self.flat_params.views(matrix)
 
     @torch.no_grad()
     def set_flat(self, matrix: torch.Tensor) -> None:
         """Set the parameters from a ``[N, P]`` matrix (:meth:`flat`'s layout)."""
-        for k, v in self.unflat(matrix).items():
-            self.params[k].copy_(v)
+        self.flat_params.data.copy_(matrix)
 
 
-def clip_gradients_per_seed(params: Iterable[torch.Tensor], max_norm: float | None
-                            ) -> torch.Tensor:
-    """:func:`pgscope.optimizations.clip_gradients` for each seed of stacked parameters:
-    each seed's global gradient norm over ``params`` (one network), clipped to
-    ``max_norm`` when given (the same ``max_norm / (norm + 1e-6)`` scale as
-    ``torch.nn.utils.clip_grad_norm_``). Returns the ``[N]`` norms before clipping.
+def clip_gradients_per_seed(params: FlatParams, max_norm: float | None) -> torch.Tensor:
+    """:func:`pgscope.optimizations.clip_gradients` for each seed of one network's stacked
+    parameters: each seed's global gradient norm (its row of ``params.grad``), and the
+    row scaled by ``max_norm / (norm + 1e-6)`` when that is below 1 and ``max_norm`` is
+    given (the scale ``torch.nn.utils.clip_grad_norm_`` uses). Returns the ``[N]`` norms
+    before clipping.
 
-    The norms come from all of a seed's gradients side by side (one ``[N, P]``
-    concatenation, one norm; the same norm as ``clip_grad_norm_``'s norm of per-tensor
-    norms up to rounding) and one ``torch._foreach_mul_`` scales them."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.linalg.vector_norm(side_by_side(grads), dim=1)
+    The norm is of all of a seed's gradients side by side (one norm over the row; the
+    same norm as ``clip_grad_norm_``'s norm of per-tensor norms up to rounding)."""
+    grad = params.gradient()
+    norms = torch.linalg.vector_norm(grad, dim=1)
     if max_norm is not None:
-        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)) for g in grads])
+        grad.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1))
     return norms
