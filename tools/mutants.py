@@ -75,6 +75,7 @@ FAST_TESTS = [
     "tests/test_paper_presets.py",
     "tests/test_a2c.py",
     "tests/test_engine_invariance.py",
+    "tests/test_trust_region_replay.py",
 ]
 OPTIONAL_TESTS = ["tests/test_reference_updates.py"]
 #: What each sandbox holds besides ``pyproject.toml``: the sources, the tests, and
@@ -427,6 +428,10 @@ MUTANTS: list[Mutant] = [
       "                phase.values[k] = list(v[steps, i])\n",
       "                phase.values[k] = list(v[steps, 0])\n",
       "every seed's phase means are seed 0's (no change for N = 1)"),
+    M("trust-replay-checkpoint-lr", "probes/trust_region.py",
+      "        set_learning_rates(optimizer, cfg, done)  # as the training loop does before it\n",
+      "        pass\n",
+      "the trust-region replay runs at the checkpoint's (previous update's) learning rate"),
     M("value-output-gain", "networks.py",
       "init_network(self.net, ortho_init, output_gain=1.0)",
       "init_network(self.net, ortho_init, output_gain=0.01)",

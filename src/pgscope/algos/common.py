@@ -21,6 +21,7 @@ from pgscope.engine.nets import (  # noqa: F401 - re-exported: the updates' piec
     ratio_stats,
 )
 from pgscope.networks import Policy
+from pgscope.optimizations import annealed_lr
 from pgscope.rollout import Batch
 
 #: Keys of :func:`policy_change`, which every algorithm's update calls (each logged under
@@ -128,6 +129,16 @@ def make_optimizer(cfg: Config, policy: Policy | nn.Module, value_net: nn.Module
     if algorithm(cfg.algo).policy_optimizer:
         groups.insert(0, {"params": policy.parameters(), "lr": cfg.policy_lr, "name": "policy"})
     return torch.optim.Adam(groups, eps=cfg.adam_eps, fused=True)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
+    """Apply lr annealing (if on) for 0-based ``iteration`` (the update that follows the
+    checkpoint of that many iterations) to each parameter group; return the policy lr."""
+    base = {"policy": cfg.policy_lr, "value": cfg.value_lr}
+    for group in optimizer.param_groups:
+        group["lr"] = annealed_lr(base[group["name"]], iteration, cfg.num_iterations,
+                                  cfg.lr_anneal)
+    return annealed_lr(cfg.policy_lr, iteration, cfg.num_iterations, cfg.lr_anneal)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

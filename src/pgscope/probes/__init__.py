@@ -391,10 +391,11 @@ def scheduled_probe_failures(run_dir: Path) -> set[int]:
     return failed
 
 
-def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> Path:
-    """The probes a config schedules with ``probe_every``, on the run's latest checkpoint,
-    written to ``run_dir/probes/iter_XXXXXX/`` (built in a temporary folder, then renamed,
-    so a folder that exists is complete)."""
+def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False,
+                     kinds: str | None = None) -> Path:
+    """The probes a config schedules with ``probe_every`` (or ``kinds``), on the run's
+    checkpoint of ``iteration``, written to ``run_dir/probes/iter_XXXXXX/`` (built in a
+    temporary folder, then renamed, so a folder that exists is complete)."""
     import shutil
 
     from pgscope.run import RunDir
@@ -405,7 +406,8 @@ def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False) -> P
         return final
     tmp = run_dir / "probes" / f".iter_{iteration:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    run_probes(cfg.probe_kinds, run_dir, tmp, checkpoint=iteration, seed=cfg.seed + iteration,
+    run_probes(kinds or cfg.probe_kinds, run_dir, tmp, checkpoint=iteration,
+               seed=cfg.seed + iteration,
                progress=progress, log=lambda line: None,
                sizes=cfg.probe_sizes, k=cfg.probe_k, true_pairs=cfg.probe_true_pairs,
                value_pairs=cfg.probe_value_pairs, fit_pairs=cfg.probe_true_pairs,

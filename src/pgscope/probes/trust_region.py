@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from pgscope.algos import update_one
-from pgscope.algos.common import make_optimizer, reference_clip_range, trust_region_stats
+from pgscope.algos.common import (
+    learning_rates,
+    make_optimizer,
+    reference_clip_range,
+    set_learning_rates,
+    trust_region_stats,
+)
 from pgscope.config import Config
 from pgscope.html_format import fmt, table
 from pgscope.metrics import metric_value
@@ -86,13 +92,26 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
     fresh batch of the training size, measuring the trust region (:data:`KEYS`, on the
     whole batch) after each epoch; ``phase`` holds the update's own metrics.
     ``capture``, if given, receives the updated ``agent``, the ``batch``, the
-    ``old_policy`` and the algorithm ``state_before`` (the landscape probe uses them)."""
+    ``old_policy`` and the algorithm ``state_before`` (the landscape probe uses them).
+
+    The update is the one training ran next (``replayed_iteration``, 1-based, as the
+    metrics number it), with the learning rates training set for it (``learning_rates``;
+    annealing included). After the run's last checkpoint training ran no update: the
+    replay then uses the last update's learning rates and says so
+    (``after_last_update``), and with annealing on they are a small fraction of the
+    initial ones (``lr_fraction``)."""
     path = resolve_checkpoint(Path(run_dir), iteration)
     agent = load_agent(path)
     ckpt = load_checkpoint(path)
     cfg: Config = agent.config
     optimizer = make_optimizer(cfg, agent.policy, agent.value_net)
     optimizer.load_state_dict(ckpt["optimizer"])
+    done = int(ckpt["iteration"])
+    after_last = done >= cfg.num_iterations
+    if not after_last:
+        set_learning_rates(optimizer, cfg, done)  # as the training loop does before it
+    lrs = learning_rates(optimizer)
+    initial = {"lr": cfg.policy_lr, "value_lr": cfg.value_lr}
     batch = sample_batch(agent, cfg.steps_per_iter, seed=(seed + 11) * 10**8)
     clip = reference_clip_range(cfg)
     epochs: list[dict[str, float]] = []
@@ -107,10 +126,25 @@ def replay_update(run_dir: str | Path, iteration: int | None = None, seed: int =
 
     metrics = update_one(cfg, agent.policy, agent.value_net, optimizer, batch, gen, state,
                          epoch_callback=record)
-    return {"run": str(run_dir), "checkpoint_iteration": int(ckpt["iteration"]),
+    return {"run": str(run_dir), "checkpoint_iteration": done,
+            "replayed_iteration": done if after_last else done + 1,
+            "after_last_update": after_last, "learning_rates": lrs,
+            "lr_fraction": {k: v / initial[k] for k, v in lrs.items()},
             "preset": cfg.preset, "clip_range": clip, "batch_pairs": len(batch),
             "per_epoch": epochs,
             "phase": {k: metrics[k] for k in PHASE_KEYS if k in metrics}}
+
+
+def representative_checkpoint(run_dir: str | Path) -> int:
+    """The kept checkpoint closest to the middle of the run (the earlier on a tie; past
+    iteration 0 when another is kept): its next update is a typical one, with the policy
+    off its initialization and, under lr annealing, about half the initial learning rate
+    (the last checkpoint's would replay at the last update's, a small fraction of it)."""
+    run = RunDir.open(Path(run_dir))
+    kept = sorted(run.checkpoints()) or [int(load_checkpoint(run.last_checkpoint)["iteration"])]
+    middle = run.read_config().num_iterations / 2
+    candidates = [k for k in kept if k > 0] or kept
+    return min(candidates, key=lambda k: (abs(k - middle), k))
 
 
 def save_json(obj: dict, path: Path) -> None:
@@ -123,10 +157,35 @@ SCHEMA = {"runs": "per run: the per-iteration series of KEYS and their extremes"
                     "(phase)"}
 
 
+def _replayed(rep: dict[str, Any]) -> str:
+    """Which update was replayed, at which learning rate (results written before these
+    were recorded say only the checkpoint)."""
+    if "replayed_iteration" not in rep:
+        return f"the update after checkpoint {rep.get('checkpoint_iteration', '?')}"
+    lrs, fraction = rep["learning_rates"], rep["lr_fraction"]
+    key = "lr" if "lr" in lrs else "value_lr"
+    where = (f"the update of iteration {rep['replayed_iteration']}"
+             + (" (after the run's last update: its learning rate)"
+                if rep["after_last_update"] else ""))
+    return f"{where}, {key} {fmt(lrs[key], 3)} ({100 * fraction[key]:.0f}% of the initial)"
+
+
+def _training_ratios(r: dict[str, Any]) -> list[float]:
+    """The run's own largest ratio after each update (metrics.jsonl), finite values."""
+    runs = r.get("runs") or [{}]
+    values = runs[0].get("series", {}).get("ratio_max_after", [])
+    return [v for v in values if v is not None and np.isfinite(v)]
+
+
 def _headline(result: dict[str, Any]) -> str:
-    phase = result["replay"]["phase"]
-    return (f"trust-region: replayed update: mean KL {phase['kl_mean']:.3g}, max ratio "
-            f"{phase.get('ratio_max_after', phase.get('ratio_max', float('nan'))):.3g}")
+    rep = result["replay"]
+    phase = rep["phase"]
+    ratios = _training_ratios(result)
+    over = (f"; over training max ratio median {np.median(ratios):.3g}, max {max(ratios):.3g}"
+            if ratios else "")
+    return (f"trust-region: replayed {_replayed(rep)}: mean KL {phase['kl_mean']:.3g}, "
+            f"max ratio {phase.get('ratio_max_after', phase.get('ratio_max', float('nan'))):.3g}"
+            + over)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -136,14 +195,31 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 
 def _reading(r: dict[str, Any]) -> str:
+    """The replayed update and the run's own metrics in one verdict: the ratios "stay
+    within the clip range" only when they do in both (a replay at an annealed learning
+    rate must not speak for the whole run)."""
     rep = r["replay"]
     phase, clip = rep["phase"], rep.get("clip_range", 0.2)
     ratio = phase.get("ratio_max_after", phase.get("ratio_max"))
-    inside = ratio <= 1 + clip
-    return (f"In the replayed update the largest ratio reaches {fmt(ratio, 3)} "
-            f"(1 + eps = {fmt(1 + clip, 3)}) with mean KL {fmt(phase['kl_mean'], 3)}: "
-            + ("the ratios stay within the clip range." if inside else
-               "the clipped objective does not keep the ratios within the clip range."))
+    limit = 1 + clip
+    text = (f"In {_replayed(rep)}, replayed on a fresh batch, the largest ratio reaches "
+            f"{fmt(ratio, 3)} (1 + eps = {fmt(limit, 3)}) with mean KL "
+            f"{fmt(phase['kl_mean'], 3)}.")
+    ratios = _training_ratios(r)
+    if ratios:
+        outside = sum(v > limit for v in ratios)
+        text += (f" Over training (the run's metrics) the largest ratio after an update has "
+                 f"median {fmt(float(np.median(ratios)), 3)} and maximum "
+                 f"{fmt(max(ratios), 3)}, above 1 + eps in {outside} of {len(ratios)} "
+                 f"iterations.")
+    else:
+        outside = 0
+    if ratio <= limit and not outside:
+        return text + " The ratios stay within the clip range."
+    if ratio <= limit:
+        return text + (" This replay stays within the clip range, but training's updates "
+                       "do not: the update does not keep the ratios there.")
+    return text + " The update does not keep the ratios within the clip range."
 
 
 def _summary(s: dict[str, Any], key: str, legacy: str) -> Any:
