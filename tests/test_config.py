@@ -228,3 +228,21 @@ def test_sb3_and_cleanrl_names_are_answered_with_pgscopes(key, answer):
                                           f".*{answer}"):
         make_config("ppo", "Pendulum-v1", {key: 1})
     assert not set(OTHER_LIBRARIES) & set(Config.__dataclass_fields__)  # never shadows a key
+
+
+def test_value_dr3_form_default_choices_and_configs_saved_before_it():
+    cfg = make_config("ppo", "Hopper-v5")
+    assert cfg.value_dr3_form == "abs"  # |phi(s).phi(s')|, the DR3 authors' code
+    assert make_config("ppo", "Hopper-v5", {"value_dr3_form": "signed"}).value_dr3_form == \
+        "signed"
+    with pytest.raises(ConfigError, match="'value_dr3_form' must be one of abs, signed"):
+        make_config("ppo", "Hopper-v5", {"value_dr3_form": "squared"})
+    assert config_hash(make_config("ppo", "Hopper-v5", {"value_dr3_form": "signed"})) != \
+        config_hash(cfg)  # it changes training, so the run's identity
+    # a config saved before the key existed: with the term on, that run used the signed dot
+    old = cfg.to_dict()
+    del old["value_dr3_form"]
+    assert Config.from_dict(dict(old, value_dr3_coef=0.03)).value_dr3_form == "signed"
+    assert Config.from_dict(old).value_dr3_form == "abs"  # off: the form changes nothing
+    assert Config.from_dict(dict(old, value_dr3_coef=0.03,
+                                 value_dr3_form="abs")).value_dr3_form == "abs"

@@ -241,12 +241,14 @@ def mlp_from(ws) -> torch.nn.Sequential:
 
 def direct_loss(net, target_net, x, x_next, reward, not_terminated, coef):
     """The DR3 loss written out for one member: TD error against a no-gradient target,
-    plus coef * mean phi(s, a) . phi(s', a'), phi the input of the last layer."""
+    plus coef * mean phi(s, a) . phi(s', a') over the pairs whose s' is not terminal, phi
+    the input of the last layer. Signed: the trainer's |.| is the same on ReLU features."""
     features = net[:-1]
     with torch.no_grad():
         y = reward + GAMMA * not_terminated * target_net(x_next).squeeze(-1)
     td = ((net(x).squeeze(-1) - y) ** 2).mean()
-    return td + coef * (features(x) * features(x_next)).sum(-1).mean()
+    live = not_terminated > 0
+    return td + coef * (features(x[live]) * features(x_next[live])).sum(-1).mean()
 
 
 @pytest.mark.parametrize("coefs", [(0.0, 0.3, 1.5), (0.3, 1.5)])
@@ -268,6 +270,61 @@ def test_dr3_gradient_equals_autograd_of_direct_loss(coefs):
         for k, g in enumerate(grads):  # W (in, out) <-> weight (out, in); b (1, out)
             e = expected[k].T if k % 2 == 0 else expected[k][None]
             torch.testing.assert_close(g[m], e, rtol=1e-10, atol=1e-12)
+
+
+def test_dr3_term_leaves_out_terminal_pairs_on_a_hand_made_batch():
+    """Which pairs enter the offline term, exactly: those whose s' is not terminal
+    (truncated ones included: the target bootstraps there). Without hidden layers phi is
+    the input itself, so the term's share of the loss is known by hand."""
+    from pgscope.features import dr3_pairs
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [1.0, 1.0], [2.0, 0.0]]])
+    x_next = torch.tensor([[[4.0, 0.0], [0.0, -1.0], [3.0, 3.0], [2.0, 1.0], [-1.0, 5.0]]])
+    # per-pair dot products: 4, -2, 18, 3, -2; pair 2 ends in a terminal state and pair 4
+    # in a truncation (not terminal)
+    not_terminated = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    reward = torch.zeros(1, 5)
+    params = init_params([2, 1], [0])
+    with_term, _, _ = member_losses(params, params, x, x_next, reward, not_terminated, GAMMA,
+                                    torch.tensor([0.5]))
+    without, _, _ = member_losses(params, params, x, x_next, reward, not_terminated, GAMMA,
+                                  torch.tensor([0.0]))
+    want = 0.5 * (4 + 2 + 3 + 2) / 4  # pairs 0, 1, 3, 4; |phi . phi'|
+    assert float(with_term - without) == pytest.approx(want, rel=1e-6)
+    assert dr3_pairs(torch.tensor([False, True, False])).tolist() == [True, False, True]
+
+
+def test_dataset_dr3_pairs_are_its_non_terminal_transitions(tabular):
+    from pgscope.dr3.trainer import TrainingData
+
+    data, _ = tabular
+    td = TrainingData(data, "concat", 64)
+    terminated = data.tensors["terminated"].bool()
+    assert terminated.any() and data.tensors["truncated"].bool().any()
+    assert torch.equal(td.dr3_pairs, ~terminated)
+
+
+def test_offline_feature_srank_is_on_a_fixed_set_whatever_the_batch(tabular):
+    """feature_srank is measured on min(transitions, 2048) fixed dataset pairs: the same
+    network (a learning rate of 1e-30 moves no weight beyond 1e-20) trained with --batch 2
+    and --batch 128 logs the same srank and row count; an srank of the 2-pair minibatch
+    could not exceed 2."""
+    from pgscope.dr3.trainer import TrainingData
+    from pgscope.features import SRANK_EVAL_ROWS, srank
+
+    data, _ = tabular
+    runs = [train_offline(data, TrainSettings(variants=("td",), seeds=(0,), steps=1,
+                                              hidden=(32, 32), lr=1e-30, batch=batch,
+                                              log_every=1, checkpoint_every=1),
+                          progress=False) for batch in (2, 128)]
+    for p, q in zip(runs[0].params, runs[1].params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-20)
+    lines = [r.last["td_s0"] for r in runs]
+    rows = min(len(data), SRANK_EVAL_ROWS)
+    assert lines[0]["feature_srank_rows"] == lines[1]["feature_srank_rows"] == rows == 2048
+    td = TrainingData(data, "concat", 64)
+    _, phi = q_forward(runs[0].params, td.srank_x[None])
+    assert lines[0]["feature_srank"] == lines[1]["feature_srank"] == srank(phi[0]) > 2
 
 
 def test_batched_members_equal_single_member_training(tabular):

@@ -68,12 +68,16 @@ SWITCHES = {
     "reward_multiplier": ("ppo", dict(reward_multiplier=3.0)),
     "heldout_kl": ("ppo", dict(heldout_kl=False)),
     "value_dr3_coef": ("ppo", dict(value_dr3_coef=0.1)),
+    "value_dr3_form": ("ppo", dict(value_dr3_coef=0.1, value_dr3_form="signed")),
     "num_envs": ("ppo", dict(num_envs=2)),
     "init_log_std": ("ppo", dict(init_log_std=-0.5)),
     "hidden": ("ppo", dict(hidden=(8, 8))),
     "clip_eps": ("ppo", dict(clip_eps=0.05)),
     "gae": ("ppo", dict(gamma=0.9, gae_lambda=0.5)),
     "max_kl_final": ("trpo", dict(max_kl_final=0.3, cg_iters=4)),
+    # evaluation during training: each seed evaluates its own agent, alone or in a batch
+    "eval_every": ("ppo", dict(eval_every=2, eval_episodes=2)),
+    "eval_stochastic": ("ppo", dict(eval_every=1, eval_episodes=2, eval_deterministic=False)),
     "fisher_fraction": ("trpo", dict(fisher_fraction=0.5, cg_iters=4)),
 }
 

@@ -90,8 +90,9 @@ def test_value_net_forward_is_last_layer_of_features(hidden, act):
 
 
 # -- the DR3 penalty ---------------------------------------------------------------------
-def _direct_dr3(net, obs, next_obs, valid, coef):
-    """DR3 written out: hidden layers by hand, sum over valid pairs / their count."""
+def _direct_dr3(net, obs, next_obs, valid, coef, form="abs"):
+    """DR3 written out: hidden layers by hand, sum over valid pairs of |phi . phi'| (abs)
+    or phi . phi' (signed) / their count."""
     total, count = 0.0, 0
     for i in range(len(obs)):
         if not valid[i]:
@@ -99,12 +100,14 @@ def _direct_dr3(net, obs, next_obs, valid, coef):
         a, b = obs[i], next_obs[i]
         for layer in list(net.net)[:-1]:
             a, b = layer(a), layer(b)
-        total = total + torch.dot(a, b)
+        dot = torch.dot(a, b)
+        total = total + (dot.abs() if form == "abs" else dot)
         count += 1
     return coef * total / count
 
 
-def test_dr3_penalty_value_and_gradient_match_direct_implementation():
+@pytest.mark.parametrize("form", [None, "abs", "signed"])
+def test_dr3_penalty_value_and_gradient_match_direct_implementation(form):
     from pgscope.networks import ValueNet
     from pgscope.optimizations import dr3_penalty
 
@@ -112,9 +115,13 @@ def test_dr3_penalty_value_and_gradient_match_direct_implementation():
     net = ValueNet(3, (6, 5), "tanh", ortho_init=True).double()
     obs, nxt = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    with torch.no_grad():  # tanh features: some valid pairs have negative dot products
+        dots = feature_dot(net.features(obs), net.features(nxt))[valid]
+    assert (dots < 0).any() and (dots > 0).any()
     params = list(net.parameters())
-    got = dr3_penalty(net.features, obs, nxt, valid, 0.3)
-    want = _direct_dr3(net, obs, nxt, valid, 0.3)
+    got = (dr3_penalty(net.features, obs, nxt, valid, 0.3) if form is None else
+           dr3_penalty(net.features, obs, nxt, valid, 0.3, form))
+    want = _direct_dr3(net, obs, nxt, valid, 0.3, form or "abs")  # the default: abs
     torch.testing.assert_close(got, want)
     for g, w in zip(torch.autograd.grad(got, params, allow_unused=True),
                     torch.autograd.grad(want, params, allow_unused=True), strict=True):
@@ -135,6 +142,54 @@ def test_dr3_penalty_is_exactly_zero_when_off_or_without_pairs():
     assert float(dr3_penalty(net.features, obs, obs, none, 1.0)) == 0.0
     # phi(s) . phi(s) = |phi(s)|^2 > 0
     assert float(dr3_penalty(net.features, obs, obs, every, 1.0).detach()) > 0
+
+
+def test_dr3_pair_values_forms_hand_computed():
+    from pgscope.features import DR3_FORMS, dr3_mean, dr3_pair_values
+
+    phi = torch.tensor([[1.0, 2.0], [1.0, 0.0], [0.5, -1.0]])
+    nxt = torch.tensor([[3.0, -4.0], [2.0, 5.0], [2.0, 1.0]])
+    # dots: 3 - 8 = -5, 2, 1 - 1 = 0
+    assert dr3_pair_values(phi, nxt, "signed").tolist() == [-5.0, 2.0, 0.0]
+    assert dr3_pair_values(phi, nxt, "abs").tolist() == [5.0, 2.0, 0.0]
+    assert dr3_pair_values(phi, nxt).tolist() == [5.0, 2.0, 0.0]  # the default is abs
+    assert DR3_FORMS[0] == "abs"
+    keep = torch.tensor([True, True, False])
+    assert float(dr3_mean(phi, nxt, keep, "abs")) == 3.5
+    assert float(dr3_mean(phi, nxt, keep, "signed")) == -1.5
+    assert float(dr3_mean(phi, nxt, torch.zeros(3, dtype=torch.bool))) == 0.0
+    with pytest.raises(ValueError, match="abs, signed"):
+        dr3_pair_values(phi, nxt, "squared")
+
+
+def test_dr3_pairs_rule_on_a_hand_made_batch():
+    """Which pairs enter the on-policy term: every transition whose next state is not
+    terminal; a truncation (next_obs = the true final observation, the GAE target
+    bootstraps there) stays in, a termination (no V(s') in the target) goes, and a step
+    both terminated and truncated goes. The penalty is the mean over exactly those."""
+    from pgscope.engine.nets import StackedBatch
+    from pgscope.optimizations import dr3_penalty
+    from pgscope.rollout import Batch
+
+    terminated = torch.tensor([False, False, True, False, True, False])
+    truncated = torch.tensor([False, True, False, False, True, False])
+    done = terminated | truncated
+    obs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [1.0, 1.0], [4.0, 4.0],
+                        [0.0, -1.0]])
+    nxt = torch.tensor([[2.0, 0.0], [0.0, -3.0], [5.0, 5.0], [1.0, 2.0], [4.0, 4.0],
+                        [7.0, 1.0]])
+    # per-pair dot products with phi = identity: 2, -6, 50, 3, 32, -1
+    n = len(obs)
+    batch = Batch(obs=obs, actions=torch.zeros(n, 1), logp=torch.zeros(n),
+                  values=torch.zeros(n), advantages=torch.zeros(n), returns=torch.zeros(n),
+                  rewards=torch.zeros(n), terminated=terminated, done=done, next_obs=nxt)
+    stacked = StackedBatch.stack([batch, batch])
+    assert stacked.valid.tolist() == [[True, True, False, True, False, True]] * 2
+    got = dr3_penalty(lambda x: x, stacked.obs, stacked.next_obs, stacked.valid, 0.5)
+    assert got.tolist() == [0.5 * (2 + 6 + 3 + 1) / 4] * 2  # pairs 0, 1, 3, 5; |dot|
+    signed = dr3_penalty(lambda x: x, stacked.obs, stacked.next_obs, stacked.valid, 0.5,
+                         "signed")
+    assert signed.tolist() == [0.5 * (2 - 6 + 3 - 1) / 4] * 2
 
 
 # -- value_dr3_coef in the updates -------------------------------------------------------
@@ -158,7 +213,7 @@ def cartpole_batch():
     return agent, batch
 
 
-def _update(agent, batch, preset, coef):
+def _update(agent, batch, preset, coef, **extra):
     """One update of a copy of ``agent``; returns the copy."""
     import copy
 
@@ -166,7 +221,7 @@ def _update(agent, batch, preset, coef):
     from pgscope.algos.common import make_optimizer
 
     overrides = dict(num_envs=2, steps_per_iter=128, hidden=(16, 16), total_steps=1280,
-                     value_dr3_coef=coef, value_lr=3e-3)
+                     value_dr3_coef=coef, value_lr=3e-3, **extra)
     overrides.update(dict(epochs=1, minibatches=1) if preset == "a2c" else
                      dict(epochs=2, minibatches=4))
     cfg = make_config(preset, "CartPole-v1", overrides)
@@ -177,11 +232,12 @@ def _update(agent, batch, preset, coef):
     return agent
 
 
-def _mean_dot(agent, batch):
-    valid = ~batch.done
+def _mean_dot(agent, batch, absolute=True):
+    valid = ~batch.terminated
     with torch.no_grad():
-        return float(feature_dot(agent.value_net.features(batch.obs[valid]),
-                                 agent.value_net.features(batch.next_obs[valid])).mean())
+        dots = feature_dot(agent.value_net.features(batch.obs[valid]),
+                           agent.value_net.features(batch.next_obs[valid]))
+        return float((dots.abs() if absolute else dots).mean())
 
 
 @pytest.mark.parametrize("preset", ["ppo", "trpo", "a2c"])
@@ -193,7 +249,7 @@ def test_value_dr3_coef_moves_only_the_value_net_down_the_feature_dot(
         assert torch.equal(a, b)  # the penalty is on the value loss only
     assert not all(torch.equal(a, b) for a, b in zip(off.value_net.parameters(),
                                                       on.value_net.parameters(), strict=True))
-    assert _mean_dot(on, batch) < _mean_dot(off, batch)  # it pushes phi(s).phi(s') down
+    assert _mean_dot(on, batch) < _mean_dot(off, batch)  # it pushes |phi(s).phi(s')| down
     # coef 0 is exactly the update without the term
     import pgscope.algos.ppo
     import pgscope.algos.trpo
@@ -205,6 +261,37 @@ def test_value_dr3_coef_moves_only_the_value_net_down_the_feature_dot(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("preset", ["ppo", "trpo"])
+def test_value_dr3_form_reaches_the_update(cartpole_batch, preset):
+    """Pairs whose features point in opposite directions (next_obs = -obs: the tanh net has
+    zero biases at init, so phi(-s) = -phi(s) and every dot product is -|phi(s)|^2 < 0).
+    The default (abs) update shrinks |phi(s).phi(s')|; value_dr3_form=signed pushes the
+    dot products further below zero, making |phi(s).phi(s')| larger than without the
+    term: minimizing the signed form rewards opposite directions."""
+    import dataclasses
+
+    from pgscope import make_config
+
+    agent, batch = cartpole_batch
+    n = len(batch)
+    opposite = dataclasses.replace(batch, next_obs=-batch.obs,
+                                   terminated=torch.zeros(n, dtype=torch.bool),
+                                   done=torch.zeros(n, dtype=torch.bool))
+    assert make_config(preset, "CartPole-v1").value_dr3_form == "abs"
+    off = _update(agent, opposite, preset, 0.0)
+    assert _mean_dot(off, opposite, absolute=False) < 0
+    default = _update(agent, opposite, preset, 1.0)
+    absolute = _update(agent, opposite, preset, 1.0, value_dr3_form="abs")
+    signed = _update(agent, opposite, preset, 1.0, value_dr3_form="signed")
+    for a, b in zip(default.value_net.parameters(), absolute.value_net.parameters(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert _mean_dot(absolute, opposite) < _mean_dot(off, opposite) < _mean_dot(
+        signed, opposite)
+    assert _mean_dot(signed, opposite, absolute=False) < _mean_dot(off, opposite,
+                                                                   absolute=False)
+
+
 # -- the per-iteration feature metrics ----------------------------------------------------
 def test_feature_metrics_logged_every_features_every_iteration(tmp_path):
     import json
@@ -213,18 +300,23 @@ def test_feature_metrics_logged_every_features_every_iteration(tmp_path):
     from pgscope.features import FEATURE_KEYS
 
     seen = {}
+    first = []
 
     class Watch(Callback):
         def on_iteration_end(self, event):
             net, b = event.agent.value_net, event.batch
+            first.append(b.obs.clone()) if not first else None
             with torch.no_grad():
                 phi, nxt = _direct_features(net, b.obs), _direct_features(net, b.next_obs)
+                fixed = _direct_features(net, first[0])
             keep = ~b.done
             seen[event.iteration] = dict(
                 feature_dot=float((phi[keep] * nxt[keep]).sum(1).mean()),
                 feature_cosine=float(((phi[keep] * nxt[keep]).sum(1)
                                       / phi[keep].norm(dim=1) / nxt[keep].norm(dim=1)).mean()),
-                feature_norm=float(phi.norm(dim=1).mean()))
+                feature_norm=float(phi.norm(dim=1).mean()),
+                # the srank of the first batch's states (64 < 2048: all of them), every time
+                feature_srank=srank(fixed), feature_srank_rows=64)
 
     tiny = dict(steps_per_iter=64, minibatches=2, epochs=1, hidden=(8, 8), total_steps=4 * 64)
     cfg = make_config("ppo", "CartPole-v1", dict(tiny, features_every=2))
@@ -249,6 +341,82 @@ def _direct_features(net, obs):
     for layer in list(net.net)[:-1]:
         x = layer(x)
     return x
+
+
+def _iteration_end(run_dir, net, obs, seed=0, iteration=1):
+    """The parts of an IterationEnd the critic-features sink reads."""
+    from types import SimpleNamespace
+
+    n = len(obs)
+    batch = SimpleNamespace(obs=obs, next_obs=obs.flip(0), done=torch.zeros(n, dtype=torch.bool))
+    return SimpleNamespace(iteration=iteration, batch=batch, run_dir=run_dir,
+                           agent=SimpleNamespace(value_net=net),
+                           config=SimpleNamespace(seed=seed), metrics={})
+
+
+def test_feature_srank_is_measured_on_the_fixed_evaluation_set(tmp_path):
+    """feature_srank is the srank of the run's fixed evaluation states (2,048 drawn with
+    the run's seed from its first batch, kept in the run directory), whatever the size of
+    the batch at hand: the same network on batches of 3,000, 8 and 500 states gives the
+    same srank; a resumed run (a new sink on the same directory) keeps the set."""
+    from pgscope.features import SRANK_EVAL_ROWS
+    from pgscope.networks import ValueNet
+    from pgscope.sinks import FEATURE_EVAL_FILE, CriticFeatures
+
+    torch.manual_seed(0)
+    net = ValueNet(6, (64, 64), "tanh", ortho_init=True)
+    first = torch.randn(3000, 6)
+    sink = CriticFeatures(1)
+    results = []
+    for i, obs in enumerate((first, torch.randn(8, 6), torch.randn(500, 6))):
+        event = _iteration_end(tmp_path, net, obs, seed=4, iteration=i + 1)
+        sink.on_iteration_end(event)
+        results.append(event.metrics)
+    fixed = torch.load(tmp_path / FEATURE_EVAL_FILE, weights_only=True)
+    assert fixed.shape == (SRANK_EVAL_ROWS, 6) == (2048, 6)
+    g = torch.Generator().manual_seed(4)  # the seeded draw, in batch order
+    assert torch.equal(fixed, first[torch.randperm(3000, generator=g)[:2048].sort().values])
+    with torch.no_grad():
+        want = srank(net.features(fixed))
+    assert want > 8  # an srank over the 8-state batch could not reach it
+    for metrics in results:
+        assert metrics["feature_srank"] == want
+        assert metrics["feature_srank_rows"] == 2048
+    resumed = CriticFeatures(1)
+    event = _iteration_end(tmp_path, net, torch.randn(100, 6), seed=4, iteration=4)
+    resumed.on_iteration_end(event)
+    assert event.metrics["feature_srank"] == want and event.metrics["feature_srank_rows"] == 2048
+    # a first batch of at most 2,048 states is the set itself; the count is logged
+    small = CriticFeatures(1)
+    event = _iteration_end(tmp_path / "small", net, first[:300], iteration=1)
+    (tmp_path / "small").mkdir()
+    small.on_iteration_end(event)
+    assert event.metrics["feature_srank_rows"] == 300
+    with torch.no_grad():
+        assert event.metrics["feature_srank"] == srank(net.features(first[:300]))
+
+
+def test_feature_srank_does_not_depend_on_the_minibatch_settings(tmp_path):
+    """Two one-iteration runs that differ only in their minibatches and epochs, with
+    learning rates too small to move a weight (1e-30), end with the same networks (to
+    1e-20) and log the same feature_srank on the same 2,048 fixed states."""
+    import json
+
+    from pgscope import make_config, train
+    from pgscope.run import load_checkpoint
+
+    lines, nets = [], []
+    for minibatches, epochs in ((1, 1), (32, 3)):
+        cfg = make_config("ppo", "CartPole-v1", dict(
+            total_steps=2048, hidden=(32, 32), minibatches=minibatches, epochs=epochs,
+            policy_lr=1e-30, value_lr=1e-30, lr_anneal=False))
+        run = train(cfg, tmp_path / f"mb{minibatches}", progress=False)
+        lines.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]))
+        nets.append(load_checkpoint(run / "checkpoints" / "last.pt")["value_net"])
+    for k in nets[0]:  # zero biases move by ~1e-28 at most
+        torch.testing.assert_close(nets[0][k], nets[1][k], rtol=0, atol=1e-20)
+    assert lines[0]["feature_srank_rows"] == lines[1]["feature_srank_rows"] == 2048
+    assert lines[0]["feature_srank"] == lines[1]["feature_srank"]
 
 
 def test_srank_from_gram_eigenvalues_equals_srank():

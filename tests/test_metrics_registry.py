@@ -64,7 +64,8 @@ def test_runs_log_exactly_the_registered_keys(tmp_path, preset, overrides, env):
         assert not foreign, f"registry says {cfg.algo} does not log {foreign}"
         heldout = cfg.heldout_kl and r["iteration"] >= 2
         expected = {m.name for m in metrics_for(cfg.algo, discrete=DISCRETE[env],
-                                                ppo_loss=cfg.ppo_loss, heldout=heldout)}
+                                                ppo_loss=cfg.ppo_loss, heldout=heldout,
+                                                evaluation=False)}
         assert set(r) == expected, (expected - set(r), set(r) - expected)
         assert r["ratio_first_minibatch_dev"] == 0.0  # every algorithm, every iteration
         if cfg.algo == "ppo":

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from pgscope import make_config, train
+from pgscope.cli import main
 from pgscope.envs.tabular import ENV_ID
+from pgscope.html_format import text_tables
 from pgscope.probes import Probe, probe_names, probes, register_probe, run_probes
 from pgscope.report.probes import (
     NO_TABLE,
@@ -186,3 +188,36 @@ def test_a_plug_in_probe_without_reading_or_table_gets_the_generic_ones(plug_in,
     page = probe_folder_html(tmp_path, "probes", "p")
     assert 'id="p-plug-in"' in page and generic_reading("plug-in") in page
     assert "1.5 [1, 2]" in page
+
+
+@pytest.mark.parametrize("kind", probe_names())
+def test_the_console_shows_each_probes_own_table_cell_for_cell(results, kind):
+    """``pgscope probe`` prints the report's table of each probe as text: every header
+    and cell, one line per row (plus a rule under each header)."""
+    html = numbers(kind, results[kind])
+    text = text_tables(html)
+    lines = [line for line in text.splitlines() if line and set(line) - {"-", " "}]
+    found = tables(html)
+    assert len(lines) == sum(1 + len(t["rows"]) for t in found)
+    for tab in found:
+        for row in [tab["header"], *tab["rows"]]:
+            assert any(all(cell in line for cell in row) for line in lines), row
+
+
+def test_probe_gradients_prints_both_networks_every_size_and_flags_few_estimates(
+        tmp_path, capsys):
+    run = train(make_config("ppo", ENV_ID, TINY), tmp_path / "run", progress=False)
+    assert main(["probe", "gradients", str(run), "--out", str(tmp_path / "g"), "--k", "4",
+                 "--sizes", "64", "256", "--true-pairs", "4096", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "estimates (K)" in out and "(4096 pairs)" in out
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith(("policy ", "value "))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (net, n, "4!") for net in ("policy", "value") for n in ("64", "256")]
+    assert "only 4 estimates per size" in out
+    saved = json.loads((tmp_path / "g" / "gradients.json").read_text())
+    assert "only 4 estimates per size" in saved["settings"]["few_samples_note"]
+    assert main(["probe", "gradients", str(run), "--out", str(tmp_path / "g10"), "--k", "10",
+                 "--sizes", "64", "--true-pairs", "4096", "--quiet"]) == 0
+    assert "!" not in capsys.readouterr().out.split("estimates (K)")[1].split("\n\n")[0]

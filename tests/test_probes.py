@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import pgscope.probes as probes_mod
 from pgscope import load_agent, make_config, train
 from pgscope.cli import EXIT_ERROR, main
 from pgscope.envs.tabular import (
@@ -274,3 +275,38 @@ def test_the_values_headline_says_how_many_states_each_error_rests_on(tabular_ru
     assert f"({kept} of the {states} states" in line and f"{states - kept} excluded" in line
     assert f"vs GAE targets {line.split('vs GAE targets ')[1].split(' (')[0]} ({states} " \
            "states)" in line
+
+
+def test_scheduled_probes_print_lines_not_bars_and_the_bar_shows_the_runs_own_speed(
+        tmp_path, capsys):
+    """During training, scheduled probes say one line before and after (above the
+    training bar) instead of drawing bars of their own, and the training bar shows the
+    run's sps, not tqdm's rate (which would count the probes' time)."""
+    train(make_config("ppo", ENV_ID, dict(
+        EXACT, total_steps=256 * 2, probe_every=2, probe_sizes=(32, 64),
+        probe_true_pairs=1024, probe_value_pairs=512, probe_kinds="gradients,values")),
+        tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "iteration 2: scheduled probes (gradients,values) ..." in err
+    assert "iteration 2: scheduled probes done in" in err
+    assert "pair/s" not in err and "probe:" not in err  # no probe bar
+    assert "sps=" in err and "step/s" not in err and "it/s" not in err
+
+
+def test_a_failed_scheduled_probe_advises_commands_the_cli_accepts(tmp_path, monkeypatch,
+                                                                  capsys):
+    from pgscope.cli import build_parser
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(probes_mod, "scheduled_probes", fail)
+    run = train(make_config("ppo", ENV_ID, dict(
+        EXACT, total_steps=256 * 2, probe_every=2, probe_kinds="gradients,values")),
+        tmp_path / "run", progress=False)
+    advice = capsys.readouterr().err.split("Re-run them with: ")[1].strip()
+    commands = advice.split(" && ")
+    assert [c.split()[2] for c in commands] == ["gradients", "values"]
+    for command in commands:
+        args = build_parser().parse_args(command.split()[1:])
+        assert args.kind == command.split()[2] and str(args.run_dir) == str(run)

@@ -113,7 +113,8 @@ def test_a_new_algorithm_trains_through_the_registry_alone(tmp_path, toy_algorit
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epochs_run"] for r in lines] == [1, 1]  # the toy's own update ran
     assert set(lines[-1]) == {m.name for m in metrics_for("toy", discrete=True,
-                                                          ppo_loss="clip", heldout=True)}
+                                                          ppo_loss="clip", heldout=True,
+                                                          evaluation=False)}
     assert load_agent(run).config.algo == "toy"
 
 
@@ -170,14 +171,15 @@ def test_probes_are_registered_with_everything_run_probes_needs():
 
 
 def test_built_in_sinks_in_order():
-    assert SINKS.names() == ("critic-features", "metrics-file", "progress", "tensorboard",
-                             "csv", "scheduled-probes")
+    assert SINKS.names() == ("critic-features", "periodic-eval", "metrics-file", "progress",
+                             "tensorboard", "csv", "wandb", "scheduled-probes")
 
 
 # --- identity ----------------------------------------------------------------------------------
 OBSERVING = dict(probe_every=5, probe_kinds="values", probe_sizes=(10, 20), probe_k=3,
                  probe_true_pairs=500, probe_value_pairs=100, checkpoint_every=3,
-                 tensorboard=True, csv=True, features_every=0)
+                 tensorboard=True, csv=True, wandb=True, features_every=0, eval_every=4,
+                 eval_episodes=3, eval_deterministic=False)
 
 
 def test_observer_keys_are_exactly_the_schedule_checkpoints_and_logging():

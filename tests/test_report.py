@@ -172,7 +172,7 @@ def test_study_report_in_the_browser(browser, tmp_path):
     v = Visit(browser, html, tmp_path / "report-study.png")
     v.check_clean()
     assert {"summary", "runs", "curves", "scores", "comparisons", "power", "profiles",
-            "configs"} <= v.ids()
+            "reliability", "configs"} <= v.ids()
     assert EVIL in v.text  # shown literally
     assert v.plots() >= 4  # curves, intervals, P(a > b), profiles
     from pgscope.study.analysis import summarize

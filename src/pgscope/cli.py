@@ -1,8 +1,14 @@
 """Command line: ``pgscope train | status | selftest | demo | probe | study | doctor |
-report | evaluate | dr3 | presets`` (``pgscope --help`` lists them with what each does).
+report | evaluate | export | dr3 | presets`` (``pgscope --help`` lists them with what each
+does).
 
 Every :class:`pgscope.errors.PgscopeError` becomes one ``error: ...`` line on stderr and a
 non-zero exit status; nothing already written is removed.
+
+Building the parser imports neither torch nor gymnasium (``pgscope --help`` is quick): each
+command's function imports what it needs, and what the parser shows comes from light
+modules (the probes' options from :data:`pgscope.probes.KINDS`). Every option's help names
+its default (:func:`option_help`).
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pgscope.config import PRESETS, make_config, parse_overrides
+from pgscope.config import make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
-from pgscope.probes import DEFAULT_SIZES, probe_names
+from pgscope.probes import KINDS, ProbeSettings, setting_options
 
 if TYPE_CHECKING:
     from pgscope.agent import Agent
@@ -25,7 +32,8 @@ if TYPE_CHECKING:
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 #: Errors that re-running a study cannot fix (the run's own input is wrong).
-PERMANENT_ERRORS = ("ConfigError", "EnvError", "CheckpointError", "ProbeError")
+PERMANENT_ERRORS = ("ConfigError", "EnvError", "CheckpointError", "ProbeError",
+                    "DependencyError")
 
 
 def count(text: str) -> int:
@@ -50,7 +58,8 @@ def _train(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--preset", args.preset), ("--env", args.env),
                                           ("--seed", args.seed), ("--set", args.set),
                                           ("--out", args.out),
-                                          ("--tensorboard", args.tensorboard)) if value]
+                                          ("--tensorboard", args.tensorboard),
+                                          ("--wandb", args.wandb)) if value]
         if given:
             raise PgscopeError(
                 f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps "
@@ -68,6 +77,8 @@ def _train(args: argparse.Namespace) -> int:
                 overrides[key] = value
         if args.tensorboard:
             overrides["tensorboard"] = True
+        if args.wandb:
+            overrides["wandb"] = True
         cfg = make_config(args.preset or "ppo", args.env or "Hopper-v5", overrides)
         out = train(cfg, args.out, progress=not args.quiet)
     print(f"run complete: {out}  (metrics: {out / 'metrics.jsonl'}, "
@@ -84,7 +95,7 @@ def _train_seeds(args: argparse.Namespace) -> int:
         raise PgscopeError("--seeds cannot be combined with --seed or --repair.")
     size = args.batch_size or DEFAULT_BATCH_SIZE
     if args.resume:
-        if args.preset or args.env or args.set or args.out or args.tensorboard:
+        if args.preset or args.env or args.set or args.out or args.tensorboard or args.wandb:
             raise PgscopeError("with --resume DIR --seeds, the runs keep their own configs "
                                "(only --steps N, to extend them, is allowed).")
         members = train_seeds(None, seeds, args.resume, batch_size=size, resume=True,
@@ -97,6 +108,8 @@ def _train_seeds(args: argparse.Namespace) -> int:
             overrides["total_steps"] = args.steps
         if args.tensorboard:
             overrides["tensorboard"] = True
+        if args.wandb:
+            overrides["wandb"] = True
         cfg = make_config(args.preset or "ppo", args.env or "Hopper-v5", overrides)
         members = train_seeds(cfg, seeds, args.out, batch_size=size, progress=not args.quiet)
     for m in members:
@@ -130,9 +143,12 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     iterations = -(-args.steps // 2048)
     cfg = make_config("ppo", "Hopper-v5", {"total_steps": args.steps, "seed": 0,
-                                           "probe_every": iterations})
-    print(f"pgscope demo: PPO on Hopper-v5 for {args.steps} env steps, then the gradient, "
-          f"value and trust-region probes on the final agent -> {out}")
+                                           "probe_every": iterations,
+                                           "probe_kinds": "gradients,values",
+                                           "checkpoint_every": max(1, iterations // 4)})
+    print(f"pgscope demo: PPO on Hopper-v5 for {args.steps} env steps, then the gradient "
+          f"and value probes on the final agent and the trust-region probe on an update "
+          f"from the middle of training -> {out}")
     if (out / "config.json").exists():
         train(cfg, out, resume=True)
     else:
@@ -160,6 +176,14 @@ def _demo(args: argparse.Namespace) -> int:
         e = values[key]["relative_error"]
         print(f"  value net relative error vs {label}: {e['mean']:.2f} "
               f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]")
+    from pgscope.probes import scheduled_probes
+    from pgscope.probes.trust_region import representative_checkpoint
+    from pgscope.report.probes import reading
+
+    middle = scheduled_probes(out, representative_checkpoint(out), kinds="trust-region")
+    if (middle / "trust-region.json").exists():  # (a one-iteration run has no middle)
+        trust = json.loads((middle / "trust-region.json").read_text())
+        print(f"\ntrust region: {reading('trust-region', trust)}")
     print(f"\nresults: {out.resolve()}\n  config.json, metrics.jsonl (one line per iteration), "
           f"checkpoints/, probes/ (JSON + PNG)")
     from pgscope.doctor import diagnose
@@ -217,15 +241,27 @@ def _probe(args: argparse.Namespace) -> int:
     from pgscope.probes import run_probes
 
     agent = _external_agent(args)
-    run_probes(args.kind, args.run_dir, args.out, agent=agent, checkpoint=args.checkpoint,
-               seed=args.seed,
-               progress=not args.quiet, sizes=tuple(args.sizes), k=args.k,
-               true_pairs=args.true_pairs, value_pairs=args.pairs,
-               compare=tuple(args.compare or ()), fit_pairs=args.fit_pairs,
-               landscape_counts=tuple(args.landscape_counts),
-               landscape_grid=tuple(args.landscape_grid),
-               landscape_directions=args.landscape_directions)
-    print(f"probe results: {Path(args.out).resolve()}")
+    reads = _probe_settings(args.kind)
+    settings: dict[str, Any] = {}
+    for name, option in setting_options().items():
+        dest = _dest(option.flag)
+        if not hasattr(args, dest):  # another probe's option, not given
+            continue
+        value = getattr(args, dest)
+        if name not in reads:
+            print(f"note: the {args.kind} probe does not read {option.flag}; it has no "
+                  "effect here.", file=sys.stderr)
+        if value is not None:
+            settings[name] = tuple(value) if isinstance(value, list) else value
+    results = run_probes(args.kind, args.run_dir, args.out, agent=agent,
+                         checkpoint=args.checkpoint, seed=args.seed, progress=not args.quiet,
+                         **settings)
+    from pgscope.html_format import text_tables
+    from pgscope.report.probes import numbers, reading
+
+    for kind, result in results.items():  # each probe's own reading and table
+        print(f"\n{kind}: {reading(kind, result)}\n{text_tables(numbers(kind, result))}")
+    print(f"\nprobe results: {Path(args.out).resolve()}")
     return 0
 
 
@@ -359,60 +395,118 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_ERROR if "video_error" in result else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pgscope", description="PPO and TRPO with every implementation detail as a "
-        "switch, and the probes, statistics and health checks to see what each does. "
-        "'pgscope COMMAND --help' describes a command.")
-    from pgscope import __version__
+def _export(args: argparse.Namespace) -> int:
+    from pgscope.export import export, format_export
 
-    p.add_argument("--version", action="version", version=f"pgscope {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           title="commands")
+    formats = [name for name in ("tensorboard", "csv", "wandb") if getattr(args, name)]
+    if not formats:
+        raise PgscopeError("say what to export: --tensorboard, --csv and/or --wandb.")
+    print(format_export(export(args.path, formats, out=args.out, force=args.force)))
+    return 0
 
-    t = sub.add_parser("train", help="train an agent into a run directory")
-    t.add_argument("--preset", "--algo", dest="preset", metavar="PRESET",
-                   help=f"the preset (--algo is an alias; default ppo): {', '.join(PRESETS)}")
-    t.add_argument("--env", help="any gymnasium id, or module:EnvName-v0 (default Hopper-v5)")
-    t.add_argument("--steps", type=count,
-                   help="total env steps (1e6 works); with --resume: extend the run to this")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--seeds", metavar="LIST",
-                   help="train these seeds together (e.g. 0-15 or 0,1,2) into "
-                        "OUT/seed_<s>/ (each seed's numbers are those it gets alone)")
-    t.add_argument("--batch-size", type=int, metavar="N",
-                   help="with --seeds: seeds per batch (default 16)")
-    t.add_argument("--out", type=Path, help="new run directory")
-    t.add_argument("--resume", type=Path, metavar="DIR",
-                   help="continue a killed or finished run from its last checkpoint")
-    t.add_argument("--repair", action="store_true",
-                   help="with --resume: drop damaged metrics lines (a backup is kept)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config key (repeatable)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files to OUT/tensorboard/ (SB3 tag "
-                        "names; the same as --set tensorboard=true)")
-    t.set_defaults(func=_train)
 
-    stp = sub.add_parser("status", help="state of a run or of every run of a study")
-    stp.add_argument("path", type=Path, help="a run directory or a study directory")
-    stp.set_defaults(func=_status)
+def _shown(value: object) -> str:
+    """A default as it is typed on the command line (a list: its values, space-separated)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
-    s = sub.add_parser("selftest", help="run the sanity-env selftest")
-    s.add_argument("--algo", action="append", choices=["ppo", "trpo"])
-    s.set_defaults(func=_selftest)
 
-    d = sub.add_parser("demo", help="short PPO run on Hopper-v5 with a summary")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=count, default=100_000)
-    d.set_defaults(func=_demo)
+def option_help(action: argparse.Action) -> str:
+    """The help ``--help`` shows for ``action``: its help string, then ``(default: ...)``
+    when it has a default (not None, False or empty) that the help does not name itself."""
+    text = action.help or ""
+    default = action.default
+    if (default is None or default is False or default is argparse.SUPPRESS
+            or (isinstance(default, (list, tuple)) and not default)
+            or text == argparse.SUPPRESS or "default" in text):
+        return text
+    return f"{text} (default: {_shown(default).replace('%', '%%')})"
 
-    pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint")
-    pb.add_argument("kind", choices=[*probe_names(), "all"])
-    pb.add_argument("run_dir", type=Path, nargs="?",
-                    help="a pgscope run directory or checkpoint (or use --sb3 / --cleanrl)")
-    ext = pb.add_argument_group(
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, with each option's default (:func:`option_help`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return option_help(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The parser of ``pgscope`` and of every subcommand (argparse makes a subcommand's
+    parser of its parent's class): its help names every option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _probe_settings(kind: str) -> tuple[str, ...]:
+    """The settings that ``pgscope probe KIND`` offers: those its probe reads; ``all``:
+    every setting."""
+    if kind == "all":
+        return tuple(setting_options())
+    return next(k.settings for k in KINDS if k.name == kind)
+
+
+def _dest(flag: str) -> str:
+    """The attribute argparse stores an option in (``--true-pairs`` -> ``true_pairs``)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+#: How the values of a probe setting are parsed (:attr:`pgscope.probes.SettingOption.value`).
+_SETTING_TYPES: dict[str, Callable[[str], Any]] = {"count": count, "float": float,
+                                                   "path": Path}
+
+
+def _add_probe_parser(sub: Any) -> None:
+    """``pgscope probe KIND``: one parser per built-in probe (:data:`pgscope.probes.KINDS`)
+    and ``all``. Each shows the options of the settings its probe reads; it accepts the
+    other probes' options too, unlisted (a command line may pass the same options to every
+    probe), and :func:`_probe` notes that they have no effect."""
+    pb = sub.add_parser("probe", help="run a Closer-Look probe on a run's checkpoint",
+                        description="Run a probe on a run's checkpoint (or on an SB3 or "
+                        "CleanRL agent) and write DIR/<probe>.json and DIR/<probe>.png "
+                        "(--out DIR). 'pgscope probe KIND --help' lists a probe's options.")
+    kinds = pb.add_subparsers(dest="kind", required=True, metavar="KIND", title="probes")
+    defaults = ProbeSettings()
+    names = ", ".join(k.name for k in KINDS)
+    every = [*((k.name, k.summary) for k in KINDS),
+             ("all", f"every probe above, in this order ({names})")]
+    for name, summary in every:
+        kp = kinds.add_parser(name, help=summary, description=f"{name}: {summary}. Writes "
+                              "DIR/<probe>.json and DIR/<probe>.png (--out DIR).")
+        kp.add_argument("run_dir", metavar="RUN", type=Path, nargs="?",
+                        help="a pgscope run directory or checkpoint file (or use --sb3 / "
+                             "--cleanrl)")
+        kp.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="the folder for the results (created)")
+        kp.add_argument("--checkpoint", type=int, metavar="ITER",
+                        help="a kept checkpoint's iteration (default: the latest)")
+        kp.add_argument("--seed", type=int, default=0,
+                        help="seed of the fresh rollouts and random draws")
+        kp.add_argument("--quiet", action="store_true", help="no progress bars")
+        reads = _probe_settings(name)
+        own = kp.add_argument_group("settings of " + ("the probes" if name == "all" else
+                                                      f"the {name} probe"))
+        for setting, option in setting_options().items():
+            value = getattr(defaults, setting)
+            spec: dict[str, Any] = dict(type=_SETTING_TYPES[option.value], nargs=option.nargs,
+                                        metavar=option.metavar)
+            if setting in reads:
+                if isinstance(value, tuple):
+                    value = list(value) or None
+                own.add_argument(option.flag, default=value,
+                                 help=option.help.replace("%", "%%"), **spec)
+            else:  # another probe's: accepted, not listed, absent unless given
+                kp.add_argument(option.flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                **spec)
+        _add_agent_options(kp)
+        kp.set_defaults(func=_probe)
+
+
+def _add_agent_options(parser: argparse.ArgumentParser) -> None:
+    """``pgscope probe``'s options for an agent trained elsewhere (docs/adapters.md)."""
+    ext = parser.add_argument_group(
         "agents trained elsewhere (docs/adapters.md)",
         "probe an SB3 or CleanRL agent instead of a pgscope run; the landscape and "
         "trust-region probes then replay pgscope's PPO update with the agent's "
@@ -439,92 +533,164 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value the agent's files do not hold (e.g. "
                           "gamma, steps_per_iter, clip_eps); repeatable")
-    pb.add_argument("--checkpoint", type=int, metavar="ITER",
-                    help="a kept checkpoint's iteration (default: the latest)")
-    pb.add_argument("--out", type=Path, required=True)
-    pb.add_argument("--sizes", type=count, nargs="+", default=list(DEFAULT_SIZES),
-                    help="sample sizes (state-action pairs) of the gradient grid")
-    pb.add_argument("--k", type=int, default=10, help="independent estimates per size")
-    pb.add_argument("--true-pairs", type=count, default=1_000_000)
-    pb.add_argument("--pairs", type=count, default=100_000,
-                    help="pairs for the values probe; states for the features probe")
-    pb.add_argument("--fit-pairs", type=count, default=500_000,
-                    help="pairs of Monte Carlo returns for the 'true' value baseline (the "
-                         "paper used 5e6)")
-    pb.add_argument("--landscape-counts", type=count, nargs="+", default=[2_000, 20_000, 100_000],
-                    help="env steps of fresh rollouts per landscape grid point")
-    pb.add_argument("--landscape-grid", type=float, nargs="+", default=[0, 0.75, 1.5, 2.25, 3],
-                    help="multiples of the step and of the random direction")
-    pb.add_argument("--landscape-directions", type=count, default=5,
-                    help="random directions of the landscape (the paper used 1); means and "
-                         "95%% t-intervals over them")
-    pb.add_argument("--compare", type=Path, nargs="*", help="more runs for trust-region plots")
-    pb.add_argument("--seed", type=int, default=0)
-    pb.add_argument("--quiet", action="store_true")
-    pb.set_defaults(func=_probe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pgscope", description="PPO and TRPO with every implementation detail as a "
+        "switch, and the probes, statistics and health checks to see what each does. "
+        "'pgscope COMMAND --help' describes a command.")
+    from pgscope import __version__
+
+    p.add_argument("--version", action="version", version=f"pgscope {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           title="commands")
+
+    t = sub.add_parser("train", help="train an agent into a run directory")
+    t.add_argument("--preset", "--algo", dest="preset", metavar="PRESET",
+                   help="the preset, as 'pgscope presets' lists them (--algo is an alias; "
+                        "default: ppo)")
+    t.add_argument("--env", help="any gymnasium id, or module:EnvName-v0 (default: "
+                   "Hopper-v5)")
+    t.add_argument("--steps", type=count,
+                   help="total env steps, 1e6 works (default: the preset's total_steps); "
+                        "with --resume: extend the run to this")
+    t.add_argument("--seed", type=int, help="the run's seed (default: 0)")
+    t.add_argument("--seeds", metavar="LIST",
+                   help="train these seeds together (e.g. 0-15 or 0,1,2) into "
+                        "OUT/seed_<s>/ (each seed's numbers are those it gets alone)")
+    t.add_argument("--batch-size", type=int, metavar="N",
+                   help="with --seeds: seeds per batch (default: 16)")
+    t.add_argument("--out", type=Path, help="the new run directory (required unless "
+                   "--resume)")
+    t.add_argument("--resume", type=Path, metavar="RUN",
+                   help="continue a killed or finished run from its last checkpoint")
+    t.add_argument("--repair", action="store_true",
+                   help="with --resume: drop damaged metrics lines (a backup is kept)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config key (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files to OUT/tensorboard/ (SB3 tag "
+                        "names; the same as --set tensorboard=true)")
+    t.add_argument("--wandb", action="store_true",
+                   help="also log to a Weights & Biases run (SB3 tag names, the config as W&B "
+                        "config; needs 'pip install wandb'; WANDB_MODE=offline works; the "
+                        "same as --set wandb=true)")
+    t.set_defaults(func=_train)
+
+    stp = sub.add_parser("status", help="state of a run or of every run of a study")
+    stp.add_argument("path", metavar="PATH", type=Path,
+                     help="a run directory or a study directory")
+    stp.set_defaults(func=_status)
+
+    s = sub.add_parser("selftest", help="run the sanity-env selftest")
+    s.add_argument("--algo", action="append", choices=["ppo", "trpo"],
+                   help="test only this algorithm; repeatable (default: ppo and trpo)")
+    s.set_defaults(func=_selftest)
+
+    d = sub.add_parser("demo", help="short PPO run on Hopper-v5 with a summary")
+    d.add_argument("--out", default="runs/demo", metavar="RUN",
+                   help="the run directory (an existing one is resumed)")
+    d.add_argument("--steps", type=count, default=100_000, help="total env steps")
+    d.set_defaults(func=_demo)
+
+    _add_probe_parser(sub)  # pgscope probe KIND: one parser per probe
 
     st = sub.add_parser("study", help="run and summarize studies (configs x envs x seeds)")
-    st_sub = st.add_subparsers(dest="study_command", required=True)
+    st_sub = st.add_subparsers(dest="study_command", required=True, metavar="COMMAND",
+                               title="commands")
     sr = st_sub.add_parser("run", help="run or resume a study")
-    sr.add_argument("spec", nargs="?", type=Path, help="study TOML file")
-    sr.add_argument("--preset", help="a built-in study instead of a TOML file")
+    sr.add_argument("spec", metavar="SPEC", nargs="?", type=Path,
+                    help="a study TOML file (or --preset NAME)")
+    sr.add_argument("--preset", help="a built-in study instead of a TOML file ('pgscope "
+                    "study presets' lists them)")
     sr.add_argument("--quick", action="store_true", help="the built-in study's small size")
-    sr.add_argument("--out", type=Path, help="study directory (default runs/<name>)")
-    sr.add_argument("--backend", choices=["local", "ray"], default="local")
+    sr.add_argument("--out", type=Path, metavar="STUDY",
+                    help="the study directory (default: runs/<the study's name>)")
+    sr.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="where the runs train: processes on this machine, or Ray")
     sr.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     sr.add_argument("--workers", type=int, help="parallel runs (default: one per core)")
     sr.add_argument("--batch-size", type=int,
                     help="at most this many seeds of a config trained as one batch (default: "
                          "the spec's batch_size, else 16; 1: every run alone)")
     sr.add_argument("--ship-every", type=int, help="Ray: ship each run to the study "
-                    "directory after every N-th checkpoint (default 1)")
-    sr.add_argument("--quiet", action="store_true")
+                    "directory after every N-th checkpoint (default: 1)")
+    sr.add_argument("--quiet", action="store_true", help="no progress output")
     sr.set_defaults(func=_study_run)
     ss = st_sub.add_parser("summary", help="tables (CSV, JSON) and plots (PNG) of a study")
-    ss.add_argument("dir", type=Path)
-    ss.add_argument("--out", type=Path, help="where to write (default DIR/summary)")
-    ss.add_argument("--no-plots", action="store_true")
+    ss.add_argument("dir", metavar="STUDY", type=Path, help="a study directory")
+    ss.add_argument("--out", type=Path, metavar="DIR",
+                    help="where to write (default: STUDY/summary)")
+    ss.add_argument("--no-plots", action="store_true", help="tables only, no PNG plots")
     ss.add_argument("--score", metavar="RULE", help="a named score rule instead of the "
-                    "spec's [score]: 'engstrom-code' = each run's mean return over its last "
-                    "5 iterations (the authors' run.py), 'last-10' (alias 'paper') over "
-                    "its last 10; then the mean over runs with a CI")
+                    "spec's [score] (the default): 'engstrom-code' = each run's mean return "
+                    "over its last 5 iterations (the authors' run.py), 'last-10' (alias "
+                    "'paper') over its last 10; then the mean over runs with a CI")
     ss.set_defaults(func=_study_summary)
     sp = st_sub.add_parser("presets", help="list the built-in studies")
     sp.set_defaults(func=_study_presets)
 
     dr = sub.add_parser("doctor", help="health checks of a run or of every run of a study "
                         "(exit status 1 when an alarm fires)")
-    dr.add_argument("path", type=Path, help="a run directory or a study directory")
+    dr.add_argument("path", metavar="PATH", type=Path,
+                    help="a run directory or a study directory")
     dr.add_argument("--json", action="store_true", help="findings as JSON")
     dr.set_defaults(func=_doctor)
 
     rp = sub.add_parser("report", help="one self-contained HTML report of a run, a probe "
                         "output folder or a study")
-    rp.add_argument("path", type=Path, help="a run, probe output or study directory")
-    rp.add_argument("--out", type=Path, help="the HTML file (default PATH/report.html)")
-    rp.add_argument("--video", type=Path, help="a clip (mp4/gif) to embed (default: the "
-                    "newest in RUN/videos/)")
+    rp.add_argument("path", metavar="PATH", type=Path,
+                    help="a run directory, a probe output folder or a study directory")
+    rp.add_argument("--out", type=Path, metavar="FILE",
+                    help="the HTML file (default: PATH/report.html)")
+    rp.add_argument("--video", type=Path, metavar="FILE", help="a clip (mp4/gif) to embed "
+                    "(default: the newest in PATH/videos/)")
     rp.set_defaults(func=_report)
 
     ev = sub.add_parser("evaluate", help="mean return of a checkpoint with a bootstrap CI "
                         "(frozen normalization), optionally a video")
-    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("run_dir", metavar="RUN", type=Path,
+                    help="a run directory or checkpoint file")
     ev.add_argument("--checkpoint", type=int, metavar="ITER",
                     help="a kept checkpoint's iteration (default: the latest)")
-    ev.add_argument("--episodes", type=count, default=10)
+    ev.add_argument("--episodes", type=count, default=10, help="episodes to play")
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true",
                       default=True, help="the policy's mean/mode (the default, as "
                       "Agent.act and SB3's evaluate_policy)")
     mode.add_argument("--stochastic", dest="deterministic", action="store_false",
                       help="sample actions from the policy, as training does")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0,
+                    help="episode i starts from env.reset(seed=SEED + i)")
     ev.add_argument("--video", type=Path, metavar="FILE",
                     help="render episodes offscreen to FILE (.mp4 or .gif)")
     ev.add_argument("--video-episodes", type=int, default=1,
-                    help="episodes in the video (default 1)")
-    ev.add_argument("--json", action="store_true")
+                    help="episodes in the video (default: 1)")
+    ev.add_argument("--json", action="store_true", help="the result as JSON")
     ev.set_defaults(func=_evaluate)
+
+    ex = sub.add_parser("export", help="write TensorBoard, CSV or W&B output of a finished "
+                        "run (or every run of a study) from its metrics.jsonl, as the "
+                        "training sinks would have")
+    ex.add_argument("path", metavar="PATH", type=Path,
+                    help="a run directory or a study directory")
+    ex.add_argument("--tensorboard", action="store_true",
+                    help="event files in RUN/tensorboard/ (SB3 tag names at step = env "
+                         "steps; the config as hparams)")
+    ex.add_argument("--csv", action="store_true", help="RUN/metrics.csv")
+    ex.add_argument("--wandb", action="store_true",
+                    help="a W&B run (the config as W&B config; WANDB_MODE=offline works; "
+                         "needs 'pip install wandb'), recorded in RUN/wandb.json")
+    ex.add_argument("--out", type=Path, metavar="DIR",
+                    help="write here instead: the TensorBoard logdir and the CSV go to DIR "
+                         "(a study's runs: DIR/<run's path in the study>/), W&B's local "
+                         "files to DIR/wandb/")
+    ex.add_argument("--force", action="store_true",
+                    help="replace an earlier export (W&B: make another W&B run)")
+    ex.set_defaults(func=_export)
 
     from pgscope.dr3.commands import add_dr3_parser  # pgscope dr3 dataset | train | summary
 
@@ -533,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list presets and what they switch; with NAME every "
                         "key of that preset, with two names both side by side")
     pr.add_argument("names", nargs="*", metavar="NAME", help="one or two presets")
-    pr.add_argument("--env", default="Hopper-v5", help="resolve for this env (default "
+    pr.add_argument("--env", default="Hopper-v5", help="resolve for this env (default: "
                     "Hopper-v5): per-env values differ")
     pr.add_argument("--diff", action="store_true", help="only the keys where two presets "
                     "differ")
@@ -546,7 +712,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version end here, light
+    from pgscope import load_components
+
+    load_components()  # the registries every command may read are complete, as always
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a kill(1) records 'interrupted' too
     try:

@@ -7,9 +7,10 @@ the result, so every error names the key and what is allowed.
 
 The presets belong to the algorithms (each algorithm module registers its own, see
 :mod:`pgscope.algos`); :data:`PRESETS` is a read-only view of them. Keys marked
-``observes`` (the probe schedule, checkpoint keeping, logging) only watch a run: they are
-left out of its identity (:func:`config_hash`). Components that own keys may add checks
-with :func:`register_check` (the probes check the probe schedule).
+``observes`` (the probe schedule, evaluation during training, checkpoint keeping,
+logging) only watch a run: they are left out of its identity (:func:`config_hash`).
+Components that own keys may add checks with :func:`register_check` (the probes check the
+probe schedule).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class Config:
     adv_norm: bool = True  # per-minibatch advantage normalization
     ent_coef: float = 0.0  # entropy bonus; 0 switches it off
     value_dr3_coef: float = 0.0  # DR3 feature co-adaptation penalty on the value loss,
-    # c x mean phi(s) . phi(s') over within-episode pairs (docs/dr3.md); 0 switches it off
+    # c x mean |phi(s) . phi(s')| over pairs whose s' is not terminal (docs/dr3.md); 0: off
+    value_dr3_form: str = field(default="abs", metadata=_choice("abs", "signed"))  # the
+    # term's per-pair value: |phi(s) . phi(s')| (the authors' code) or the signed dot
     kl_stop: bool = False  # stop the epochs once mean KL > 1.5 * target_kl
     action_clip: bool = True  # clip actions to the bounds before env.step
     reward_multiplier: float = 1.0  # the learner sees k x reward (Henderson et al.'s
@@ -108,11 +111,18 @@ class Config:
     probe_value_pairs: int = field(default=20_000, metadata=OBSERVES)
     # critic-feature metrics (feature_dot, ...) on the batch every K iterations; 0 = never
     features_every: int = field(default=1, metadata=OBSERVES)
+    # --- evaluation during training (pgscope.periodic_eval; eval_* metrics) ---------------
+    eval_every: int = field(default=0, metadata=OBSERVES)  # every K iterations and at the
+    # last one, on separate envs with frozen statistics; 0 = never
+    eval_episodes: int = field(default=10, metadata=OBSERVES)  # episodes per evaluation
+    eval_deterministic: bool = field(default=True, metadata=OBSERVES)  # the mean/mode
+    # action (as pgscope evaluate); False samples
     # --- bookkeeping and logging -------------------------------------------------------
     # keep checkpoints/iter_XXXXXX.pt every K iterations
     checkpoint_every: int = field(default=10, metadata=OBSERVES)
     tensorboard: bool = field(default=False, metadata=OBSERVES)  # DIR/tensorboard/ events
     csv: bool = field(default=False, metadata=OBSERVES)  # DIR/metrics.csv besides the JSONL
+    wandb: bool = field(default=False, metadata=OBSERVES)  # a W&B run (pip install wandb)
     torch_threads: int = 1
     heldout_kl: bool = True  # also report KL on the previous iteration's states
 
@@ -128,6 +138,9 @@ class Config:
         values = dict(data)
         if "hidden" in values:
             values["hidden"] = tuple(values["hidden"])
+        coef = values.get("value_dr3_coef", 0)
+        if "value_dr3_form" not in values and isinstance(coef, (int, float)) and coef > 0:
+            values["value_dr3_form"] = "signed"  # saved before the key: the signed form ran
         cfg = cls(**values)
         validate(cfg)
         return cfg
@@ -383,6 +396,12 @@ def validate(cfg: Config) -> None:
          f"config key 'value_dr3_coef' must be >= 0 (0 = off), got {cfg.value_dr3_coef}.")
     need(cfg.features_every >= 0,
          f"config key 'features_every' must be >= 0 (0 = never), got {cfg.features_every}.")
+    need(cfg.eval_every >= 0,
+         f"config key 'eval_every' must be >= 0 (iterations between evaluations; 0 = never), "
+         f"got {cfg.eval_every}.")
+    need(cfg.eval_episodes >= 1,
+         f"config key 'eval_episodes' must be >= 1 (episodes per evaluation), got "
+         f"{cfg.eval_episodes}.")
     need(cfg.cg_damping >= 0, f"config key 'cg_damping' must be >= 0, got {cfg.cg_damping}.")
     need(cfg.max_kl_final >= 0,
          f"config key 'max_kl_final' must be >= 0 (0 = no annealing), got {cfg.max_kl_final}.")

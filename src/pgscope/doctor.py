@@ -692,7 +692,11 @@ def diagnose(path: str | Path) -> list[Finding]:
 
 
 def is_study(path: str | Path) -> bool:
-    return (Path(path) / "study.json").exists() and not (Path(path) / "config.json").exists()
+    """A study directory, or the seed runs of ``pgscope train --seeds`` (a study of one
+    config; :func:`pgscope.study.spec.is_study_dir`)."""
+    from pgscope.study.spec import is_study_dir
+
+    return is_study_dir(path)
 
 
 def diagnose_study(path: str | Path) -> list[dict[str, Any]]:

@@ -34,3 +34,8 @@ class DivergenceError(PgscopeError):
 
 class ProbeError(PgscopeError):
     """Bad probe settings (sample budget, grid) for a probe."""
+
+
+class DependencyError(PgscopeError):
+    """An optional package a feature needs (e.g. wandb) is not installed; the message names
+    the command that installs it."""

@@ -25,7 +25,18 @@ if TYPE_CHECKING:
     from pgscope.networks import ValueNet
 
 #: The per-iteration metric keys of :func:`feature_metrics` (:mod:`pgscope.metrics`).
-FEATURE_KEYS = ("feature_dot", "feature_cosine", "feature_norm", "feature_srank")
+FEATURE_KEYS = ("feature_dot", "feature_cosine", "feature_norm", "feature_srank",
+                "feature_srank_rows")
+
+#: The most rows of the fixed evaluation set that ``feature_srank`` is measured on, on-policy
+#: (states of a run's first batch, :class:`pgscope.sinks.CriticFeatures`) and offline
+#: (dataset pairs, :mod:`pgscope.dr3.trainer`): min(available, this), the count logged as
+#: ``feature_srank_rows``. Fixed, so the srank does not depend on the training batch size.
+SRANK_EVAL_ROWS = 2048
+
+#: The forms of the DR3 term's per-pair value (:func:`dr3_pair_values`); the first is the
+#: default of config key ``value_dr3_form``.
+DR3_FORMS = ("abs", "signed")
 
 
 def _check_pair(phi: torch.Tensor, phi_next: torch.Tensor) -> None:
@@ -92,20 +103,64 @@ def srank_from_singular_values(sigma: torch.Tensor, delta: float = 0.01) -> int:
     return int(torch.nonzero(reached)[0, 0]) + 1
 
 
+def dr3_pairs(terminated: torch.Tensor) -> torch.Tensor:
+    """Which transitions enter the DR3 term: those whose next state is not terminal.
+
+    The term penalizes ``phi(s) . phi(s')`` for the pairs a TD target bootstraps across
+    (Kumar et al. 2021 derive it from the ``gamma Q(s', a')`` part of the target); after a
+    termination the target is the reward alone, so that pair is left out. A time-limit
+    truncation is not terminal: the target bootstraps from the true final state, and the
+    pair stays in. One rule for the on-policy term (:class:`pgscope.engine.nets.StackedBatch`)
+    and the offline one (:mod:`pgscope.dr3.trainer`). ``terminated``: bool, any shape."""
+    return ~terminated.bool()
+
+
+def dr3_pair_values(phi: torch.Tensor, phi_next: torch.Tensor,
+                    form: str = "abs") -> torch.Tensor:
+    """The DR3 term's value of each pair: ``|phi(s) . phi(s')|`` (``form="abs"``, as the
+    authors' released DR3 agent computes it) or the signed ``phi(s) . phi(s')``
+    (``"signed"``, the paper's formula as printed). The two agree wherever the features
+    are non-negative (ReLU features, as in the paper's experiments and the offline
+    experiment's Q-network); with tanh features a dot product can be negative, and
+    minimizing the signed form rewards features of consecutive states that point in
+    opposite directions. ``(..., d) -> (...)``, gradient kept."""
+    dots = feature_dot(phi, phi_next)
+    if form == "abs":
+        return dots.abs()
+    if form == "signed":
+        return dots
+    raise ValueError(f"DR3 form must be one of {', '.join(DR3_FORMS)}, got {form!r}")
+
+
+def dr3_mean(phi: torch.Tensor, phi_next: torch.Tensor, pairs: torch.Tensor,
+             form: str = "abs") -> torch.Tensor:
+    """The mean of :func:`dr3_pair_values` over the pairs with ``pairs[..., i]`` (the last,
+    sample dim; ``(..., n, d) -> (...)``), 0 where there is none. Only the selected pairs
+    enter (a masked mean), so each leading index (a seed, a member) gets its own."""
+    values = dr3_pair_values(phi, phi_next, form)
+    weight = pairs.to(values.dtype)
+    return (values * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+
+
 @torch.no_grad()
 def feature_metrics(value_net: ValueNet, obs: torch.Tensor, next_obs: torch.Tensor,
-                    valid: torch.Tensor, delta: float = 0.01) -> dict[str, float]:
+                    valid: torch.Tensor, delta: float = 0.01,
+                    eval_obs: torch.Tensor | None = None) -> dict[str, float]:
     """The critic-feature metrics (:data:`FEATURE_KEYS`) of a batch: ``feature_dot`` and
     ``feature_cosine``, means over the pairs ``(obs[i], next_obs[i])`` with ``valid[i]``
     (NaN when there is none); ``feature_norm``, the mean ``|phi(s)|`` over every state of
-    ``obs``; ``feature_srank``, :func:`srank` of the states' feature matrix."""
+    ``obs``; ``feature_srank``, :func:`srank` of the feature matrix of ``eval_obs`` (a fixed
+    evaluation set, so that it does not depend on the batch; ``obs`` itself when None) and
+    ``feature_srank_rows``, its row count (the srank cannot exceed it)."""
     phi = value_net.features(obs)
     phi_next = value_net.features(next_obs[valid])
     pairs = phi[valid]
+    ranked = phi if eval_obs is None else value_net.features(eval_obs)
     nan = math.nan
     return {
         "feature_dot": float(feature_dot(pairs, phi_next).mean()) if len(pairs) else nan,
         "feature_cosine": float(feature_cosine(pairs, phi_next).mean()) if len(pairs) else nan,
         "feature_norm": float(feature_norm(phi).mean()),
-        "feature_srank": srank(phi, delta),
+        "feature_srank": srank(ranked, delta),
+        "feature_srank_rows": len(ranked),
     }

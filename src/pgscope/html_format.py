@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from html.parser import HTMLParser
 from typing import Any
 
 
@@ -67,4 +68,47 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequenc
     return "".join(out)
 
 
-__all__ = ["ci_text", "esc", "fmt", "interval_text", "table"]
+class _Tables(HTMLParser):
+    """The cells of the ``<table>`` elements :func:`table` writes, as text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: list[list[list[str]]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self.cell is not None and self.tables:
+            self.tables[-1][-1].append(" ".join("".join(self.cell).split()))
+            self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def text_tables(html: str) -> str:
+    """The tables of an HTML fragment (as :func:`table` writes them) as aligned plain
+    text, one block per table, for a console: the same cells as the report's."""
+    parser = _Tables()
+    parser.feed(html)
+    blocks = []
+    for rows in parser.tables:
+        if not rows:
+            continue
+        widths = [max(len(r[j]) for r in rows if j < len(r)) for j in range(max(map(len, rows)))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+__all__ = ["ci_text", "esc", "fmt", "interval_text", "table", "text_tables"]

@@ -21,6 +21,7 @@ updates call these pieces; none of the switches is re-implemented anywhere else.
 | action_clip     | :func:`clip_actions`           |
 | reward_multiplier | :func:`multiply_rewards`     |
 | value_dr3_coef  | :func:`dr3_penalty`            |
+| value_dr3_form  | :func:`dr3_penalty` (``form``) |
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pgscope.features import feature_dot
+from pgscope.features import dr3_mean
 
 
 def clip(x: np.ndarray, low: Any, high: Any) -> np.ndarray:
@@ -266,15 +267,17 @@ def adapt_kl_beta(beta: float, mean_kl: float, target_kl: float) -> float:
 
 
 def dr3_penalty(features: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor,
-                next_obs: torch.Tensor, valid: torch.Tensor, coef: float) -> torch.Tensor:
+                next_obs: torch.Tensor, valid: torch.Tensor, coef: float,
+                form: str = "abs") -> torch.Tensor:
     """The DR3 regularizer (Kumar et al. 2021) added to the value loss:
-    ``coef * mean_i phi(s_i) . phi(s'_i)`` over the pairs with ``valid[i]`` (no episode end
-    between ``s_i`` and its successor ``s'_i = next_obs[i]``), where ``phi = features``
-    (:meth:`ValueNet.features`); the gradient flows through both features. Exactly 0 (no
-    forward pass) when ``coef`` is 0, and 0 when no pair is valid. The mean is a masked
-    one over the last (sample) dim, so the engine gets each seed's own."""
+    ``coef * mean_i |phi(s_i) . phi(s'_i)|`` (``form="abs"``, the default) or
+    ``coef * mean_i phi(s_i) . phi(s'_i)`` (``"signed"``;
+    :func:`pgscope.features.dr3_pair_values`) over the pairs with ``valid[i]``
+    (:func:`pgscope.features.dr3_pairs`: the successor ``s'_i = next_obs[i]`` is not
+    terminal), where ``phi = features`` (:meth:`ValueNet.features`); the gradient flows
+    through both features. Exactly 0 (no forward pass) when ``coef`` is 0, and 0 when no
+    pair is valid. The mean is a masked one over the last (sample) dim, so the engine gets
+    each seed's own."""
     if coef == 0:
         return torch.zeros((), dtype=obs.dtype)
-    dots = feature_dot(features(obs), features(next_obs))
-    weight = valid.to(dots.dtype)
-    return coef * (dots * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+    return coef * dr3_mean(features(obs), features(next_obs), valid, form)

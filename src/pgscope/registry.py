@@ -25,11 +25,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str, entry: T) -> T:
-        """Add ``entry`` under ``name``; a name can be registered once."""
+    def register(self, name: str, entry: T, *, before: str | None = None) -> T:
+        """Add ``entry`` under ``name``, last or just before the entry ``before``; a name
+        can be registered once."""
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is already registered.")
-        self._entries[name] = entry
+        if before is None:
+            self._entries[name] = entry
+            return entry
+        self.get(before)  # an unknown name is an error, with close names
+        entries = list(self._entries.items())
+        at = [n for n, _ in entries].index(before)
+        self._entries = dict([*entries[:at], (name, entry), *entries[at:]])
         return entry
 
     def unregister(self, name: str) -> T:

@@ -68,7 +68,9 @@ class Batch:
     """One iteration's training data, flattened time-major over (steps, envs).
 
     ``rewards`` (after scaling/clipping, the units the value net learns), ``terminated``
-    and ``done`` keep the episode structure for the probes; the updates do not use them.
+    and ``done`` keep the episode structure for the probes; the updates use ``terminated``
+    only to choose the pairs of the DR3 term (``value_dr3_coef``,
+    :func:`pgscope.features.dr3_pairs`).
     """
 
     obs: torch.Tensor

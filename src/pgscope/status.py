@@ -63,13 +63,15 @@ def collect_status(path: str | Path) -> list[RunStatus]:
         raise RunDirError(f"'{path}' is not a directory (give a run or a study directory).")
     if (path / "config.json").exists():
         return [run_status(path)]
-    from pgscope.study.runner import STUDY_FILE, open_study
+    from pgscope.study.runner import open_study
+    from pgscope.study.spec import is_study_dir
 
-    if (path / STUDY_FILE).exists():
+    if is_study_dir(path):
         spec = open_study(path)
         return [run_status(path / r.rel_path, r.rel_path) for r in spec.runs()]
     raise RunDirError(f"'{path}' is neither a pgscope run directory (config.json) nor a "
-                      "study directory (study.json).")
+                      "study directory (study.json, or the seed_<s>/ runs of "
+                      "'pgscope train --seeds').")
 
 
 def _age(seconds: float | None) -> str:

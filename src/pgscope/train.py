@@ -37,7 +37,12 @@ from tqdm.auto import tqdm
 
 from pgscope.agent import Agent, build_agent, spaces_signature
 from pgscope.algos import algorithm
-from pgscope.algos.common import explained_variance, learning_rates, make_optimizer
+from pgscope.algos.common import (
+    explained_variance,
+    learning_rates,
+    make_optimizer,
+    set_learning_rates,
+)
 from pgscope.callbacks import (
     Callback,
     CallbackList,
@@ -53,7 +58,6 @@ from pgscope.engine.rollout import collect_lockstep
 from pgscope.envs import check_env_id, make_vector_env
 from pgscope.errors import ConfigError, DivergenceError, RunDirError
 from pgscope.metrics import TIMING_KEYS  # noqa: F401 - re-exported: tests, bench
-from pgscope.optimizations import annealed_lr
 from pgscope.rollout import RolloutCollector
 from pgscope.run import (
     RunDir,
@@ -64,22 +68,13 @@ from pgscope.run import (
     restore_agent,
     save_checkpoint,
 )
-from pgscope.sinks import default_sinks
+from pgscope.sinks import check_sinks, default_sinks
 
 
 def _env_seed(cfg: Config, start_iteration: int) -> int:
     # Envs that cannot be saved restart on resume; a different seed keeps them from
     # replaying the first episodes.
     return cfg.seed * 1000 + start_iteration * 7919
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
-    """Apply lr annealing (if on) to each parameter group; return the policy lr."""
-    base = {"policy": cfg.policy_lr, "value": cfg.value_lr}
-    for group in optimizer.param_groups:
-        group["lr"] = annealed_lr(base[group["name"]], iteration, cfg.num_iterations,
-                                  cfg.lr_anneal)
-    return annealed_lr(cfg.policy_lr, iteration, cfg.num_iterations, cfg.lr_anneal)
 
 
 def keep_checkpoint(run: RunDir, cfg: Config, iteration: int) -> Path | None:
@@ -324,6 +319,8 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
             raise ConfigError(f"{len(cfgs)} configs for {len(paths)} run directories.")
         check_batchable(cfgs)
         check_env_id(cfgs[0].env_id)  # fail before anything is written
+        for cfg in cfgs:
+            check_sinks(cfg)  # e.g. wandb=True without the wandb package
         for cfg, path in zip(cfgs, paths, strict=True):
             RunDir(path)._check_new(cfg)  # refuse before any member's directory is made
     if len(set(p.resolve() for p in paths)) != len(paths):
@@ -341,6 +338,8 @@ def train_batch(cfgs: Sequence[Config], outs: Sequence[str | Path], *, resume: b
                 locks.append(lock)
         if resume:
             cfgs = [run.read_config() for run in runs]
+            for cfg in cfgs:
+                check_sinks(cfg)  # before the config is extended or anything computed
             if total_steps is not None:
                 cfgs = [run.extend(c, total_steps) if total_steps != c.total_steps else c
                         for run, c in zip(runs, cfgs, strict=True)]

@@ -80,6 +80,13 @@ def nominal_clip_range(cfg: Config) -> float:
     return NOMINAL_CLIP_RANGE
 
 
+#: The config keys every algorithm's update reads (the optimizer, minibatches, value fit).
+COMMON_READS = ("algo", "adam_eps", "adv_norm", "epochs", "grad_clip", "lr_anneal",
+                "max_grad_norm", "minibatches", "steps_per_iter", "total_steps",
+                "value_clip", "value_clip_range", "value_dr3_coef", "value_dr3_form",
+                "value_lr")
+
+
 @dataclass
 class Algorithm:
     """An on-policy algorithm as the rest of pgscope sees it.
@@ -95,7 +102,11 @@ class Algorithm:
     ``check(cfg)`` may refuse settings the algorithm cannot run
     (:class:`pgscope.errors.ConfigError`); ``kl_target(config)`` is the KL per update the
     algorithm aims at under a config (a ``config.json`` dict) and its name: what the
-    doctor's KL alarms and the report's KL panel both measure against (:func:`kl_target`)."""
+    doctor's KL alarms and the report's KL panel both measure against (:func:`kl_target`);
+    ``reads`` lists the config keys its optimizer, learning-rate schedule, update and
+    surrogate read under some setting of the others (tests/test_algorithm_reads.py records
+    the reads of each registered algorithm and compares): a key another algorithm reads
+    and this one does not changes nothing in its runs (:func:`unread_keys`)."""
 
     name: str
     description: str
@@ -107,6 +118,7 @@ class Algorithm:
     clip_range: Callable[[Config], float] = nominal_clip_range
     check: Callable[[Config], None] | None = None
     kl_target: Callable[[Mapping[str, Any]], tuple[float, str]] = typical_kl_target
+    reads: tuple[str, ...] = ()
 
 
 #: Every registered algorithm by name (the values of the config key ``algo``).
@@ -176,6 +188,17 @@ def _import_algorithm_modules() -> None:
 
 _import_algorithm_modules()
 
+def unread_keys(name: str) -> tuple[str, ...]:
+    """The config keys that some registered algorithm reads (:attr:`Algorithm.reads`)
+    and algorithm ``name`` does not: whatever their values, they change nothing in its
+    runs (e.g. ``clip_eps`` for TRPO, ``max_kl`` for PPO). Sorted; () for an unknown name
+    or an algorithm that declares no reads."""
+    if name not in ALGORITHMS or not ALGORITHMS.get(name).reads:
+        return ()
+    every = {k for algo in ALGORITHMS.values() for k in algo.reads}
+    return tuple(sorted(every - set(ALGORITHMS.get(name).reads)))
+
+
 def kl_target(config: Mapping[str, Any]) -> tuple[float, str]:
     """The KL per update the run of ``config`` (a config dict, as ``config.json`` holds
     it) aims at, and where that number comes from: its algorithm's own definition
@@ -204,6 +227,7 @@ def update_one(cfg: Config, policy: Policy, value_net: ValueNet,
                                       [heldout_obs], each)[0]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "NOMINAL_CLIP_RANGE", "SurrogateFn", "TYPICAL_KL_TARGET",
-           "UpdateFn", "add_presets", "algorithm", "kl_target", "nominal_clip_range",
-           "presets", "register_algorithm", "typical_kl_target", "update_one"]
+__all__ = ["ALGORITHMS", "Algorithm", "COMMON_READS", "NOMINAL_CLIP_RANGE", "SurrogateFn",
+           "TYPICAL_KL_TARGET", "UpdateFn", "add_presets", "algorithm", "kl_target",
+           "nominal_clip_range", "presets", "register_algorithm", "typical_kl_target",
+           "unread_keys", "update_one"]

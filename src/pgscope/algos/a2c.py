@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import torch
 
-from pgscope.algos import Algorithm, register_algorithm
+from pgscope.algos import COMMON_READS, Algorithm, register_algorithm
 from pgscope.algos.ppo import LOGS as PPO_LOGS
 from pgscope.algos.ppo import ppo_update
 from pgscope.algos.ppo import surrogate as ppo_surrogate
@@ -92,5 +92,6 @@ register_algorithm(Algorithm(
     surrogate=surrogate,
     presets={"a2c": dict(epochs=1, minibatches=1, value_clip=False)},
     logs=tuple(k for k in PPO_LOGS if k not in NOT_LOGGED),
+    reads=(*COMMON_READS, "policy_lr", "ent_coef"),  # PPO's, less what as_ppo fixes
     check=check,
 ))

@@ -131,14 +131,16 @@ def make_optimizer(cfg: Config, policy: Policy | nn.Module, value_net: nn.Module
     return torch.optim.Adam(groups, eps=cfg.adam_eps, fused=True)
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int
+                       ) -> float | None:
     """Apply lr annealing (if on) for 0-based ``iteration`` (the update that follows the
-    checkpoint of that many iterations) to each parameter group; return the policy lr."""
-    base = {"policy": cfg.policy_lr, "value": cfg.value_lr}
+    checkpoint of that many iterations) to each parameter group; return the policy's lr
+    (None when the optimizer has no policy group: TRPO's, which reads no ``policy_lr``)."""
     for group in optimizer.param_groups:
-        group["lr"] = annealed_lr(base[group["name"]], iteration, cfg.num_iterations,
-                                  cfg.lr_anneal)
-    return annealed_lr(cfg.policy_lr, iteration, cfg.num_iterations, cfg.lr_anneal)
+        base = cfg.policy_lr if group["name"] == "policy" else cfg.value_lr
+        group["lr"] = annealed_lr(base, iteration, cfg.num_iterations, cfg.lr_anneal)
+    return next((float(g["lr"]) for g in optimizer.param_groups if g["name"] == "policy"),
+                None)
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

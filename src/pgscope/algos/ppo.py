@@ -17,6 +17,7 @@ import torch
 from torch.distributions import Distribution
 
 from pgscope.algos import (
+    COMMON_READS,
     NOMINAL_CLIP_RANGE,
     Algorithm,
     register_algorithm,
@@ -89,7 +90,8 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
     phases = SeedPhases(len(nets), clip_range)
     grad_limit = cfg.max_grad_norm if cfg.grad_clip else None
     value_clip = cfg.value_clip_range if cfg.value_clip else None
-    betas = [s.get("kl_beta", cfg.kl_beta_init) for s in states]
+    penalty = cfg.ppo_loss == "kl"
+    betas = [s.get("kl_beta", cfg.kl_beta_init) if penalty else 0.0 for s in states]
     beta = torch.tensor(betas, dtype=batch.advantages.dtype)  # each seed's ppo-kl penalty
     active = torch.ones(len(nets), dtype=torch.bool)  # seeds still in their epochs
     epochs_run = torch.zeros(len(nets), dtype=torch.long)
@@ -106,7 +108,7 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
             bonus = entropy_bonus(policy.entropy(dist), cfg.ent_coef) if cfg.ent_coef else 0.0
             v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
             dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
-                              cfg.value_dr3_coef)
+                              cfg.value_dr3_coef, cfg.value_dr3_form)
 
             nets.adam.zero_grad()
             (loss - bonus + v_loss + dr3).sum().backward()  # each seed's gradient: its own
@@ -134,7 +136,7 @@ def ppo_update(cfg: Config, nets: SeedNets, batches: Sequence[Batch],
         metrics.update(policy_change(nets.policies[i], old_policies[i], batches[i],
                                      heldout_obs[i], clip_range))
         metrics["epochs_run"] = int(epochs_run[i])
-        if cfg.ppo_loss == "kl":
+        if penalty:
             states[i]["kl_beta"] = adapt_kl_beta(betas[i], metrics["kl_mean"], cfg.target_kl)
             metrics["kl_beta"] = betas[i]
     return out
@@ -148,7 +150,7 @@ def surrogate(cfg: Config, policy: Policy, old_policy: Policy, batch: Batch,
     dist = policy.dist(batch.obs)
     ratio = log_ratio(policy, dist, batch.actions, batch.logp).exp()
     adv = normalize_advantages(batch.advantages, cfg.adv_norm)
-    beta = state.get("kl_beta", cfg.kl_beta_init)
+    beta = state.get("kl_beta", cfg.kl_beta_init) if cfg.ppo_loss == "kl" else 0.0
     return -float(policy_loss(cfg, policy, old_policy, batch.obs, dist, ratio, adv, beta))
 
 
@@ -184,6 +186,8 @@ register_algorithm(Algorithm(
         "ppo-kl": dict(ppo_loss="kl", target_kl=0.01),
     },
     logs=LOGS,
+    reads=(*COMMON_READS, "policy_lr", "ppo_loss", "clip_eps", "ent_coef", "kl_stop",
+           "target_kl", "kl_beta_init"),
     clip_range=ppo_clip_range,
     kl_target=ppo_kl_target,
 ))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pgscope.algos import Algorithm, register_algorithm
+from pgscope.algos import COMMON_READS, Algorithm, register_algorithm
 from pgscope.algos.common import (
     POLICY_CHANGE_KEYS,
     first_ratio_deviation,
@@ -99,7 +99,7 @@ def fit_value(cfg: Config, nets: SeedNets, batch: StackedBatch,
         for mb in seed_minibatches(batch, cfg, generators, everyone):
             v_loss = value_loss(value_net(mb.obs), mb.values, mb.returns, value_clip)
             dr3 = dr3_penalty(value_net.features, mb.obs, mb.next_obs, mb.valid,
-                              cfg.value_dr3_coef)
+                              cfg.value_dr3_coef, cfg.value_dr3_form)
             nets.adam.zero_grad()
             (v_loss + dr3).sum().backward()
             grad_norm = clip_gradients_per_seed(nets.value.flat_params, grad_limit)
@@ -238,6 +238,8 @@ register_algorithm(Algorithm(
                   "value_clip": False},
     },
     logs=LOGS,
+    reads=(*COMMON_READS, "max_kl", "max_kl_final", "cg_iters", "cg_damping",
+           "backtrack_iters", "backtrack_coef", "fisher_fraction"),
     policy_optimizer=False,
     check=check_unused_keys,
     kl_target=trpo_kl_target,

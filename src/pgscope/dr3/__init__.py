@@ -26,8 +26,27 @@ The pieces:
 
 from __future__ import annotations
 
-from pgscope.dr3.dataset import OfflineDataset, collect_dataset, load_dataset, make_dataset
-from pgscope.dr3.trainer import TrainSettings, Variant, parse_variants, train_offline
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pgscope.dr3.dataset import OfflineDataset, collect_dataset, load_dataset, make_dataset
+    from pgscope.dr3.trainer import TrainSettings, Variant, parse_variants, train_offline
+
+#: The names this package exports, by module: imported on first use (PEP 562), so that
+#: the command line reaches :mod:`pgscope.dr3.commands` without importing torch.
+_EXPORTS = {"OfflineDataset": "dataset", "collect_dataset": "dataset",
+            "load_dataset": "dataset", "make_dataset": "dataset", "TrainSettings": "trainer",
+            "Variant": "trainer", "parse_variants": "trainer", "train_offline": "trainer"}
+
+
+def __getattr__(name: str) -> Any:
+    """A name of :data:`_EXPORTS`, imported from its module when first asked for."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pgscope.dr3' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["OfflineDataset", "TrainSettings", "Variant", "collect_dataset", "load_dataset",
            "make_dataset",

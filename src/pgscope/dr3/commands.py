@@ -64,53 +64,68 @@ def add_dr3_parser(sub: Any) -> None:
 
     p = sub.add_parser("dr3", help="the offline DR3 experiment: SARSA vs TD vs DR3 "
                        "(docs/dr3.md)")
-    dsub = p.add_subparsers(dest="dr3_command", required=True)
+    dsub = p.add_subparsers(dest="dr3_command", required=True, metavar="COMMAND",
+                            title="commands")
 
     d = dsub.add_parser("dataset", help="transitions of a run's stochastic policy and a "
                         "Monte Carlo Q reference on held-out episodes")
-    d.add_argument("run", type=Path, help="run directory (or checkpoint file)")
-    d.add_argument("--out", type=Path, required=True, help="new dataset directory")
-    d.add_argument("--transitions", type=count, default=200_000)
+    d.add_argument("run", metavar="RUN", type=Path,
+                   help="a run directory or checkpoint file (the behaviour policy)")
+    d.add_argument("--out", type=Path, required=True, metavar="DATASET",
+                   help="the new dataset directory")
+    d.add_argument("--transitions", type=count, default=200_000,
+                   help="transitions of the behaviour policy to collect")
     d.add_argument("--checkpoint", type=int, metavar="ITER",
                    help="a kept checkpoint's iteration (default: the latest)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--gamma", type=float, default=0.99)
-    d.add_argument("--heldout-episodes", type=count, default=20)
+    d.add_argument("--seed", type=int, default=0, help="seed of the collection")
+    d.add_argument("--gamma", type=float, default=0.99,
+                   help="discount of the Monte Carlo Q reference")
+    d.add_argument("--heldout-episodes", type=count, default=20,
+                   help="episodes held out for the Q reference")
     d.add_argument("--reference-stride", type=count, default=100,
                    help="a reference pair every this many steps of a held-out episode")
     d.add_argument("--reference-rollouts", type=count, default=5,
                    help="Monte Carlo rollouts per reference pair")
     d.add_argument("--horizon", type=count,
                    help="steps per reference rollout (default: the env's time limit)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_dataset)
 
     t = dsub.add_parser("train", help="train every variant x seed as one batched model "
-                        "(resumes DIR when it holds a checkpoint)")
-    t.add_argument("dataset", type=Path)
-    t.add_argument("--out", type=Path, required=True, help="experiment directory")
+                        "(resumes EXPERIMENT when it holds a checkpoint)")
+    t.add_argument("dataset", metavar="DATASET", type=Path,
+                   help="a dataset directory ('pgscope dr3 dataset')")
+    t.add_argument("--out", type=Path, required=True, metavar="EXPERIMENT",
+                   help="the experiment directory")
     t.add_argument("--variants", default="sarsa,td,dr3:0.03",
                    help="comma-separated: sarsa, td, td:K (TD from the behaviour policy "
-                        "with its spread times K; td:0 its mean action), dr3:C (default "
+                        "with its spread times K; td:0 its mean action), dr3:C (default: "
                         "sarsa,td,dr3:0.03)")
-    t.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    t.add_argument("--seed0", type=int, default=0, help="first seed (default 0)")
+    t.add_argument("--seeds", type=int, default=3, help="number of seeds (default: 3)")
+    t.add_argument("--seed0", type=int, default=0, help="first seed (default: 0)")
     t.add_argument("--steps", type=count, default=100_000, help="gradient steps")
-    t.add_argument("--hidden", type=int, nargs="*", default=[256, 256])
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--batch", type=count, default=256)
+    t.add_argument("--hidden", type=int, nargs="*", default=[256, 256], metavar="N",
+                   help="hidden layer widths of the Q-network (none: linear in the input)")
+    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    t.add_argument("--batch", type=count, default=256, help="transitions per minibatch")
     t.add_argument("--target", default="polyak:0.005",
                    help="polyak:TAU (every step) or copy:K (every K steps)")
-    t.add_argument("--encoding", choices=["concat", "outer"], default="concat")
-    t.add_argument("--log-every", type=count, default=1000)
-    t.add_argument("--checkpoint-every", type=count, default=10_000)
-    t.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--encoding", choices=["concat", "outer"], default="concat",
+                   help="the Q-network's input: observation and action concatenated, or "
+                        "their outer product")
+    t.add_argument("--log-every", type=count, default=1000,
+                   help="gradient steps between log lines")
+    t.add_argument("--checkpoint-every", type=count, default=10_000,
+                   help="gradient steps between checkpoints (a multiple of --log-every)")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
 
     s = dsub.add_parser("summary", help="table with CIs over seeds and plots of an "
                         "experiment")
-    s.add_argument("dir", type=Path)
-    s.add_argument("--out", type=Path, help="where to write (default DIR/summary)")
-    s.add_argument("--no-plots", action="store_true")
+    s.add_argument("dir", metavar="EXPERIMENT", type=Path,
+                   help="an experiment directory ('pgscope dr3 train')")
+    s.add_argument("--out", type=Path, metavar="DIR",
+                   help="where to write (default: EXPERIMENT/summary)")
+    s.add_argument("--no-plots", action="store_true", help="the table only, no plots")
     s.set_defaults(func=_summary)

@@ -1,5 +1,5 @@
 """The summary of an offline DR3 experiment: a table over seeds with bootstrap CIs and the
-curves against gradient steps (``pgscope dr3 summary DIR``).
+curves against gradient steps (``pgscope dr3 summary EXPERIMENT``).
 
 For each variant and metric the table gives the mean over seeds at the last logged step
 with a 95% bootstrap CI over seeds (:func:`pgscope.seed_statistics.stratified_bootstrap_ci`,
@@ -41,7 +41,7 @@ def read_experiment(path: str | Path) -> tuple[dict[str, Any], dict[str, list[di
     meta_path = path / EXPERIMENT_FILE
     if not meta_path.exists():
         raise OfflineError(f"'{path}' is not a DR3 experiment directory (no {EXPERIMENT_FILE});"
-                           " make one with 'pgscope dr3 train DATASET --out DIR'.")
+                           " make one with 'pgscope dr3 train DATASET --out EXPERIMENT'.")
     meta = json.loads(meta_path.read_text())
     logs = {}
     for m in meta["members"]:
@@ -85,7 +85,7 @@ def curves(meta: dict[str, Any], logs: dict[str, list[dict[str, Any]]]
 def summarize(path: str | Path, out: str | Path | None = None, plots: bool = True
               ) -> dict[str, Any]:
     """Write ``summary.csv``, ``summary.json`` and (with ``plots``) ``dr3-offline.png`` into
-    ``out`` (default ``DIR/summary``); returns the table."""
+    ``out`` (default ``EXPERIMENT/summary``); returns the table."""
     from pgscope.seed_statistics import mean, stratified_bootstrap_ci
 
     meta, logs = read_experiment(path)

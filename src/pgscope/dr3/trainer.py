@@ -11,7 +11,7 @@ tabular Q; the tests use it). Without hidden layers ``phi = x``.
 **The loss** of a member, on a minibatch of ``B`` transitions::
 
     y   = r + gamma * (1 - terminated) * Q_target(s', a')      (no gradient)
-    L   = mean (Q(s, a) - y)^2  +  c * mean phi(s, a) . phi(s', a')
+    L   = mean (Q(s, a) - y)^2  +  c * mean_{s' not terminal} |phi(s, a) . phi(s', a')|
 
 with ``a'`` the dataset's next action (``sarsa``) or a fresh sample of the behaviour policy
 at ``s'`` drawn at every step (``td``, ``dr3:c``); ``c = 0`` but for ``dr3:c``. ``td:K``
@@ -21,8 +21,12 @@ behaviour policy's; categorical: logits divided by ``K``); ``td:0`` takes the be
 policy's mean (argmax) action, so it evaluates that deterministic policy off-policy, and
 ``td:1`` is ``td``. Both
 features of the DR3 term come from the online network and the gradient flows through
-both (the paper's explicit regularizer ``sum_i phi(s_i, a_i) . phi(s'_i, a'_i)``). A
-time-limit truncation does not terminate: ``y`` bootstraps from the true final state.
+both (the paper's explicit regularizer ``sum_i phi(s_i, a_i) . phi(s'_i, a'_i)``; the
+absolute value, as in the authors' released agent, changes nothing here: ReLU features
+are non-negative). The term averages over the minibatch's pairs whose ``s'`` is not
+terminal (:func:`pgscope.features.dr3_pairs`, the on-policy term's rule): a terminal
+``s'`` has no ``Q(s', a')`` in the target. A time-limit truncation does not terminate:
+``y`` bootstraps from the true final state, and its pair stays in the term.
 The target network follows the online one by Polyak averaging (``polyak:tau``:
 ``theta' <- (1 - tau) theta' + tau theta`` after every step) or by a copy every ``k``
 steps (``copy:k``).
@@ -37,12 +41,15 @@ members of different variants with the same seed share initial weights and minib
 
 **Logs** (every ``log_every`` steps, one JSON line per member in ``members/NAME.jsonl``):
 ``td_loss`` (mean over the steps since the last line), on the step's minibatch pairs
-``(s, a), (s', a')`` with the online network: ``feature_dot``, ``feature_cosine``,
-``feature_norm`` (of ``phi(s, a)``), ``feature_srank`` (delta 0.01, of the minibatch's
-``phi(s, a)``), ``dr3_term`` (the mean dot product the DR3 term multiplies by ``c``); on
-the held-out reference pairs ``q_abs_error`` = mean ``|Q - Q_MC|`` / mean ``|Q_MC|`` and
-``q_signed_error`` = mean ``(Q - Q_MC)`` / mean ``|Q_MC|``; ``q_mean``: mean Q over a
-fixed sample of dataset pairs. :mod:`pgscope.features` computes the feature statistics.
+``(s, a), (s', a')`` with the online network: ``feature_dot`` and ``feature_cosine``
+(means over the pairs the DR3 term takes: ``s'`` not terminal), ``feature_norm`` (of
+``phi(s, a)``, every row); ``feature_srank`` (delta 0.01) of ``phi(s, a)`` on a fixed
+evaluation set of dataset pairs, the first ``feature_srank_rows`` = min(transitions,
+:data:`pgscope.features.SRANK_EVAL_ROWS`) of a permutation seeded by 0, the same for
+every member, step and ``--batch``; on the held-out reference pairs ``q_abs_error`` =
+mean ``|Q - Q_MC|`` / mean ``|Q_MC|`` and ``q_signed_error`` = mean ``(Q - Q_MC)`` /
+mean ``|Q_MC|``; ``q_mean``: mean Q over a fixed sample of dataset pairs.
+:mod:`pgscope.features` computes the feature statistics.
 
 **Resume.** ``checkpoint.pt`` (every ``checkpoint_every`` steps, a multiple of
 ``log_every``; atomic) holds the stacked weights, the target weights, Adam's state and
@@ -68,7 +75,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pgscope.dr3.dataset import OfflineDataset, OfflineError, load_dataset
-from pgscope.features import feature_cosine, feature_dot, feature_norm, srank
+from pgscope.features import (
+    SRANK_EVAL_ROWS,
+    dr3_mean,
+    dr3_pairs,
+    feature_cosine,
+    feature_dot,
+    feature_norm,
+    srank,
+)
 
 EXPERIMENT_FILE = "experiment.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -231,9 +246,11 @@ def encode(obs: torch.Tensor, action: torch.Tensor, encoding: str) -> torch.Tens
     return torch.cat([obs, action], -1)
 
 
-def dr3_term(phi: torch.Tensor, phi_next: torch.Tensor) -> torch.Tensor:
-    """``mean_i phi(s_i, a_i) . phi(s'_i, a'_i)`` per member: ``(M, B, d) -> (M,)``."""
-    return feature_dot(phi, phi_next).mean(-1)
+def dr3_term(phi: torch.Tensor, phi_next: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``mean_i |phi(s_i, a_i) . phi(s'_i, a'_i)|`` per member over the pairs with
+    ``pairs[m, i]`` (:func:`pgscope.features.dr3_pairs`: ``s'_i`` not terminal), 0 when
+    there is none: ``(M, B, d), (M, B) -> (M,)``."""
+    return dr3_mean(phi, phi_next, pairs, "abs")
 
 
 def member_losses(params: Params, target: Params, x: torch.Tensor, x_next: torch.Tensor,
@@ -243,7 +260,8 @@ def member_losses(params: Params, target: Params, x: torch.Tensor, x_next: torch
     inputs at ``(s, a)``, ``x_next`` at the backup pair ``(s', a')``, ``reward`` and
     ``not_terminated``: ``(M, B)``, ``coef``: ``(M,)`` DR3 coefficients). Returns the
     sum over members (what is differentiated), the TD losses ``(M,)`` and ``phi(s, a)``.
-    The online features at ``(s', a')`` are computed only for members with ``coef > 0``."""
+    The online features at ``(s', a')`` are computed only for members with ``coef > 0``;
+    the DR3 term leaves out the pairs with ``not_terminated == 0``."""
     with torch.no_grad():
         q_next, _ = q_forward(target, x_next)
         y = reward + gamma * not_terminated * q_next
@@ -255,7 +273,9 @@ def member_losses(params: Params, target: Params, x: torch.Tensor, x_next: torch
         every = len(on) == len(coef)
         sub = params if every else [p[on] for p in params]
         _, phi_next = q_forward(sub, x_next if every else x_next[on])
-        loss = loss + (coef[on] * dr3_term(phi if every else phi[on], phi_next)).sum()
+        pairs = dr3_pairs(not_terminated == 0)
+        loss = loss + (coef[on] * dr3_term(phi if every else phi[on], phi_next,
+                                           pairs if every else pairs[on])).sum()
     return loss, td_loss, phi
 
 
@@ -280,14 +300,18 @@ class TrainingData:
         self.next_action = self.encode_action(t["next_action"])
         self.reward = t["reward"].float()
         self.not_terminated = (~t["terminated"].bool()).float()
+        self.dr3_pairs = dr3_pairs(t["terminated"])
         self.behaviour = {k: t[k] for k in ("next_mean", "std", "low", "high", "next_logits")
                           if k in t}
         ref = data.reference
         self.ref_x = encode(ref["obs"].float(), self.encode_action(ref["action"]), encoding)
         self.ref_q = ref["q"].float()
         g = torch.Generator().manual_seed(0)
-        idx = torch.randperm(self.n, generator=g)[:q_mean_pairs]
+        perm = torch.randperm(self.n, generator=g)
+        idx = perm[:q_mean_pairs]
         self.q_mean_x = encode(self.obs[idx], self.action[idx], encoding)
+        rows = perm[:SRANK_EVAL_ROWS]  # the fixed evaluation set of feature_srank
+        self.srank_x = encode(self.obs[rows], self.action[rows], encoding)
 
     def encode_action(self, a: torch.Tensor) -> torch.Tensor:
         if self.discrete:
@@ -457,8 +481,8 @@ def train_offline(dataset: str | Path | OfflineDataset, settings: TrainSettings,
             bar.update()
             if step % settings.log_every == 0 or step == settings.steps:
                 rate = (step - done_at_start) / max(time.perf_counter() - t0, 1e-9)
-                lines = _log_lines(members, params, td, x, x_next, phi.detach(),
-                                   loss_sum / steps_since, step, rate)
+                lines = _log_lines(members, params, td, x, x_next, td.dr3_pairs[idx],
+                                   phi.detach(), loss_sum / steps_since, step, rate)
                 loss_sum.zero_()
                 steps_since = 0
                 for m in members:
@@ -484,14 +508,18 @@ def train_offline(dataset: str | Path | OfflineDataset, settings: TrainSettings,
 
 @torch.no_grad()
 def _log_lines(members: Sequence[Member], params: Params, td: TrainingData, x: torch.Tensor,
-               x_next: torch.Tensor, phi: torch.Tensor, td_loss: torch.Tensor, step: int,
-               rate: float) -> dict[str, dict[str, Any]]:
-    """One log line per member (module doc)."""
+               x_next: torch.Tensor, pairs: torch.Tensor, phi: torch.Tensor,
+               td_loss: torch.Tensor, step: int, rate: float) -> dict[str, dict[str, Any]]:
+    """One log line per member (module doc); ``pairs``: ``(M, B)``, the minibatch's pairs
+    of the DR3 term, which ``feature_dot`` and ``feature_cosine`` average over."""
     _, phi_next = q_forward(params, x_next)
     M = len(members)
-    dots = feature_dot(phi, phi_next).mean(-1)
-    cosines = feature_cosine(phi, phi_next).mean(-1)
+    weight = pairs.to(phi.dtype)
+    count = weight.sum(-1)
+    dots = (feature_dot(phi, phi_next) * weight).sum(-1) / count
+    cosines = (feature_cosine(phi, phi_next) * weight).sum(-1) / count
     norms = feature_norm(phi).mean(-1)
+    phi_eval = q_forward(params, td.srank_x.expand(M, *td.srank_x.shape))[1]
     q_ref, _ = q_forward(params, td.ref_x.expand(M, *td.ref_x.shape))
     scale = td.ref_q.abs().mean().clamp_min(1e-12)
     abs_err = (q_ref - td.ref_q).abs().mean(-1) / scale
@@ -503,7 +531,8 @@ def _log_lines(members: Sequence[Member], params: Params, td: TrainingData, x: t
             "step": step, "variant": m.variant.name, "seed": m.seed,
             "td_loss": float(td_loss[i]), "feature_dot": float(dots[i]),
             "feature_cosine": float(cosines[i]), "feature_norm": float(norms[i]),
-            "feature_srank": srank(phi[i]), "q_abs_error": float(abs_err[i]),
+            "feature_srank": srank(phi_eval[i]), "feature_srank_rows": len(td.srank_x),
+            "q_abs_error": float(abs_err[i]),
             "q_signed_error": float(signed[i]), "q_mean": float(q_mean[i]),
             "steps_per_s": rate,
         }

@@ -15,6 +15,7 @@ import torch
 from pgscope.config import Config
 from pgscope.engine.adam import MaskedAdam
 from pgscope.engine.stacked import SeedBatched, Stack
+from pgscope.features import dr3_pairs
 from pgscope.networks import Policy, ValueNet
 from pgscope.rollout import Batch
 
@@ -99,13 +100,14 @@ class StackedBatch(NamedTuple):
     advantages: torch.Tensor
     returns: torch.Tensor
     next_obs: torch.Tensor  # for value_dr3_coef: each state's successor ...
-    valid: torch.Tensor  # ... and whether no episode end lies between them (not done)
+    valid: torch.Tensor  # ... and whether the pair enters the DR3 term (features.dr3_pairs)
 
     @staticmethod
     def stack(batches: Sequence[Batch]) -> StackedBatch:
         names = ("obs", "actions", "logp", "values", "advantages", "returns", "next_obs")
         stacked = {k: torch.stack([getattr(b, k) for b in batches]) for k in names}
-        return StackedBatch(**stacked, valid=torch.stack([~b.done for b in batches]))
+        return StackedBatch(**stacked,
+                            valid=torch.stack([dr3_pairs(b.terminated) for b in batches]))
 
     @property
     def pairs(self) -> int:

@@ -30,6 +30,7 @@ REQUIREMENTS = {
     "ppo-kl": "the adaptive-KL-penalty loss only (ppo_loss = kl, preset ppo-kl)",
     "heldout": "from the second iteration on, when heldout_kl is on",
     "features": "every features_every-th iteration, when features_every > 0",
+    "eval": "every eval_every-th iteration and the last one, when eval_every > 0",
 }
 
 GROUPS = (
@@ -38,6 +39,7 @@ GROUPS = (
     "Policy change (after the update)",
     "Data-collecting policy",
     "Value function",
+    "Evaluation",
     "Timing",
 )
 
@@ -79,7 +81,8 @@ class Metric:
                      if self.every_algorithm or self.name in a.logs)
 
     def logged(self, algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
-               heldout: bool | None = None, features: bool | None = None) -> bool:
+               heldout: bool | None = None, features: bool | None = None,
+               evaluation: bool | None = None) -> bool:
         """Whether ``algo`` logs this key in the given setting; a setting left ``None``
         counts as satisfying every condition that depends on it ("may be logged")."""
         if algo not in self.algorithms:
@@ -90,11 +93,12 @@ class Metric:
             "ppo-kl": ppo_loss is None or ppo_loss == "kl",
             "heldout": heldout is None or heldout,
             "features": features is None or features,
+            "eval": evaluation is None or evaluation,
         }
         return all(checks[r] for r in self.requires)
 
 
-_RUN, _UPDATE, _CHANGE, _POLICY, _VALUE, _TIME = GROUPS
+_RUN, _UPDATE, _CHANGE, _POLICY, _VALUE, _EVAL, _TIME = GROUPS
 #: ``every_algorithm=EVERY``: a key the training loop logs whatever the algorithm.
 EVERY = True
 #: The conditions shared by several keys (words and tags, see Metric).
@@ -103,6 +107,12 @@ _HELDOUT: dict[str, Any] = dict(condition="from iteration 2, when heldout_kl",
 _GAUSSIAN: dict[str, Any] = dict(condition="Gaussian policies only", requires=("gaussian",))
 _FEATURES: dict[str, Any] = dict(condition="every features_every-th iteration (default: every)",
                                  requires=("features",))
+_EVALUATED: dict[str, Any] = dict(condition="every eval_every-th iteration and the last "
+                                  "one, when eval_every > 0", requires=("eval",))
+_EVAL_EPISODES = ("eval_episodes fresh episodes on separate envs (seeds eval_seed, eval_seed "
+                  "+ 1, ...) with the policy after this iteration's update and its "
+                  "observation statistics frozen: the mean action when eval_deterministic "
+                  "(as pgscope evaluate), else sampled actions")
 _PHI = ("phi(s) = the value net's penultimate activations (ValueNet.features), after this "
         "iteration's update, on the training batch's states; ")
 _EPS_REF = ("eps_ref = clip_eps for the clipped PPO loss with clip_eps < 1 (ppo, ppo-m), "
@@ -253,9 +263,42 @@ METRICS: tuple[Metric, ...] = (
            every_algorithm=EVERY, **_FEATURES),
     Metric("feature_norm", _PHI + "mean Euclidean norm |phi(s)| over the batch's states.",
            "norm", _VALUE, every_algorithm=EVERY, **_FEATURES),
-    Metric("feature_srank", _PHI + "effective rank srank_0.01 of the batch's feature "
-           "matrix: the fewest singular values holding 99% of their sum (Kumar et al. "
-           "2020).", "dimensions", _VALUE, every_algorithm=EVERY, **_FEATURES),
+    Metric("feature_srank", "phi(s) = the value net's penultimate activations "
+           "(ValueNet.features), after this iteration's update, on a fixed evaluation set: "
+           "states of the run's first training batch (all of them, or 2,048 drawn with the "
+           "run's seed when it has more), the same input vectors at every iteration; "
+           "effective rank srank_0.01 of their feature matrix: the fewest singular values "
+           "holding 99% of their sum (Kumar et al. 2020). At most feature_srank_rows and "
+           "the feature width; compare it only between runs with the same "
+           "feature_srank_rows.", "dimensions", _VALUE, every_algorithm=EVERY, **_FEATURES),
+    Metric("feature_srank_rows", "Number of states (rows) of the fixed evaluation set "
+           "feature_srank is measured on: min(2,048, the first batch's states), the same "
+           "for the whole run.", "states", _VALUE, every_algorithm=EVERY, **_FEATURES),
+    # --- evaluation during training (pgscope.periodic_eval, config eval_every) -----------
+    Metric("eval_return", "Mean undiscounted return, in the env's own reward units, of "
+           + _EVAL_EPISODES + "; what pgscope evaluate RUN --checkpoint ITERATION --episodes "
+           "eval_episodes --seed eval_seed (--stochastic when not eval_deterministic) prints for "
+           "this iteration's checkpoint.",
+           "return (env units)", _EVAL, every_algorithm=EVERY,
+           aliases=("eval/mean_reward",), tensorboard="eval/mean_reward", **_EVALUATED),
+    Metric("eval_return_low", "Lower end of the 95% percentile-bootstrap interval of "
+           "eval_return over its episodes (resampling episodes, as pgscope evaluate).",
+           "return (env units)", _EVAL, every_algorithm=EVERY, **_EVALUATED),
+    Metric("eval_return_high", "Upper end of the 95% percentile-bootstrap interval of "
+           "eval_return over its episodes (as eval_return_low).", "return (env units)", _EVAL,
+           every_algorithm=EVERY, **_EVALUATED),
+    Metric("eval_episode_length", "Mean length of the evaluation's episodes.", "env steps",
+           _EVAL, every_algorithm=EVERY, aliases=("eval/mean_ep_length",),
+           tensorboard="eval/mean_ep_length", **_EVALUATED),
+    Metric("eval_episodes", "Number of episodes the evaluation played (config "
+           "eval_episodes).", "episodes", _EVAL, every_algorithm=EVERY, **_EVALUATED),
+    Metric("eval_few_samples", "True when the interval rests on fewer than 10 episodes "
+           "(pgscope.seed_statistics.FEW_SAMPLES): it then understates the uncertainty, as "
+           "pgscope evaluate notes.", "flag", _EVAL, every_algorithm=EVERY, **_EVALUATED),
+    Metric("eval_seed", "Env seed of the evaluation's first episode (episode i: eval_seed + "
+           "i), drawn from the run's seed and the iteration (pgscope.periodic_eval."
+           "eval_seed): never the training envs' seeds.", "seed", _EVAL,
+           every_algorithm=EVERY, **_EVALUATED),
     # --- wall-clock timing (excluded from determinism checks) ----------------------------
     Metric("sps", "Env steps of this iteration per wall-clock second of its rollout and "
            "update.", "env steps / second", _TIME, every_algorithm=EVERY, timing=True,
@@ -333,14 +376,15 @@ def tensorboard_tag(name: str) -> tuple[str, float]:
 
 
 def metrics_for(algo: str, *, discrete: bool | None = None, ppo_loss: str | None = None,
-                heldout: bool | None = None, features: bool | None = None
-                ) -> tuple[Metric, ...]:
+                heldout: bool | None = None, features: bool | None = None,
+                evaluation: bool | None = None) -> tuple[Metric, ...]:
     """The metrics ``algo`` logs, in registry order.
 
     ``discrete`` selects the action space, ``ppo_loss`` the PPO loss (``"clip"`` or
     ``"kl"``) and ``heldout`` whether this iteration has held-out states (``heldout_kl`` on
     and iteration >= 2), ``features`` whether this iteration logs the critic-feature
-    metrics (``features_every``). A setting left ``None`` keeps the metrics whose condition
+    metrics (``features_every``), ``evaluation`` whether it logs an evaluation's ``eval_*``
+    keys (``eval_every``). A setting left ``None`` keeps the metrics whose condition
     depends on it, so ``metrics_for("ppo")`` lists every key PPO may log.
     """
     names = algorithm_names()
@@ -348,7 +392,7 @@ def metrics_for(algo: str, *, discrete: bool | None = None, ppo_loss: str | None
         raise ValueError(f"unknown algorithm {algo!r}; expected one of {names}")
     return tuple(m for m in METRICS
                  if m.logged(algo, discrete=discrete, ppo_loss=ppo_loss, heldout=heldout,
-                             features=features))
+                             features=features, evaluation=evaluation))
 
 
 def metric_value(record: Mapping[str, Any], name: str) -> Any:

@@ -11,8 +11,10 @@ top-level keys of its result, its plot, its one-line headline, and its section o
 report: a reading in plain words and its table); :func:`run_probes` and the report look
 probes up by name and never branch on one. Every module of this package is
 imported when the registry is first asked for, so adding a probe is one new file here
+and its line in :data:`KINDS`, which the command line reads without importing any probe
 (docs/architecture.md, "How to add a probe"). :mod:`pgscope.probes.schedule` runs probes
-during training as a subscriber of the training events.
+during training as a subscriber of the training events (:func:`pgscope.load_components`
+imports it; this package itself imports neither it nor torch).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,19 +40,93 @@ DEFAULT_SIZES: tuple[int, ...] = (100, 1000, 2048, 10_000, 100_000)
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
-    """Every setting of a probe request (``pgscope probe`` options); each probe reads its
-    own (:attr:`Probe.settings`)."""
+class SettingOption:
+    """How ``pgscope probe`` takes one :class:`ProbeSettings` field (the field's
+    ``metadata["option"]``): its flag, its help, the type of each value (``"count"``: a
+    whole number, ``1e6`` and ``1_000_000`` accepted; ``"float"``; ``"path"``), ``nargs``
+    (None: one value; ``"+"``: one or more; ``"*"``: any number) and ``metavar``."""
 
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    k: int = 10
-    true_pairs: int = 1_000_000
-    value_pairs: int = 100_000
-    fit_pairs: int = 500_000
-    compare: tuple[str, ...] = ()
-    landscape_counts: tuple[int, ...] = (2_000, 20_000, 100_000)
-    landscape_grid: tuple[float, ...] = (0, 0.75, 1.5, 2.25, 3.0)
-    landscape_directions: int = 5
+    flag: str
+    help: str
+    value: str = "count"
+    nargs: str | None = None
+    metavar: str | None = None
+
+
+def _option(flag: str, help: str, value: str = "count", nargs: str | None = None,
+            metavar: str | None = None) -> dict[str, SettingOption]:
+    return {"option": SettingOption(flag, help, value, nargs, metavar)}
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Every setting of a probe request (``pgscope probe`` options, each declared with its
+    field: :func:`setting_options`); each probe reads its own (:attr:`Probe.settings`)."""
+
+    sizes: tuple[int, ...] = field(default=DEFAULT_SIZES, metadata=_option(
+        "--sizes", "sample sizes (state-action pairs) of the gradient grid", nargs="+",
+        metavar="N"))
+    k: int = field(default=10, metadata=_option(
+        "--k", "independent estimates per sample size", metavar="K"))
+    true_pairs: int = field(default=1_000_000, metadata=_option(
+        "--true-pairs", "state-action pairs of the 'true' gradient the estimates are "
+        "compared with", metavar="N"))
+    value_pairs: int = field(default=100_000, metadata=_option(
+        "--pairs", "fresh state-action pairs the value net is judged on (the features "
+        "probe: states)", metavar="N"))
+    fit_pairs: int = field(default=500_000, metadata=_option(
+        "--fit-pairs", "pairs of Monte Carlo returns for the 'true' value baseline (the "
+        "paper used 5e6)", metavar="N"))
+    compare: tuple[str, ...] = field(default=(), metadata=_option(
+        "--compare", "more runs whose per-iteration trust-region statistics are plotted "
+        "with this one's", value="path", nargs="*", metavar="RUN"))
+    landscape_counts: tuple[int, ...] = field(default=(2_000, 20_000, 100_000), metadata=_option(
+        "--landscape-counts", "env steps of fresh rollouts per landscape grid point",
+        nargs="+", metavar="N"))
+    landscape_grid: tuple[float, ...] = field(default=(0, 0.75, 1.5, 2.25, 3.0),
+                                              metadata=_option(
+        "--landscape-grid", "multiples of the step and of the random direction",
+        value="float", nargs="+", metavar="X"))
+    landscape_directions: int = field(default=5, metadata=_option(
+        "--landscape-directions", "random directions of the landscape (the paper used 1); "
+        "means and 95% t-intervals over them", metavar="N"))
+
+
+def setting_options() -> dict[str, SettingOption]:
+    """Each :class:`ProbeSettings` field's command-line option, by field name."""
+    return {f.name: f.metadata["option"] for f in fields(ProbeSettings)}
+
+
+@dataclass(frozen=True)
+class ProbeKind:
+    """A built-in probe as the command line knows it without importing it (the probe
+    modules import torch): its name, a one-line summary and the :class:`ProbeSettings` it
+    reads, so that ``pgscope probe NAME`` offers exactly their options.
+    :func:`register_probe` refuses a built-in probe whose settings differ from its kind's."""
+
+    name: str
+    summary: str
+    settings: tuple[str, ...]
+
+
+#: The built-in probes, in the order of ``all`` (:attr:`Probe.order`). A new probe module
+#: of this package adds its line here too, so that ``pgscope probe`` offers it (a test
+#: checks that the two agree).
+KINDS: tuple[ProbeKind, ...] = (
+    ProbeKind("gradients", "how well sampled policy gradients agree with each other and "
+              "with a 'true' gradient, per sample size", ("sizes", "k", "true_pairs")),
+    ProbeKind("values", "the value net's error against its GAE targets and against true "
+              "returns", ("value_pairs",)),
+    ProbeKind("baselines", "gradient variance with the agent's value net, a 'true' value "
+              "net and no baseline", ("sizes", "k", "fit_pairs")),
+    ProbeKind("landscape", "the surrogate objective vs the true return along the step and "
+              "random directions", ("landscape_counts", "landscape_grid",
+                                    "landscape_directions")),
+    ProbeKind("trust-region", "ratios, KL and clip fractions per iteration and per epoch "
+              "of a replayed update", ("compare",)),
+    ProbeKind("features", "co-adaptation of the value net's penultimate features (DR3)",
+              ("value_pairs",)),
+)
 
 
 @dataclass
@@ -104,10 +180,16 @@ HELPER_MODULES = ("bootstrap", "plots", "sampling", "schedule")
 
 
 def register_probe(probe: Probe) -> Probe:
-    """Register ``probe`` under its name (``pgscope probe NAME``, config ``probe_kinds``)."""
+    """Register ``probe`` under its name (``pgscope probe NAME``, config ``probe_kinds``);
+    a built-in probe must read the settings its :data:`KINDS` entry declares."""
     unknown = set(probe.settings) - {f for f in ProbeSettings.__dataclass_fields__}
     if unknown:
         raise ValueError(f"probe '{probe.name}' reads unknown settings {sorted(unknown)}.")
+    declared = {kind.name: kind.settings for kind in KINDS}.get(probe.name)
+    if declared is not None and set(declared) != set(probe.settings):
+        raise ValueError(f"probe '{probe.name}' reads settings {list(probe.settings)}, but "
+                         f"pgscope.probes.KINDS (the command line's options) declares "
+                         f"{list(declared)}.")
     return _PROBES.register(probe.name, probe)
 
 
@@ -416,11 +498,9 @@ def scheduled_probes(run_dir: Path, iteration: int, progress: bool = False,
     return final
 
 
-# the probe schedule: a training-event subscriber and the check of the probe_* config keys
-from pgscope.probes import schedule as schedule  # noqa: E402  (registers both)
-
-__all__ = ["HELPER_MODULES", "Probe", "ProbeInput", "ProbeSettings", "agent_run_dir",
+__all__ = ["HELPER_MODULES", "KINDS", "Probe", "ProbeInput", "ProbeKind", "ProbeSettings",
+           "SettingOption", "agent_run_dir",
            "headline", "interval", "parse_kinds", "plots_function", "probe", "probe_names",
-           "probes", "register_probe",
+           "probes", "register_probe", "setting_options",
            "run", "run_probes",
            "scheduled_probe_failures", "scheduled_probes"]

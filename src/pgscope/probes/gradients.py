@@ -43,6 +43,7 @@ from pgscope.probes import DEFAULT_SIZES, ProbeInput, ProbeSettings, interval, p
 from pgscope.probes.bootstrap import bootstrap_ci, cosine_matrix, pairwise_summary, summarize
 from pgscope.probes.sampling import batch_chunks
 from pgscope.rollout import Batch
+from pgscope.seed_statistics import few_samples_note
 
 
 @dataclass
@@ -245,6 +246,7 @@ def gradient_probe(agent: Agent, sizes: Iterable[int] = DEFAULT_SIZES,
     ent_coef = true_acc.ent_coef
     result: dict = {
         "settings": {"sizes": sizes, "k": k, "true_pairs": true_pairs, "seed": seed,
+                     "few_samples_note": few_samples_note(k, "estimates per size"),
                      "adv_norm": cfg.adv_norm, "env_id": cfg.env_id,
                      "horizon": cfg.steps_per_env, "ent_coef": ent_coef,
                      "objective": OBJECTIVE_ENTROPY if ent_coef > 0 else OBJECTIVE_SURROGATE},
@@ -314,21 +316,32 @@ def _reading(r: dict) -> str:
     pc, ct = row["pairwise_cosine"], row["cosine_to_true"]
     verdict = ("agree well" if pc["mean"] > 0.5 else "agree only loosely"
                if pc["mean"] > 0.1 else "barely agree")
+    settings = r.get("settings") or {}
+    note = settings.get("few_samples_note")
     return (f"At {row['n']:,} state-action pairs (about one training batch) independent "
             f"policy-gradient estimates {verdict} (mean pairwise cosine "
             f"{fmt(pc['mean'], 2)}) and point {fmt(ct['mean'], 2)} of the way (cosine) "
-            "towards the 'true' gradient.")
+            "towards the 'true' gradient." + (f" Its intervals: {note}." if note else ""))
 
 
 def _table(r: dict) -> str:
+    """Every size of both networks, with the sample counts behind each number: the pairs
+    per estimate, the K estimates per size (intervals over fewer than
+    :data:`pgscope.seed_statistics.FEW_SAMPLES` marked ``!``) and the 'true' gradient's
+    pairs."""
+    settings = r.get("settings") or {}
+    k = settings.get("k", "?")
+    mark = "!" if settings.get("few_samples_note") else ""
     rows = []
     for net in ("policy", "value"):
         for row in r.get(net, []):
-            rows.append([net, row["n"], interval_text(row.get("pairwise_cosine")),
+            rows.append([net, row["n"], f"{k}{mark}",
+                         interval_text(row.get("pairwise_cosine")),
                          interval_text(row.get("cosine_to_true")),
                          interval_text(row.get("covariance_trace"))])
-    return table(["net", "pairs per estimate", "mean pairwise cosine",
-                  "cosine to 'true' gradient", "trace of covariance"], rows, (1,))
+    return table(["net", "pairs per estimate", "estimates (K)", "mean pairwise cosine",
+                  f"cosine to 'true' gradient ({settings.get('true_pairs', '?')} pairs)",
+                  "trace of covariance"], rows, (1,))
 
 
 @probe("gradients", order=10, settings=("sizes", "k", "true_pairs"), plot="plot_gradients",

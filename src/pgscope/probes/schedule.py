@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+
+from tqdm import tqdm
 
 import pgscope.probes as probes
 from pgscope.callbacks import Callback, CheckpointSaved, RunStart
@@ -51,10 +54,22 @@ class ScheduledProbes(Callback):
             atomic_write_bytes(kept, self.run.last_checkpoint.read_bytes())
         if iteration in probes.scheduled_probe_failures(self.run.path):
             return
+        # no bars of their own: one line above the training bar before and after (a
+        # probe's bar would interleave with it), and the training bar's speed is the
+        # run's own steps per second, not tqdm's rate over a period that held the probes
+        def say(line: str) -> None:
+            if self.progress:
+                tqdm.write(line, file=sys.stderr)  # the bar's stream
+
+        say(f"iteration {iteration}: scheduled probes ({cfg.probe_kinds}) ...")
+        start = time.perf_counter()
         try:
-            probes.scheduled_probes(self.run.path, iteration, progress=self.progress)
+            folder = probes.scheduled_probes(self.run.path, iteration, progress=False)
         except Exception as exc:  # noqa: BLE001 - recorded; training goes on
             self._record_failure(cfg, iteration, f"{type(exc).__name__}: {exc}")
+            return
+        say(f"iteration {iteration}: scheduled probes done in "
+            f"{time.perf_counter() - start:.0f} s -> {folder}")
 
     def _record_failure(self, cfg: Config, iteration: int, error: str) -> None:
         run = self.run
@@ -62,8 +77,9 @@ class ScheduledProbes(Callback):
         (run.path / "probes").mkdir(exist_ok=True)
         with open(run.path / "probes" / "failures.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        rerun = (f"pgscope probe {cfg.probe_kinds} {run.path} --checkpoint {iteration} "
-                 f"--out {run.path / 'probes' / f'iter_{iteration:06d}'}")
+        out = run.path / "probes" / f"iter_{iteration:06d}"
+        rerun = " && ".join(f"pgscope probe {kind} {run.path} --checkpoint {iteration} "
+                            f"--out {out}" for kind in probes.parse_kinds(cfg.probe_kinds))
         run.log(f"scheduled probes of iteration {iteration} failed ({error}); re-run: {rerun}")
         print(f"warning: scheduled probes of iteration {iteration} failed ({error}); "
               f"training goes on. Re-run them with: {rerun}", file=sys.stderr)

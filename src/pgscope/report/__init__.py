@@ -24,7 +24,9 @@ def kind_of(path: Path) -> str:
 
     if (path / "config.json").exists():
         return "run"
-    if (path / "study.json").exists():
+    from pgscope.study.spec import is_study_dir
+
+    if is_study_dir(path):  # (the seed runs of `train --seeds` too)
         return "study"
     if path.is_dir() and probe_files(path):
         return "probes"

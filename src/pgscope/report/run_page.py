@@ -29,6 +29,7 @@ from pgscope.report.page import (
     table,
     video,
 )
+from pgscope.seed_statistics import FEW_SAMPLES
 
 #: Diagnostics panels: (anchor, title, keys, y axis type, note).
 PANELS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
@@ -152,6 +153,59 @@ def learning_curve(records: list[dict[str, Any]], findings: list[Finding]) -> st
     fig.update_layout(xaxis_title="env steps", yaxis_title="episode return (env units)",
                       legend=dict(orientation="h", y=-0.2))
     return figure(fig, "curve-return", height=430) + _finding_links(shown, findings)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def last_evaluation(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The summary row of the run's last evaluation: its mean return with its interval."""
+    r = [r for r in records if r.get("eval_return") is not None][-1]
+    mean = float(r["eval_return"])
+    text = ci_text(mean, float(_or(r.get("eval_return_low"), mean)),
+                   float(_or(r.get("eval_return_high"), mean)), 4)
+    return (f"last evaluation return (iteration {r.get('iteration')}, "
+            f"{r.get('eval_episodes')} episodes, 95% bootstrap CI)", text)
+
+
+def has_evaluations(records: list[dict[str, Any]]) -> bool:
+    """Whether the run evaluated during training (``eval_every``; ``eval_*`` keys)."""
+    return any(r.get("eval_return") is not None for r in records)
+
+
+def evaluation_curve(records: list[dict[str, Any]]) -> str:
+    """The evaluations during training (:mod:`pgscope.periodic_eval`): the mean return of
+    each evaluation's episodes with its bootstrap interval as a band, over env steps."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in records if r.get("eval_return") is not None]
+    x = [int(r["env_steps"]) for r in rows]
+    mean = [float(r["eval_return"]) for r in rows]
+    low = [float(_or(r.get("eval_return_low"), r["eval_return"])) for r in rows]
+    high = [float(_or(r.get("eval_return_high"), r["eval_return"])) for r in rows]
+    c = PALETTE_10[1]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x + x[::-1], y=high + low[::-1], fill="toself", mode="lines",
+                             fillcolor=rgba(c, 0.2), line=dict(width=0), hoverinfo="skip",
+                             name="95% bootstrap CI over the evaluation's episodes"))
+    fig.add_trace(go.Scatter(
+        x=x, y=mean, mode="lines+markers", line=dict(color=c, width=2.5),
+        name="mean return of the evaluation episodes",
+        customdata=[[r.get("iteration"), r.get("eval_episodes")] for r in rows],
+        hovertemplate="eval_return = %{y:.4g}<br>iteration %{customdata[0]}, "
+                      "%{customdata[1]} episodes<br>env steps %{x}<extra></extra>"))
+    fig.update_layout(xaxis_title="env steps", yaxis_title="episode return (env units)",
+                      legend=dict(orientation="h", y=-0.2))
+    few = [r for r in rows if r.get("eval_few_samples")]
+    note = ("Each point: the policy after that iteration's update, on envs of its own with "
+            "frozen observation statistics (config eval_every, eval_episodes, "
+            "eval_deterministic); <code>pgscope evaluate RUN --checkpoint I --seed "
+            "eval_seed</code> replays one.")
+    if few:
+        note += (f" {len(few)} of {len(rows)} intervals rest on fewer than {FEW_SAMPLES} "
+                 "episodes and understate the uncertainty.")
+    return figure(fig, "curve-eval", height=400) + f'<p class="caption">{note}</p>'
 
 
 def axis_unit(unit: str) -> str:
@@ -286,16 +340,22 @@ def config_html(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
             make_config(cfg.get("preset", "ppo"), cfg.get("env_id", "")).to_dict()))
     except Exception:  # noqa: BLE001 - an env this machine cannot make: no highlighting
         preset_values = {}
-    rows, ids, changed_rows = [], [], []
+    from pgscope.algos import unread_keys
+
+    unread = set(unread_keys(str(cfg.get("algo", ""))))
+    rows: list[list[str]] = []
+    unread_rows: list[list[str]] = []
+    ids, changed_rows = [], []
     for k in sorted(cfg):
         changed = bool(preset_values) and preset_values.get(k) != cfg[k] and k not in (
             "seed", "total_steps")
-        rows.append([f'<span class="{"changed" if changed else ""}">{esc(k)}</span>',
-                     esc(json.dumps(cfg[k])),
-                     esc(json.dumps(preset_values.get(k))) if changed else ""])
+        row = [f'<span class="{"changed" if changed else ""}">{esc(k)}</span>',
+               esc(json.dumps(cfg[k])), esc(json.dumps(preset_values.get(k))) if changed else ""]
+        (unread_rows if k in unread else rows).append(row)
         ids.append(f"cfg-{k}")
         if changed:
-            changed_rows.append([esc(k), esc(json.dumps(cfg[k])),
+            changed_rows.append([esc(k) + (" <em>(not read by this algorithm)</em>"
+                                           if k in unread else ""), esc(json.dumps(cfg[k])),
                                  esc(json.dumps(preset_values.get(k)))])
     changed_html = (
         f"<h3>Changed from the preset {esc(cfg.get('preset', '?'))} "
@@ -310,7 +370,12 @@ def config_html(cfg: dict[str, Any], meta: dict[str, Any]) -> str:
             + changed_html
             + '<p class="note">Highlighted: values that differ from the preset\'s for this env '
               "(seed and total_steps aside).</p>"
-            + table(["key", "value", "preset value"], rows, raw=(0, 1, 2)))
+            + table(["key", "value", "preset value"], rows, raw=(0, 1, 2))
+            + (f"<details><summary>Not read by {esc(cfg.get('algo', '?'))} "
+               f"({len(unread_rows)} keys: another algorithm's; whatever their values, they "
+               "change nothing in this run)</summary>"
+               + table(["key", "value", "preset value"], unread_rows, raw=(0, 1, 2))
+               + "</details>" if unread_rows else ""))
 
 
 def find_video(run: Path) -> Path | None:
@@ -355,6 +420,8 @@ def run_page(path: Path, video_file: Path | None = None) -> Page:
                ("median env steps / s", fmt(float(np.median(sps_vals)) if sps_vals else None)),
                ("doctor", "healthy" if not findings else
                 f"{len(findings)} alarm(s): " + ", ".join(f.alarm for f in findings))]
+    if has_evaluations(records):
+        summary.insert(6, last_evaluation(records))
     if data.status.get("error"):
         summary.append(("error", str(data.status["error"])))
     summary += [("writer host", str(data.status.get("host", "?")))] + _env_summary(env_id)
@@ -362,6 +429,9 @@ def run_page(path: Path, video_file: Path | None = None) -> Page:
     page.add("doctor", "Doctor", findings_html(findings, records))
     if records:
         page.add("learning", "Learning curve", learning_curve(records, findings))
+    if has_evaluations(records):
+        page.add("evaluation", "Evaluation during training", evaluation_curve(records))
+    if records:
         page.add("diagnostics", "Training diagnostics",
                  '<p class="note">Names and units from the metric registry '
                  "(docs/metrics.md). Click a legend entry to hide a line, double-click to "

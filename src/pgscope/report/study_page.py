@@ -1,7 +1,8 @@
 """The report of a study: outcome counts, doctor findings per run, learning curves per
 config with CIs over seeds, final-score tables (IQM, median, mean with CIs, failure rates,
 seeds needed), comparisons (probability of improvement, Mann-Whitney, Welch), performance
-profiles and, for factorial studies, main effects. The numbers are those of
+profiles, the reliability metrics of Chan et al. (2020) and, for factorial studies, main
+effects. The numbers are those of
 ``pgscope study summary`` (:func:`pgscope.study.analysis.summarize`)."""
 
 from __future__ import annotations
@@ -172,6 +173,94 @@ def improvement_html(comp: Any, level: float, anchor: str) -> str:
     return figure(fig, anchor)
 
 
+def reliability_html(t: dict[str, Any], envs: list[str], col: dict[str, str],
+                     section: dict[str, Any]) -> str:
+    """The reliability metrics (Chan et al., 2020): a table of every metric with its
+    interval per config and env, one panel per metric (each config's value with its
+    interval, one column per env), the mean ranks over envs and the permutation tests."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from pgscope.reliability import CURVE_METRICS, METRICS
+
+    rel = t.get("reliability")
+    if rel is None or rel.empty:
+        return ('<p class="note">No complete run with at least 3 points on its learning '
+                "curve: no reliability metrics.</p>")
+    level = float(section.get("level", 0.95))
+    params = section.get("parameters", {})
+    parts = [f'<p class="note">The reliability metrics of {esc(section.get("citation", ""))}'
+             f" on the complete runs' learning curves ({esc(params.get('curve', ''))}), each "
+             f"with a {100 * level:g}% bootstrap interval over runs. CVaR level alpha = "
+             f"{esc(params.get('alpha'))}; DT window {esc(params.get('window'))} iterations; "
+             "DR and RR read the low-pass filtered curves at the centres of segments of "
+             "about one window (RR: the last centre); units: "
+             f"{esc(section.get('units', ''))}. docs/studies.md, \"Reliability metrics\", "
+             "defines them.</p>"]
+    few = sorted({f"{r['label']} ({r['env']})" for _, r in rel.iterrows() if r["few_samples"]})
+    if few:
+        parts.append(f'<p class="note warning">Intervals over fewer than {FEW_SAMPLES} runs '
+                     f"({esc(', '.join(few))}) understate the uncertainty.</p>")
+    rows = []
+    for (label, env), g in rel.groupby(["label", "env"], sort=False):
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        rows.append([label, env, fmt(int(g["n_runs"].max())),
+                     *(_ci(by[m], "value") if m in by else "-" for m in CURVE_METRICS)])
+    header = ["config", "env", "runs", *(
+        f"{m} ({'higher' if METRICS[m].higher_is_better else 'lower'} is better)"
+        for m in CURVE_METRICS)]
+    parts.append(table(header, rows, numeric=tuple(range(2, 3 + len(CURVE_METRICS)))))
+    for m in CURVE_METRICS:
+        d = rel[rel["metric"] == m]
+        if d.empty:
+            continue
+        info = METRICS[m]
+        fig = make_subplots(rows=1, cols=len(envs), subplot_titles=[esc(e) for e in envs])
+        for j, env in enumerate(envs, start=1):
+            for _, r in d[d["env"] == env].iterrows():
+                mid, lo, hi = (_num(r.get(k)) for k in ("value", "value_low", "value_high"))
+                fig.add_trace(go.Scatter(
+                    x=[mid], y=[esc(r["label"])], mode="markers",
+                    marker=dict(color=col.get(str(r["label"]), "#636efa"), size=9),
+                    error_x=dict(type="data", symmetric=False, array=[hi - mid],
+                                 arrayminus=[mid - lo], thickness=2),
+                    showlegend=False, name=esc(r["label"]),
+                    hovertemplate=esc(f"{r['label']} {m}") + ": %{x:.4g}<extra></extra>"),
+                    row=1, col=j)
+        better = "higher" if info.higher_is_better else "lower"
+        fig.update_yaxes(autorange="reversed")
+        fig.update_layout(title=dict(text=esc(f"{m}: {info.name} ({better} is better), "
+                                              f"{100 * level:g}% CI"), font=dict(size=14)),
+                          height=150 + 28 * d["label"].nunique())
+        parts.append(f'<h3 id="reliability-{m.lower()}">{esc(m)}: {esc(info.name)}</h3>'
+                     f'<p class="note">{esc(info.definition)}.</p>'
+                     + figure(fig, f"study-reliability-{m.lower()}"))
+    ranks = t.get("reliability_ranks")
+    if ranks is not None and not ranks.empty:
+        parts.append("<h3>Mean rank over envs</h3>"
+                     '<p class="note">Per env the configs are ranked by each metric (1 = best, '
+                     f"ties averaged), then the ranks averaged over envs; {100 * level:g}% "
+                     "bootstrap intervals resample every config's runs.</p>")
+        parts.append(table(["metric", "config", "mean rank", "envs"], [
+            [r["metric"], r["label"] + ("!" if r["few_samples"] else ""),
+             _ci(r, "mean_rank", 3), fmt(r["n_envs"])] for _, r in ranks.iterrows()],
+            numeric=(2, 3)))
+    comp = t.get("reliability_comparisons")
+    if comp is not None and not comp.empty:
+        parts.append("<h3>Permutation tests</h3>"
+                     '<p class="note">a - b per env (in the metric\'s units) and, for env '
+                     "all, the difference in mean rank (negative: a ranks better); two-sided "
+                     "p-values from exchanging runs between a and b.</p>")
+        parts.append(table(["a vs b", "env", "metric", "difference", "p", "splits"], [
+            [f"{r['a']} vs {r['b']}", r["env"], r["metric"],
+             fmt(r.get("difference") if r["env"] != "all" else r.get("rank_difference")),
+             _p(r.get("p_value")),
+             f"{int(r['permutations'])}"
+             + (" (all)" if r["env"] != "all" and bool(r.get("exact")) else "")]
+            for _, r in comp.iterrows()], numeric=(3, 4, 5)))
+    return "".join(parts)
+
+
 def study_page(path: Path) -> Page:
     from pgscope.doctor import diagnose_study
     from pgscope.study.analysis import summarize
@@ -264,6 +353,8 @@ def study_page(path: Path) -> Page:
              "std).</p>" + table(["config", "env", "mean", "std", "difference to detect",
                                   "seeds needed"], power_rows, numeric=(2, 3, 4, 5)))
     page.add("profiles", "Performance profiles", profiles_html(t["profiles"], envs, col, level))
+    page.add("reliability", "Reliability metrics",
+             reliability_html(t, envs, col, meta.get("reliability", {})))
     if "main_effects" in t and not t["main_effects"].empty:
         me = t["main_effects"]
         me_rows = [[f"{r['factor']}={r['level']} vs {r['reference']}", r["env"],

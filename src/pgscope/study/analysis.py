@@ -8,9 +8,10 @@
 Scores: a run's final score is defined by the study's ``[score]`` table (recorded in the
 output), or by a named rule (:data:`pgscope.study.spec.SCORE_RULES`) given to
 :func:`summarize`: ``"engstrom-code"``, each run's mean return over its last 5 iterations
-(the authors' run.py), or ``"last-10"`` (alias ``"paper"``) over its last 10; then the mean
-over runs with its CI. Every planned run has one of four outcomes
-(:data:`OUTCOME_RULE`, stated in every summary):
+(the authors' run.py), ``"last-10"`` (alias ``"paper"``) over its last 10, or
+``"eval-last"``, the return of its last evaluation during training (``eval_return``, config
+``eval_every``); then the mean over runs with its CI. Every planned run has one of four
+outcomes (:data:`OUTCOME_RULE`, stated in every summary):
 
 - **complete**: finished, with a score;
 - **diverged**: stopped by NaN/Inf (``status.json`` "diverged");
@@ -43,9 +44,10 @@ import numpy as np
 import pandas as pd
 
 from pgscope import seed_statistics as stats
+from pgscope.reliability import format_reliability, study_reliability
 from pgscope.run import RunDir, atomic_write_json
 from pgscope.study.runner import FAILED, FINISHED, open_study, run_state
-from pgscope.study.spec import ScoreSpec, StudySpec
+from pgscope.study.spec import ScoreSpec, StudySpec, check_score_inputs
 
 RUN_COLUMNS = ["label", "env", "seed", "preset", "state"]
 
@@ -96,13 +98,25 @@ def final_scores(spec: StudySpec, data: pd.DataFrame) -> pd.DataFrame:
         planned = r.config.num_iterations
         window = spec.score.window(planned)
         score = math.nan
-        if g is not None and state == "complete":
+        if g is not None and state == "complete" and spec.score.last_evaluations is not None:
+            score = _evaluation_score(g, window)
+        elif g is not None and state == "complete":
             tail = g[g["iteration"] > planned - window]["return_mean"].astype(float)
             score = float(tail.mean()) if tail.notna().any() else math.nan
         rows.append(dict(label=r.label, env=r.env_id, seed=r.seed, state=state,
                          iterations=0 if g is None else int(g["iteration"].max()),
                          planned_iterations=planned, window=window, score=score))
     return with_outcomes(pd.DataFrame(rows))
+
+
+def _evaluation_score(g: pd.DataFrame, last: int) -> float:
+    """The mean ``eval_return`` of a run's last ``last`` evaluations during training (the
+    lines with ``eval_episodes``); NaN when it has none, or only null returns."""
+    if "eval_episodes" not in g or "eval_return" not in g:
+        return math.nan
+    evals = g[g["eval_episodes"].notna()].sort_values("iteration").tail(last)
+    values = evals["eval_return"].astype(float)
+    return float(values.mean()) if values.notna().any() else math.nan
 
 
 def with_outcomes(scores: pd.DataFrame) -> pd.DataFrame:
@@ -369,6 +383,20 @@ def mark_few_samples(tables: dict[str, pd.DataFrame]) -> None:
             scored(comp, "_b") < stats.FEW_SAMPLES)
 
 
+def reliability(spec: StudySpec, data: pd.DataFrame, scores: pd.DataFrame
+                ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The reliability metrics of Chan et al. (2020) on the complete runs' learning
+    curves (:func:`pgscope.reliability.study_reliability`): the tables ``reliability``,
+    ``reliability_comparisons`` (the spec's pairs) and ``reliability_ranks``, each
+    ``reliability`` row with its config's run counts, and the summary's ``reliability``
+    section (parameters, units, definitions)."""
+    st = spec.statistics
+    counts = {(str(label), str(env)): _counts(g) for (label, env), g in
+              with_outcomes(scores).groupby(["label", "env"], sort=False)}
+    return study_reliability(data, pairs=_pairs(spec), reps=st.reps, level=st.level,
+                             seed=st.seed, counts=counts)
+
+
 def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
     """Every table of a study as DataFrames, plus the settings they were computed with;
     ``score`` names a score rule (:data:`pgscope.study.spec.SCORE_RULES`, e.g. "paper")
@@ -378,6 +406,7 @@ def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
     if score is not None:
         spec = dataclasses.replace(spec, score=ScoreSpec.named(
             score, spec.score.failure_threshold))
+        check_score_inputs(spec, source=f"--score {score}")
     data = _load(spec, path)
     scores = final_scores(spec, data)
     tables = dict(scores=scores, aggregates=aggregates(spec, scores),
@@ -390,8 +419,10 @@ def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
         tables["lottery"] = lottery(spec, scores)
         tables["lottery_curves"] = lottery_curves(spec, data, tables["lottery"])
     mark_few_samples(tables)
+    rel_tables, rel_meta = reliability(spec, data, scores)
+    tables.update(rel_tables)
     missing = scores[scores["outcome"] == "missing"]
-    return dict(spec=spec, tables=tables, meta=dict(
+    return dict(spec=spec, tables=tables, meta=dict(reliability=rel_meta,
         study=spec.name, spec_hash=spec.hash(), description=spec.description,
         score_definition=spec.score.describe(), score=spec.score.__dict__,
         statistics=spec.statistics.__dict__, baseline=spec.baseline,
@@ -400,12 +431,15 @@ def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
         diverged=int((scores["outcome"] == "diverged").sum()),
         failed=int((scores["outcome"] == FAILED).sum()),
         missing=[dict(label=r.label, env=r.env, seed=int(r.seed), state=r.state,
-                      why=_why_missing(r.state)) for r in missing.itertuples()]))
+                      why=_why_missing(r.state, spec.score))
+                 for r in missing.itertuples()]))
 
 
-def _why_missing(state: str) -> str:
+def _why_missing(state: str, score: ScoreSpec | None = None) -> str:
     if state == "new":
         return "not started"
+    if state in FINISHED and score is not None and score.last_evaluations is not None:
+        return "complete, but without an evaluation during training (eval_every)"
     if state in FINISHED:  # complete, but no score
         return "complete, but no episode ended in the score window"
     return "started, not finished (running or interrupted); the next 'pgscope study run' resumes it"
@@ -518,6 +552,10 @@ def format_summary(result: dict[str, Any]) -> str:
                           f"{100 * r['fraction_significant']:.1f}% (p < {r['alpha']:g})",
                           f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4g}"]
                          for _, r in lot.iterrows()])
+    rel = format_reliability(t)
+    if rel:
+        lines += ["", "reliability (Chan et al., 2020; complete runs; ! = fewer than "
+                  f"{stats.FEW_SAMPLES} runs; tests and ranks in reliability_*.csv)", *rel]
     return "\n".join(lines)
 
 

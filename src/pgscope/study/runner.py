@@ -42,9 +42,8 @@ from pgscope.config import Config
 from pgscope.errors import ConfigError, DivergenceError, PgscopeError, RunDirError
 from pgscope.run import RunDir, atomic_write_json, library_versions
 from pgscope.study.batching import DEFAULT_BATCH_SIZE, Task, pack_batches, resume_point
-from pgscope.study.spec import StudySpec, safe_name
+from pgscope.study.spec import STUDY_FILE, StudySpec, safe_name, seed_runs, seeds_study
 
-STUDY_FILE = "study.json"
 STUDY_FORMAT = "pgscope-study"
 FINISHED = ("complete", "diverged")
 #: A run whose training raised an error (``status.json`` says "failed"): not finished, so
@@ -81,6 +80,10 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> bool:
                 f"{other.total_steps} steps); choose another --out directory.")
         atomic_write_json(marker, _study_record(spec))  # analysis settings may change
         return True
+    if out.exists() and seed_runs(out):
+        raise RunDirError(f"'{out}' holds the seed runs of 'pgscope train --seeds' (extend "
+                          "them with 'pgscope train --resume DIR --seeds ...'); choose "
+                          "another --out directory.")
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"'{out}' is not empty and is not a pgscope study; choose another "
                           "--out directory.")
@@ -101,8 +104,11 @@ def open_study(path: str | Path) -> StudySpec:
         raise RunDirError(f"study directory '{path}' does not exist.")
     marker = path / STUDY_FILE
     if not marker.exists():
-        raise RunDirError(f"'{path}' is not a pgscope study directory (no {STUDY_FILE}); "
-                          "create one with 'pgscope study run'.")
+        if seed_runs(path) and not (path / "config.json").exists():
+            return seeds_study(path)  # pgscope train --seeds: a study of one config
+        raise RunDirError(f"'{path}' is not a pgscope study directory (no {STUDY_FILE}, "
+                          "no seed_<s>/ runs); create one with 'pgscope study run' or "
+                          "'pgscope train --seeds'.")
     try:
         data = json.loads(marker.read_text())
         if data.get("format") != STUDY_FORMAT:

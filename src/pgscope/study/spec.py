@@ -85,6 +85,11 @@ SCORE_RULES: dict[str, tuple[dict[str, Any], str]] = {
               "'last-10' under its earlier name (kept so that specs and commands written "
               "with it still read): each run's mean episode return over its last 10 "
               "iterations; the authors' code's own score is 'engstrom-code' (last 5)"),
+    "eval-last": (dict(last_fraction=None, last_evaluations=1),
+                  "each run's last evaluation during training (config eval_every): the mean "
+                  "return of its eval_episodes episodes on separate envs with the final "
+                  "policy (eval_return of the last iteration), then the mean over runs with "
+                  "its CI (column mean)"),
 }
 
 
@@ -96,6 +101,9 @@ class ScoreSpec:
     last_iterations: int | None = None
     failure_threshold: dict[str, float] = field(default_factory=dict)
     rule: str | None = None  # the name in SCORE_RULES this score follows, if any
+    # the mean of eval_return over the last N evaluations during training (eval_every)
+    # instead of a window of iterations of return_mean
+    last_evaluations: int | None = None
 
     @classmethod
     def named(cls, rule: str, failure_threshold: dict[str, float] | None = None
@@ -110,7 +118,10 @@ class ScoreSpec:
                    rule=rule)
 
     def window(self, num_iterations: int) -> int:
-        """How many of the last iterations are averaged."""
+        """How many of the last iterations are averaged (of the last evaluations, for a
+        score of ``eval_return``: :attr:`last_evaluations`)."""
+        if self.last_evaluations is not None:
+            return self.last_evaluations
         if self.last_iterations is not None:
             return min(self.last_iterations, num_iterations)
         return max(1, round(float(self.last_fraction or 0.1) * num_iterations))
@@ -118,6 +129,9 @@ class ScoreSpec:
     def describe(self) -> str:
         if self.rule is not None:
             return SCORE_RULES[self.rule][1]
+        if self.last_evaluations is not None:
+            return (f"mean of the evaluation return during training (eval_return) over the "
+                    f"last {self.last_evaluations} evaluations")
         if self.last_iterations is not None:
             return (f"mean of the per-iteration mean episode return over the last "
                     f"{self.last_iterations} iterations")
@@ -147,6 +161,13 @@ class ConfigSpec:
     overrides: dict[str, Any]
 
 
+#: The file that marks a study directory (written by ``pgscope study run``).
+STUDY_FILE = "study.json"
+#: How a study lays out its run directories: ``study`` (``runs/<label>/<env>/seed_<s>``,
+#: ``pgscope study run``) or ``seeds`` (``seed_<s>``: ``pgscope train --seeds ... --out``).
+LAYOUTS = ("study", "seeds")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One (config, env, seed) of a study and its run directory, relative to the study."""
@@ -155,9 +176,12 @@ class RunSpec:
     env_id: str
     seed: int
     config: Config
+    layout: str = "study"
 
     @property
     def rel_path(self) -> str:
+        if self.layout == "seeds":
+            return f"seed_{self.seed}"
         return f"runs/{self.label}/{safe_name(self.env_id)}/seed_{self.seed}"
 
 
@@ -173,6 +197,7 @@ class StudySpec:
     factors: tuple[str, ...] = ()  # keys varied factorially (main-effect tables)
     description: str = ""
     batch_size: int | None = None  # runs per batch of seeds (None: the runner's default)
+    layout: str = "study"  # of its run directories (LAYOUTS)
 
     @property
     def labels(self) -> list[str]:
@@ -190,7 +215,7 @@ class StudySpec:
                 for seed in self.seeds:
                     cfg = make_config(c.preset, env, {**c.overrides, "seed": seed,
                                                       "total_steps": self.total_steps})
-                    out.append(RunSpec(c.label, env, seed, cfg))
+                    out.append(RunSpec(c.label, env, seed, cfg, self.layout))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,7 +230,7 @@ class StudySpec:
                           for c in data["configs"]),
             score=ScoreSpec(**data["score"]), statistics=StatsSpec(**data["statistics"]),
             factors=tuple(data.get("factors", ())), description=data.get("description", ""),
-            batch_size=data.get("batch_size"))
+            batch_size=data.get("batch_size"), layout=data.get("layout", "study"))
 
     def hash(self) -> str:
         """Identity of what is run (name, envs, seeds, budget and configs); the analysis
@@ -214,6 +239,55 @@ class StudySpec:
                 if k in ("name", "envs", "seeds", "total_steps", "configs")}
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()
                               ).hexdigest()[:16]
+
+
+def seed_runs(path: str | Path) -> dict[int, Path]:
+    """The run directories ``seed_<s>/`` (holding a config.json) directly under ``path``,
+    by seed: what ``pgscope train --seeds ... --out PATH`` writes."""
+    out = {}
+    for child in Path(path).glob("seed_*"):
+        m = re.fullmatch(r"seed_(\d+)", child.name)
+        if m and (child / "config.json").exists():
+            out[int(m.group(1))] = child
+    return dict(sorted(out.items()))
+
+
+def is_study_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a study: a ``pgscope study run`` directory (``study.json``) or
+    the seed runs of ``pgscope train --seeds`` (a study of one config), not a run."""
+    path = Path(path)
+    if (path / "config.json").exists() or not path.is_dir():
+        return False
+    return (path / STUDY_FILE).exists() or bool(seed_runs(path))
+
+
+def seeds_study(path: str | Path) -> StudySpec:
+    """The study that the seed runs of ``pgscope train --seeds ... --out PATH`` are: one
+    config (labelled by its preset, with the keys it changed from it as overrides), one
+    env, the seeds found, laid out as ``seed_<s>/``. Runs whose configs differ in more
+    than the seed are refused, naming the keys."""
+    from pgscope.run import RunDir
+
+    runs = seed_runs(path)
+    if not runs:
+        raise ConfigError(f"'{path}' holds no seed runs (seed_<s>/ with a config.json).")
+    cfgs = {seed: RunDir(run).read_config() for seed, run in runs.items()}
+    first = next(iter(cfgs.values()))
+    values = first.to_dict()
+    for seed, cfg in cfgs.items():
+        differ = sorted(k for k, v in cfg.to_dict().items() if k != "seed" and v != values[k])
+        if differ:
+            raise ConfigError(
+                f"'{path}' is read as a study of one config, but seed_{seed} differs from "
+                f"seed_{first.seed} in {', '.join(repr(k) for k in differ)}.")
+    preset = make_config(first.preset, first.env_id).to_dict()
+    overrides = {k: v for k, v in values.items() if k not in (
+        "preset", "env_id", "seed", "total_steps") and v != preset.get(k)}
+    return StudySpec(name=Path(path).resolve().name, envs=(first.env_id,),
+                     seeds=tuple(runs), total_steps=first.total_steps,
+                     configs=(ConfigSpec(first.preset, first.preset, overrides),),
+                     description=f"the seed runs of {first.preset} on {first.env_id} "
+                                 f"(pgscope train --seeds)", layout="seeds")
 
 
 def safe_name(text: str) -> str:
@@ -389,8 +463,22 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
                      total_steps=steps, configs=tuple(configs), score=score,
                      statistics=stats, factors=factors,
                      description=str(data.get("description", "")), batch_size=batch_size)
-    spec.runs()  # resolves every (config, env): unknown keys and bad values fail here
+    runs = spec.runs()  # resolves every (config, env): unknown keys and bad values fail here
+    check_score_inputs(spec, runs, source)
     return spec
+
+
+def check_score_inputs(spec: StudySpec, runs: list[RunSpec] | None = None,
+                       source: str = "study spec") -> None:
+    """A score of the evaluations during training needs every config to evaluate
+    (``eval_every`` > 0): refuse one that never would, naming the configs."""
+    if spec.score.last_evaluations is None:
+        return
+    off = sorted({r.label for r in (spec.runs() if runs is None else runs)
+                  if not r.config.eval_every})
+    _need(not off, f"{source}: the score ({spec.score.rule or '[score]'}) is the return of "
+                   f"the evaluations during training, but config(s) {', '.join(off)} never "
+                   "evaluate: set eval_every (e.g. set = { eval_every = 10 }).")
 
 
 def load_spec(path: str | Path) -> StudySpec:
