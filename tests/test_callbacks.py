@@ -235,4 +235,6 @@ def test_tensorboard_flag_of_the_command_line(tmp_path, capsys):
     assert RunDir(out).read_config().tensorboard
     assert _tensorboard(out) == _expected_tensorboard(_lines(out))
     assert main(["train", "--resume", str(out), "--tensorboard"]) == EXIT_ERROR
-    assert "--tensorboard cannot be combined with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--tensorboard cannot be combined with --resume" in err
+    assert f"use 'pgscope export {out} --tensorboard'" in err  # what to do instead

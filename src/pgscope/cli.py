@@ -61,9 +61,12 @@ def _train(args: argparse.Namespace) -> int:
                                           ("--tensorboard", args.tensorboard),
                                           ("--wandb", args.wandb)) if value]
         if given:
+            sinks = [flag for flag in given if flag in ("--tensorboard", "--wandb")]
             raise PgscopeError(
                 f"{', '.join(given)} cannot be combined with --resume: a resumed run keeps "
-                "its own config (only --steps N, to extend it, and --repair are allowed).")
+                "its own config (only --steps N, to extend it, and --repair are allowed)."
+                + (f" To add {' or '.join(sinks)} output to the run, use 'pgscope export "
+                   f"{args.resume} {' '.join(sinks)}'." if sinks else ""))
         out = resume(args.resume, progress=not args.quiet, total_steps=args.steps,
                      repair=args.repair)
     else:
@@ -167,6 +170,9 @@ def _demo(args: argparse.Namespace) -> int:
     grads = json.loads((probes / "gradients.json").read_text())
     values = json.loads((probes / "values.json").read_text())
     print("\nprobes of the final policy (95% bootstrap CIs):")
+    note = grads["settings"].get("few_samples_note")
+    if note:
+        print(f"  (intervals over K estimates per size: {note})")
     for row in grads["policy"]:
         pc, ct = row["pairwise_cosine"], row["cosine_to_true"]
         print(f"  {row['n']:>6} pairs: gradient pairwise cosine {pc['mean']:.2f} "
