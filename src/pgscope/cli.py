@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgscope.config import make_config, parse_overrides
 from pgscope.errors import DivergenceError, PgscopeError
+from pgscope.perturb import KINDS as PERTURBATION_KINDS
 from pgscope.probes import KINDS, ProbeSettings, setting_options
 
 if TYPE_CHECKING:
@@ -328,6 +329,16 @@ def _study_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_robustness(args: argparse.Namespace) -> int:
+    from pgscope.study.robustness import format_study_robustness, print_progress, study_robustness
+
+    result = study_robustness(args.dir, args.perturb, episodes=args.episodes,
+                              deterministic=args.deterministic, seed=args.seed, out=args.out,
+                              progress=None if args.quiet else print_progress)
+    print(format_study_robustness(result))
+    return 0
+
+
 def _study_presets(args: argparse.Namespace) -> int:
     from pgscope.study import BUILTIN_STUDIES, builtin_study
 
@@ -394,11 +405,32 @@ def _report(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pgscope.evaluate import evaluate, format_evaluation
 
+    if args.perturb or args.out:
+        return _evaluate_robustness(args)
     result = evaluate(args.run_dir, checkpoint=args.checkpoint, episodes=args.episodes,
                       deterministic=args.deterministic, seed=args.seed, video=args.video,
                       video_episodes=args.video_episodes)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
     return EXIT_ERROR if "video_error" in result else 0
+
+
+def _evaluate_robustness(args: argparse.Namespace) -> int:
+    """``pgscope evaluate --perturb``: the perturbation strings are checked first."""
+    from pgscope.perturb import parse_perturbations
+
+    if not args.perturb:
+        raise PgscopeError("--out applies to --perturb only.")
+    perturbations = parse_perturbations(args.perturb)
+    if args.video is not None:
+        raise PgscopeError("--video cannot be combined with --perturb: evaluate once with "
+                           "--video, once with --perturb.")
+    from pgscope.robustness import default_output, evaluate_robustness, format_robustness
+
+    result = evaluate_robustness(args.run_dir, perturbations, checkpoint=args.checkpoint,
+                                 episodes=args.episodes, deterministic=args.deterministic,
+                                 seed=args.seed, out=args.out or default_output(args.run_dir))
+    print(json.dumps(result, indent=2) if args.json else format_robustness(result))
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -636,6 +668,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "over its last 5 iterations (the authors' run.py), 'last-10' (alias "
                     "'paper') over its last 10; then the mean over runs with a CI")
     ss.set_defaults(func=_study_summary)
+    sb = st_sub.add_parser("robustness", help="robustness curves of every complete run "
+                           "(pgscope evaluate --perturb per seed), averaged over seeds with "
+                           "CIs, into STUDY/summary and the study report")
+    sb.add_argument("dir", metavar="STUDY", type=Path, help="a study directory")
+    sb.add_argument("--perturb", action="append", required=True,
+                    metavar="KIND=LEVEL[,LEVEL...]", help="a perturbation and its levels; "
+                    f"repeatable; KIND: {', '.join(PERTURBATION_KINDS.names())}")
+    sb.add_argument("--episodes", type=count, default=10, help="episodes per level and run")
+    sb.add_argument("--seed", type=int, default=0,
+                    help="episode i starts from env.reset(seed=SEED + i)")
+    sb.add_argument("--stochastic", dest="deterministic", action="store_false",
+                    help="sample actions (default: the policy's mean/mode)")
+    sb.add_argument("--out", type=Path, metavar="DIR",
+                    help="where to write (default: STUDY/summary, where the report looks)")
+    sb.add_argument("--quiet", action="store_true", help="no progress lines")
+    sb.set_defaults(func=_study_robustness)
     sp = st_sub.add_parser("presets", help="list the built-in studies")
     sp.set_defaults(func=_study_presets)
 
@@ -676,6 +724,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--video-episodes", type=int, default=1,
                     help="episodes in the video (default: 1)")
     ev.add_argument("--json", action="store_true", help="the result as JSON")
+    ev.add_argument("--perturb", action="append", metavar="KIND=LEVEL[,LEVEL...]",
+                    help="robustness curve: the return at each level of a perturbation, "
+                         "normalized by the unperturbed return, with CIs and an AUC; "
+                         f"repeatable; KIND: {', '.join(PERTURBATION_KINDS.names())} "
+                         "(docs/robustness.md)")
+    ev.add_argument("--out", type=Path, metavar="FILE",
+                    help="with --perturb: the curves as JSON (default: RUN/robustness.json)")
     ev.set_defaults(func=_evaluate)
 
     ex = sub.add_parser("export", help="write TensorBoard, CSV or W&B output of a finished "

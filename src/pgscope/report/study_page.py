@@ -355,6 +355,11 @@ def study_page(path: Path) -> Page:
     page.add("profiles", "Performance profiles", profiles_html(t["profiles"], envs, col, level))
     page.add("reliability", "Reliability metrics",
              reliability_html(t, envs, col, meta.get("reliability", {})))
+    from pgscope.report.robustness import load_robustness, robustness_html
+
+    robustness = load_robustness(path)  # pgscope study robustness wrote it
+    if robustness is not None:
+        page.add("robustness", "Robustness", robustness_html(robustness, col))
     if "main_effects" in t and not t["main_effects"].empty:
         me = t["main_effects"]
         me_rows = [[f"{r['factor']}={r['level']} vs {r['reference']}", r["env"],
@@ -366,6 +371,10 @@ def study_page(path: Path) -> Page:
                         "Mann-Whitney p", "mean difference", "Welch p"], me_rows,
                        numeric=(4, 5, 6, 7))
                  + improvement_html(me, level, "study-main-effects"))
+    if "sensitivity" in meta:  # swept families (pgscope.study.sensitivity)
+        from pgscope.report.sensitivity import sensitivity_html
+
+        page.add("sensitivity", "Hyperparameter sensitivity", sensitivity_html(t, meta))
     lot = t.get("lottery")
     if lot is not None and not lot.empty:
         page.add("lottery", "Seed lottery", table(

@@ -421,8 +421,14 @@ def summarize(path: str | Path, score: str | None = None) -> dict[str, Any]:
     mark_few_samples(tables)
     rel_tables, rel_meta = reliability(spec, data, scores)
     tables.update(rel_tables)
+    sensitivity: dict[str, Any] = {}
+    if spec.sweeps:  # hyperparameter sensitivity of the swept families
+        from pgscope.study.sensitivity import sensitivity_meta, sensitivity_tables
+
+        tables.update(sensitivity_tables(spec, scores, tables["aggregates"]))
+        sensitivity["sensitivity"] = sensitivity_meta(spec)
     missing = scores[scores["outcome"] == "missing"]
-    return dict(spec=spec, tables=tables, meta=dict(reliability=rel_meta,
+    return dict(spec=spec, tables=tables, meta=dict(reliability=rel_meta, **sensitivity,
         study=spec.name, spec_hash=spec.hash(), description=spec.description,
         score_definition=spec.score.describe(), score=spec.score.__dict__,
         statistics=spec.statistics.__dict__, baseline=spec.baseline,
@@ -552,6 +558,10 @@ def format_summary(result: dict[str, Any]) -> str:
                           f"{100 * r['fraction_significant']:.1f}% (p < {r['alpha']:g})",
                           f"{r['max_abs_t']:.2f}", f"{r['min_p']:.4g}"]
                          for _, r in lot.iterrows()])
+    if "sensitivity" in meta:
+        from pgscope.study.sensitivity import format_sensitivity
+
+        lines += ["", *format_sensitivity(t, meta)]
     rel = format_reliability(t)
     if rel:
         lines += ["", "reliability (Chan et al., 2020; complete runs; ! = fewer than "

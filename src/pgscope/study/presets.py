@@ -28,6 +28,15 @@ def _score(quick: bool, failures: bool = False) -> dict[str, Any]:
     return score
 
 
+def _step_size_sweeps(points: int) -> list[dict[str, Any]]:
+    """PPO's policy_lr over 1e-4 .. 1e-2 and TRPO's max_kl over 0.003 .. 0.3, each with
+    ``points`` log-spaced values (Hopper's defaults, 3e-4 and 0.13, lie inside)."""
+    return [dict(label="ppo", preset="ppo",
+                 sweep=dict(policy_lr=dict(log=[1e-4, 1e-2], points=points))),
+            dict(label="trpo", preset="trpo",
+                 sweep=dict(max_kl=dict(log=[0.003, 0.3], points=points)))]
+
+
 #: Each built-in study; ``(quick, full)`` pairs where the two sizes differ.
 _STUDIES: dict[str, dict[str, Any]] = {
     # Engstrom et al. (2020): PPO, PPO-M, TRPO, TRPO+ on three MuJoCo tasks
@@ -78,6 +87,20 @@ _STUDIES: dict[str, dict[str, Any]] = {
         envs=(["Hopper-v5"], ["Hopper-v5"]), seeds=(10, 20), total_steps=(40_960, 1_000_000),
         configs=[dict(label="ppo", preset="ppo")],
         statistics=dict(lottery_splits=1000)),
+    # hyperparameter sensitivity: each algorithm's step-size knob over the same two decades
+    # (five half-decade points), so that the widths of the near-best regions compare
+    "step-size-sensitivity": dict(
+        description="Sensitivity of PPO to its learning rate (policy_lr) and of TRPO to its "
+                    "KL limit (max_kl) on Hopper: the score curve over two decades of each, "
+                    "the best value and the width of the near-best region (docs/studies/"
+                    "step-size-sensitivity/README.md)",
+        envs=(["Hopper-v5"], ["Hopper-v5"]), seeds=(2, 3), total_steps=(4_096, 204_800),
+        configs=(_step_size_sweeps(3), _step_size_sweeps(5)),
+        score=(dict(last_fraction=0.2), dict(last_fraction=0.1,
+                                             failure_threshold={"Hopper-v5": 500.0})),
+        # every point against PPO's point nearest its Hopper default (3e-4; quick: 1e-3)
+        statistics=(dict(baseline="ppo.policy_lr=0.001", sensitivity_fraction=0.1),
+                    dict(baseline="ppo.policy_lr=0.000316228", sensitivity_fraction=0.1))),
 }
 
 
@@ -89,9 +112,12 @@ def study_dict(name: str, quick: bool) -> dict[str, Any]:
                                description=study["description"],
                                envs=list(study["envs"][size]), seeds=study["seeds"][size],
                                total_steps=study["total_steps"][size])
-    out.update({key: study[key] for key in ("configs", "factorial") if key in study})
-    out.update(score=study.get("score") or _score(quick, study.get("failures", False)),
-               statistics=dict(study["statistics"]))
+    out.update({key: study[key][size] if isinstance(study[key], tuple) else study[key]
+                for key in ("configs", "factorial") if key in study})
+    score = study.get("score") or _score(quick, study.get("failures", False))
+    out.update(score=score[size] if isinstance(score, tuple) else score,
+               statistics=dict(study["statistics"][size] if isinstance(
+                   study["statistics"], tuple) else study["statistics"]))
     return out
 
 

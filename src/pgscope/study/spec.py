@@ -19,9 +19,16 @@ same message as on the ``pgscope train`` command line. The TOML format::
     preset = "ppo"
     clip_eps = 1e32              # any config key overrides the preset
 
+    [[configs]]
+    label = "trpo"               # a family: one config per point of its grid, labelled
+    preset = "trpo"              # trpo.max_kl=0.01, ... (pgscope.study.sweep)
+    sweep = { max_kl = { log = [0.003, 0.3], points = 5 } }
+
     [factorial]                  # optional: all combinations of some switches
     base = "ppo"
     factors = { value_clip = [true, false], lr_anneal = [true, false] }
+
+    # sweep = { policy_lr = [1e-4, 1e-3] }  # top level: sweeps every config without its own
 
     [score]                      # the final score of a run (recorded with the results)
     last_fraction = 0.1          # mean return over the last 10% of iterations
@@ -39,6 +46,7 @@ same message as on the ``pgscope train`` command line. The TOML format::
     alpha = 0.05
     power = 0.8                  # ... with this power
     lottery_splits = 0           # > 0: split each config's seeds at random into two halves
+    sensitivity_fraction = 0.1   # sweeps: near-best = mean score >= best - 0.1 |best|
 
     [probes]                     # optional probe schedule during training
     every = 10
@@ -60,10 +68,11 @@ from typing import Any
 
 from pgscope.config import Config, make_config
 from pgscope.errors import ConfigError
+from pgscope.study.sweep import SweepSpec, parse_sweep
 
 LABEL_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 TOP_KEYS = ("name", "description", "envs", "seeds", "total_steps", "set", "configs",
-            "factorial", "score", "statistics", "probes", "batch_size")
+            "factorial", "score", "statistics", "probes", "batch_size", "sweep")
 PROBE_KEYS = {"every": "probe_every", "kinds": "probe_kinds", "sizes": "probe_sizes",
               "k": "probe_k", "true_pairs": "probe_true_pairs",
               "value_pairs": "probe_value_pairs"}
@@ -152,6 +161,8 @@ class StatsSpec:
     alpha: float = 0.05
     power: float = 0.8
     lottery_splits: int = 0
+    # a sweep's near-best region: points whose mean score >= best - f |best|
+    sensitivity_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,9 @@ class StudySpec:
     description: str = ""
     batch_size: int | None = None  # runs per batch of seeds (None: the runner's default)
     layout: str = "study"  # of its run directories (LAYOUTS)
+    # the swept families (pgscope.study.sweep); their points are among ``configs``, which
+    # carry the swept values, so the identity hash covers them
+    sweeps: tuple[SweepSpec, ...] = ()
 
     @property
     def labels(self) -> list[str]:
@@ -230,7 +244,8 @@ class StudySpec:
                           for c in data["configs"]),
             score=ScoreSpec(**data["score"]), statistics=StatsSpec(**data["statistics"]),
             factors=tuple(data.get("factors", ())), description=data.get("description", ""),
-            batch_size=data.get("batch_size"), layout=data.get("layout", "study"))
+            batch_size=data.get("batch_size"), layout=data.get("layout", "study"),
+            sweeps=tuple(SweepSpec.from_dict(s) for s in data.get("sweeps", ())))
 
     def hash(self) -> str:
         """Identity of what is run (name, envs, seeds, budget and configs); the analysis
@@ -336,6 +351,23 @@ def factorial_configs(base: str, factors: dict[str, list[Any]], common: dict[str
     return out
 
 
+def _expand_sweeps(configs: list[ConfigSpec], own: list[Any], top: Any, source: str
+                   ) -> tuple[list[ConfigSpec], list[SweepSpec]]:
+    """Each config with a sweep (its own, else the top-level ``sweep``) replaced by its
+    grid points' configs; the sweeps in spec order."""
+    out: list[ConfigSpec] = []
+    sweeps: list[SweepSpec] = []
+    for i, c in enumerate(configs):
+        grid = own[i] if i < len(own) and own[i] is not None else top
+        if grid is None:
+            out.append(c)
+            continue
+        sweep, points = parse_sweep(c.label, c.preset, grid, c.overrides, source)
+        sweeps.append(sweep)
+        out += [ConfigSpec(label, c.preset, overrides) for label, overrides in points]
+    return out, sweeps
+
+
 def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
     """Validate a TOML-shaped dict into a :class:`StudySpec` (raises :class:`ConfigError`)."""
     _check_table_keys(data, TOP_KEYS, source)
@@ -367,6 +399,7 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
         _need(key not in common, f"{source}: '{key}' is set by the study, not by 'set'.")
 
     configs: list[ConfigSpec] = []
+    own_sweeps: list[Any] = []  # per config: its own 'sweep' table, or None
     for i, entry in enumerate(data.get("configs", [])):
         where = f"{source} [[configs]] #{i + 1}"
         _need(isinstance(entry, dict), f"{where}: must be a table.")
@@ -374,6 +407,7 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
         label, preset = entry.pop("label", None), entry.pop("preset", None)
         _need(isinstance(label, str), f"{where}: 'label' (a unique name) is required.")
         _need(isinstance(preset, str), f"{where} ('{label}'): 'preset' is required.")
+        own_sweeps.append(entry.pop("sweep", None))
         overrides = {**common, **entry.pop("set", {}), **entry}
         for key in ("seed", "total_steps", "preset", "env_id"):
             _need(key not in overrides, f"{where}: '{key}' is set by the study.")
@@ -387,11 +421,17 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
         configs += factorial_configs(fact["base"], fact["factors"], common)
         factors = tuple(fact["factors"])
     _need(bool(configs), f"{source}: no configs; add [[configs]] entries or a [factorial].")
+    configs, sweeps = _expand_sweeps(configs, own_sweeps, data.get("sweep"), source)
 
     labels = [c.label for c in configs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     _need(not dup, f"{source}: duplicate config labels: {', '.join(dup)}. Labels name the "
                    "run directories and must be unique.")
+    families = [s.family for s in sweeps]
+    clash = sorted({f for f in families if families.count(f) > 1 or f in labels})
+    _need(not clash, f"{source}: swept config label(s) {', '.join(clash)} also name another "
+                     "config or sweep; the label of a swept config names its curve and must "
+                     "be unique.")
     for label in labels:
         _need(bool(LABEL_RE.fullmatch(label)),
               f"{source}: label '{label}' may only use letters, digits and _ . + = - "
@@ -447,6 +487,8 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
     _need(0 < stats.level < 1 and 0 < stats.alpha < 1 and 0 < stats.power < 1,
           f"{source} [statistics]: level, alpha and power must lie in (0, 1).")
     _need(stats.relative_difference > 0, f"{source} [statistics]: relative_difference > 0.")
+    _need(0 < stats.sensitivity_fraction < 1, f"{source} [statistics]: "
+          f"sensitivity_fraction must lie in (0, 1), got {stats.sensitivity_fraction!r}.")
     _need(stats.compare in ("baseline", "all"),
           f"{source} [statistics]: compare must be 'baseline' or 'all'.")
     _need(stats.baseline is None or stats.baseline in labels,
@@ -462,7 +504,8 @@ def parse_spec(data: dict[str, Any], source: str = "study spec") -> StudySpec:
     spec = StudySpec(name=name.strip(), envs=tuple(envs), seeds=tuple(seeds),
                      total_steps=steps, configs=tuple(configs), score=score,
                      statistics=stats, factors=factors,
-                     description=str(data.get("description", "")), batch_size=batch_size)
+                     description=str(data.get("description", "")), batch_size=batch_size,
+                     sweeps=tuple(sweeps))
     runs = spec.runs()  # resolves every (config, env): unknown keys and bad values fail here
     check_score_inputs(spec, runs, source)
     return spec
