@@ -198,10 +198,33 @@ def test_the_console_shows_each_probes_own_table_cell_for_cell(results, kind):
     text = text_tables(html)
     lines = [line for line in text.splitlines() if line and set(line) - {"-", " "}]
     found = tables(html)
-    assert len(lines) == sum(1 + len(t["rows"]) for t in found)
+    notes = [" ".join(re.sub("<[^>]+>", "", n).split())
+             for n in re.findall(r"<p[^>]*>(.*?)</p>", html, flags=re.S)]
+    assert len(lines) == sum(1 + len(t["rows"]) for t in found) + len(notes)
     for tab in found:
         for row in [tab["header"], *tab["rows"]]:
             assert any(all(cell in line for cell in row) for line in lines), row
+    for note in notes:
+        assert note in lines, note
+
+
+#: What each probe's table says about the samples behind its numbers.
+SAMPLE_COUNTS = {
+    "gradients": ("pairs per estimate", "estimates (K)", "(4096 pairs)"),
+    "values": ("states",),
+    "baselines": ("pairs per estimate", "estimates (K)", "fit to 4096 pairs"),
+    "landscape": ("(200 steps)",),
+    "trust-region": ("state-action pairs", "one value per iteration"),
+    "features": ("states", "within-episode pairs", "rollout segments"),
+}
+
+
+@pytest.mark.parametrize("kind", probe_names())
+def test_each_probes_table_states_the_samples_behind_its_numbers(results, kind):
+    text = text_tables(numbers(kind, results[kind]))
+    for phrase in SAMPLE_COUNTS.get(kind, ()):
+        assert phrase in text, (kind, phrase)
+    assert kind in SAMPLE_COUNTS, f"say what samples {kind}'s numbers rest on"
 
 
 def test_probe_gradients_prints_both_networks_every_size_and_flags_few_estimates(

@@ -75,6 +75,8 @@ class _Tables(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.tables: list[list[list[str]]] = []
         self.cell: list[str] | None = None
+        self.notes: list[str] = []
+        self.note: list[str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "table":
@@ -83,8 +85,13 @@ class _Tables(HTMLParser):
             self.tables[-1].append([])
         elif tag in ("td", "th"):
             self.cell = []
+        elif tag == "p":
+            self.note = []
 
     def handle_endtag(self, tag: str) -> None:
+        if tag == "p" and self.note is not None:
+            self.notes.append(" ".join("".join(self.note).split()))
+            self.note = None
         if tag in ("td", "th") and self.cell is not None and self.tables:
             self.tables[-1][-1].append(" ".join("".join(self.cell).split()))
             self.cell = None
@@ -92,11 +99,14 @@ class _Tables(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self.cell is not None:
             self.cell.append(data)
+        elif self.note is not None:
+            self.note.append(data)
 
 
 def text_tables(html: str) -> str:
     """The tables of an HTML fragment (as :func:`table` writes them) as aligned plain
-    text, one block per table, for a console: the same cells as the report's."""
+    text, one block per table, for a console: the same cells as the report's; then the
+    fragment's notes (its ``<p>`` paragraphs, e.g. the sample counts), one per line."""
     parser = _Tables()
     parser.feed(html)
     blocks = []
@@ -108,7 +118,7 @@ def text_tables(html: str) -> str:
                  for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks + parser.notes)
 
 
 __all__ = ["ci_text", "esc", "fmt", "interval_text", "table", "text_tables"]

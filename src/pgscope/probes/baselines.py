@@ -64,6 +64,7 @@ from pgscope.probes.values import (
     true_return_segments,
 )
 from pgscope.rollout import Batch
+from pgscope.seed_statistics import few_samples_note
 
 BASELINES = ("agent", "true", "zero", "zero-gae")
 
@@ -289,12 +290,22 @@ def _reading(r: dict) -> str:
 
 
 def _table(r: dict) -> str:
-    rows = [[row["n"], name, interval_text(row[name].get("covariance_trace")),
+    """Each size and baseline, with the samples behind each number: the pairs per
+    estimate and the K estimates (``!``: fewer than
+    :data:`pgscope.seed_statistics.FEW_SAMPLES`), and the pairs the 'true' value net was
+    fit to."""
+    settings = r.get("settings") or {}
+    k = settings.get("k", "?")
+    mark = "!" if isinstance(k, int) and few_samples_note(k) else ""
+    rows = [[row["n"], f"{k}{mark}", name, interval_text(row[name].get("covariance_trace")),
              interval_text(row[name].get("pairwise_cosine"))]
             for row in r["rows"] for name in ("agent", "true", "zero", "zero-gae")
             if name in row]
-    return table(["pairs per estimate", "baseline", "trace of covariance",
-                  "mean pairwise cosine"], rows, (0,))
+    return table(["pairs per estimate", "estimates (K)", "baseline", "trace of covariance",
+                  "mean pairwise cosine"], rows, (0,)) + (
+        f'<p class="note">The true value net was fit to {fmt(settings.get("fit_pairs"))} '
+        "pairs." + (f" ! {few_samples_note(k, 'estimates per size')}." if mark else "")
+        + "</p>")
 
 
 @probe("baselines", order=30, settings=("sizes", "k", "fit_pairs"), plot="plot_baselines",

@@ -256,7 +256,11 @@ def _table(r: dict[str, Any]) -> str:
     rows = [[name, interval_text(r.get(key))] for key, name in (
         ("feature_dot", "phi(s) . phi(s')"), ("feature_cosine", "cosine"),
         ("feature_norm", "|phi(s)|"), ("srank", "effective rank (delta 0.01)"))]
-    return table(["statistic", "value"], rows)
+    return table(["statistic", "value"], rows) + (
+        f'<p class="note">{fmt(r.get("states"))} states, {fmt(r.get("pairs"))} consecutive '
+        f'within-episode pairs ({fmt(r.get("pairs_excluded_episode_end"))} across an '
+        f'episode end left out), intervals over {fmt(r.get("segments"))} rollout '
+        "segments.</p>")
 
 
 @probe("features", order=60, settings=("value_pairs",), plot=_plot, headline=_headline,

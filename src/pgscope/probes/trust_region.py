@@ -242,6 +242,9 @@ def _table(r: dict[str, Any]) -> str:
             for x in r.get("runs", []) for s in [x.get("summary", {})]]
     return (table(["epoch of the replayed update", "max ratio", "min ratio", "mean KL",
                    "max KL", "clip fraction"], rows, (0, 1, 2, 3, 4, 5))
+            + f'<p class="note">Each measured on the replayed batch, '
+              f'{fmt(rep.get("batch_pairs"))} state-action pairs; over training, one value '
+              f"per iteration of each run (metrics.jsonl).</p>"
             + table(["run", "max ratio (median over iterations)", "max ratio (max)",
                      "mean KL (median)", "mean KL (max)"], runs, (1, 2, 3, 4)))
 
