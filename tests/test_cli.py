@@ -188,3 +188,13 @@ def test_positional_paths_have_one_name_per_kind():
             if action.option_strings or isinstance(action, argparse._HelpAction):
                 continue
             assert action.metavar in POSITIONAL_NAMES, (path, action.dest, action.metavar)
+
+
+def test_the_score_option_names_every_score_rule():
+    from pgscope.study.spec import SCORE_RULES
+
+    parsers = dict(_parsers(build_parser()))
+    summary = parsers[("study", "summary")]
+    score = next(a for a in summary._actions if "--score" in a.option_strings)
+    for rule in SCORE_RULES:
+        assert f"'{rule}'" in _flat(score.help or ""), rule

@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--score", metavar="RULE", help="a named score rule instead of the "
                     "spec's [score] (the default): 'engstrom-code' = each run's mean return "
                     "over its last 5 iterations (the authors' run.py), 'last-10' (alias "
-                    "'paper') over its last 10; then the mean over runs with a CI")
+                    "'paper') over its last 10, 'eval-last' its last evaluation during "
+                    "training (eval_every); then the mean over runs with a CI")
     ss.set_defaults(func=_study_summary)
     sb = st_sub.add_parser("robustness", help="robustness curves of every complete run "
                            "(pgscope evaluate --perturb per seed), averaged over seeds with "
