@@ -183,3 +183,17 @@ def test_evaluate_and_agent_act_agree_on_the_default_and_say_it(pendulum_run, ca
     assert "deterministic (mean action)" in capsys.readouterr().out
     assert main(["evaluate", str(pendulum_run), "--episodes", "2", "--stochastic"]) == 0
     assert "stochastic (sampled)" in capsys.readouterr().out
+
+
+def test_evaluate_reports_dispersion_and_risk_across_its_episodes(pendulum_run, capsys):
+    """DF and RF of Chan et al. (2020) on the episode returns evaluate played: the IQR and
+    the lower-tail CVaR of exactly those returns, by hand, with bootstrap intervals."""
+    result = evaluate(pendulum_run, episodes=12, seed=3)
+    x = np.asarray(result["returns"])
+    rel = result["reliability"]
+    q75, q25 = np.quantile(x, [0.75, 0.25])
+    assert rel["DF"] == pytest.approx(q75 - q25)
+    assert rel["RF"] == pytest.approx(x[x <= np.quantile(x, 0.05)].mean())  # the minimum
+    assert rel["DF_low"] <= rel["DF"] <= rel["DF_high"] and rel["episodes"] == 12
+    assert main(["evaluate", str(pendulum_run), "--episodes", "12", "--seed", "3"]) == 0
+    assert f"dispersion (IQR, DF) {rel['DF']:.2f}" in capsys.readouterr().out

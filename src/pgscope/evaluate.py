@@ -156,11 +156,14 @@ def summarize_returns(returns: list[float], level: float = 0.95, seed: int = 0
 def _summary(played: PlayedEpisodes, deterministic: bool, seed: int, level: float
              ) -> dict[str, Any]:
     """The fields of an evaluation's result that do not name a run."""
+    from pgscope.reliability import fixed_policy_reliability
+
     stats = summarize_returns(played.returns, level=level, seed=seed)
     note = stats.pop("ci_few_samples")
     return dict(episodes=len(played.returns), deterministic=deterministic, seed=seed,
                 level=level, **stats, returns=[float(r) for r in played.returns],
-                lengths=played.lengths, episodes_cut=played.cut, ci_few_samples=note)
+                lengths=played.lengths, episodes_cut=played.cut, ci_few_samples=note,
+                reliability=fixed_policy_reliability(played.returns, level=level, seed=seed))
 
 
 def evaluate_agent(agent: Agent, episodes: int = 10, deterministic: bool = True,
@@ -257,6 +260,12 @@ def format_evaluation(r: dict[str, Any]) -> str:
              f"seeds {r['seed']}..{r['seed'] + r['episodes'] - 1})",
              f"  returns: min {min(r['returns']):.2f}, max {max(r['returns']):.2f}; mean "
              f"length {np.mean(r['lengths']):.0f} steps"]
+    rel = r.get("reliability")
+    if rel:  # Chan et al. (2020) across rollouts of the fixed policy
+        lines.append(f"  across episodes: dispersion (IQR, DF) {rel['DF']:.2f} "
+                     f"[{rel['DF_low']:.2f}, {rel['DF_high']:.2f}], risk (CVaR of the worst "
+                     f"{100 * rel['alpha']:g}%, RF) {rel['RF']:.2f} [{rel['RF_low']:.2f}, "
+                     f"{rel['RF_high']:.2f}]")
     if r.get("ci_few_samples"):
         lines.append(f"  note: {r['ci_few_samples']}; use --episodes {FEW_SAMPLES} or more")
     if r["episodes_cut"]:
