@@ -91,3 +91,16 @@ def test_a_study_run_into_it_and_an_empty_folder_are_refused(seeds_dir, tmp_path
     assert not is_study_dir(tmp_path / "empty")
     with pytest.raises(RunDirError, match="not a pgscope study directory"):
         open_study(tmp_path / "empty")
+
+
+def test_a_run_stopped_before_its_first_status_reads_interrupted(seeds_dir, tmp_path):
+    """A run directory made but stopped before it wrote status.json (e.g. a study stopped
+    while its workers started) is shown as interrupted, with what to do, not 'unknown'."""
+    from pgscope.status import run_status
+
+    run = tmp_path / "early"
+    shutil.copytree(seeds_dir / "seed_0", run)
+    (run / "status.json").unlink()
+    (run / "writer.lock").unlink(missing_ok=True)
+    row = run_status(run)
+    assert row.state == "interrupted" and "resuming continues it" in (row.error or "")

@@ -46,13 +46,18 @@ def run_status(path: Path, name: str | None = None) -> RunStatus:
             total = None
     heartbeat = status.get("heartbeat")
     holder = run.writer()
+    state, error = status.get("state"), status.get("error")
+    if not run.status_path.exists():  # made, but stopped before it wrote a status
+        state = "running" if holder is not None else "interrupted"
+        error = None if holder is not None else (
+            "stopped before its first status was written; resuming continues it")
     return RunStatus(
-        run=name, state=str(status.get("state", "unknown")),
+        run=name, state=str(state),
         iteration=int(last.get("iteration", 0)), total_iterations=total,
         return_mean=last.get("return_mean"),
         age_s=None if heartbeat is None else max(0.0, time.time() - float(heartbeat)),
         writer=None if holder is None else f"{holder.get('pid')}@{holder.get('host')}",
-        error=status.get("error"))
+        error=error)
 
 
 def collect_status(path: str | Path) -> list[RunStatus]:
