@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from pgscope.report.page import esc, figure, fmt, rgba, table
+from pgscope.study.sensitivity import key_rows
 from pgscope.study.sweep import format_value
 
 _LINE = "#636efa"
@@ -144,24 +145,21 @@ def sensitivity_html(tables: dict[str, Any], meta: dict[str, Any]) -> str:
         parts.append('<p class="note warning">Some points rest on fewer than 10 scored runs: '
                      "their intervals and P(best) understate the uncertainty.</p>")
     rows = []
-    for _, r in sens.iterrows():
-        two = isinstance(r.get("key2"), str)
-        for sfx in ("", "2") if two else ("",):
-            first = sfx == ""
-            rows.append([
-                r["family"] if first else "", r["env"] if first else "", r[f"key{sfx}"],
-                format_value(r[f"best_value{sfx}"]),
-                fmt(r["best_mean"]) + f" [{fmt(r['best_mean_low'])}, "
-                                      f"{fmt(r['best_mean_high'])}]" if first else "",
-                fmt(r["best_p"], 2) if first else "",
-                _extent(r, sfx, "best_set") + (
-                    f" ({int(r['best_set_points'])} point"
-                    f"{'' if int(r['best_set_points']) == 1 else 's'})" if first else ""),
-                f"{int(r['near_points'])} of {int(r['points'])}" if first else "",
-                _extent(r, sfx, "region"),
-                f"{fmt(r[f'width{sfx}'], 3)} [{fmt(r[f'width{sfx}_low'], 3)}, "
-                f"{fmt(r[f'width{sfx}_high'], 3)}] {r[f'width{sfx}_unit']}",
-                fmt(r[f"width{sfx}_relative"], 3)])
+    for r, sfx, first in key_rows(sens):
+        rows.append([
+            r["family"] if first else "", r["env"] if first else "", r[f"key{sfx}"],
+            format_value(r[f"best_value{sfx}"]),
+            fmt(r["best_mean"]) + f" [{fmt(r['best_mean_low'])}, "
+                                  f"{fmt(r['best_mean_high'])}]" if first else "",
+            fmt(r["best_p"], 2) if first else "",
+            _extent(r, sfx, "best_set") + (
+                f" ({int(r['best_set_points'])} point"
+                f"{'' if int(r['best_set_points']) == 1 else 's'})" if first else ""),
+            f"{int(r['near_points'])} of {int(r['points'])}" if first else "",
+            _extent(r, sfx, "region"),
+            f"{fmt(r[f'width{sfx}'], 3)} [{fmt(r[f'width{sfx}_low'], 3)}, "
+            f"{fmt(r[f'width{sfx}_high'], 3)}] {r[f'width{sfx}_unit']}",
+            fmt(r[f"width{sfx}_relative"], 3)])
     parts.append(table(["family", "env", "key", "best value", "best mean [CI]", "P(best)",
                         f"{100 * level:g}% best set", "near-best points", "region",
                         "width [CI]", "width / grid span"], rows, numeric=(3, 4, 5, 7, 9, 10)))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,16 @@ def _g(v: Any, fmt: str = "{:.4g}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
+def key_rows(sens: pd.DataFrame) -> Iterator[tuple[pd.Series, str, bool]]:
+    """The rows of the sensitivity table: per swept family and env, one per swept key, as
+    ``(row, suffix, first)``: the suffix picks the key's columns ("" for the first key, "2"
+    for the second of two crossed keys) and ``first`` marks the family's first row, which
+    alone carries the columns common to both keys."""
+    for _, r in sens.iterrows():
+        for sfx in ("", "2") if isinstance(r.get("key2"), str) else ("",):
+            yield r, sfx, sfx == ""
+
+
 def format_sensitivity(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:
     """The sensitivity tables as plain text lines (part of ``pgscope study summary``)."""
     sens, curve = tables.get("sensitivity"), tables.get("sensitivity_curve")
@@ -243,22 +254,19 @@ def format_sensitivity(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) ->
     if sens is None or sens.empty:
         return [*lines, "  no swept point has a complete run yet"]
     rows = []
-    for _, r in sens.iterrows():
-        two = isinstance(r.get("key2"), str)
-        for sfx in ("", "2") if two else ("",):
-            first = sfx == ""
-            rows.append([
-                r["family"] + ("!" if r["few_samples"] and first else "") if first else "",
-                r["env"] if first else "", r[f"key{sfx}"], format_value(r[f"best_value{sfx}"]),
-                (f"{r['best_mean']:.1f} [{r['best_mean_low']:.1f}, {r['best_mean_high']:.1f}]"
-                 if first else ""), f"{r['best_p']:.2f}" if first else "",
-                f"{format_value(r[f'best_set_from{sfx}'])}..{format_value(r[f'best_set_to{sfx}'])}"
-                + (f" ({int(r['best_set_points'])})" if first else ""),
-                f"{int(r['near_points'])}/{int(r['points'])}" if first else "",
-                f"{format_value(r[f'region_from{sfx}'])}..{format_value(r[f'region_to{sfx}'])}",
-                f"{r[f'width{sfx}']:.2f} [{_g(r[f'width{sfx}_low'], '{:.2f}')}, "
-                f"{_g(r[f'width{sfx}_high'], '{:.2f}')}] {r[f'width{sfx}_unit']} "
-                f"(of {r[f'span{sfx}']:.3g})"])
+    for r, sfx, first in key_rows(sens):
+        rows.append([
+            r["family"] + ("!" if r["few_samples"] and first else "") if first else "",
+            r["env"] if first else "", r[f"key{sfx}"], format_value(r[f"best_value{sfx}"]),
+            (f"{r['best_mean']:.1f} [{r['best_mean_low']:.1f}, {r['best_mean_high']:.1f}]"
+             if first else ""), f"{r['best_p']:.2f}" if first else "",
+            f"{format_value(r[f'best_set_from{sfx}'])}..{format_value(r[f'best_set_to{sfx}'])}"
+            + (f" ({int(r['best_set_points'])})" if first else ""),
+            f"{int(r['near_points'])}/{int(r['points'])}" if first else "",
+            f"{format_value(r[f'region_from{sfx}'])}..{format_value(r[f'region_to{sfx}'])}",
+            f"{r[f'width{sfx}']:.2f} [{_g(r[f'width{sfx}_low'], '{:.2f}')}, "
+            f"{_g(r[f'width{sfx}_high'], '{:.2f}')}] {r[f'width{sfx}_unit']} "
+            f"(of {r[f'span{sfx}']:.3g})"])
     lines += _table(["family", "env", "key", "best value", "best mean*", "P(best)",
                      "best set (points)", "near-best", "region", "width [CI] (of span)"], rows)
     if curve is not None and not curve.empty:
