@@ -90,7 +90,7 @@ def check_schedule(cfg: Config) -> None:
     (a misspelt kind is refused even before ``probe_every`` schedules it), the sizes when
     ``probe_every`` schedules probes."""
     try:
-        probes.parse_kinds(cfg.probe_kinds)
+        probes.check_kinds(cfg.probe_kinds)
     except ValueError as exc:
         raise ConfigError(f"config key 'probe_kinds': {exc}") from None
     if not cfg.probe_every:
