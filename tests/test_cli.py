@@ -43,30 +43,6 @@ def _flat(text: str) -> str:
 
 
 # --- item: a light parser ------------------------------------------------------------------
-def test_checking_a_config_imports_no_probe_module():
-    """The config's check of ``probe_kinds`` runs for every config (every ``pgscope
-    train``): it checks the names without importing the probe modules (they import SciPy,
-    about 0.6 s), refuses a misspelt kind, and accepts a probe a plug-in registered."""
-    out = _python(
-        "import sys\n"
-        "from pgscope.config import make_config\n"
-        "from pgscope.errors import ConfigError\n"
-        "make_config('ppo', 'CartPole-v1', {'probe_kinds': 'gradients,features'})\n"
-        "make_config('ppo', 'CartPole-v1', {'probe_kinds': 'all'})\n"
-        "heavy = [m for m in sys.modules if m.startswith(('scipy', 'pgscope.probes.'))]\n"
-        "print('light:', heavy == ['pgscope.probes.schedule'] or heavy)\n"
-        "try:\n"
-        "    make_config('ppo', 'CartPole-v1', {'probe_kinds': 'gradients,valuez'})\n"
-        "except ConfigError as exc:\n"
-        "    print('refused:', \"'valuez'\" in str(exc))\n"
-        "from pgscope.probes import Probe, register_probe\n"
-        "register_probe(Probe('mine', 'a plug-in', lambda i: {}, lambda r, p: None, "
-        "lambda r: '', {}, (), None, 99))\n"
-        "print('plug-in:', make_config('ppo', 'CartPole-v1', "
-        "{'probe_kinds': 'values,mine'}).probe_kinds)\n")
-    assert out.split() == ["light:", "True", "refused:", "True", "plug-in:", "values,mine"]
-
-
 def test_building_the_parser_imports_no_torch():
     out = _python("import sys, pgscope.cli\n"
                   "pgscope.cli.build_parser()\n"

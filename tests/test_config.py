@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -246,3 +248,35 @@ def test_value_dr3_form_default_choices_and_configs_saved_before_it():
     assert Config.from_dict(old).value_dr3_form == "abs"  # off: the form changes nothing
     assert Config.from_dict(dict(old, value_dr3_coef=0.03,
                                  value_dr3_form="abs")).value_dr3_form == "abs"
+
+
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_checking_a_config_imports_no_probe_module():
+    """The config's check of ``probe_kinds`` runs for every config (every ``pgscope
+    train``): it checks the names without importing the probe modules (they import SciPy,
+    about 0.6 s), refuses a misspelt kind, and accepts a probe a plug-in registered."""
+    out = _fresh_python(
+        "import sys\n"
+        "from pgscope.config import make_config\n"
+        "from pgscope.errors import ConfigError\n"
+        "make_config('ppo', 'CartPole-v1', {'probe_kinds': 'gradients,features'})\n"
+        "make_config('ppo', 'CartPole-v1', {'probe_kinds': 'all'})\n"
+        "heavy = [m for m in sys.modules if m.startswith(('scipy', 'pgscope.probes.'))]\n"
+        "print('light:', heavy == ['pgscope.probes.schedule'] or heavy)\n"
+        "try:\n"
+        "    make_config('ppo', 'CartPole-v1', {'probe_kinds': 'gradients,valuez'})\n"
+        "except ConfigError as exc:\n"
+        "    print('refused:', \"'valuez'\" in str(exc))\n"
+        "from pgscope.probes import Probe, register_probe\n"
+        "register_probe(Probe('mine', 'a plug-in', lambda i: {}, lambda r, p: None, "
+        "lambda r: '', {}, (), None, 99))\n"
+        "print('plug-in:', make_config('ppo', 'CartPole-v1', "
+        "{'probe_kinds': 'values,mine'}).probe_kinds)\n")
+    assert out.split() == ["light:", "True", "refused:", "True", "plug-in:", "values,mine"]

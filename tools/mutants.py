@@ -474,6 +474,16 @@ MUTANTS: list[Mutant] = [
       "                phase.values[k] = list(v[steps, i])\n",
       "                phase.values[k] = list(v[steps, 0])\n",
       "every seed's phase means are seed 0's (no change for N = 1)"),
+    M("probe-kinds-plugins-refused", "probes/__init__.py",
+      "    names = (*(k.name for k in KINDS), *(n for n in _PROBES if n not in\n"
+      "                                         {k.name for k in KINDS}))\n",
+      "    names = tuple(k.name for k in KINDS)\n",
+      "the config refuses a probe a plug-in registered (probe_kinds checked against the "
+      "built-ins only)"),
+    M("probe-kinds-unchecked", "probes/schedule.py",
+      "        probes.check_kinds(cfg.probe_kinds)\n",
+      "        pass\n",
+      "a misspelt probe_kinds is accepted by the config (and fails only when probes run)"),
     M("trust-replay-checkpoint-lr", "probes/trust_region.py",
       "        set_learning_rates(optimizer, cfg, done)  # as the training loop does before it\n",
       "        pass\n",
