@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from pgscope import load_agent, make_config, train
@@ -456,7 +457,72 @@ def test_study_robustness_tables_and_report_panel(hopper_study, capsys):
     assert base_auc == pytest.approx(np.mean(per_seed))
     data = json.loads((summary / "robustness.json").read_text())
     assert data["evaluated"] == 4 and not data["not_evaluated"]
+    # the configs compared on their runs' own AUCs (wide against the baseline, base)
+    run_auc = pd.DataFrame(data["run_auc"])
+    x = run_auc[run_auc["label"] == "wide"]["auc"].to_numpy(float)
+    y = run_auc[run_auc["label"] == "base"]["auc"].to_numpy(float)
+    cmp = pd.read_csv(summary / "robustness_comparisons.csv")
+    assert len(cmp) == 1 and (cmp["a"].iloc[0], cmp["b"].iloc[0]) == ("wide", "base")
+    assert cmp["difference"].iloc[0] == pytest.approx(x.mean() - y.mean())
+    assert cmp["mannwhitney_p"].iloc[0] == pytest.approx(
+        scipy.stats.mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    assert "AUC comparisons" in text and "wide vs base" in text
+    assert not (summary / "robustness_main_effects.csv").exists()  # not a factorial
     html = write_report(hopper_study).read_text()
     assert 'id="robustness"' in html and "study-robustness-0" in html
+    assert "AUC comparisons" in html and "wide vs base" in html
     assert "normalized return (1 = unperturbed)" in html
     assert not math.isnan(base_auc)
+
+
+def test_auc_comparison_against_its_definition():
+    """P(AUC_a > AUC_b) counts ties half; the tests are SciPy's on the same AUCs; a side
+    with fewer than two defined AUCs is not compared."""
+    from pgscope.study.robustness import compare_aucs
+    from pgscope.study.spec import StatsSpec
+
+    st = StatsSpec(reps=500)
+    x, y = np.array([0.9, 0.8, 0.6, np.nan]), np.array([0.5, 0.6, 0.65])
+    row = compare_aucs(x, y, st)
+    pairs = [(a > b) + 0.5 * (a == b) for a in x[:3] for b in y]
+    assert row["prob_improvement"] == pytest.approx(np.mean(pairs))  # 7.5 of 9
+    assert row["prob_improvement_low"] <= row["prob_improvement"] <= row["prob_improvement_high"]
+    assert (row["runs_a"], row["runs_b"]) == (3, 3)
+    assert row["difference"] == pytest.approx(np.mean([0.9, 0.8, 0.6]) - y.mean())
+    assert row["welch_p"] == pytest.approx(
+        scipy.stats.ttest_ind(x[:3], y, equal_var=False).pvalue)
+    assert row["mannwhitney_p"] == pytest.approx(
+        scipy.stats.mannwhitneyu(x[:3], y, alternative="two-sided").pvalue)
+    assert math.isnan(compare_aucs(np.array([0.5, np.nan]), y, st)["difference"])
+
+
+def test_auc_main_effects_of_a_factorial(tmp_path):
+    """AUC = 0.5 + 0.2 [value_clip on] - 0.1 [lr_anneal on] per run: the main effects
+    recover +0.2 and -0.1 (levels against the first level, pooled over the other
+    factor), and every pair is compared with the baseline."""
+    from pgscope.study import load_spec
+    from pgscope.study.robustness import auc_comparisons, auc_main_effects
+
+    spec_file = tmp_path / "f.toml"
+    spec_file.write_text(
+        'name = "f"\nenvs = ["Hopper-v5"]\nseeds = 3\ntotal_steps = 2048\n'
+        '[factorial]\nbase = "ppo"\n'
+        "factors = { value_clip = [false, true], lr_anneal = [false, true] }\n")
+    spec = load_spec(spec_file)
+    rows = []
+    for c in spec.configs:
+        for seed in range(3):
+            value = 0.5 + 0.2 * c.overrides["value_clip"] - 0.1 * c.overrides["lr_anneal"]
+            rows.append(dict(label=c.label, env="Hopper-v5", seed=seed, kind="mass",
+                             auc=value + 0.01 * seed))
+    run_aucs = pd.DataFrame(rows)
+    effects = auc_main_effects(spec, run_aucs).set_index("factor")
+    assert effects.loc["value_clip", "difference"] == pytest.approx(0.2)
+    assert effects.loc["lr_anneal", "difference"] == pytest.approx(-0.1)
+    assert effects.loc["value_clip", "runs_a"] == 6
+    on = run_aucs["label"].map({c.label: c.overrides["lr_anneal"] for c in spec.configs})
+    a, b = run_aucs[on]["auc"].to_numpy(), run_aucs[~on]["auc"].to_numpy()
+    assert effects.loc["lr_anneal", "prob_improvement"] == pytest.approx(
+        np.mean([(u > v) + 0.5 * (u == v) for u in a for v in b]))  # pooled: 9 of 36
+    cmp = auc_comparisons(spec, run_aucs)
+    assert len(cmp) == len(spec.labels) - 1 and set(cmp["b"]) == {spec.baseline}

@@ -185,7 +185,9 @@ def aggregates(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _pairs(spec: StudySpec) -> list[tuple[str, str]]:
+def config_pairs(spec: StudySpec) -> list[tuple[str, str]]:
+    """The pairs ``(a, b)`` of config labels the study compares: each config against the
+    ``[statistics]`` baseline, or every pair (``compare = "all"``)."""
     if spec.statistics.compare == "all":
         return list(itertools.combinations(spec.labels, 2))
     return [(label, spec.baseline) for label in spec.labels if label != spec.baseline]
@@ -219,7 +221,7 @@ def comparisons(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     scores = with_outcomes(scores)
     st = spec.statistics
     rows = []
-    for a, b in _pairs(spec):
+    for a, b in config_pairs(spec):
         per_env_a, per_env_b = [], []
         for env in spec.envs:
             ga = scores[(scores["label"] == a) & (scores["env"] == env)]
@@ -239,9 +241,10 @@ def comparisons(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _factor_levels(spec: StudySpec, factor: str, labels: pd.Series
+def factor_levels(spec: StudySpec, factor: str, labels: pd.Series
                    ) -> tuple[list[Any], pd.Series]:
-    """The factor's levels in spec order, and each row's level (from its config label)."""
+    """The factor's levels in spec order, and each row's level (from its config label,
+    ``labels``)."""
     level_of = {c.label: c.overrides[factor] for c in spec.configs}
     return list(dict.fromkeys(level_of.values())), labels.map(level_of)
 
@@ -254,7 +257,7 @@ def main_effects(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
     for factor in spec.factors:
         for env in spec.envs:
             e = scores[scores["env"] == env]
-            levels, values = _factor_levels(spec, factor, e["label"])
+            levels, values = factor_levels(spec, factor, e["label"])
             ref = e[values == levels[0]]
             for level in levels[1:]:
                 rows.append(dict(factor=factor, level=level, reference=levels[0], env=env,
@@ -331,8 +334,8 @@ def factor_curves(spec: StudySpec, data: pd.DataFrame, points: int = 50) -> pd.D
     scores = final_scores(spec, data)
     rows = []
     for factor in spec.factors:
-        levels, values = _factor_levels(spec, factor, done["label"])
-        _, score_values = _factor_levels(spec, factor, scores["label"])
+        levels, values = factor_levels(spec, factor, done["label"])
+        _, score_values = factor_levels(spec, factor, scores["label"])
         for level in levels:
             for env, g in done[values == level].groupby("env", sort=False):
                 counts = _counts(scores[(score_values == level) & (scores["env"] == env)])
@@ -393,7 +396,7 @@ def reliability(spec: StudySpec, data: pd.DataFrame, scores: pd.DataFrame
     st = spec.statistics
     counts = {(str(label), str(env)): _counts(g) for (label, env), g in
               with_outcomes(scores).groupby(["label", "env"], sort=False)}
-    return study_reliability(data, pairs=_pairs(spec), reps=st.reps, level=st.level,
+    return study_reliability(data, pairs=config_pairs(spec), reps=st.reps, level=st.level,
                              seed=st.seed, counts=counts)
 
 

@@ -34,7 +34,9 @@ from pgscope.perturb import (
     parse_perturbations,
 )
 from pgscope.run import atomic_write_json
+from pgscope.study.analysis import config_pairs, factor_levels
 from pgscope.study.runner import open_study, run_state
+from pgscope.study.spec import StudySpec
 
 #: The file of :func:`study_robustness` in the summary folder that the report reads.
 ROBUSTNESS_JSON = "robustness.json"
@@ -111,13 +113,17 @@ def study_robustness(path: str | Path, perturb: Iterable[str | Perturbation],
     runs_table = pd.DataFrame(point_rows)
     run_aucs = pd.DataFrame(auc_rows)
     curves_table, auc_table = _aggregate(runs_table, run_aucs, perturbations, st)
+    compared, effects = auc_comparisons(spec, run_aucs), auc_main_effects(spec, run_aucs)
     not_evaluated = [dict(label=r.label, env=r.env_id, seed=r.seed, state=states[r.rel_path])
                      for r in runs if states[r.rel_path] != "complete"]
     out = Path(out) if out is not None else path / "summary"
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for name, df in (("robustness", curves_table), ("robustness_auc", auc_table),
-                     ("robustness_runs", runs_table)):
+                     ("robustness_runs", runs_table), ("robustness_comparisons", compared),
+                     ("robustness_main_effects", effects)):
+        if name == "robustness_main_effects" and not spec.factors:
+            continue
         df.to_csv(out / f"{name}.csv", index=False)
         files.append(out / f"{name}.csv")
     meta = dict(
@@ -130,12 +136,76 @@ def study_robustness(path: str | Path, perturb: Iterable[str | Perturbation],
         auc_definition=AUC_DEFINITION + "; per run, then averaged over runs",
         intervals=f"{100 * st.level:g}% percentile bootstrap over runs (seeds), "
                   f"{st.reps} resamples, seed {st.seed}",
-        level=st.level, evaluated=len(todo), not_evaluated=not_evaluated)
+        comparison=COMPARISON, level=st.level, evaluated=len(todo),
+        not_evaluated=not_evaluated)
     atomic_write_json(out / ROBUSTNESS_JSON, _json(dict(
         **meta, curves=curves_table.to_dict(orient="records"),
-        auc=auc_table.to_dict(orient="records"), runs=runs_table.to_dict(orient="records"))))
+        auc=auc_table.to_dict(orient="records"), runs=runs_table.to_dict(orient="records"),
+        run_auc=run_aucs.to_dict(orient="records"),
+        comparisons=compared.to_dict(orient="records"),
+        main_effects=effects.to_dict(orient="records"))))
     files.append(out / ROBUSTNESS_JSON)
-    return dict(meta=meta, curves=curves_table, auc=auc_table, runs=runs_table, files=files)
+    return dict(meta=meta, curves=curves_table, auc=auc_table, runs=runs_table,
+                comparisons=compared, main_effects=effects, files=files)
+
+
+#: How two sets of runs' AUCs are compared (:func:`auc_comparisons`).
+COMPARISON = ("a against b on the runs' own AUCs (runs whose AUC is defined): difference "
+              "of the mean AUCs, P(AUC_a > AUC_b) with a bootstrap interval (ties count "
+              "half), Mann-Whitney U and Welch's t (two-sided p); each side needs two runs")
+
+
+def compare_aucs(x: np.ndarray, y: np.ndarray, st: Any) -> dict[str, Any]:
+    """The runs' AUCs ``x`` (config a) against ``y`` (config b), as :data:`COMPARISON`
+    says; NaN where a side has fewer than two runs."""
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    row: dict[str, Any] = dict(runs_a=len(x), runs_b=len(y), mean_a=math.nan, mean_b=math.nan,
+                               difference=math.nan, prob_improvement=math.nan,
+                               prob_improvement_low=math.nan, prob_improvement_high=math.nan,
+                               mannwhitney_p=math.nan, welch_p=math.nan)
+    if len(x) < 2 or len(y) < 2:
+        return row
+    p, lo, hi = stats.probability_of_improvement_ci(x, y, reps=st.reps, level=st.level,
+                                                    seed=st.seed)
+    row.update(mean_a=float(np.mean(x)), mean_b=float(np.mean(y)),
+               difference=float(np.mean(x) - np.mean(y)), prob_improvement=p,
+               prob_improvement_low=lo, prob_improvement_high=hi,
+               mannwhitney_p=stats.mann_whitney(x, y)[1], welch_p=stats.welch_t_test(x, y)[1])
+    return row
+
+
+def _aucs(run_aucs: pd.DataFrame, env: str, kind: str) -> pd.DataFrame:
+    return run_aucs[(run_aucs["env"] == env) & (run_aucs["kind"] == kind)]
+
+
+def auc_comparisons(spec: StudySpec, run_aucs: pd.DataFrame) -> pd.DataFrame:
+    """The study's pairs of configs (its ``[statistics]`` baseline or all pairs), per env
+    and perturbation kind: :func:`compare_aucs` of their runs' AUCs."""
+    rows = []
+    for (env, kind), g in run_aucs.groupby(["env", "kind"], sort=False):
+        for a, b in config_pairs(spec):
+            x = g.loc[g["label"] == a, "auc"].to_numpy(float)
+            y = g.loc[g["label"] == b, "auc"].to_numpy(float)
+            rows.append(dict(a=a, b=b, env=env, kind=kind,
+                             **compare_aucs(x, y, spec.statistics)))
+    return pd.DataFrame(rows)
+
+
+def auc_main_effects(spec: StudySpec, run_aucs: pd.DataFrame) -> pd.DataFrame:
+    """For a factorial study, each factor's level against its first level, pooled over the
+    other factors (the runs of every config at that level), per env and kind: which
+    switch changes robustness."""
+    rows = []
+    for factor in spec.factors:
+        for (env, kind), g in run_aucs.groupby(["env", "kind"], sort=False):
+            levels, values = factor_levels(spec, factor, g["label"])
+            ref = g.loc[values == levels[0], "auc"].to_numpy(float)
+            for level in levels[1:]:
+                rows.append(dict(factor=factor, level=level, reference=levels[0], env=env,
+                                 kind=kind, **compare_aucs(
+                                     g.loc[values == level, "auc"].to_numpy(float), ref,
+                                     spec.statistics)))
+    return pd.DataFrame(rows)
 
 
 def _aggregate(points: pd.DataFrame, aucs: pd.DataFrame, perturbations: list[Perturbation],
@@ -207,12 +277,38 @@ def format_study_robustness(result: dict[str, Any]) -> str:
             few = "!" if not a.empty and bool(a["few_samples"].iloc[0]) else ""
             lines.append("  " + f"{str(label) + few:<20}" + "".join(f"{c:>24}" for c in cells)
                          + f"{a_cell:>24}")
+    for title, df, who in (("AUC comparisons", result.get("comparisons"), _pair_name),
+                           ("AUC main effects (factor level against its first level, "
+                            "pooled over the other factors)", result.get("main_effects"),
+                           _effect_name)):
+        if df is not None and not df.empty:
+            lines += ["", f"{title}: {meta['comparison']}"]
+            lines += [f"  {r['kind']} on {r['env']}: {who(r)}: {_comparison_text(r)}"
+                      for _, r in df.iterrows()]
     if auc["few_samples"].any():
         lines += ["", f"! = fewer than {stats.FEW_SAMPLES} runs: the intervals understate "
                       "the uncertainty"]
     lines += ["", f"written: {', '.join(p.name for p in result['files'])} in "
                   f"{Path(result['files'][0]).parent}"]
     return "\n".join(lines)
+
+
+def _pair_name(r: pd.Series) -> str:
+    return f"{r['a']} vs {r['b']}"
+
+
+def _effect_name(r: pd.Series) -> str:
+    return f"{r['factor']}={r['level']} vs {r['reference']}"
+
+
+def _comparison_text(r: pd.Series) -> str:
+    """One comparison row as text: the AUC difference, P(a > b) and the tests."""
+    if not math.isfinite(r["difference"]):
+        return f"not compared ({r['runs_a']} and {r['runs_b']} runs; each side needs two)"
+    p = _iv(r["prob_improvement"], r["prob_improvement_low"], r["prob_improvement_high"], 2)
+    return (f"AUC {r['mean_a']:.3f} vs {r['mean_b']:.3f} ({r['difference']:+.3f}), "
+            f"P(a > b) {p}, Mann-Whitney p {r['mannwhitney_p']:.2g}, "
+            f"Welch p {r['welch_p']:.2g} ({r['runs_a']} and {r['runs_b']} runs)")
 
 
 def print_progress(line: str) -> None:
