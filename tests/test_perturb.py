@@ -471,6 +471,12 @@ def test_study_robustness_tables_and_report_panel(hopper_study, capsys):
     html = write_report(hopper_study).read_text()
     assert 'id="robustness"' in html and "study-robustness-0" in html
     assert "AUC comparisons" in html and "wide vs base" in html
+    # the study summary prints the last robustness evaluation, read back from its JSON
+    assert main(["study", "summary", str(hopper_study), "--no-plots"]) == 0
+    summary_text = capsys.readouterr().out
+    assert "robustness (pgscope study robustness" in summary_text
+    robust_part = summary_text[summary_text.index("robustness (pgscope"):]
+    assert text.split("\n\nwritten:")[0].split("\n", 1)[1] in robust_part
     assert "normalized return (1 = unperturbed)" in html
     assert not math.isnan(base_auc)
 

@@ -482,6 +482,10 @@ MUTANTS: list[Mutant] = [
       '            ref = g.loc[values == levels[0], "auc"].to_numpy(float)',
       '            ref = g.loc[values == levels[0], "auc"].to_numpy(float)[:2]',
       "a factor's main effect on the AUC compares with only part of its reference runs"),
+    M("study-summary-no-robustness", "cli.py",
+      "    if robustness is not None:\n",
+      "    if robustness is None:\n",
+      "pgscope study summary leaves out the study's robustness evaluation"),
     M("probe-kinds-plugins-refused", "probes/__init__.py",
       "    names = (*(k.name for k in KINDS), *(n for n in _PROBES if n not in\n"
       "                                         {k.name for k in KINDS}))\n",

@@ -321,9 +321,14 @@ def _study_run(args: argparse.Namespace) -> int:
 
 def _study_summary(args: argparse.Namespace) -> int:
     from pgscope.study.analysis import format_summary, write_summary
+    from pgscope.study.robustness import format_study_robustness, load_study_robustness
 
     result = write_summary(args.dir, args.out, plots=not args.no_plots, score=args.score)
     print(format_summary(result))
+    robustness = load_study_robustness(args.dir)
+    if robustness is not None:
+        print(f"\nrobustness (pgscope study robustness, from "
+              f"{robustness['files'][0]}):\n{format_study_robustness(robustness, False)}")
     print(f"\nwritten: {', '.join(p.name for p in result['files'])} in "
           f"{Path(result['files'][0]).parent}")
     return 0

@@ -254,9 +254,25 @@ def _iv(m: float, lo: float, hi: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def format_study_robustness(result: dict[str, Any]) -> str:
+def load_study_robustness(path: str | Path) -> dict[str, Any] | None:
+    """The last ``pgscope study robustness`` of the study at ``path``, read back from
+    ``STUDY/summary/robustness.json`` in the shape :func:`study_robustness` returns (tables
+    as DataFrames), or None when it was never run (``pgscope study summary`` prints it)."""
+    file = Path(path) / "summary" / ROBUSTNESS_JSON
+    if not file.exists():
+        return None
+    import json
+
+    data = json.loads(file.read_text())
+    tables = {k: pd.DataFrame(data.pop(k, None) or [])
+              for k in ("curves", "auc", "runs", "comparisons", "main_effects", "run_auc")}
+    return dict(meta=data, **tables, files=[file])
+
+
+def format_study_robustness(result: dict[str, Any], written: bool = True) -> str:
     """What ``pgscope study robustness`` prints: per kind and env, each config's normalized
-    return at every level and its AUC, with intervals over runs."""
+    return at every level and its AUC, with intervals over runs, then the comparisons
+    (``written``: end with the files written)."""
     meta, curves, auc = result["meta"], result["curves"], result["auc"]
     lines = [f"study {meta['study']}: robustness of {meta['evaluated']} complete run(s), "
              f"{meta['episodes']} episodes per level; {meta['intervals']}",
@@ -288,8 +304,9 @@ def format_study_robustness(result: dict[str, Any]) -> str:
     if auc["few_samples"].any():
         lines += ["", f"! = fewer than {stats.FEW_SAMPLES} runs: the intervals understate "
                       "the uncertainty"]
-    lines += ["", f"written: {', '.join(p.name for p in result['files'])} in "
-                  f"{Path(result['files'][0]).parent}"]
+    if written:
+        lines += ["", f"written: {', '.join(p.name for p in result['files'])} in "
+                      f"{Path(result['files'][0]).parent}"]
     return "\n".join(lines)
 
 
