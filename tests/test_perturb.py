@@ -471,6 +471,15 @@ def test_study_robustness_tables_and_report_panel(hopper_study, capsys):
     html = write_report(hopper_study).read_text()
     assert 'id="robustness"' in html and "study-robustness-0" in html
     assert "AUC comparisons" in html and "wide vs base" in html
+    # two worker processes give the same tables, bit for bit
+    assert main(["study", "robustness", str(hopper_study), "--perturb", "mass=0.5,2",
+                 "--episodes", "2", "--quiet", "--workers", "2", "--out",
+                 str(hopper_study / "two-workers")]) == 0
+    capsys.readouterr()
+    for name in ("robustness", "robustness_auc", "robustness_runs", "robustness_comparisons"):
+        pd.testing.assert_frame_equal(pd.read_csv(summary / f"{name}.csv"),
+                                      pd.read_csv(hopper_study / "two-workers" / f"{name}.csv"),
+                                      check_exact=True)
     # the study summary prints the last robustness evaluation, read back from its JSON
     assert main(["study", "summary", str(hopper_study), "--no-plots"]) == 0
     summary_text = capsys.readouterr().out

@@ -486,6 +486,10 @@ MUTANTS: list[Mutant] = [
       "    if robustness is not None:\n",
       "    if robustness is None:\n",
       "pgscope study summary leaves out the study's robustness evaluation"),
+    M("robustness-workers-misordered", "study/robustness.py",
+      "            results = [f.result() for f in futures]  # in the order of the runs\n",
+      "            results = [f.result() for f in futures][::-1]\n",
+      "with several workers, study robustness files each run's results under another run"),
     M("probe-kinds-plugins-refused", "probes/__init__.py",
       "    names = (*(k.name for k in KINDS), *(n for n in _PROBES if n not in\n"
       "                                         {k.name for k in KINDS}))\n",

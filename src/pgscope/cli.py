@@ -339,7 +339,8 @@ def _study_robustness(args: argparse.Namespace) -> int:
 
     result = study_robustness(args.dir, args.perturb, episodes=args.episodes,
                               deterministic=args.deterministic, seed=args.seed, out=args.out,
-                              progress=None if args.quiet else print_progress)
+                              progress=None if args.quiet else print_progress,
+                              workers=args.workers)
     print(format_study_robustness(result))
     return 0
 
@@ -682,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="KIND=LEVEL[,LEVEL...]", help="a perturbation and its levels; "
                     f"repeatable; KIND: {', '.join(PERTURBATION_KINDS.names())}")
     sb.add_argument("--episodes", type=count, default=10, help="episodes per level and run")
+    sb.add_argument("--workers", type=count, default=1,
+                    help="runs evaluated at once, each in its own process (default: 1; the "
+                         "tables are the same for any number)")
     sb.add_argument("--seed", type=int, default=0,
                     help="episode i starts from env.reset(seed=SEED + i)")
     sb.add_argument("--stochastic", dest="deterministic", action="store_false",

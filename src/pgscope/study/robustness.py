@@ -64,21 +64,40 @@ def _interval(values: np.ndarray, reps: int, level: float, seed: int
     return stats.curve_ci(values, reps=reps, level=level, seed=seed)
 
 
+def _evaluate_run(run_dir: Path, perturbations: list[Perturbation], episodes: int,
+                  deterministic: bool, seed: int, level: float, reps: int) -> dict[str, Any]:
+    """One run's robustness (a worker's task): its latest checkpoint, evaluated as
+    ``pgscope evaluate --perturb`` evaluates it."""
+    from pgscope import load_agent
+    from pgscope.robustness import robustness_of_agent
+
+    return robustness_of_agent(load_agent(run_dir), perturbations, episodes=episodes,
+                               deterministic=deterministic, seed=seed, level=level,
+                               reps=reps)
+
+
 def study_robustness(path: str | Path, perturb: Iterable[str | Perturbation],
                      episodes: int = 10, deterministic: bool = True, seed: int = 0,
                      out: str | Path | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[str], None] | None = None,
+                     workers: int = 1) -> dict[str, Any]:
     """Evaluate every complete run of the study at ``path`` under each perturbation
     (``episodes`` episodes from reset seeds ``seed, seed + 1, ...`` per level) and write
-    the tables to ``out`` (default ``STUDY/summary``). Every perturbation string and its
-    fit to each env of the study are checked before any run is loaded."""
-    from pgscope import load_agent
+    the tables to ``out`` (default ``STUDY/summary``). ``workers`` > 1 evaluates that many
+    runs at once in separate processes; each run's episodes are seeded, so the tables are
+    the same for any number of workers. Every perturbation string and its fit to each env
+    of the study are checked before any run is loaded."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     from pgscope.envs import make_env
-    from pgscope.robustness import AUC_DEFINITION, NORMALIZATION, robustness_of_agent
+    from pgscope.robustness import AUC_DEFINITION, NORMALIZATION
 
     perturbations = parse_perturbations(perturb)
     if episodes < 1:
         raise PgscopeError(f"episodes (--episodes) must be at least 1, got {episodes}.")
+    if workers < 1:
+        raise PgscopeError(f"workers (--workers) must be at least 1, got {workers}.")
     path = Path(path)
     spec = open_study(path)
     st = spec.statistics
@@ -93,13 +112,25 @@ def study_robustness(path: str | Path, perturb: Iterable[str | Perturbation],
     todo = [r for r in runs if states[r.rel_path] == "complete"]
     if not todo:
         raise PgscopeError(f"study '{path}' has no complete run to evaluate.")
+    task = (perturbations, episodes, deterministic, seed, st.level, st.reps)
+    results: list[dict[str, Any]] = []
+    if workers == 1:
+        for i, r in enumerate(todo, start=1):
+            if progress is not None:
+                progress(f"[{i}/{len(todo)}] {r.label} {r.env_id} seed {r.seed}")
+            results.append(_evaluate_run(path / r.rel_path, *task))
+    else:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")
+                                 ) as pool:
+            futures = {pool.submit(_evaluate_run, path / r.rel_path, *task): r for r in todo}
+            for i, future in enumerate(as_completed(futures), start=1):
+                r = futures[future]
+                future.result()  # an error stops the evaluation here
+                if progress is not None:
+                    progress(f"[{i}/{len(todo)}] done: {r.label} {r.env_id} seed {r.seed}")
+            results = [f.result() for f in futures]  # in the order of the runs
     point_rows, auc_rows = [], []
-    for i, r in enumerate(todo, start=1):
-        if progress is not None:
-            progress(f"[{i}/{len(todo)}] {r.label} {r.env_id} seed {r.seed}")
-        res = robustness_of_agent(load_agent(path / r.rel_path), perturbations,
-                                  episodes=episodes, deterministic=deterministic, seed=seed,
-                                  level=st.level, reps=st.reps)
+    for r, res in zip(todo, results, strict=True):
         for c in res["robustness"]["curves"]:
             key = dict(label=r.label, env=r.env_id, seed=r.seed, kind=c["kind"])
             auc_rows.append({**key, "auc": c["auc"] if c["auc"] is not None else math.nan})
