@@ -491,9 +491,8 @@ MUTANTS: list[Mutant] = [
       "            results = [f.result() for f in futures][::-1]\n",
       "with several workers, study robustness files each run's results under another run"),
     M("probe-kinds-plugins-refused", "probes/__init__.py",
-      "    names = (*(k.name for k in KINDS), *(n for n in _PROBES if n not in\n"
-      "                                         {k.name for k in KINDS}))\n",
-      "    names = tuple(k.name for k in KINDS)\n",
+      "    _kinds(kind, (*builtin, *(n for n in _PROBES if n not in builtin)))\n",
+      "    _kinds(kind, builtin)\n",
       "the config refuses a probe a plug-in registered (probe_kinds checked against the "
       "built-ins only)"),
     M("probe-kinds-unchecked", "probes/schedule.py",

@@ -233,27 +233,26 @@ def probe_names() -> tuple[str, ...]:
 
 def parse_kinds(kind: str) -> tuple[str, ...]:
     """'all', one kind, or a comma-separated list of kinds."""
-    names = probe_names()
-    kinds = names if kind == "all" else tuple(k.strip() for k in kind.split(",") if k.strip())
-    _refuse_unknown(kind, kinds, names)
-    return kinds
+    return _kinds(kind, probe_names())
 
 
 def check_kinds(kind: str) -> None:
     """What :func:`parse_kinds` refuses, refused without importing a probe module (the
     config's check of ``probe_kinds`` runs for every config, and the probe modules import
     SciPy): the names are the built-ins' (:data:`KINDS`) and those registered since."""
-    names = (*(k.name for k in KINDS), *(n for n in _PROBES if n not in
-                                         {k.name for k in KINDS}))
+    builtin = tuple(k.name for k in KINDS)
+    _kinds(kind, (*builtin, *(n for n in _PROBES if n not in builtin)))
+
+
+def _kinds(kind: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """``kind`` ('all', one kind or a comma-separated list) as names among ``names``;
+    :class:`ValueError` naming the unknown ones."""
     kinds = names if kind == "all" else tuple(k.strip() for k in kind.split(",") if k.strip())
-    _refuse_unknown(kind, kinds, names)
-
-
-def _refuse_unknown(kind: str, kinds: tuple[str, ...], names: tuple[str, ...]) -> None:
     bad = [k for k in kinds if k not in names]
     if bad or not kinds:
         raise ValueError(f"unknown probe '{', '.join(bad) or kind}'; choose from "
                          f"{', '.join(names)}, all (or a comma-separated list).")
+    return kinds
 
 
 def _check_settings(kinds: tuple[str, ...], run_dir: Path, out: Path | None,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pgscope.report.page import ci_text, esc, figure, fmt, rgba, table
+from pgscope.study.robustness import comparison_label
 
 
 def _num(v: Any) -> float:
@@ -76,19 +77,17 @@ def robustness_html(data: dict[str, Any], col: dict[str, str]) -> str:
              r["levels"], fmt(r["runs_normalized"]),
              ci_text(r["auc"], r["auc_low"], r["auc_high"], 3) if r["auc"] is not None
              else "-"] for r in auc], numeric=(4, 5)))
-    for title, rows, who in (
-            ("AUC comparisons", data.get("comparisons") or [],
-             lambda r: f"{r['a']} vs {r['b']}"),
+    for title, rows in (
+            ("AUC comparisons", data.get("comparisons") or []),
             ("AUC main effects (a factor's level against its first level, pooled over the "
-             "other factors)", data.get("main_effects") or [],
-             lambda r: f"{r['factor']}={r['level']} vs {r['reference']}")):
+             "other factors)", data.get("main_effects") or [])):
         if rows:
             parts.append(f"<h3>{esc(title)}</h3>"
                          f'<p class="note">{esc(data.get("comparison", ""))}.</p>')
             parts.append(table(["kind", "env", "a vs b", "AUC a", "AUC b", "difference",
                                 f"P(a > b) [{100 * level:g}% CI]", "Mann-Whitney p",
                                 "Welch p", "runs"], [
-                [r["kind"], r["env"], who(r), fmt(r["mean_a"]), fmt(r["mean_b"]),
+                [r["kind"], r["env"], comparison_label(r), fmt(r["mean_a"]), fmt(r["mean_b"]),
                  fmt(r["difference"]),
                  ci_text(r["prob_improvement"], r["prob_improvement_low"],
                          r["prob_improvement_high"], 2)

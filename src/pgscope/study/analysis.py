@@ -242,7 +242,7 @@ def comparisons(spec: StudySpec, scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def factor_levels(spec: StudySpec, factor: str, labels: pd.Series
-                   ) -> tuple[list[Any], pd.Series]:
+                  ) -> tuple[list[Any], pd.Series]:
     """The factor's levels in spec order, and each row's level (from its config label,
     ``labels``)."""
     level_of = {c.label: c.overrides[factor] for c in spec.configs}

@@ -15,9 +15,10 @@ all of them with the definitions), where ``pgscope report STUDY`` finds them.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from pgscope.perturb import (
 from pgscope.run import atomic_write_json
 from pgscope.study.analysis import config_pairs, factor_levels
 from pgscope.study.runner import open_study, run_state
-from pgscope.study.spec import StudySpec
+from pgscope.study.spec import StatsSpec, StudySpec
 
 #: The file of :func:`study_robustness` in the summary folder that the report reads.
 ROBUSTNESS_JSON = "robustness.json"
@@ -186,7 +187,7 @@ COMPARISON = ("a against b on the runs' own AUCs (runs whose AUC is defined): di
               "half), Mann-Whitney U and Welch's t (two-sided p); each side needs two runs")
 
 
-def compare_aucs(x: np.ndarray, y: np.ndarray, st: Any) -> dict[str, Any]:
+def compare_aucs(x: np.ndarray, y: np.ndarray, st: StatsSpec) -> dict[str, Any]:
     """The runs' AUCs ``x`` (config a) against ``y`` (config b), as :data:`COMPARISON`
     says; NaN where a side has fewer than two runs."""
     x, y = x[np.isfinite(x)], y[np.isfinite(y)]
@@ -203,10 +204,6 @@ def compare_aucs(x: np.ndarray, y: np.ndarray, st: Any) -> dict[str, Any]:
                prob_improvement_low=lo, prob_improvement_high=hi,
                mannwhitney_p=stats.mann_whitney(x, y)[1], welch_p=stats.welch_t_test(x, y)[1])
     return row
-
-
-def _aucs(run_aucs: pd.DataFrame, env: str, kind: str) -> pd.DataFrame:
-    return run_aucs[(run_aucs["env"] == env) & (run_aucs["kind"] == kind)]
 
 
 def auc_comparisons(spec: StudySpec, run_aucs: pd.DataFrame) -> pd.DataFrame:
@@ -292,8 +289,6 @@ def load_study_robustness(path: str | Path) -> dict[str, Any] | None:
     file = Path(path) / "summary" / ROBUSTNESS_JSON
     if not file.exists():
         return None
-    import json
-
     data = json.loads(file.read_text())
     tables = {k: pd.DataFrame(data.pop(k, None) or [])
               for k in ("curves", "auc", "runs", "comparisons", "main_effects", "run_auc")}
@@ -324,14 +319,13 @@ def format_study_robustness(result: dict[str, Any], written: bool = True) -> str
             few = "!" if not a.empty and bool(a["few_samples"].iloc[0]) else ""
             lines.append("  " + f"{str(label) + few:<20}" + "".join(f"{c:>24}" for c in cells)
                          + f"{a_cell:>24}")
-    for title, df, who in (("AUC comparisons", result.get("comparisons"), _pair_name),
-                           ("AUC main effects (factor level against its first level, "
-                            "pooled over the other factors)", result.get("main_effects"),
-                           _effect_name)):
+    for title, df in (("AUC comparisons", result.get("comparisons")),
+                      ("AUC main effects (factor level against its first level, pooled over "
+                       "the other factors)", result.get("main_effects"))):
         if df is not None and not df.empty:
             lines += ["", f"{title}: {meta['comparison']}"]
-            lines += [f"  {r['kind']} on {r['env']}: {who(r)}: {_comparison_text(r)}"
-                      for _, r in df.iterrows()]
+            lines += [f"  {r['kind']} on {r['env']}: {comparison_label(r)}: "
+                      f"{_comparison_text(r)}" for _, r in df.iterrows()]
     if auc["few_samples"].any():
         lines += ["", f"! = fewer than {stats.FEW_SAMPLES} runs: the intervals understate "
                       "the uncertainty"]
@@ -341,12 +335,12 @@ def format_study_robustness(result: dict[str, Any], written: bool = True) -> str
     return "\n".join(lines)
 
 
-def _pair_name(r: pd.Series) -> str:
+def comparison_label(r: Mapping[str, Any] | pd.Series) -> str:
+    """What a row of :func:`auc_comparisons` or :func:`auc_main_effects` compares, as the
+    console and the report name it: ``a vs b``, or ``factor=level vs reference``."""
+    if "factor" in r:
+        return f"{r['factor']}={r['level']} vs {r['reference']}"
     return f"{r['a']} vs {r['b']}"
-
-
-def _effect_name(r: pd.Series) -> str:
-    return f"{r['factor']}={r['level']} vs {r['reference']}"
 
 
 def _comparison_text(r: pd.Series) -> str:
